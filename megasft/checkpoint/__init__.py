@@ -1,0 +1,1 @@
+"""Sharded resumable checkpoints and Hugging Face weight mapping."""

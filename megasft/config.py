@@ -1,0 +1,403 @@
+"""Typed run configuration: one dataclass per section, a docstring per field, one validate().
+
+A config is read from YAML (nested sections) and patched with ``section.key=value`` overrides
+from the command line. Every rule that involves more than one field lives in
+:meth:`Config.validate`, which runs before any process group or tensor is created and raises
+:class:`ConfigError` with a message that says what to change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or combination that cannot work; the message says how to fix it."""
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = None
+    """Name from megasft.model.presets (e.g. 'llama3.1-8b'); explicit fields override it."""
+    vocab_size: int = 32000
+    """Tokenizer vocabulary size (the embedding is padded beyond it; padded rows are never predicted)."""
+    hidden_size: int = 4096
+    """Model width d."""
+    intermediate_size: int = 11008
+    """SwiGLU inner width."""
+    num_layers: int = 32
+    """Number of decoder layers."""
+    num_attention_heads: int = 32
+    """Query heads."""
+    num_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means num_attention_heads (MHA)."""
+    head_dim: Optional[int] = None
+    """Per-head width; None means hidden_size // num_attention_heads."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon inside RMSNorm."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency (Llama-3: 500000)."""
+    rope_scaling: Optional[dict] = None
+    """HF-style rope_scaling dict; rope_type 'llama3' (factor, low/high_freq_factor,
+    original_max_position_embeddings) is supported."""
+    max_position_embeddings: int = 4096
+    """Longest position the model is meant for (written to HF exports)."""
+    tie_embeddings: bool = False
+    """Share the input embedding and the LM head (small Llamas do)."""
+    qkv_bias: bool = False
+    """Bias on the q/k/v projections (Qwen2-style)."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding rows are padded to a multiple of this times tp (GEMM-friendly shapes)."""
+    attention_backend: str = "auto"
+    """auto | sdpa | torch_varlen | flash_attn. auto picks flash_attn, then torch_varlen on CUDA, sdpa on CPU."""
+    init_std: float = 0.02
+    """Std of the normal init of weight matrices (random init only)."""
+    init_from_hf: Optional[str] = None
+    """Hugging Face Llama directory to load weights from before training."""
+    dropout: float = 0.0
+    """Dropout on attention and MLP outputs (training only)."""
+    recompute: str = "none"
+    """Activation recomputation: none | selective (attention core) | full (whole layers)."""
+    neftune_alpha: float = 0.0
+    """NEFTune noise scale alpha; 0 disables. Noise is uniform in +-alpha/sqrt(L*d), L = document length."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int) -> int:
+        multiple = self.make_vocab_size_divisible_by * tp
+        return math.ceil(self.vocab_size / multiple) * multiple
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (keep inside a node)."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    dp: Optional[int] = None
+    """Data-parallel size; None means world_size // (tp * pp)."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence in norm/dropout regions (needs tp > 1 to matter)."""
+    virtual_pipeline_size: int = 1
+    """Model chunks per pipeline rank; > 1 selects the interleaved 1F1B schedule."""
+    pipeline_layers: Optional[list] = None
+    """Explicit layers per pipeline stage (length pp * virtual_pipeline_size); None splits evenly."""
+    pipeline_schedule: str = "auto"
+    """auto | 1f1b | interleaved | all_forward_all_backward."""
+    distributed_optimizer: bool = True
+    """ZeRO-1: shard fp32 main params and Adam moments over the data-parallel group."""
+    overlap_grad_reduce: bool = False
+    """Launch bucketed gradient reduce-scatter during the last micro-batch's backward."""
+    bucket_size_mb: float = 40.0
+    """Gradient bucket size for the data-parallel reduce-scatter."""
+
+
+@dataclass
+class DataConfig:
+    train_path: Optional[str] = None
+    """Prefix (or directory) of the indexed dataset written by tools/preprocess_data.py."""
+    eval_path: Optional[str] = None
+    """Separate indexed dataset for evaluation; None holds out eval_fraction of train."""
+    eval_fraction: float = 0.0
+    """Fraction of training documents held out for eval when eval_path is not given."""
+    seq_len: int = 2048
+    """Packed row length in tokens."""
+    global_batch_tokens: int = 1048576
+    """Tokens (row slots) per optimizer step over all data-parallel ranks; rows = this / seq_len."""
+    micro_batch_size: int = 1
+    """Rows per micro-batch on one rank."""
+    shuffle: bool = True
+    """Shuffle documents each epoch with the run seed before packing."""
+    tokenizer: Optional[str] = None
+    """Tokenizer file or directory (sentencepiece .model or HF tokenizer.json) for generation/eval."""
+    template: str = "llama3"
+    """Chat template name (llama3 | chatml) or path to a tokenizer_config.json with a chat_template."""
+
+    def rows_per_step(self) -> int:
+        return self.global_batch_tokens // self.seq_len
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of the peak."""
+    warmup_ratio: float = 0.03
+    """Linear warmup length as a fraction of train.steps (ignored when warmup_steps is set)."""
+    warmup_steps: Optional[int] = None
+    """Linear warmup length in optimizer steps."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on weight matrices (never on biases or norm weights)."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+    max_consecutive_skips: int = 5
+    """Abort after this many consecutive steps with a non-finite gradient norm."""
+
+    def warmup(self, steps: int) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, round(self.warmup_ratio * steps)) if self.warmup_ratio > 0 else 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to run."""
+    precision: str = "bf16"
+    """bf16 (bf16 params/compute, fp32 main params and grads) | fp32."""
+    seed: int = 1234
+    """Seed for init, data order, dropout and NEFTune."""
+    run_dir: str = "runs/default"
+    """Where the resolved config, logs, metrics and checkpoints go."""
+    log_interval: int = 1
+    """Steps between log lines."""
+    eval_interval: int = 0
+    """Steps between evaluations; 0 disables."""
+    eval_batches: int = 0
+    """Global batches per evaluation; 0 means the whole eval split."""
+    peak_tflops: float = 989.0
+    """Peak dense bf16 TFLOP/s per device for MFU (H100 SXM: 989)."""
+    progress_bar: str = "auto"
+    """auto (when stdout is a terminal) | on | off."""
+    profile: bool = False
+    """Wrap a few steps in torch.profiler and write a trace to run_dir."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Checkpoint directory; None means <run_dir>/checkpoints."""
+    save_interval: int = 0
+    """Steps between saves; 0 saves only at the end."""
+    keep_last: int = 2
+    """Keep this many newest checkpoints; older ones are pruned."""
+    load: Optional[str] = None
+    """auto (resume from latest if any) | path to a checkpoint | None."""
+    async_save: bool = False
+    """Save with torch.distributed.checkpoint.async_save."""
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+CHOICES = {
+    ("model", "attention_backend"): ("auto", "sdpa", "torch_varlen", "flash_attn"),
+    ("model", "recompute"): ("none", "selective", "full"),
+    ("parallel", "pipeline_schedule"): ("auto", "1f1b", "interleaved", "all_forward_all_backward"),
+    ("train", "precision"): ("bf16", "fp32"),
+    ("train", "progress_bar"): ("auto", "on", "off"),
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Config":
+        raw = dict(raw or {})
+        unknown = set(raw) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(_unknown_message("section", sorted(unknown)[0], SECTIONS))
+        model_raw = dict(raw.get("model") or {})
+        if model_raw.get("preset"):
+            from megasft.model.presets import preset_fields
+
+            model_raw = {**preset_fields(model_raw["preset"]), **model_raw}
+        raw["model"] = model_raw
+        sections = {name: _build_section(name, typ, raw.get(name) or {}) for name, typ in SECTIONS.items()}
+        return cls(**sections)
+
+    @classmethod
+    def load(cls, path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> "Config":
+        raw: dict = {}
+        if path is not None:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        for item in overrides:
+            apply_override(raw, item)
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+    # ------------------------------------------------------------- validation
+    def validate(self, world_size: Optional[int] = None) -> "Config":
+        """Check every cross-field rule; resolve parallel.dp from world_size. Returns self."""
+        m, p, d, o, t = self.model, self.parallel, self.data, self.optim, self.train
+        for (section, key), choices in CHOICES.items():
+            value = getattr(getattr(self, section), key)
+            if value not in choices:
+                raise ConfigError(f"{section}.{key}={value!r} is not one of {list(choices)}")
+        for name in ("tp", "pp", "virtual_pipeline_size"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+        if m.head_dim is None and m.hidden_size % m.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size={m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}; "
+                "set model.head_dim explicitly or choose heads in "
+                f"{_divisors(m.hidden_size)[:12]}")
+        if m.num_attention_heads % m.kv_heads:
+            raise ConfigError(
+                f"num_attention_heads={m.num_attention_heads} is not a multiple of num_kv_heads={m.kv_heads}; "
+                f"choose num_kv_heads in {_divisors(m.num_attention_heads)}")
+        if m.num_attention_heads % p.tp:
+            raise ConfigError(
+                f"tp={p.tp} does not divide num_attention_heads={m.num_attention_heads}; "
+                f"choose tp in {_divisors(m.num_attention_heads)}")
+        if m.kv_heads % p.tp and p.tp % m.kv_heads:
+            raise ConfigError(
+                f"tp={p.tp} and num_kv_heads={m.kv_heads}: one must divide the other so kv heads are "
+                f"split or replicated evenly; choose tp in "
+                f"{sorted(set(_divisors(m.kv_heads)) | {k for k in _divisors(m.num_attention_heads) if k % m.kv_heads == 0})}")
+        if m.intermediate_size % p.tp:
+            raise ConfigError(
+                f"tp={p.tp} does not divide intermediate_size={m.intermediate_size}; "
+                f"choose tp in {[x for x in _divisors(m.num_attention_heads) if m.intermediate_size % x == 0]}")
+        if m.dropout < 0 or m.dropout >= 1:
+            raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+        if m.neftune_alpha < 0:
+            raise ConfigError(f"model.neftune_alpha={m.neftune_alpha} must be >= 0 (0 disables NEFTune)")
+        if world_size is not None:
+            if world_size % (p.tp * p.pp):
+                raise ConfigError(
+                    f"world_size={world_size} is not divisible by tp*pp={p.tp}*{p.pp}={p.tp * p.pp}; "
+                    f"run on a multiple of {p.tp * p.pp} processes or choose tp*pp in {_divisors(world_size)}")
+            dp = world_size // (p.tp * p.pp)
+            if p.dp is not None and p.dp != dp:
+                raise ConfigError(
+                    f"parallel.dp={p.dp} but world_size={world_size} / (tp={p.tp} * pp={p.pp}) = {dp}; "
+                    f"set parallel.dp={dp} or leave it unset")
+            p.dp = dp
+        chunks = p.pp * p.virtual_pipeline_size
+        if p.pipeline_layers is not None:
+            if len(p.pipeline_layers) != chunks or sum(p.pipeline_layers) != m.num_layers or min(p.pipeline_layers) < 1:
+                raise ConfigError(
+                    f"parallel.pipeline_layers={p.pipeline_layers} must list {chunks} positive counts "
+                    f"(pp * virtual_pipeline_size) summing to num_layers={m.num_layers}")
+        elif m.num_layers % chunks:
+            raise ConfigError(
+                f"num_layers={m.num_layers} does not split evenly into pp*virtual_pipeline_size={chunks} chunks; "
+                f"choose pp*v in {_divisors(m.num_layers)} or give parallel.pipeline_layers explicitly")
+        if p.virtual_pipeline_size > 1 and p.pp == 1:
+            raise ConfigError("parallel.virtual_pipeline_size > 1 needs pp > 1 (interleaving splits pipeline stages)")
+        if p.sequence_parallel and d.seq_len % p.tp:
+            raise ConfigError(
+                f"sequence_parallel needs seq_len divisible by tp: seq_len={d.seq_len}, tp={p.tp}; "
+                f"use seq_len={math.ceil(d.seq_len / p.tp) * p.tp}")
+        if d.global_batch_tokens % d.seq_len:
+            raise ConfigError(
+                f"data.global_batch_tokens={d.global_batch_tokens} is not a multiple of seq_len={d.seq_len}; "
+                f"use {max(1, round(d.global_batch_tokens / d.seq_len)) * d.seq_len}")
+        if p.dp is not None:
+            rows, per = d.rows_per_step(), p.dp * d.micro_batch_size
+            if rows % per:
+                raise ConfigError(
+                    f"{rows} rows per step (global_batch_tokens/seq_len) do not split into dp={p.dp} x "
+                    f"micro_batch_size={d.micro_batch_size}; use global_batch_tokens="
+                    f"{max(1, rows // per) * per * d.seq_len}")
+        if not 0 <= o.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+        if o.warmup_steps is not None and o.warmup_steps > t.steps:
+            raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
+        if t.steps < 1:
+            raise ConfigError(f"train.steps={t.steps} must be >= 1")
+        if not 0 <= d.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+        return self
+
+
+def _unknown_message(kind: str, name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=3)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {name!r}{hint} valid: {sorted(valid)}"
+
+
+def _build_section(name: str, typ: type, raw: dict) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section {name!r} must be a mapping, got {raw!r}")
+    hints = get_type_hints(typ)
+    valid = {f.name for f in fields(typ)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in valid:
+            raise ConfigError(_unknown_message(f"key in section {name!r}:", key, valid))
+        kwargs[key] = _coerce(f"{name}.{key}", hints[key], value)
+    return typ(**kwargs)
+
+
+def _coerce(where: str, hint: Any, value: Any) -> Any:
+    """Check a YAML value against a field's type; ints are accepted where floats are expected."""
+    if get_origin(hint) is Optional or (get_origin(hint) is not None and type(None) in get_args(hint)):
+        if value is None:
+            return None
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    base = get_origin(hint) or hint
+    if base is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if base in (str, dict, list) and not isinstance(value, base):
+        raise ConfigError(f"{where} must be a {base.__name__}, got {value!r}")
+    return value
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one ``section.key=value`` override (value parsed as YAML) to a raw config dict."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=100")
+    dotted, text = item.split("=", 1)
+    section, key = dotted.split(".", 1)
+    if section not in SECTIONS:
+        raise ConfigError(_unknown_message("section", section, SECTIONS))
+    raw.setdefault(section, {})
+    if raw[section] is None:
+        raw[section] = {}
+    raw[section][key] = yaml.safe_load(text) if text != "" else None

@@ -1,0 +1,1 @@
+"""SFT data path: tokenizers, chat templates, indexed datasets, packing, loaders."""

@@ -1,0 +1,1 @@
+"""The Llama-family model (one definition for every layout), attention backends, presets."""

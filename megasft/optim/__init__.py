@@ -1,0 +1,1 @@
+"""Gradient buffers, ZeRO-1 distributed AdamW, LR schedule, global grad norm."""

@@ -1,0 +1,1 @@
+"""Pipeline parallelism: stage partition, p2p, schedules."""
