@@ -1,0 +1,195 @@
+"""ZeRO-1 AdamW: fp32 main params and Adam moments sharded over the data-parallel group.
+
+One step (Rajbhandari et al. 2020, "ZeRO", stage 1; Megatron-LM's distributed optimizer):
+
+    grads (fp32 main_grad, summed over micro-batches)
+      ─ reduce-scatter SUM over DP ─▶ this rank's grad shard      [P] -> [P / dp]
+      ─ global norm over TP, PP, DP; clip by min(1, max_norm / (norm + 1e-6))
+      ─ AdamW on the shard (fp32 main params, exp_avg, exp_avg_sq)
+      ─ cast to the model dtype, all-gather over DP ─▶ model params [P / dp] -> [P]
+
+The three fp32 shard tensors live in one contiguous buffer ``shard_state`` of shape [3, S], so
+optimizer state costs 12 bytes per parameter of this rank divided by DP. With
+``distributed_optimizer=False`` the same code runs with one shard covering everything: grads are
+all-reduced and every DP rank keeps (and updates) the full state.
+
+The update is torch.optim.AdamW's (Loshchilov & Hutter 2019): with t the 1-based step,
+
+    p ← p · (1 − lr · wd)                       (decoupled decay, wd = 0 for 1-D params)
+    m ← β1 m + (1 − β1) g ;  v ← β2 v + (1 − β2) g²
+    p ← p − lr / (1 − β1^t) · m / (sqrt(v) / sqrt(1 − β2^t) + ε)
+
+A non-finite global norm skips the step: params, moments and the step count stay untouched.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from megasft.config import OptimConfig, ParallelConfig
+from megasft.optim.grad_buffer import Bucket, GradBuffer, ParamShard
+from megasft.optim.grad_norm import clip_coefficient, global_norm, weighted_sq_sum
+from megasft.parallel_state import ParallelState
+
+MAIN, EXP_AVG, EXP_AVG_SQ = 0, 1, 2  # rows of shard_state
+
+
+class TooManySkippedSteps(RuntimeError):
+    """Raised after OptimConfig.max_consecutive_skips steps in a row had a non-finite grad norm."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    grad_norm: float  # global norm before clipping
+    skipped: bool  # True when the norm was not finite and nothing was updated
+    lr: float  # the learning rate of this step (applied or not)
+    clip_coef: float  # the factor the grads were scaled by (1.0 when not clipped or skipped)
+    consecutive_skips: int
+
+
+def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+           *, step: int, lr: float, beta1: float, beta2: float, eps: float) -> None:
+    """The Adam part of torch.optim.AdamW's single-tensor update, in place on flat fp32 tensors
+    (the same operations in the same order, so results match it to rounding)."""
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = lr / (1 - beta1 ** step)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+class DistributedOptimizer:
+    """AdamW over the trainable parameters of this rank, state sharded over DP (ZeRO-1).
+
+    named_params: ``model.named_parameters()`` (of every model chunk on this rank). The constructor
+    re-points each ``param.data`` into a contiguous buffer and gives each param a fp32
+    ``param.main_grad``; backward fills main_grad through hooks (see grad_buffer).
+    schedule: ``step -> lr``, e.g. lr_schedule.WarmupCosine, evaluated at the applied-step count.
+    """
+
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], optim: OptimConfig,
+                 parallel: ParallelConfig, state: ParallelState, schedule: Callable[[int], float]):
+        self.optim = optim
+        self.schedule = schedule
+        self.distributed = parallel.distributed_optimizer
+        bucket_numel = int(parallel.bucket_size_mb * 2 ** 20 / 4) if parallel.overlap_grad_reduce else None
+        self.grad_buffer = GradBuffer(list(named_params), state.dp_group, shard=self.distributed,
+                                      bucket_numel=bucket_numel, overlap=parallel.overlap_grad_reduce)
+        # The norm sums over TP and PP always, and over DP only where DP ranks hold disjoint shards.
+        self.norm_groups = [state.tp_group, state.pp_group] + ([state.dp_group] if self.distributed else [])
+        self.shard_state = torch.zeros(3, self.grad_buffer.shard_numel, dtype=torch.float32,
+                                       device=self.grad_buffer.grad_data.device)
+        for bucket in self.grad_buffer.buckets:
+            self._shard_rows(bucket)[MAIN].copy_(self.grad_buffer.param_shard(bucket))
+        self.step_count = 0  # applied (not skipped) updates; AdamW's t is step_count after increment
+        self.consecutive_skips = 0
+        self.skipped_total = 0
+
+    # ------------------------------------------------------------------ step
+    def zero_grad(self) -> None:
+        """Zero the fp32 gradient buffer (call before the first micro-batch of a step)."""
+        self.grad_buffer.zero_()
+
+    def step(self) -> StepResult:
+        """Reduce grads over DP, clip, update this rank's shard, all-gather params.
+        Collective over TP, PP and DP: every rank calls it every step."""
+        self.grad_buffer.finish_grad_sync()
+        norm = self.grad_norm()
+        lr = self.schedule(self.step_count)
+        if not math.isfinite(norm):
+            return self._skip(norm, lr)
+        self.consecutive_skips = 0
+        coef = clip_coefficient(norm, self.optim.clip_grad)
+        self.step_count += 1
+        for bucket in self.grad_buffer.buckets:
+            self._update_bucket(bucket, lr, coef)
+        self._publish_params()
+        return StepResult(norm, False, lr, coef, 0)
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the DP-reduced gradients, each distinct parameter counted once."""
+        pieces = ((self.grad_buffer.grad_shard(b)[r.start:r.end], r.copies)
+                  for b in self.grad_buffer.buckets for r in self.grad_buffer.runs(b))
+        return global_norm(weighted_sq_sum(pieces, self.shard_state.device), self.norm_groups)
+
+    def _skip(self, norm: float, lr: float) -> StepResult:
+        self.consecutive_skips += 1
+        self.skipped_total += 1
+        if self.consecutive_skips >= self.optim.max_consecutive_skips:
+            raise TooManySkippedSteps(
+                f"{self.consecutive_skips} consecutive optimizer steps had a non-finite gradient norm "
+                f"(last: {norm}) and were skipped; optim.max_consecutive_skips="
+                f"{self.optim.max_consecutive_skips}. The loss or data likely diverged: lower optim.lr, "
+                "check the batch for empty or corrupt samples, or resume from an earlier checkpoint")
+        return StepResult(norm, True, lr, 1.0, self.consecutive_skips)
+
+    def _update_bucket(self, bucket: Bucket, lr: float, coef: float) -> None:
+        grad = self.grad_buffer.grad_shard(bucket)
+        if coef < 1.0:
+            grad.mul_(coef)  # clip in place, as clip_grad_norm_ does; the buffer is zeroed next step
+        main, exp_avg, exp_avg_sq = self._shard_rows(bucket)
+        wd = self.optim.weight_decay
+        if wd:
+            for run in self.grad_buffer.runs(bucket):
+                if run.decay:
+                    main[run.start:run.end].mul_(1 - lr * wd)
+        adamw_(main, grad, exp_avg, exp_avg_sq, step=self.step_count, lr=lr,
+               beta1=self.optim.beta1, beta2=self.optim.beta2, eps=self.optim.eps)
+
+    def _publish_params(self) -> None:
+        """Cast the updated fp32 shard into the model-dtype buffer and all-gather it over DP."""
+        for bucket in self.grad_buffer.buckets:
+            self.grad_buffer.param_shard(bucket).copy_(self._shard_rows(bucket)[MAIN])
+        self.grad_buffer.all_gather_params()
+
+    def _shard_rows(self, bucket: Bucket) -> torch.Tensor:
+        """[3, bucket shard numel] view of shard_state: main params, exp_avg, exp_avg_sq."""
+        return self.shard_state[:, bucket.shard_offset:bucket.shard_offset + bucket.shard_numel]
+
+    # ------------------------------------------------------------ inspection
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held by this rank, measured from the tensors (≈ 12·N / DP)."""
+        return self.shard_state.numel() * self.shard_state.element_size()
+
+    def param_shards(self) -> list[ParamShard]:
+        """Which elements of which parameter each column range of shard_state holds."""
+        return self.grad_buffer.param_shards()
+
+    def param_state(self, shard: ParamShard) -> dict[str, torch.Tensor]:
+        """1-D views of shard_state for one ParamShard: fp32 main param, exp_avg, exp_avg_sq of the
+        flattened-parameter elements [shard.param_start, shard.param_end)."""
+        cols = slice(shard.shard_start, shard.shard_start + shard.param_end - shard.param_start)
+        return {"main": self.shard_state[MAIN, cols], "exp_avg": self.shard_state[EXP_AVG, cols],
+                "exp_avg_sq": self.shard_state[EXP_AVG_SQ, cols]}
+
+    # ---------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """{"step": applied steps, "shard_state": the [3, S] fp32 tensor (not a copy),
+        "consecutive_skips": int}. Map columns back to parameters with param_shards()."""
+        return {"step": self.step_count, "shard_state": self.shard_state,
+                "consecutive_skips": self.consecutive_skips}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a state_dict of the same layout, then rebuild the model params from the fp32
+        main params (a DP collective)."""
+        loaded = state_dict["shard_state"]
+        if tuple(loaded.shape) != tuple(self.shard_state.shape):
+            raise ValueError(f"optimizer shard_state has shape {tuple(loaded.shape)} but this rank's "
+                             f"layout needs {tuple(self.shard_state.shape)}; the parallel layout or the "
+                             "model changed — load per parameter through param_shards() instead")
+        self.shard_state.copy_(loaded)
+        self.step_count = int(state_dict["step"])
+        self.consecutive_skips = int(state_dict.get("consecutive_skips", 0))
+        self._publish_params()
+
+    def describe(self) -> str:
+        """One start-up line: state bytes per rank and what they hold."""
+        n = sum(b.shard_numel for b in self.grad_buffer.buckets)
+        return (f"optimizer: AdamW, {'ZeRO-1 over' if self.distributed else 'replicated over'} "
+                f"{self.grad_buffer.num_shards if self.distributed else 'all'} DP ranks, "
+                f"{len(self.grad_buffer.buckets)} bucket(s), state {self.state_bytes() / 2 ** 20:.1f} MiB "
+                f"per rank (fp32 main params + 2 moments for {n:,} elements)")

@@ -1,0 +1,302 @@
+"""Contiguous parameter and fp32 gradient buffers, split into buckets and sharded over DP.
+
+Every trainable parameter of this rank gets a slot [start, end) in one flat index space. Two
+buffers share that layout:
+
+    grad_data  fp32 [total]          param.main_grad is a view into it (fp32 accumulation)
+    param_data model dtype [total]   param.data is re-pointed to a view into it, so the all-gather
+                                     of updated params writes the model weights in place
+
+Layout. Parameters are laid out in reverse registration order (roughly the order backward
+finishes them) and cut into buckets of about `bucket_numel` elements. Inside a bucket, weight
+matrices (decayed) come first, then 1-D params, each sorted by copy count, so a shard of a bucket
+holds at most a few runs of equal (weight decay, copies). Each bucket is padded to a multiple of
+`num_shards` (times an alignment); rank r owns the r-th equal slice of every bucket, and its
+optimizer shard is the concatenation of those slices (Megatron-LM's distributed optimizer does
+the same). With one bucket this is the flat space split evenly over DP.
+
+Accumulation. A post-accumulate-grad hook adds ``param.grad`` into ``param.main_grad`` in fp32
+and frees ``param.grad``, for any number of micro-batches. With overlap, a bucket whose every
+parameter has fired during a backward outside :meth:`GradBuffer.no_sync` is reduced
+asynchronously at once; :meth:`GradBuffer.finish_grad_sync` reduces the rest and waits.
+
+Parameters whose main_grad the model itself sums across ranks after backward (sequence-parallel
+norm weights, pipeline-tied embeddings) must be marked ``param.model_grad_sync = True``: they sit
+in a final bucket that is only reduced in finish_grad_sync(), after the model's syncs ran.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megasft.optim.grad_norm import copies
+
+# torch >= 2.12 names the single-tensor collectives *_single; older releases only have *_tensor.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+# Shard slices are multiples of this many elements so views stay aligned for vectorised kernels.
+SHARD_ALIGN = 64
+
+
+def decays(param: nn.Parameter) -> bool:
+    """Weight decay applies to weight matrices (embeddings included), never to biases or norms."""
+    return param.ndim >= 2
+
+
+@dataclass
+class Slot:
+    """One parameter's place in the flat space."""
+
+    name: str
+    param: nn.Parameter
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Run:
+    """A stretch [start, end) of one bucket's shard slice (bucket-local shard coordinates) whose
+    elements share weight decay and copy count."""
+
+    start: int
+    end: int
+    decay: bool
+    copies: int
+
+
+@dataclass(frozen=True)
+class ParamShard:
+    """The part of one parameter this rank's shard covers: flattened-param elements
+    [param_start, param_end) sit at [shard_start, shard_start + param_end - param_start) of the
+    rank's optimizer shard."""
+
+    name: str
+    shape: tuple[int, ...]
+    param_start: int
+    param_end: int
+    shard_start: int
+
+
+@dataclass
+class Bucket:
+    """Flat-space range [start, end) reduced by one collective; rank r owns the r-th of its
+    equal slices, which sits at shard_offset in that rank's optimizer shard."""
+
+    start: int
+    end: int  # padded: (end - start) is a multiple of num_shards * SHARD_ALIGN
+    slots: list[Slot]
+    shard_numel: int
+    shard_offset: int
+    deferred: bool  # holds model_grad_sync params: reduced only in finish_grad_sync
+    fired: set = field(default_factory=set)  # params whose grads are final in this backward
+    handle: Optional[dist.Work] = None
+    launched: bool = False
+
+
+def _pad(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _bucket_slots(named: list[tuple[str, nn.Parameter]], bucket_numel: Optional[int]) -> list[list]:
+    """Group parameters (already in layout order) into buckets of about bucket_numel elements;
+    model_grad_sync params form a last bucket of their own."""
+    regular = [(n, p) for n, p in named if not getattr(p, "model_grad_sync", False)]
+    deferred = [(n, p) for n, p in named if getattr(p, "model_grad_sync", False)]
+    groups, current, size = [], [], 0
+    for name, param in regular:
+        current.append((name, param))
+        size += param.numel()
+        if bucket_numel is not None and size >= bucket_numel:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    if deferred:
+        groups.append(deferred)
+    return groups
+
+
+class GradBuffer:
+    """The flat param/grad buffers of one rank, their buckets, the accumulation hooks, and the DP
+    collectives: reduce (reduce-scatter or all-reduce, SUM) of grads, all-gather of params.
+
+    num_shards is the DP size under ZeRO-1 and 1 without it (every rank keeps the whole state)."""
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], dp_group: Optional[dist.ProcessGroup],
+                 shard: bool, bucket_numel: Optional[int] = None, overlap: bool = False):
+        named = _unique_trainable(named_params)
+        dtypes = {p.dtype for _, p in named}
+        if len(dtypes) != 1:
+            raise ValueError(f"all trainable parameters must share one dtype for the flat param buffer, "
+                             f"got {sorted(map(str, dtypes))}; cast the model with model.to(dtype) first")
+        self.dp_group = dp_group
+        dp_size = 1 if dp_group is None else dist.get_world_size(dp_group)
+        self.num_shards = dp_size if shard else 1
+        self.shard_rank = 0 if dp_group is None or not shard else dist.get_rank(dp_group)
+        self.overlap = overlap
+        self._sync_enabled = True
+        self.buckets = self._build_buckets(list(reversed(named)), bucket_numel)
+        total = self.buckets[-1].end
+        device = named[0][1].device
+        self.grad_data = torch.zeros(total, dtype=torch.float32, device=device)
+        self.param_data = torch.zeros(total, dtype=named[0][1].dtype, device=device)
+        self._bind_params()
+        self._hooks = [slot.param.register_post_accumulate_grad_hook(self._make_hook(bucket, slot))
+                       for bucket in self.buckets for slot in bucket.slots]
+
+    # ---------------------------------------------------------------- layout
+    def _build_buckets(self, named: list[tuple[str, nn.Parameter]], bucket_numel: Optional[int]) -> list[Bucket]:
+        buckets, offset, shard_offset = [], 0, 0
+        for group in _bucket_slots(named, bucket_numel):
+            # Stable sort: decayed first, then by copies, so a shard slice has few distinct runs.
+            group = sorted(group, key=lambda item: (not decays(item[1]), copies(item[1])))
+            slots, start = [], offset
+            for name, param in group:
+                slots.append(Slot(name, param, offset, offset + param.numel()))
+                offset += param.numel()
+            offset = start + _pad(offset - start, self.num_shards * SHARD_ALIGN)
+            deferred = any(getattr(p, "model_grad_sync", False) for _, p in group)
+            bucket = Bucket(start, offset, slots, (offset - start) // self.num_shards, shard_offset, deferred)
+            shard_offset += bucket.shard_numel
+            buckets.append(bucket)
+        self.shard_numel = shard_offset
+        return buckets
+
+    def _bind_params(self) -> None:
+        """Copy each param into param_data and make param.data / param.main_grad views of the buffers."""
+        for bucket in self.buckets:
+            for slot in bucket.slots:
+                p = slot.param
+                view = self.param_data[slot.start:slot.end].view(p.shape)
+                view.copy_(p.detach())
+                p.data = view
+                p.main_grad = self.grad_data[slot.start:slot.end].view(p.shape)
+
+    def shard_range(self, bucket: Bucket) -> tuple[int, int]:
+        """This rank's slice [start, end) of `bucket` in the flat space."""
+        start = bucket.start + self.shard_rank * bucket.shard_numel
+        return start, start + bucket.shard_numel
+
+    def runs(self, bucket: Bucket) -> list[Run]:
+        """Maximal stretches of this rank's slice of `bucket` with equal (decay, copies); padding
+        is left out (its grads and params are zero and stay zero)."""
+        lo, hi = self.shard_range(bucket)
+        runs: list[Run] = []
+        for slot in bucket.slots:
+            s, e = max(lo, slot.start), min(hi, slot.end)
+            if s >= e:
+                continue
+            run = Run(s - lo, e - lo, decays(slot.param), copies(slot.param))
+            last = runs[-1] if runs else None
+            if last and last.end == run.start and (last.decay, last.copies) == (run.decay, run.copies):
+                runs[-1] = Run(last.start, run.end, run.decay, run.copies)
+            else:
+                runs.append(run)
+        return runs
+
+    def param_shards(self) -> list[ParamShard]:
+        """For every parameter this rank's shard touches, which of its elements and where."""
+        out = []
+        for bucket in self.buckets:
+            lo, hi = self.shard_range(bucket)
+            for slot in bucket.slots:
+                s, e = max(lo, slot.start), min(hi, slot.end)
+                if s < e:
+                    out.append(ParamShard(slot.name, tuple(slot.param.shape), s - slot.start,
+                                          e - slot.start, bucket.shard_offset + s - lo))
+        return out
+
+    def grad_shard(self, bucket: Bucket) -> torch.Tensor:
+        lo, hi = self.shard_range(bucket)
+        return self.grad_data[lo:hi]
+
+    def param_shard(self, bucket: Bucket) -> torch.Tensor:
+        lo, hi = self.shard_range(bucket)
+        return self.param_data[lo:hi]
+
+    # ---------------------------------------------------------- accumulation
+    def _make_hook(self, bucket: Bucket, slot: Slot):
+        def hook(param: nn.Parameter) -> None:
+            param.main_grad.add_(param.grad)  # bf16 grad added into the fp32 accumulator
+            param.grad = None
+            if self.overlap and self._sync_enabled:
+                self._mark_ready(bucket, slot)
+        return hook
+
+    def _mark_ready(self, bucket: Bucket, slot: Slot) -> None:
+        if bucket.launched or slot.name in bucket.fired:
+            raise RuntimeError(
+                f"gradient of {slot.name} accumulated again after its bucket was reduced; with "
+                "overlap_grad_reduce run every micro-batch but the last inside grad_buffer.no_sync()")
+        bucket.fired.add(slot.name)
+        if not bucket.deferred and len(bucket.fired) == len(bucket.slots):
+            self._launch(bucket)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate only; the overlapped reduce waits for a later one."""
+        previous, self._sync_enabled = self._sync_enabled, False
+        try:
+            yield
+        finally:
+            self._sync_enabled = previous
+
+    # ----------------------------------------------------------- collectives
+    def _launch(self, bucket: Bucket) -> None:
+        """Start the SUM reduction of one bucket over DP: in-place reduce-scatter into this rank's
+        slice under ZeRO-1, all-reduce of the whole bucket otherwise."""
+        bucket.launched = True
+        data = self.grad_data[bucket.start:bucket.end]
+        if self.num_shards > 1:
+            lo, hi = self.shard_range(bucket)
+            bucket.handle = _reduce_scatter(self.grad_data[lo:hi], data, group=self.dp_group,
+                                            async_op=True)  # [P_b] -> [P_b / dp]
+        elif self.dp_group is not None:
+            bucket.handle = dist.all_reduce(data, group=self.dp_group, async_op=True)
+
+    def finish_grad_sync(self) -> None:
+        """Reduce every bucket not reduced yet and wait for all. Idempotent until zero_grad()."""
+        for bucket in self.buckets:
+            if not bucket.launched:
+                self._launch(bucket)
+        for bucket in self.buckets:
+            if bucket.handle is not None:
+                bucket.handle.wait()
+                bucket.handle = None
+
+    def all_gather_params(self) -> None:
+        """Every rank's updated param_data slices to every rank: [P_b / dp] -> [P_b] per bucket."""
+        if self.num_shards == 1:
+            return
+        handles = [_all_gather(self.param_data[b.start:b.end], self.param_shard(b),
+                               group=self.dp_group, async_op=True) for b in self.buckets]
+        for handle in handles:
+            handle.wait()
+
+    def zero_(self) -> None:
+        """Zero the accumulated gradients and forget which buckets were reduced."""
+        self.grad_data.zero_()
+        for bucket in self.buckets:
+            bucket.fired.clear()
+            bucket.launched = False
+            bucket.handle = None
+            for slot in bucket.slots:
+                slot.param.grad = None
+
+
+def _unique_trainable(named_params) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters, each once (a tied parameter may be listed under two names)."""
+    seen, out = set(), []
+    for name, param in named_params:
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            out.append((name, param))
+    if not out:
+        raise ValueError("no trainable parameters were given to the optimizer")
+    return out

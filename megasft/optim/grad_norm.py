@@ -1,0 +1,50 @@
+"""Global gradient norm across TP, PP and DP, counting every distinct parameter once, and clipping.
+
+A parameter may be held by several ranks of a TP group (norm weights: all tp of them; kv heads
+replicated when tp > num_kv_heads: tp // kv_heads). The model marks this with ``param.tp_copies``
+(default 1). A tied embedding held by both the first and the last pipeline stage may likewise be
+marked with ``param.pp_copies`` (default 1). Each copy contributes ||g||² / copies to the local
+sum, so summing over the TP group and the PP group counts it exactly once:
+
+    ||g||² = Σ_groups Σ_local ||g_p||² / copies(p)
+
+Under ZeRO-1 every DP rank holds a disjoint shard of the reduced gradient, so the DP group is summed
+over too; without sharding every DP rank holds the whole (identical) gradient and must not be.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def copies(param: nn.Parameter) -> int:
+    """How many ranks of the TP x PP grid hold an identical copy of `param`."""
+    return int(getattr(param, "tp_copies", 1)) * int(getattr(param, "pp_copies", 1))
+
+
+def weighted_sq_sum(pieces: Iterable[tuple[torch.Tensor, int]], device: torch.device) -> torch.Tensor:
+    """Σ ||g||² / copies over (gradient piece, copies) pairs, as an fp32 scalar tensor."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for grad, n in pieces:
+        total += grad.float().square().sum() / n
+    return total
+
+
+def global_norm(local_sq_sum: torch.Tensor, groups: Iterable[Optional[dist.ProcessGroup]]) -> float:
+    """sqrt of the local squared sum all-reduced (SUM) over each group; None groups are size 1."""
+    total = local_sq_sum.detach().clone().float()
+    for group in groups:
+        if group is not None:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return float(total.sqrt())  # inf or nan when some gradient was not finite
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """The factor the gradients are multiplied by, as torch.nn.utils.clip_grad_norm_ computes it:
+    min(1, max_norm / (norm + 1e-6)); max_norm <= 0 disables clipping."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (norm + 1e-6))
