@@ -1,0 +1,160 @@
+"""Input-format readers: one JSONL line -> a validated record, or a :class:`DataError` naming file:line.
+
+Formats (auto-detected per line from its keys, or forced):
+- ``messages``: ``{"messages": [{"role": "system|user|assistant|tool", "content": str}, ...]}``
+- ``sharegpt``: ``{"conversations": [{"from": "human|gpt|system|tool|...", "value": str}, ...]}``
+- ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str, "system": str (optional)}``
+- ``pretokenized``: ``{"input_ids": [int], "labels": [int]}``, labels HF-style (-100 = not trained,
+  otherwise equal to input_ids at the same position).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+
+from megasft.data.templates import ROLES
+
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "pretokenized")
+
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+    "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system",
+    "tool": "tool", "function": "tool", "observation": "tool", "function_call": "assistant",
+}
+
+
+class DataError(ValueError):
+    """A bad input record. ``reason`` is a short category (counted by --skip-bad); str() names file:line."""
+
+    def __init__(self, path: str, line: int, reason: str, detail: str) -> None:
+        super().__init__(f"{path}:{line}: {reason}: {detail}")
+        self.path, self.line, self.reason, self.detail = path, line, reason, detail
+
+    def __reduce__(self):  # travels back from worker processes intact
+        return DataError, (self.path, self.line, self.reason, self.detail)
+
+
+@dataclass
+class Pretokenized:
+    input_ids: np.ndarray  # int64
+    loss_mask: np.ndarray  # uint8
+
+
+Record = Union[list, Pretokenized]  # a list of {"role", "content"} messages, or ids + mask
+
+
+def detect_format(obj: dict) -> Optional[str]:
+    if "messages" in obj:
+        return "messages"
+    if "conversations" in obj:
+        return "sharegpt"
+    if "input_ids" in obj:
+        return "pretokenized"
+    if "instruction" in obj and "output" in obj:
+        return "alpaca"
+    return None
+
+
+def parse_line(raw: bytes, path: str, line: int, fmt: str = "auto", vocab_size: Optional[int] = None) -> Record:
+    """Decode, parse and validate one JSONL line. Raises DataError with a reason category."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, line, "invalid utf-8", f"byte {e.start}: {raw[e.start:e.start + 4]!r}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, line, "malformed json", f"{e.msg} at column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise DataError(path, line, "malformed json", f"expected a JSON object, got {type(obj).__name__}")
+    kind = detect_format(obj) if fmt == "auto" else fmt
+    if kind is None:
+        raise DataError(path, line, "unknown format",
+                        f"keys {sorted(obj)[:6]} match none of messages / conversations / instruction+output / input_ids")
+    if kind == "pretokenized":
+        return _pretokenized(obj, path, line, vocab_size)
+    messages = {"messages": _messages, "sharegpt": _sharegpt, "alpaca": _alpaca}[kind](obj, path, line)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(path, line, "no assistant turn", "nothing to train on")
+    return messages
+
+
+def _message_list(obj: dict, key: str, path: str, line: int) -> list:
+    value = obj.get(key)
+    if not isinstance(value, list) or not value:
+        raise DataError(path, line, "malformed record", f"{key!r} must be a non-empty list")
+    return value
+
+
+def _check_content(content, path: str, line: int, turn: int) -> str:
+    if not isinstance(content, str):
+        raise DataError(path, line, "non-string content", f"turn {turn} content is {type(content).__name__}")
+    return content
+
+
+def _messages(obj: dict, path: str, line: int) -> list:
+    out = []
+    for i, m in enumerate(_message_list(obj, "messages", path, line)):
+        if not isinstance(m, dict):
+            raise DataError(path, line, "malformed record", f"turn {i} is not an object")
+        role = m.get("role")
+        if role not in ROLES:
+            raise DataError(path, line, "unknown role", f"turn {i} role {role!r}; valid: {list(ROLES)}")
+        out.append({"role": role, "content": _check_content(m.get("content"), path, line, i)})
+    return out
+
+
+def _sharegpt(obj: dict, path: str, line: int) -> list:
+    out = []
+    if isinstance(obj.get("system"), str) and obj["system"]:
+        out.append({"role": "system", "content": obj["system"]})
+    for i, m in enumerate(_message_list(obj, "conversations", path, line)):
+        if not isinstance(m, dict):
+            raise DataError(path, line, "malformed record", f"turn {i} is not an object")
+        role = SHAREGPT_ROLES.get(m.get("from"))
+        if role is None:
+            raise DataError(path, line, "unknown role",
+                            f"turn {i} from {m.get('from')!r}; valid: {sorted(SHAREGPT_ROLES)}")
+        out.append({"role": role, "content": _check_content(m.get("value"), path, line, i)})
+    return out
+
+
+def _alpaca(obj: dict, path: str, line: int) -> list:
+    instruction = _check_content(obj.get("instruction"), path, line, 0)
+    extra = _check_content(obj.get("input", ""), path, line, 0)
+    output = _check_content(obj.get("output"), path, line, 1)
+    out = []
+    if obj.get("system"):
+        out.append({"role": "system", "content": _check_content(obj["system"], path, line, 0)})
+    # The Alpaca convention: the optional input follows the instruction after a blank line.
+    out.append({"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction})
+    out.append({"role": "assistant", "content": output})
+    return out
+
+
+def _pretokenized(obj: dict, path: str, line: int, vocab_size: Optional[int]) -> Pretokenized:
+    ids, labels = obj.get("input_ids"), obj.get("labels")
+    if not isinstance(ids, list) or not isinstance(labels, list) or len(ids) != len(labels) or not ids:
+        raise DataError(path, line, "malformed record", "input_ids and labels must be non-empty lists of equal length")
+    try:
+        ids_arr = np.asarray(ids, dtype=np.int64)
+        lab_arr = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise DataError(path, line, "malformed record", "input_ids/labels must hold integers only") from None
+    if ids_arr.ndim != 1 or lab_arr.ndim != 1:
+        raise DataError(path, line, "malformed record", "input_ids/labels must be flat lists")
+    if ids_arr.min() < 0 or (vocab_size is not None and ids_arr.max() >= vocab_size):
+        raise DataError(path, line, "token id out of range", f"ids must be in [0, {vocab_size})")
+    trained = lab_arr != -100
+    bad = np.flatnonzero(trained & (lab_arr != ids_arr))
+    if len(bad):
+        t = int(bad[0])
+        raise DataError(path, line, "labels not aligned",
+                        f"labels[{t}]={int(lab_arr[t])} but input_ids[{t}]={int(ids_arr[t])}; labels follow HF "
+                        "(labels[t] == input_ids[t] or -100, the loss shifts) — are they shifted by one already?")
+    if not trained.any():
+        raise DataError(path, line, "no assistant turn", "every label is -100")
+    return Pretokenized(ids_arr, trained.astype(np.uint8))

@@ -1,0 +1,275 @@
+"""Chat JSONL -> indexed dataset, tokenised by a pool of worker processes (logic behind
+``tools/preprocess_data.py``).
+
+Lines are read as bytes in the main process, parsed + rendered + tokenised in chunks by workers
+(each holds its own tokenizer), and written in input order, so the output does not depend on the
+number of workers. Every line ends up in exactly one bucket of the :class:`Summary`: kept, dropped
+by policy (too long, nothing to train) or bad input (an error naming file:line, or a count with
+``skip_bad``).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from megasft.data.formats import FORMATS, DataError, Pretokenized, parse_line
+from megasft.data.indexed import IndexedDatasetBuilder
+from megasft.data.templates import MASK_MODES, ChatEncoder, get_template
+from megasft.data.tokenizer import load_tokenizer
+
+LONG_POLICIES = ("drop", "truncate")
+
+
+@dataclass
+class PreprocessOptions:
+    inputs: list[str]
+    """JSONL files, read in order."""
+    output: str
+    """Directory for the indexed dataset."""
+    tokenizer: str
+    """sentencepiece .model, tokenizer.json, or a directory holding one."""
+    template: str = "llama3"
+    """llama3 | chatml | jinja (the tokenizer's tokenizer_config.json) | path to a tokenizer_config.json."""
+    mask_mode: str = "completion_eot"
+    """all | completion | completion_eot."""
+    last_turn_only: bool = False
+    """Train only the last assistant turn of each conversation."""
+    input_format: str = "auto"
+    """auto | messages | sharegpt | alpaca | pretokenized."""
+    seq_len: Optional[int] = None
+    """Longest kept document; longer ones follow ``long_policy``. None keeps everything."""
+    long_policy: str = "drop"
+    """drop | truncate conversations longer than seq_len."""
+    skip_bad: bool = False
+    """Skip and count bad lines instead of stopping at the first one."""
+    workers: int = 0
+    """Tokenising processes; 0 means os.cpu_count(); 1 runs in-process."""
+    chunk_lines: int = 128
+    """Lines per work item (one tokenizer call per chunk)."""
+    progress: bool = True
+    """Draw a progress bar on stderr."""
+
+    def validate(self) -> None:
+        for name, value, choices in (("mask_mode", self.mask_mode, MASK_MODES), ("input_format", self.input_format, FORMATS),
+                                     ("long_policy", self.long_policy, LONG_POLICIES)):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+        for path in self.inputs:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"input {path} does not exist")
+
+
+@dataclass
+class Summary:
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    dropped: dict = field(default_factory=dict)
+    """reason -> count: policy drops and, with skip_bad, bad lines."""
+    bad_examples: list = field(default_factory=list)
+    """First few skipped bad lines as 'file:line: reason: detail'."""
+    histogram: dict = field(default_factory=dict)
+    """Kept-document length bucket upper bound -> count."""
+    seconds: float = 0.0
+
+    @property
+    def trained_fraction(self) -> float:
+        return self.trained_tokens / max(1, self.tokens)
+
+
+@dataclass
+class ChunkResult:
+    ids: np.ndarray
+    mask: np.ndarray
+    lengths: list
+    truncated: int
+    read: int
+    dropped: list  # (reason, "file:line: ..." or None) per dropped line, in input order
+
+
+# ---------------------------------------------------------------- worker side
+_WORKER: dict = {}
+
+
+def _init_worker(opts: PreprocessOptions) -> None:
+    # One tokenising thread per process: the processes are the parallelism.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok = load_tokenizer(opts.tokenizer, opts.template)
+    template = get_template(opts.template, tokenizer_config=tok.config)
+    _WORKER.update(opts=opts, tok=tok, encoder=ChatEncoder(tok, template, opts.mask_mode, opts.last_turn_only))
+
+
+def _apply_length_policy(ids: np.ndarray, mask: np.ndarray, opts: PreprocessOptions):
+    """-> (ids, mask, truncated?, drop reason or None)."""
+    if opts.seq_len is not None and len(ids) > opts.seq_len:
+        if opts.long_policy == "drop":
+            return ids, mask, False, f"longer than seq_len={opts.seq_len}"
+        ids, mask = ids[:opts.seq_len], mask[:opts.seq_len]
+        if not mask.any():
+            return ids, mask, True, "no trained tokens after truncation"
+        return ids, mask, True, None
+    if not mask.any():
+        return ids, mask, False, "no trained tokens"
+    return ids, mask, False, None
+
+
+def process_chunk(chunk: list) -> ChunkResult:
+    """Parse, render, tokenise and length-filter one chunk of (path, line, bytes)."""
+    opts, tok, encoder = _WORKER["opts"], _WORKER["tok"], _WORKER["encoder"]
+    records: list = []  # (position in chunk, record)
+    dropped: list = []
+    for path, line, raw in chunk:
+        try:
+            records.append((path, line, parse_line(raw, path, line, opts.input_format, tok.vocab_size)))
+        except DataError as e:
+            if not opts.skip_bad:
+                raise
+            dropped.append((line, e.reason, str(e)))
+    conversations = [r for _, _, r in records if not isinstance(r, Pretokenized)]
+    encoded = iter(encoder.encode_many(conversations))
+    ids_out, mask_out, lengths, truncated = [], [], [], 0
+    for path, line, record in records:
+        if isinstance(record, Pretokenized):
+            ids, mask = record.input_ids, record.loss_mask.copy()
+            mask[0] = 0  # nothing predicts a document's first token
+        else:
+            ids, mask = next(encoded)
+        ids, mask, was_truncated, reason = _apply_length_policy(ids, mask, opts)
+        truncated += was_truncated
+        if reason is not None:
+            dropped.append((line, reason, None))
+            continue
+        ids_out.append(ids)
+        mask_out.append(mask)
+        lengths.append(len(ids))
+    dropped.sort(key=lambda d: d[0])
+    cat = (lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt))
+    return ChunkResult(cat(ids_out, np.int64), cat(mask_out, np.uint8), lengths, truncated, len(chunk),
+                       [(reason, msg) for _, reason, msg in dropped])
+
+
+# ---------------------------------------------------------------- main side
+def read_chunks(paths: list[str], chunk_lines: int, progress: Optional["Progress"] = None) -> Iterator[list]:
+    chunk: list = []
+    for path in paths:
+        with open(path, "rb") as f:
+            for line, raw in enumerate(f, 1):
+                if progress is not None:
+                    progress.bytes_read += len(raw)
+                if not raw.strip():
+                    continue  # blank lines are not records
+                chunk.append((path, line, raw))
+                if len(chunk) == chunk_lines:
+                    yield chunk
+                    chunk = []
+    if chunk:
+        yield chunk
+
+
+class Progress:
+    """A one-line progress bar on stderr, by bytes of input consumed."""
+
+    def __init__(self, total_bytes: int, enabled: bool) -> None:
+        self.total, self.enabled, self.bytes_read = max(1, total_bytes), enabled, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, summary: Summary, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.2 and not force):
+            return
+        self.last = now
+        frac = min(1.0, self.bytes_read / self.total)
+        bar = "#" * int(30 * frac)
+        rate = summary.tokens / max(1e-9, now - self.start)
+        sys.stderr.write(f"\r[{bar:<30}] {100 * frac:5.1f}%  {summary.read} conv  {rate / 1e3:8.1f}k tok/s")
+        if force:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _histogram_bucket(n: int) -> int:
+    return 1 << max(6, (n - 1).bit_length())  # powers of two from 64
+
+
+def preprocess(opts: PreprocessOptions) -> Summary:
+    """Run the whole pipeline; returns the summary (also stored in meta.json)."""
+    opts.validate()
+    tok = load_tokenizer(opts.tokenizer, opts.template)
+    template = get_template(opts.template, tokenizer_config=tok.config)
+    workers = opts.workers or os.cpu_count() or 1
+    builder = IndexedDatasetBuilder(opts.output, tok.vocab_size)
+    summary, hist = Summary(), Counter()
+    progress = Progress(sum(Path(p).stat().st_size for p in opts.inputs), opts.progress)
+    chunks = read_chunks(opts.inputs, opts.chunk_lines, progress)
+    start = time.perf_counter()
+    if workers == 1:
+        _init_worker(opts)
+        results = map(process_chunk, chunks)
+        pool = None
+    else:
+        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(opts,))
+        results = pool.imap(process_chunk, chunks)  # ordered: output order == input order
+    try:
+        for res in results:
+            offset = 0
+            for n in res.lengths:
+                builder.add(res.ids[offset:offset + n], res.mask[offset:offset + n])
+                offset += n
+                hist[_histogram_bucket(n)] += 1
+            summary.read += res.read
+            summary.kept += len(res.lengths)
+            summary.truncated += res.truncated
+            summary.tokens += len(res.ids)
+            summary.trained_tokens += int(res.mask.sum())
+            for reason, message in res.dropped:
+                summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
+                if message is not None and len(summary.bad_examples) < 10:
+                    summary.bad_examples.append(message)
+            progress.update(summary)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    progress.update(summary, force=True)
+    summary.seconds = time.perf_counter() - start
+    summary.histogram = {k: hist[k] for k in sorted(hist)}
+    builder.finish({
+        "tokenizer": str(opts.tokenizer), "tokenizer_sha256": tok.sha256, "template": template.name,
+        "mask_mode": opts.mask_mode, "last_turn_only": opts.last_turn_only, "input_format": opts.input_format,
+        "seq_len": opts.seq_len, "long_policy": opts.long_policy, "inputs": [str(p) for p in opts.inputs],
+        "bos_id": tok.bos_id, "eos_id": tok.eos_id, "eot_id": tok.eot_id, "pad_id": tok.pad_id,
+        "summary": {**asdict(summary), "trained_fraction": summary.trained_fraction},
+    })
+    return summary
+
+
+def format_summary(s: Summary) -> str:
+    """The human-readable report printed by the CLI."""
+    lines = [
+        f"conversations read   {s.read:>12,}",
+        f"kept                 {s.kept:>12,}",
+        f"dropped              {sum(s.dropped.values()):>12,}",
+        *[f"  {reason:<34}{n:>8,}" for reason, n in sorted(s.dropped.items())],
+        f"truncated            {s.truncated:>12,}",
+        f"tokens               {s.tokens:>12,}",
+        f"trained tokens       {s.trained_tokens:>12,}",
+        f"trained fraction     {s.trained_fraction:>12.3f}",
+        f"throughput           {s.tokens / max(s.seconds, 1e-9):>12,.0f} tokens/s",
+    ]
+    if s.bad_examples:
+        lines += ["skipped lines (first %d):" % len(s.bad_examples), *[f"  {m}" for m in s.bad_examples]]
+    if s.histogram:
+        lines.append("document length histogram (tokens <= bucket):")
+        peak = max(s.histogram.values())
+        for bucket, n in s.histogram.items():
+            lines.append(f"  {bucket:>7}  {n:>9,}  {'#' * max(1, round(40 * n / peak))}")
+    return "\n".join(lines)
