@@ -1,0 +1,103 @@
+"""The one table between megasft parameter names and Hugging Face Llama tensor names.
+
+A megasft parameter may fuse several HF tensors (kv_proj = [k_proj; v_proj], gate_up =
+[gate_proj; up_proj]) and hold only this rank's shard of each; ``param.tp_split`` (see
+megasft.tensor_parallel.layers) says which. Everything that moves weights between the two worlds
+— random init, HF import, HF export, resharding — goes through ``canonical_names`` and
+``param.tp_split``, so the split/merge rules exist exactly once.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+# megasft name (regex, layer id captured) -> HF tensor names fused into it, in order.
+_LAYER = "model.layers.{0}."
+NAME_TABLE: list[tuple[str, tuple[str, ...]]] = [
+    (r"embedding\.weight", ("model.embed_tokens.weight",)),
+    (r"layers\.(\d+)\.attn_norm\.weight", (_LAYER + "input_layernorm.weight",)),
+    (r"layers\.(\d+)\.attention\.q_proj\.weight", (_LAYER + "self_attn.q_proj.weight",)),
+    (r"layers\.(\d+)\.attention\.q_proj\.bias", (_LAYER + "self_attn.q_proj.bias",)),
+    (r"layers\.(\d+)\.attention\.kv_proj\.weight",
+     (_LAYER + "self_attn.k_proj.weight", _LAYER + "self_attn.v_proj.weight")),
+    (r"layers\.(\d+)\.attention\.kv_proj\.bias",
+     (_LAYER + "self_attn.k_proj.bias", _LAYER + "self_attn.v_proj.bias")),
+    (r"layers\.(\d+)\.attention\.o_proj\.weight", (_LAYER + "self_attn.o_proj.weight",)),
+    (r"layers\.(\d+)\.mlp_norm\.weight", (_LAYER + "post_attention_layernorm.weight",)),
+    (r"layers\.(\d+)\.mlp\.gate_up\.weight", (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight")),
+    (r"layers\.(\d+)\.mlp\.down\.weight", (_LAYER + "mlp.down_proj.weight",)),
+    (r"norm\.weight", ("model.norm.weight",)),
+    (r"lm_head\.weight", ("lm_head.weight",)),
+]
+_COMPILED = [(re.compile(pattern + r"$"), names) for pattern, names in NAME_TABLE]
+
+
+def canonical_names(name: str, param: nn.Parameter | None = None) -> tuple[str, ...]:
+    """HF tensor names held (fused, sharded) by the megasft parameter `name`."""
+    for pattern, names in _COMPILED:
+        match = pattern.match(name)
+        if match:
+            if getattr(param, "tied_embedding", False):
+                return ("model.embed_tokens.weight",)
+            return tuple(n.format(*match.groups()) for n in names)
+    raise KeyError(f"parameter {name!r} has no Hugging Face name in megasft.checkpoint.hf.NAME_TABLE")
+
+
+def full_shapes(param: nn.Parameter) -> list[tuple[int, ...]]:
+    split = getattr(param, "tp_split", None)
+    return [tuple(param.shape)] if split is None else split.full_shapes(param.shape)
+
+
+def local_from_canonical(param: nn.Parameter, fulls: list[torch.Tensor]) -> torch.Tensor:
+    split = getattr(param, "tp_split", None)
+    if split is None:
+        (full,) = fulls
+        return full
+    return split.local_from_full(fulls)
+
+
+def load_canonical(module: nn.Module, get_tensor: Callable[[str, tuple[int, ...]], torch.Tensor]) -> None:
+    """Fill every parameter of `module` from canonical tensors: get_tensor(hf_name, full_shape)."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            names = canonical_names(name, param)
+            fulls = [get_tensor(n, shape) for n, shape in zip(names, full_shapes(param))]
+            for n, full, shape in zip(names, fulls, full_shapes(param)):
+                if tuple(full.shape) != shape:
+                    raise ValueError(f"{n}: checkpoint has shape {tuple(full.shape)}, the model expects {shape}")
+            param.copy_(local_from_canonical(param, fulls))
+
+
+def load_hf_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a transformers LlamaForCausalLM state dict (tied lm_head may be absent)."""
+    def get(name: str, shape) -> torch.Tensor:
+        if name not in state and name == "lm_head.weight":
+            name = "model.embed_tokens.weight"
+        if name not in state:
+            raise KeyError(f"Hugging Face state has no tensor {name!r}")
+        return state[name]
+
+    load_canonical(module, get)
+
+
+def canonical_pieces(module: nn.Module, grads: bool = False) -> Iterator[tuple[str, int, int, torch.Tensor]]:
+    """(hf_name, split dim, offset, piece) for every shard this rank holds — of the weights, or
+    with grads=True of their gradients (main_grad when present); replicated parameters come with
+    dim -1 (the whole tensor)."""
+    for name, param in module.named_parameters():
+        names = canonical_names(name, param)
+        tensor = param.detach()
+        if grads:
+            tensor = getattr(param, "main_grad", None)
+            tensor = param.grad if tensor is None else tensor
+            if tensor is None:
+                continue
+        split = getattr(param, "tp_split", None)
+        if split is None:
+            yield names[0], -1, 0, tensor
+            continue
+        for part, offset, piece in split.pieces(tensor):
+            yield names[part], split.dim, offset, piece

@@ -1,0 +1,103 @@
+"""Block-diagonal causal attention over packed rows, behind one function with several backends.
+
+All backends take the same inputs: q [s, b, nq, d], k and v [s, b, nkv, d] (grouped-query when
+nkv < nq) and ``cu_seqlens`` — int32 segment boundaries over the b*s tokens flattened row-major —
+and return [s, b, nq, d]. A token attends to earlier tokens of its own segment only, so every
+document of a packed row sees exactly what it would see alone.
+
+  sdpa          pure torch, any device: scaled_dot_product_attention with a block-diagonal causal mask
+  torch_varlen  torch.nn.attention.varlen.varlen_attn (CUDA)
+  flash_attn    flash_attn.flash_attn_varlen_func (CUDA, optional package)
+  auto          flash_attn if importable on CUDA, else torch_varlen on CUDA, else sdpa
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "torch_varlen", "flash_attn")
+
+
+@functools.lru_cache(maxsize=None)
+def _has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _has_torch_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """Turn 'auto' into a concrete backend and refuse ones that cannot run here."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {BACKENDS}")
+    cuda = device.type == "cuda"
+    if name == "auto":
+        if cuda and _has_flash_attn():
+            return "flash_attn"
+        return "torch_varlen" if cuda and _has_torch_varlen() else "sdpa"
+    if name == "flash_attn" and not (cuda and _has_flash_attn()):
+        raise ValueError("attention_backend=flash_attn needs CUDA and the flash-attn package "
+                         "(pip install -e '.[gpu]'); use 'auto' or 'sdpa'")
+    if name == "torch_varlen" and not (cuda and _has_torch_varlen()):
+        raise ValueError("attention_backend=torch_varlen needs CUDA and torch>=2.9; use 'auto' or 'sdpa'")
+    return name
+
+
+def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Segment index of each of the `total` flattened tokens. [total]"""
+    positions = torch.arange(total, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """Boolean mask [b, 1, s, s]: True where query i may attend to key j."""
+    seg = segment_ids(cu_seqlens, b * s).view(b, s)
+    same = seg.unsqueeze(2) == seg.unsqueeze(1)                      # [b, s, s]
+    causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril_()
+    return (same & causal).unsqueeze(1)
+
+
+def _sdpa(q, k, v, cu_seqlens, max_seqlen):
+    s, b = q.shape[:2]
+    mask = block_causal_mask(cu_seqlens, b, s)
+    qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))         # [b, heads, s, d]
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
+                                         enable_gqa=kh.shape[1] != qh.shape[1])
+    return out.permute(2, 0, 1, 3)                                  # [s, b, nq, d]
+
+
+def _flatten(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(0, 1).reshape(-1, *t.shape[2:])              # [s, b, n, d] -> [b*s, n, d]
+
+
+def _varlen(q, k, v, cu_seqlens, max_seqlen, backend):
+    s, b = q.shape[:2]
+    qf, kf, vf = _flatten(q), _flatten(k), _flatten(v)
+    cu = cu_seqlens.to(torch.int32)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        out = flash_attn_varlen_func(qf, kf, vf, cu, cu, max_seqlen, max_seqlen, causal=True)
+    else:
+        from torch.nn.attention.varlen import varlen_attn
+
+        out = varlen_attn(qf, kf, vf, cu, cu, max_seqlen, max_seqlen, window_size=(-1, 0),
+                          enable_gqa=kf.shape[1] != qf.shape[1])
+    return out.view(b, s, *out.shape[1:]).transpose(0, 1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+              max_seqlen: int, backend: str) -> torch.Tensor:
+    """Block-diagonal causal attention; `backend` must already be resolved (see resolve_backend)."""
+    if backend == "sdpa":
+        return _sdpa(q, k, v, cu_seqlens, max_seqlen)
+    return _varlen(q, k, v, cu_seqlens, max_seqlen, backend)

@@ -1,0 +1,50 @@
+"""Build this rank's model chunks from a Config: partition, construct, initialise, cast."""
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import nn
+
+from megasft.checkpoint.hf import load_canonical
+from megasft.config import Config
+from megasft.model.llama import LlamaStage
+from megasft.parallel_state import ParallelState
+from megasft.pipeline.partition import rank_chunks
+
+
+def build_model(cfg: Config, ps: ParallelState) -> list[LlamaStage]:
+    """The model chunks this rank owns (one, or virtual_pipeline_size when interleaving), with
+    weights identical at every layout: random init from canonical tensors, or the HF checkpoint
+    named by model.init_from_hf."""
+    m, p = cfg.model, cfg.parallel
+    v = p.virtual_pipeline_size
+    chunks = []
+    for i, layer_ids in enumerate(rank_chunks(m.num_layers, ps.pp, ps.pp_rank, v, p.pipeline_layers)):
+        chunk_index = i * ps.pp + ps.pp_rank
+        chunks.append(LlamaStage(m, ps, layer_ids, pre_process=chunk_index == 0,
+                                 post_process=chunk_index == ps.pp * v - 1,
+                                 sequence_parallel=p.sequence_parallel, neftune_seed=cfg.train.seed))
+    for chunk in chunks:
+        if m.init_from_hf:
+            from megasft.checkpoint.hf_io import load_hf_into
+            load_hf_into(chunk, m.init_from_hf)
+        else:
+            init_weights(chunk, cfg.train.seed, m.init_std)
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        chunk.to(device=ps.device, dtype=dtype)
+    return chunks
+
+
+def init_weights(module: nn.Module, seed: int, std: float) -> None:
+    """Layout-independent random init: each canonical (HF) tensor is drawn in full from a generator
+    seeded by its name, then sliced to this rank's shard. Norm weights 1, biases 0."""
+    def draw(name: str, shape) -> torch.Tensor:
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.randn(shape, generator=generator) * std
+
+    load_canonical(module, draw)

@@ -1,0 +1,244 @@
+"""The Llama-family decoder, built from tensor-parallel layers.
+
+One definition serves every layout: a ``LlamaStage`` holds the layers of one pipeline chunk (the
+embedding on the first, final norm + LM head on the last); at tp=pp=1 it is a plain PyTorch Llama
+whose logits equal ``transformers.LlamaForCausalLM``'s.
+
+Activations are sequence-first, [s, b, h] (or [s/tp, b, h] under sequence parallelism), so the
+sequence collectives act on a contiguous leading dim. Inputs are packed rows: ``input_ids``
+[b, s], ``position_ids`` restarting per document, ``cu_seqlens`` over the flattened b*s tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megasft.config import ModelConfig
+from megasft.model.attention import attention, resolve_backend
+from megasft.parallel_state import ParallelState
+from megasft.tensor_parallel.comm import scatter_to_sp
+from megasft.tensor_parallel.cross_entropy import shift_labels, vocab_parallel_cross_entropy
+from megasft.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, Shard,
+                                            VocabParallelEmbedding, enter_tp_region,
+                                            mark_replicated, tp_shards)
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), statistics in fp32 (as HF's LlamaRMSNorm)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies [d/2], with Llama-3.1 frequency scaling when configured."""
+    d = cfg.head_size
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling rope_type={kind!r} is not supported; use 'llama3' or none")
+    # Llama-3.1: keep high frequencies, divide low ones by `factor`, interpolate between
+    # (Meta's reference apply_scaling; identical to transformers' _compute_llama3_parameters).
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_len = scaling.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [s, b, 1, d] for position_ids [b, s] (angles in fp32)."""
+    angles = position_ids.t().unsqueeze(-1).float() * inv_freq.to(position_ids.device)  # [s, b, d/2]
+    emb = torch.cat([angles, angles], dim=-1).unsqueeze(2)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention; query heads split over TP, kv heads split or (tp > nkv) replicated."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool, backend: str):
+        super().__init__()
+        self.group, self.sequence_parallel, self.backend = ps.tp_group, sequence_parallel, backend
+        self.recompute_core = cfg.recompute == "selective"
+        d, nq, nkv = cfg.head_size, cfg.num_attention_heads, cfg.kv_heads
+        self.head_dim, self.local_q = d, nq // ps.tp
+        if nkv >= ps.tp:
+            kv, copies = tp_shards(nkv * d, ps.tp_group), 1
+        else:
+            # Fewer kv heads than TP ranks: each rank holds a copy of the one head its queries use.
+            copies = ps.tp // nkv
+            kv = Shard(nkv * d, nkv, ps.tp_rank // copies)
+        self.local_kv = kv.local // d
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, [tp_shards(nq * d, ps.tp_group)], cfg.qkv_bias)
+        self.kv_proj = ColumnParallelLinear(cfg.hidden_size, [kv, kv], cfg.qkv_bias)   # [k; v] rows
+        if copies > 1:
+            for p in self.kv_proj.parameters():
+                mark_replicated(p, copies, ps.tp_subgroup(copies))
+        self.o_proj = RowParallelLinear(nq * d, cfg.hidden_size, ps.tp_group, sequence_parallel)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        x = enter_tp_region(x, self.group, self.sequence_parallel)          # [s, b, h]
+        s, b = x.shape[:2]
+        q = self.q_proj(x).view(s, b, self.local_q, self.head_dim)
+        k, v = self.kv_proj(x).view(s, b, 2, self.local_kv, self.head_dim).unbind(2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.recompute_core and self.training:
+            core = checkpoint(attention, q, k, v, cu_seqlens, max_seqlen, self.backend,
+                              use_reentrant=False)
+        else:
+            core = attention(q, k, v, cu_seqlens, max_seqlen, self.backend)  # [s, b, nq/tp, d]
+        return self.o_proj(core.reshape(s, b, -1))                          # [s(/tp), b, h]
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); gate and up fused in one column-parallel GEMM."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool):
+        super().__init__()
+        self.group, self.sequence_parallel = ps.tp_group, sequence_parallel
+        ffn = tp_shards(cfg.intermediate_size, ps.tp_group)
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, [ffn, ffn])
+        self.down = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, ps.tp_group, sequence_parallel)
+
+    def forward(self, x):
+        x = enter_tp_region(x, self.group, self.sequence_parallel)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)                         # [s, b, ffn/tp] each
+        return self.down(F.silu(gate) * up)
+
+
+def _norm(cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool) -> RMSNorm:
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    # Replicated on every TP rank; under SP each rank sees a different slice of the sequence, so
+    # its gradient is partial and must be summed over TP.
+    mark_replicated(norm.weight, ps.tp, ps.tp_group if sequence_parallel else None)
+    return norm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool, backend: str):
+        super().__init__()
+        self.attn_norm = _norm(cfg, ps, sequence_parallel)
+        self.attention = Attention(cfg, ps, sequence_parallel, backend)
+        self.mlp_norm = _norm(cfg, ps, sequence_parallel)
+        self.mlp = MLP(cfg, ps, sequence_parallel)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        attn = self.attention(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen)
+        x = x + F.dropout(attn, self.dropout, self.training)
+        return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
+
+
+class LlamaStage(nn.Module):
+    """The layers of one pipeline chunk; ``pre_process`` adds the embedding, ``post_process`` the
+    final norm, LM head and loss.
+
+    forward(batch, hidden_states) takes the micro-batch dict (input_ids, position_ids,
+    cu_seqlens, max_seqlen, and labels for the loss) and, on non-first chunks, the incoming
+    activation. It returns the activation [s(/tp), b, h], or on the last chunk the vocab-parallel
+    logits [s, b, V/tp] — or ``(loss_sum, valid_count)`` when the batch carries labels.
+    """
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, layer_ids: list[int], pre_process: bool,
+                 post_process: bool, sequence_parallel: bool = False, neftune_seed: int = 0):
+        super().__init__()
+        self.cfg, self.group = cfg, ps.tp_group
+        self.sequence_parallel = sequence_parallel and ps.tp > 1
+        self.pre_process, self.post_process = pre_process, post_process
+        self.recompute_layers = cfg.recompute == "full"
+        backend = resolve_backend(cfg.attention_backend, ps.device)
+        padded_vocab = cfg.padded_vocab_size(ps.tp)
+        if pre_process:
+            self.embedding = VocabParallelEmbedding(cfg.vocab_size, padded_vocab, cfg.hidden_size,
+                                                    ps.tp_group, self.sequence_parallel)
+            # Same seed on every TP rank (the noise is added to the replicated embedding output),
+            # a different one per data-parallel rank (different documents).
+            self.neftune_generator = torch.Generator().manual_seed(neftune_seed * 1_000_003 + ps.dp_rank)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, ps, self.sequence_parallel, backend)
+                                     for i in layer_ids})
+        if post_process:
+            self.norm = _norm(cfg, ps, self.sequence_parallel)
+            vocab = Shard(cfg.vocab_size, ps.tp, ps.tp_rank, padded=padded_vocab)
+            self.vocab_start = vocab.start
+            self.vocab_valid = max(0, min(vocab.local, cfg.vocab_size - vocab.start))
+            if not (cfg.tie_embeddings and pre_process):
+                self.lm_head = ColumnParallelLinear(cfg.hidden_size, [vocab])      # [V/tp, h]
+                # With pipelining a tied head is a second copy of the embedding, kept equal by
+                # all-reducing both copies' gradients over the embedding group.
+                self.lm_head.weight.tied_embedding = cfg.tie_embeddings
+        self._inv_freq = rope_inv_freq(cfg)
+
+    def head_weight(self) -> torch.Tensor:
+        if hasattr(self, "lm_head"):
+            return self.lm_head.weight
+        return self.embedding.weight
+
+    def forward(self, batch: dict, hidden_states: Optional[torch.Tensor] = None):
+        if self.pre_process:
+            hidden_states = self._embed(batch)
+        cos, sin = rope_cos_sin(self._inv_freq, batch["position_ids"], hidden_states.dtype)
+        cu_seqlens, max_seqlen = batch["cu_seqlens"], int(batch["max_seqlen"])
+        for layer in self.layers.values():
+            if self.recompute_layers and self.training:
+                hidden_states = checkpoint(layer, hidden_states, cos, sin, cu_seqlens, max_seqlen,
+                                           use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states, cos, sin, cu_seqlens, max_seqlen)
+        if not self.post_process:
+            return hidden_states
+        x = enter_tp_region(self.norm(hidden_states), self.group, self.sequence_parallel)
+        logits = F.linear(x, self.head_weight())                            # [s, b, V/tp]
+        if batch.get("labels") is None:
+            return logits
+        target = shift_labels(batch["labels"]).t()                          # [s, b]
+        return vocab_parallel_cross_entropy(logits, target, self.vocab_start, self.vocab_valid, self.group)
+
+    def _embed(self, batch: dict) -> torch.Tensor:
+        emb = self.embedding(batch["input_ids"])                            # [s(/tp), b, h]
+        alpha = self.cfg.neftune_alpha
+        if self.training and alpha > 0:
+            emb = emb + neftune_noise(batch, emb, alpha, self.neftune_generator, self.group,
+                                      self.sequence_parallel)
+        return emb
+
+
+def neftune_noise(batch: dict, emb: torch.Tensor, alpha: float, generator: torch.Generator,
+                  group, sequence_parallel: bool) -> torch.Tensor:
+    """NEFTune (Jain et al. 2023): uniform noise in +-alpha/sqrt(L*d), L the length of the token's
+    own document (so packing does not change the noise a document gets). Drawn for the full
+    [s, b, h] on every TP rank from the same generator, then sliced under SP, so all TP ranks agree."""
+    b, s = batch["input_ids"].shape
+    d = emb.shape[-1]
+    cu = batch["cu_seqlens"].long().cpu()
+    lengths = cu[1:] - cu[:-1]
+    doc_len = torch.repeat_interleave(lengths, lengths).view(b, s).t().unsqueeze(-1)   # [s, b, 1]
+    noise = torch.rand((s, b, d), generator=generator).mul_(2).sub_(1)
+    noise = noise * (alpha / torch.sqrt(doc_len.float() * d))
+    if sequence_parallel:
+        noise = scatter_to_sp(noise, group)
+    return noise.to(device=emb.device, dtype=emb.dtype)

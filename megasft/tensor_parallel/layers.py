@@ -1,0 +1,210 @@
+"""Tensor-parallel layers and the sharding metadata every parameter carries.
+
+Every parameter is a slice of one or more *canonical* tensors (the unsharded Hugging Face
+tensors). ``param.tp_split`` records how: which canonical parts are fused along which dim, and
+which chunk of each this rank holds. Initialisation, HF import/export and checkpoint resharding
+all derive local tensors from canonical ones through this one description, so a model has the
+same weights at every layout.
+
+Two more attributes describe replicated parameters (absent means "sharded, unique"):
+  ``param.tp_copies``        ranks of the TP group holding an identical copy (the global grad
+                             norm counts each distinct parameter once);
+  ``param.grad_sync_group``  group whose ranks hold partial gradients of the same parameter that
+                             must be summed before the optimizer step (norm weights under sequence
+                             parallelism, kv heads replicated when tp > num_kv_heads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megasft.parallel_state import group_rank, group_size
+from megasft.tensor_parallel.comm import (Group, copy_to_tp, gather_from_sp, reduce_from_tp,
+                                          reduce_scatter_to_sp)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's chunk of one canonical tensor along the split dim: the canonical size is padded
+    to `padded` (vocab padding), cut into `num` equal chunks, and chunk `index` is held here."""
+
+    size: int
+    num: int = 1
+    index: int = 0
+    padded: Optional[int] = None
+
+    @property
+    def full(self) -> int:
+        return self.padded or self.size
+
+    @property
+    def local(self) -> int:
+        if self.full % self.num:
+            raise ValueError(f"canonical size {self.full} does not split into {self.num} equal chunks")
+        return self.full // self.num
+
+    @property
+    def start(self) -> int:
+        return self.index * self.local
+
+
+@dataclass(frozen=True)
+class TPSplit:
+    """A local parameter = concat over `parts` (canonical tensors, in order) of each part's shard
+    along `dim`."""
+
+    dim: int
+    parts: tuple[Shard, ...]
+
+    def local_from_full(self, fulls: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(fulls) != len(self.parts):
+            raise ValueError(f"expected {len(self.parts)} canonical tensors, got {len(fulls)}")
+        pieces = []
+        for full, shard in zip(fulls, self.parts):
+            if full.shape[self.dim] != shard.size:
+                raise ValueError(f"canonical tensor has {full.shape[self.dim]} rows along dim {self.dim}, "
+                                 f"expected {shard.size}")
+            if shard.padded and shard.padded > shard.size:
+                pad_shape = list(full.shape)
+                pad_shape[self.dim] = shard.padded - shard.size
+                full = torch.cat([full, full.new_zeros(pad_shape)], dim=self.dim)
+            pieces.append(full.narrow(self.dim, shard.start, shard.local))
+        return torch.cat(pieces, dim=self.dim)
+
+    def pieces(self, local: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+        """Inverse of local_from_full: (part index, offset in the canonical tensor, piece) for every
+        part, with vocab padding rows dropped (they belong to no canonical tensor)."""
+        out, offset = [], 0
+        for i, shard in enumerate(self.parts):
+            piece = local.narrow(self.dim, offset, shard.local)
+            offset += shard.local
+            keep = max(0, min(shard.local, shard.size - shard.start))
+            if keep:
+                out.append((i, shard.start, piece.narrow(self.dim, 0, keep)))
+        return out
+
+    def full_shapes(self, local_shape: Sequence[int]) -> list[tuple[int, ...]]:
+        shapes = []
+        for shard in self.parts:
+            shape = list(local_shape)
+            shape[self.dim] = shard.size
+            shapes.append(tuple(shape))
+        return shapes
+
+
+def mark_replicated(param: nn.Parameter, copies: int, sync_group: Group) -> nn.Parameter:
+    """Tag a parameter held identically by `copies` TP ranks; `sync_group` (or None) sums its
+    partial gradients."""
+    param.tp_copies = copies
+    param.grad_sync_group = sync_group if group_size(sync_group) > 1 else None
+    return param
+
+
+def tp_shards(size: int, group: Group) -> Shard:
+    """The even TP split of a canonical dim of `size` over `group`."""
+    world = group_size(group)
+    if size % world:
+        raise ValueError(f"dimension {size} is not divisible by tensor-parallel size {world}")
+    return Shard(size, world, group_rank(group))
+
+
+def _new_weight(rows: int, cols: int, split: TPSplit, dtype: torch.dtype) -> nn.Parameter:
+    # Real values come from megasft.model.init (layout-independent); empty here avoids paying twice.
+    weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype))
+    weight.tp_split = split
+    return weight
+
+
+def enter_tp_region(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """Input of column-parallel layers: [s/tp, b, h] -> [s, b, h] under SP, else f (copy)."""
+    return gather_from_sp(x, group) if sequence_parallel else copy_to_tp(x, group)
+
+
+def exit_tp_region(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """Output of row-parallel layers: partial sums [s, b, h] -> [s/tp, b, h] under SP, else g."""
+    return reduce_scatter_to_sp(x, group) if sequence_parallel else reduce_from_tp(x, group)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A with A's output dim split over TP (each part of a fused weight split separately).
+
+    Expects its input already in the TP region (see enter_tp_region): callers feeding several
+    column-parallel layers from one activation gather it once.
+    """
+
+    def __init__(self, in_features: int, out_parts: Sequence[Shard], bias: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        split = TPSplit(0, tuple(out_parts))
+        out_local = sum(p.local for p in out_parts)
+        self.weight = _new_weight(out_local, in_features, split, dtype)   # [out/tp, in]
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_local, dtype=dtype))
+            self.bias.tp_split = split
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)                         # [s, b, out/tp]
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A with A's input dim split over TP; partial products are summed by exit_tp_region
+    (all-reduce, or reduce-scatter along the sequence under SP)."""
+
+    def __init__(self, in_features: int, out_features: int, group: Group,
+                 sequence_parallel: bool, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+        split = TPSplit(1, (tp_shards(in_features, group),))
+        self.weight = _new_weight(out_features, split.parts[0].local, split, dtype)   # [out, in/tp]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = F.linear(x, self.weight)                                  # [s, b, out] partial sum
+        return exit_tp_region(partial, self.group, self.sequence_parallel)  # [s(/tp), b, out]
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose (padded) vocabulary rows are split over TP. Each rank looks up the ids in
+    its range, zeros the rest, and the partial embeddings are summed over TP."""
+
+    def __init__(self, vocab_size: int, padded_vocab_size: int, hidden_size: int, group: Group,
+                 sequence_parallel: bool, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+        shard = Shard(vocab_size, group_size(group), group_rank(group), padded=padded_vocab_size)
+        self.vocab_start, self.vocab_end = shard.start, shard.start + shard.local
+        self.weight = _new_weight(shard.local, hidden_size, TPSplit(0, (shard,)), dtype)  # [V/tp, h]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.t()                                                 # [b, s] -> [s, b]
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+        emb = F.embedding(local_ids, self.weight)                           # [s, b, h]
+        if group_size(self.group) > 1:
+            emb = emb.masked_fill(outside.unsqueeze(-1), 0.0)
+        return exit_tp_region(emb, self.group, self.sequence_parallel)     # [s(/tp), b, h]
+
+
+def sync_replicated_grads(params: Iterable[nn.Parameter]) -> None:
+    """Sum the partial gradients of replicated parameters over their grad_sync_group, one
+    coalesced all-reduce per group. Uses param.main_grad (fp32 accumulation buffer) when present."""
+    import torch.distributed as dist
+
+    by_group: dict = {}
+    for p in params:
+        group = getattr(p, "grad_sync_group", None)
+        grad = getattr(p, "main_grad", None)
+        grad = p.grad if grad is None else grad
+        if group is not None and grad is not None:
+            by_group.setdefault(group, []).append(grad)
+    for group, grads in by_group.items():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
