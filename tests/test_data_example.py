@@ -36,6 +36,7 @@ def test_example_data_tokenizer_and_inspect(tmp_path, capsys):
     assert inspect_data.main(["--data", str(tmp_path / "ds"), "-n", "1", "--color", "off"]) == 0
     out = capsys.readouterr().out
     trained = [line for line in out.splitlines() if line.endswith("<- trained")]
-    assert trained and all(line.split("|")[1].strip() == line.split("|")[3].split()[0] for line in trained)
-    assert any("<|eot_id|>" in line for line in trained)
-    assert not any("assistant" in line.split("|")[2] for line in trained)
+    cells = [line.split(" | ") for line in trained]  # pos | id | token | label
+    assert cells and all(c[1].strip() == c[3].split()[0] for c in cells)  # label == input id, same position
+    assert any(c[2].strip() == "<|eot_id|>" for c in cells)
+    assert not any(c[2].strip() in ("assistant", "user", "<|start_header_id|>") for c in cells)
