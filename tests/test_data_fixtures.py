@@ -11,7 +11,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from megasft.data.tokenizer import train_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,9 +28,6 @@ CHATML_JINJA = (
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
             "<|im_start|>", "<|im_end|>", "<|pad|>"]
-# Llama-3's pre-tokenizer split pattern (tiktoken cl100k-style).
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def conversations(n: int = 40, seed: int = 0, max_turns: int = 4) -> list[list[dict]]:
@@ -55,21 +52,10 @@ def conversations(n: int = 40, seed: int = 0, max_turns: int = 4) -> list[list[d
 def hf_tokenizer_dir() -> Path:
     """A byte-level BPE tokenizer.json (Llama-3 split regex) with llama3 + chatml specials, and a
     tokenizer_config.json carrying the Llama-3 chat template."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = [m["content"] for c in conversations(200, seed=1) for m in c]
-    tok.train_from_iterator(corpus, trainer)
-    d = Path(tempfile.mkdtemp(prefix="megasft_hf_tok_"))
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|pad|>",
-        "chat_template": LLAMA3_JINJA}))
-    return d
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|pad|>",
+              "chat_template": LLAMA3_JINJA}
+    return train_bpe_tokenizer(corpus, SPECIALS, 600, tempfile.mkdtemp(prefix="megasft_hf_tok_"), config)
 
 
 def write_tokenizer_config(directory: Path, chat_template: str, **tokens: str) -> Path:
