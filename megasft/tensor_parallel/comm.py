@@ -25,6 +25,10 @@ from megasft.parallel_state import group_rank, group_size
 
 Group = Optional[dist.ProcessGroup]
 
+# torch >= 2.13 renamed the tensor-in/tensor-out collectives; keep both working.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     if group_size(group) > 1:
@@ -38,7 +42,7 @@ def all_gather_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_tensor(out, x, group=group)
     return out
 
 
@@ -50,7 +54,7 @@ def reduce_scatter_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:
         raise ValueError(f"cannot reduce-scatter dim 0 of size {x.shape[0]} over {world} ranks")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x, group=group)
+    _reduce_scatter_tensor(out, x, group=group)
     return out
 
 

@@ -1,0 +1,99 @@
+"""External references for equivalence tests: a transformers Llama built from a random config,
+and packed batches whose per-document reference is computed by that model on each document alone.
+
+Nothing here uses megasft's model code, so a test comparing megasft against these numbers compares
+against an independent implementation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def tiny_fields(**overrides) -> dict:
+    """megasft ModelConfig fields of a tiny GQA Llama (6 heads, 2 kv heads, vocab 1003)."""
+    fields = dict(vocab_size=1003, hidden_size=96, intermediate_size=160, num_layers=2,
+                  num_attention_heads=6, num_kv_heads=2, rope_theta=500000.0,
+                  rope_scaling=dict(LLAMA3_SCALING), max_position_embeddings=256,
+                  rms_norm_eps=1e-6, make_vocab_size_divisible_by=8, tie_embeddings=False)
+    fields.update(overrides)
+    return fields
+
+
+def hf_model(fields: dict, seed: int = 0):
+    """transformers LlamaForCausalLM with the same architecture as megasft `fields`, random weights.
+    With qkv_bias it is a Qwen2ForCausalLM (bias on q/k/v only; Llama's attention_bias would also
+    put one on o_proj)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    qwen = fields.get("qkv_bias", False)
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if qwen else (LlamaConfig, LlamaForCausalLM)
+    extra = {} if qwen else {"attention_bias": False}
+    config = config_cls(
+        vocab_size=fields["vocab_size"], hidden_size=fields["hidden_size"],
+        intermediate_size=fields["intermediate_size"], num_hidden_layers=fields["num_layers"],
+        num_attention_heads=fields["num_attention_heads"],
+        num_key_value_heads=fields.get("num_kv_heads") or fields["num_attention_heads"],
+        rope_theta=fields["rope_theta"], rope_scaling=fields.get("rope_scaling"),
+        max_position_embeddings=fields["max_position_embeddings"], rms_norm_eps=fields["rms_norm_eps"],
+        tie_word_embeddings=fields.get("tie_embeddings", False),
+        attn_implementation="eager", **extra)
+    torch.manual_seed(seed)
+    model = model_cls(config).float()
+    if fields.get("qkv_bias"):
+        # transformers' bias init is zeros; make biases non-trivial so their mapping is tested.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0, 0.02)
+    return model
+
+
+def packed_batch(doc_lens_per_row: list[list[int]], seq_len: int, vocab: int, seed: int = 0) -> dict:
+    """A packed micro-batch in megasft's loader format with random tokens and labels. The first
+    token of each document and padding are never trained; about 60 % of other tokens are."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(doc_lens_per_row)
+    ids = torch.randint(0, vocab, (b, seq_len), generator=g)
+    labels = torch.full((b, seq_len), IGNORE)
+    pos = torch.zeros((b, seq_len), dtype=torch.long)
+    cu, docs = [0], []
+    for r, lens in enumerate(doc_lens_per_row):
+        start = 0
+        for n in list(lens) + ([seq_len - sum(lens)] if sum(lens) < seq_len else []):
+            pos[r, start:start + n] = torch.arange(n)
+            cu.append(r * seq_len + start + n)
+            if start < sum(lens):
+                trained = torch.rand(n, generator=g) < 0.6
+                trained[0] = False
+                seg = labels[r, start:start + n]
+                seg[trained] = ids[r, start:start + n][trained]
+                docs.append((r, start, n))
+            start += n
+    lens_all = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
+    return {"input_ids": ids, "labels": labels, "position_ids": pos,
+            "cu_seqlens": torch.tensor(cu, dtype=torch.int32), "max_seqlen": max(lens_all),
+            "docs": docs}
+
+
+def reference_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(loss_sum, count, per-document logits) with each document run through `model` alone."""
+    loss_sum, count, logits_per_doc = 0.0, 0, []
+    for r, start, n in batch["docs"]:
+        ids = batch["input_ids"][r:r + 1, start:start + n]
+        labels = batch["labels"][r, start:start + n]
+        logits = model(input_ids=ids).logits[0]                       # [n, V]
+        logits_per_doc.append(logits)
+        target = labels[1:]
+        loss_sum = loss_sum + F.cross_entropy(logits[:-1], target, ignore_index=IGNORE, reduction="sum")
+        count += int((target != IGNORE).sum())
+    return loss_sum, torch.tensor(count), logits_per_doc
+
+
+def model_batch(batch: dict) -> dict:
+    """The tensors megasft's model consumes (the test-only 'docs' entry removed)."""
+    return {k: v for k, v in batch.items() if k != "docs"}
