@@ -11,6 +11,7 @@ and fails the same way, so a deadlock fails a test instead of hanging it.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -28,14 +29,19 @@ def free_port() -> int:
 
 
 def _child(rank: int, world_size: int, port: int, results: Any, fn: Callable, args: tuple) -> None:
+    import torch
     import torch.distributed as dist
 
+    # One intra-op thread per rank: N ranks already share the machine's few cores, and
+    # oversubscribed thread pools make every collective wait on a descheduled peer.
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        value = fn(*args)
-        results.put((rank, True, value))
+        # Plain pickle bytes: torch's queue would share tensors through file descriptors that die
+        # with this process before the parent reads them.
+        results.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - everything, including SystemExit, must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -69,7 +75,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0)
                 continue
             if not ok:
                 raise RuntimeError(f"run_ranks: rank {rank} failed:\n{value}")
-            values[rank] = value
+            values[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=5 if len(values) == world_size else 0.1)
