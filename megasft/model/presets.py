@@ -1,0 +1,93 @@
+"""Named model shapes (Llama-3.1 8B/70B/405B and tiny test models) and exact parameter counts.
+
+A preset is a dict of :class:`megasft.config.ModelConfig` field values. ``Config.from_dict`` merges
+it under the user's explicit ``model:`` keys, so ``model: {preset: llama3.1-8b, recompute: full}``
+keeps every architecture number from here and only changes recomputation.
+
+The Llama-3.1 numbers are those of Meta's released ``config.json`` files (Llama Team 2024,
+"The Llama 3 Herd of Models", Table 3). The tiny presets leave ``vocab_size`` to the config, which
+sets it from the tokenizer it trains with.
+"""
+from __future__ import annotations
+
+import copy
+
+from megasft.config import ConfigError, ModelConfig
+
+# Llama-3.1 extends the 8192-token pre-training context to 128K by rescaling RoPE frequencies
+# ("llama3" rope_type, as in Hugging Face's modeling_rope_utils); all three sizes share it.
+_LLAMA31_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+_LLAMA31_COMMON = {
+    "vocab_size": 128256,
+    "num_kv_heads": 8,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": _LLAMA31_ROPE_SCALING,
+    "max_position_embeddings": 131072,
+    "tie_embeddings": False,
+    "qkv_bias": False,
+}
+
+_TINY_COMMON = {
+    "hidden_size": 128,
+    "intermediate_size": 344,
+    "num_layers": 4,
+    "num_attention_heads": 4,
+    "num_kv_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 2048,
+}
+
+PRESETS: dict[str, dict] = {
+    "llama3.1-8b": {**_LLAMA31_COMMON, "hidden_size": 4096, "intermediate_size": 14336,
+                    "num_layers": 32, "num_attention_heads": 32},
+    "llama3.1-70b": {**_LLAMA31_COMMON, "hidden_size": 8192, "intermediate_size": 28672,
+                     "num_layers": 80, "num_attention_heads": 64},
+    "llama3.1-405b": {**_LLAMA31_COMMON, "hidden_size": 16384, "intermediate_size": 53248,
+                      "num_layers": 126, "num_attention_heads": 128},
+    # Test/example shapes: GQA (2 kv heads for 4 query heads) so tp=2 splits kv heads and tp=4
+    # replicates them; the variants cover tied embeddings and Qwen2-style q/k/v biases.
+    "tiny": {**_TINY_COMMON, "tie_embeddings": False, "qkv_bias": False},
+    "tiny-tied": {**_TINY_COMMON, "tie_embeddings": True, "qkv_bias": False},
+    "tiny-qkv-bias": {**_TINY_COMMON, "tie_embeddings": False, "qkv_bias": True},
+}
+
+
+def preset_fields(name: str) -> dict:
+    """ModelConfig field values of preset ``name`` (a deep copy the caller may modify)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; valid presets: {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def layer_parameter_count(model: ModelConfig) -> int:
+    """Parameters of one decoder layer: GQA attention, SwiGLU MLP and the two RMSNorm weights."""
+    h, d, f = model.hidden_size, model.head_size, model.intermediate_size
+    q_width, kv_width = model.num_attention_heads * d, model.kv_heads * d
+    attention = h * q_width + 2 * h * kv_width + q_width * h  # q, k, v, o projections
+    if model.qkv_bias:
+        attention += q_width + 2 * kv_width
+    mlp = 3 * h * f  # gate, up (h -> f) and down (f -> h)
+    return attention + mlp + 2 * h
+
+
+def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> int:
+    """Exact parameter count of the whole model, as ``sum(p.numel())`` over a Hugging Face model.
+
+    ``vocab_size`` defaults to the tokenizer's (unpadded) vocabulary; pass
+    ``model.padded_vocab_size(tp)`` to count the rows megasft actually allocates. A tied
+    embedding is counted once, as ``nn.Module.parameters()`` does.
+    """
+    vocab = model.vocab_size if vocab_size is None else vocab_size
+    embedding = vocab * model.hidden_size
+    head = 0 if model.tie_embeddings else vocab * model.hidden_size
+    final_norm = model.hidden_size
+    return embedding + head + final_norm + model.num_layers * layer_parameter_count(model)

@@ -1,0 +1,25 @@
+"""Memory/throughput planner: does a layout fit a cluster, how fast will it run, which is best.
+
+Library entry points (``tools/plan.py`` is a thin CLI over them):
+
+    plan(cfg, cluster, assumptions) -> Plan          per-stage memory, bubble, FLOPs, comm, step time, MFU
+    check_fits(plan) -> Plan                         raises PlanError naming the overflowing number
+    search(cfg, cluster, assumptions, top) -> [Plan] fitting layouts, fastest first
+    nearest_fitting(cfg, cluster, ...) -> [Plan]     fitting layouts closest to cfg's own
+    rank_state_bytes(cfg, pp_rank) -> StateBytes     exact weight/grad/optimizer bytes of one rank
+    forward_flops_per_token(model, seq_len, ...)     exact GEMM + attention FLOPs per token
+"""
+from megasft.planner.assumptions import Assumptions
+from megasft.planner.estimate import Plan, PlanError, StageMemory, check_fits, plan
+from megasft.planner.flops import forward_flops_per_token, model_flops_per_step
+from megasft.planner.hardware import GPUS, Cluster, GpuSpec, make_cluster
+from megasft.planner.memory import StateBytes, rank_parameters, rank_state_bytes
+from megasft.planner.schedule import bubble_fraction
+from megasft.planner.search import Layout, layout_of, nearest_fitting, search
+
+__all__ = [
+    "Assumptions", "Plan", "PlanError", "StageMemory", "check_fits", "plan",
+    "forward_flops_per_token", "model_flops_per_step", "GPUS", "Cluster", "GpuSpec", "make_cluster",
+    "StateBytes", "rank_parameters", "rank_state_bytes", "bubble_fraction",
+    "Layout", "layout_of", "nearest_fitting", "search",
+]

@@ -1,0 +1,155 @@
+"""Activation memory of a Llama decoder layer, a pipeline stage and the loss, per rank.
+
+Method: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+Sec. 4.1 — count the tensors autograd keeps for backward, per token, in bytes. For their GPT layer
+(LayerNorm, MHA, 4h GeLU MLP, dropout, attention probabilities materialised) this gives
+``s*b*h*(34 + 5*a*s/h)`` (eq. 1); with TP and SP everything divides by t (eq. 4,
+``s*b*h*(34 + 5*a*s/h)/t``); selective recomputation drops the ``5*a*s/h`` term (eq. 6).
+
+The same accounting for megasft's Llama layer (``megasft.model.llama``: RMSNorm in fp32, GQA,
+SwiGLU, no dropout by default), per token and per TP rank. e = bytes per activation element (2 for
+bf16), ``shard`` = t under sequence parallelism else 1, a = query heads, kv = key/value heads,
+d = head_dim, f = intermediate_size:
+
+  saved tensor                          bytes / token           Korthikanti's GPT counterpart
+  2 RMSNorm: fp32 input copy, output    2*(4 + e)*h/shard       2 LayerNorm inputs: 4sbh
+  attention input (q/k/v GEMMs)         e*h                     QKV input: 2sbh
+  q, k, v after RoPE                    e*(a + 2*kv)*d/t        Q, K: 4sbh; V: 2sbh
+  attention output (o_proj input)       e*a*d/t                 projection input: 2sbh
+  MLP input (gate/up GEMM)              e*h                     MLP input: 2sbh
+  gate|up output, SiLU(gate), product   4*e*f/t                 GeLU input + output: 16sbh
+  dropout masks (only if dropout > 0)   2*h/shard               2 masks: 2sbh
+  attention core                        flash: 4*a/t (fp32      softmax out, dropout mask and
+                                        log-sum-exp);           output: 5as^2b (the 5as/h term)
+                                        else e*a*s/t (+(1+e)*
+                                        a*s/t with dropout)
+
+For Korthikanti's GPT layer the same bookkeeping reads 4 (LayerNorms saving their bf16 input)
++ 2 + 6 + 2 + 2 + 16 (a 4h GeLU MLP instead of SwiGLU) + 2 (dropout masks) = 34, plus 5as/h.
+
+Assumptions, stated once:
+
+* megasft's RMSNorm computes its statistics in fp32 like HF's LlamaRMSNorm, so autograd keeps an
+  fp32 copy of the input and the normalised output (plus one fp32 value per token, counted).
+* Flash-style kernels (attention_backend auto/flash_attn/torch_varlen on GPU) never materialise
+  the s x s probabilities, so the ``a*s`` term is absent whatever the recompute mode; the sdpa
+  backend with a packed-document mask is modelled as materialising them.
+* The q/k/v and gate/up GEMMs save their input after the SP all-gather ([s, b, h], not divided by
+  t), as megasft's ``enter_tp_region`` + ``F.linear`` do, unless ``Assumptions.sp_regathers_inputs``
+  (Korthikanti Sec. 4.2.2: keep the shard, all-gather again in backward) says otherwise.
+* Full recomputation keeps only each layer's input (``e*h/shard``) and rematerialises one layer
+  at a time in backward; RoPE multiplies by constant cos/sin tables, so it keeps nothing per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megasft.config import Config
+from megasft.planner.assumptions import Assumptions
+from megasft.planner.memory import tp_local_kv_heads
+from megasft.planner.schedule import in_flight_chunks, micro_batches, rank_chunk_layers, schedule_name
+
+ELEMENT_BYTES = {"bf16": 2, "fp32": 4}
+# megasft's vocab-parallel cross-entropy keeps one fp32 working copy of the logits (4 B), which
+# becomes the softmax saved for backward and then, in place, the gradient; the model-dtype logits
+# (forward) or their gradient (backward) exist next to it: 4 + e bytes per logit at the peak.
+FP32_BYTES = 4
+
+
+def uses_flash_attention(cfg: Config) -> bool:
+    """Whether the attention kernel avoids materialising s x s probabilities (planning for GPUs)."""
+    return cfg.model.attention_backend != "sdpa"
+
+
+def _sequence_shard(cfg: Config) -> int:
+    p = cfg.parallel
+    return p.tp if p.sequence_parallel and p.tp > 1 else 1
+
+
+def layer_bytes_per_token(cfg: Config, assumptions: Assumptions) -> float:
+    """Bytes one TP rank keeps per token for one layer without recomputation (attention core apart)."""
+    m, t = cfg.model, cfg.parallel.tp
+    e = ELEMENT_BYTES[cfg.train.precision]
+    h, d, f = m.hidden_size, m.head_size, m.intermediate_size
+    shard = _sequence_shard(cfg)
+    linear_input = e * h / t if shard > 1 and assumptions.sp_regathers_inputs else e * h
+    q_width = m.num_attention_heads // t * d
+    kv_width = tp_local_kv_heads(m, t) * d
+    norms = 2 * ((FP32_BYTES + e) * h + FP32_BYTES) / shard
+    attention = linear_input + e * (q_width + 2 * kv_width) + e * q_width
+    mlp = linear_input + 4 * e * (f // t)
+    dropout_masks = 2 * h / shard if m.dropout > 0 else 0.0
+    return norms + attention + mlp + dropout_masks
+
+
+def attention_core_bytes_per_token(cfg: Config) -> float:
+    """Bytes per token the attention core keeps: fp32 log-sum-exp (flash) or the s x s probabilities.
+
+    The non-flash case is Korthikanti et al. 2022 eq. (1)'s 5as/h term (2 B softmax output, 1 B
+    dropout mask, 2 B dropout output per score); without dropout only the softmax output remains.
+    """
+    m, s = cfg.model, cfg.data.seq_len
+    heads = m.num_attention_heads // cfg.parallel.tp
+    if uses_flash_attention(cfg):
+        return 4.0 * heads
+    e = ELEMENT_BYTES[cfg.train.precision]
+    per_score = e + (1 + e if m.dropout > 0 else 0)
+    return float(per_score * heads * s)
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """Activation bytes of one layer for one micro-batch on one rank."""
+
+    stored: float
+    """Kept from the layer's forward until its backward (what in-flight micro-batches multiply)."""
+    full: float
+    """Everything the layer's backward needs at once (rematerialised under full recompute)."""
+
+
+def layer_activations(cfg: Config, assumptions: Assumptions) -> LayerActivations:
+    """Per-layer, per-micro-batch activation bytes under ``model.recompute``."""
+    tokens = cfg.data.seq_len * cfg.data.micro_batch_size
+    body = layer_bytes_per_token(cfg, assumptions) * tokens
+    core = attention_core_bytes_per_token(cfg) * tokens
+    full = body + core
+    mode = cfg.model.recompute
+    if mode == "full":
+        e = ELEMENT_BYTES[cfg.train.precision]
+        stored = e * cfg.model.hidden_size / _sequence_shard(cfg) * tokens
+    elif mode == "selective":
+        stored = body  # Korthikanti et al. 2022 eq. (6): the attention core is recomputed
+    else:
+        stored = full
+    return LayerActivations(stored=stored, full=full)
+
+
+def in_flight_layers(cfg: Config, pp_rank: int) -> int:
+    """Layer-micro-batches whose stored activations ``pp_rank`` holds at its peak.
+
+    The n in-flight chunk forwards of a rank are, in Megatron's interleaved order, k = 0..n-1 on
+    the rank's model chunk (k // pp) % v; with v = 1 all are the rank's only chunk.
+    """
+    p = cfg.parallel
+    schedule = schedule_name(cfg)
+    layers = rank_chunk_layers(cfg, pp_rank)
+    n = in_flight_chunks(schedule, p.pp, micro_batches(cfg), p.virtual_pipeline_size, pp_rank)
+    if schedule == "all_forward_all_backward":
+        return n // len(layers) * sum(layers)
+    return sum(layers[(k // p.pp) % len(layers)] for k in range(n))
+
+
+def loss_bytes(cfg: Config, assumptions: Assumptions) -> float:
+    """Last stage: vocab-parallel logits/loss buffers plus the final-norm and LM-head inputs.
+
+    The logits exist for one micro-batch at a time (1F1B runs each micro-batch's loss backward
+    right after its forward); chunking the loss over tokens bounds them by the chunk.
+    """
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    e = ELEMENT_BYTES[cfg.train.precision]
+    tokens = d.seq_len * d.micro_batch_size
+    chunk = min(tokens, assumptions.loss_chunk_tokens or tokens)
+    logits = chunk * m.padded_vocab_size(p.tp) // p.tp * (FP32_BYTES + e)
+    norm = ((FP32_BYTES + e) * m.hidden_size + FP32_BYTES) / _sequence_shard(cfg)
+    head_input = e * m.hidden_size  # gathered to the full sequence before the LM head GEMM
+    return logits + tokens * (norm + head_input)

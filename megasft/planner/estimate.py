@@ -1,0 +1,186 @@
+"""One layout on one cluster: per-stage memory, step time, tokens/s and MFU, and whether it fits.
+
+Step time (per optimizer step) is the pipeline time of the slowest stage plus the exposed
+data-parallel communication and the optimizer update:
+
+    t_mb    = GEMM FLOPs / (peak * matmul_eff) + attention FLOPs / (peak * attention_eff)
+              + memory-bound elementwise traffic / HBM bandwidth
+              + TP collectives + pipeline p2p            (per micro-batch, slowest pp rank)
+    t_pipe  = (m + bubble_slots) * t_mb                  bubble_slots = p-1, or (p-1)/v interleaved
+                                                         (Narayanan et al. 2021 Sec. 2.2)
+    t_step  = t_pipe + DP exposed + optimizer (memory-bound AdamW over this rank's shard)
+    MFU     = model FLOPs per step / (t_step * world size * peak)
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from megasft.config import Config, ConfigError
+from megasft.model.presets import count_parameters
+from megasft.planner.activations import ELEMENT_BYTES, in_flight_layers, layer_activations, loss_bytes
+from megasft.planner.assumptions import Assumptions
+from megasft.planner.comm import RankComm, rank_comm
+from megasft.planner.flops import executed_flops_per_micro_batch, model_flops_per_step
+from megasft.planner.hardware import GIB, Cluster
+from megasft.planner.memory import OPTIMIZER_BYTES, largest_parameter, rank_state_bytes
+from megasft.planner.schedule import bubble_fraction, bubble_slots, micro_batches, rank_chunk_layers, schedule_name
+
+# AdamW reads the fp32 master weight, m, v and gradient (16 B), writes weight, m, v (12 B) and the
+# bf16 copy of the weight (2 B): it is bound by memory bandwidth, not FLOPs.
+ADAM_BYTES_PER_PARAM = 30
+
+
+class PlanError(ConfigError):
+    """A layout that does not fit the cluster; the message names the number that overflows."""
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Peak memory of one rank of a pipeline stage, by component (bytes)."""
+
+    pp_rank: int
+    layers: int
+    parameters: int
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    """Stored activations of every in-flight micro-batch chunk."""
+    in_flight_layers: int
+    """Layer-micro-batches those activations belong to."""
+    transient: float
+    """Largest short-lived buffer: one layer's backward working set or the loss/logits buffers."""
+    transient_kind: str
+    overhead: float
+    """CUDA context, NCCL buffers, workspaces and allocator fragmentation."""
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.grads + self.optimizer + self.activations + self.transient
+                + self.overhead)
+
+    def components(self) -> dict[str, float]:
+        return {"weights": self.weights, "fp32 grads": self.grads, "optimizer": self.optimizer,
+                "activations": self.activations, self.transient_kind: self.transient,
+                "overhead": self.overhead}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the planner predicts for one config on one cluster."""
+
+    config: Config
+    cluster: Cluster
+    assumptions: Assumptions
+    schedule: str
+    micro_batches: int
+    parameters: int
+    stages: tuple[StageMemory, ...]
+    comm: tuple[RankComm, ...]
+    bubble: float
+    model_flops: float
+    """Model FLOPs per optimizer step (for MFU)."""
+    micro_batch_seconds: float
+    """Forward+backward of one micro-batch on the slowest stage, communication included."""
+    step_seconds: float
+
+    @property
+    def worst(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def fits(self) -> bool:
+        return self.worst.total <= self.cluster.memory_bytes
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.config.data.global_batch_tokens / self.step_seconds
+
+    @property
+    def mfu(self) -> float:
+        peak = self.cluster.gpu.peak_tflops * 1e12
+        return self.model_flops / (self.step_seconds * self.cluster.world_size * peak)
+
+
+def stage_memory(cfg: Config, pp_rank: int, assumptions: Assumptions) -> StageMemory:
+    """Peak memory of a rank of stage ``pp_rank``: state + in-flight activations + largest transient."""
+    state = rank_state_bytes(cfg, pp_rank)
+    layer = layer_activations(cfg, assumptions)
+    held = in_flight_layers(cfg, pp_rank)
+    # Under full recompute the rematerialised layer and its gradient temporaries coexist; otherwise
+    # the gradient temporaries of the layer in backward are bounded by that layer's activations.
+    # A parameter's model-dtype .grad lives until the hook folds it into main_grad.
+    working = (layer.full * (2 if cfg.model.recompute == "full" else 1)
+               + largest_parameter(cfg, pp_rank) * ELEMENT_BYTES[cfg.train.precision])
+    transient, kind = working, "layer backward"
+    if pp_rank == cfg.parallel.pp - 1:
+        loss = loss_bytes(cfg, assumptions)
+        if loss > working:
+            transient, kind = loss, "logits/loss"
+    allocated = state.total + held * layer.stored + transient
+    overhead = assumptions.reserved_gib * GIB + assumptions.fragmentation * allocated
+    return StageMemory(
+        pp_rank=pp_rank, layers=sum(rank_chunk_layers(cfg, pp_rank)), parameters=state.parameters,
+        weights=state.weights, grads=state.grads, optimizer=state.optimizer,
+        activations=held * layer.stored, in_flight_layers=held, transient=transient,
+        transient_kind=kind, overhead=overhead)
+
+
+def plan(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions()) -> Plan:
+    """Plan ``cfg`` on ``cluster``; validates the config for the cluster's world size first."""
+    cfg = copy.deepcopy(cfg).validate(cluster.world_size)
+    p, gpu = cfg.parallel, cluster.gpu
+    m = micro_batches(cfg)
+    schedule = schedule_name(cfg)
+    peak = gpu.peak_tflops * 1e12
+    stages, comms, per_mb = [], [], []
+    for rank in range(p.pp):
+        stages.append(stage_memory(cfg, rank, assumptions))
+        comm = rank_comm(cfg, cluster, rank)
+        comms.append(comm)
+        gemm, attention = executed_flops_per_micro_batch(cfg, rank, assumptions)
+        compute = (gemm / (peak * assumptions.matmul_efficiency)
+                   + attention / (peak * assumptions.attention_efficiency)
+                   + _elementwise_seconds(cfg, cluster, rank, assumptions))
+        p2p = comm.pp_seconds_per_micro_batch * (1 - assumptions.p2p_overlap)
+        per_mb.append(compute + comm.tp_seconds_per_micro_batch + p2p)
+    t_mb = max(per_mb)
+    pipeline = (m + bubble_slots(schedule, p.pp, p.virtual_pipeline_size)) * t_mb
+    step = pipeline + max(_tail_seconds(cfg, cluster, rank, comms[rank]) for rank in range(p.pp))
+    return Plan(
+        config=cfg, cluster=cluster, assumptions=assumptions, schedule=schedule, micro_batches=m,
+        parameters=count_parameters(cfg.model), stages=tuple(stages), comm=tuple(comms),
+        bubble=bubble_fraction(schedule, p.pp, m, p.virtual_pipeline_size),
+        model_flops=model_flops_per_step(cfg), micro_batch_seconds=t_mb, step_seconds=step)
+
+
+def _elementwise_seconds(cfg: Config, cluster: Cluster, pp_rank: int, assumptions: Assumptions) -> float:
+    """Memory-bound time of one micro-batch on a rank: its layers' activations streamed through HBM."""
+    passes = assumptions.elementwise_passes + (1 if cfg.model.recompute == "full" else 0)
+    layers = sum(rank_chunk_layers(cfg, pp_rank))
+    return passes * layer_activations(cfg, assumptions).full * layers / (cluster.gpu.hbm_gbps * 1e9)
+
+
+def _tail_seconds(cfg: Config, cluster: Cluster, pp_rank: int, comm: RankComm) -> float:
+    """Per-step work after the pipeline drains: exposed DP communication and the optimizer update."""
+    state = rank_state_bytes(cfg, pp_rank)
+    shard = state.optimizer / OPTIMIZER_BYTES
+    return comm.dp_exposed_seconds + shard * ADAM_BYTES_PER_PARAM / (cluster.gpu.hbm_gbps * 1e9)
+
+
+def check_fits(result: Plan) -> Plan:
+    """Return ``result`` if its worst stage fits in device memory, else raise PlanError naming it."""
+    if result.fits:
+        return result
+    worst, capacity = result.worst, result.cluster.memory_bytes
+    name, size = max(worst.components().items(), key=lambda kv: kv[1])
+    detail = ""
+    if name == "activations":
+        detail = (f" = {worst.in_flight_layers} in-flight layer-micro-batches x "
+                  f"{worst.activations / worst.in_flight_layers / GIB:.2f} GiB "
+                  f"(recompute={result.config.model.recompute}, micro_batch_size={result.config.data.micro_batch_size})")
+    raise PlanError(
+        f"layout does not fit: pp rank {worst.pp_rank} needs {worst.total / GIB:.1f} GiB > "
+        f"{capacity / GIB:.1f} GiB on {result.cluster.gpu.name} "
+        f"(over by {(worst.total - capacity) / GIB:.1f} GiB); largest part: {name} {size / GIB:.1f} GiB{detail}")

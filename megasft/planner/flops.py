@@ -1,0 +1,69 @@
+"""Model FLOPs (for MFU) and executed FLOPs per rank (for time), counted from the layer shapes.
+
+Narayanan et al. 2021, Sec. 5.1, eq. (3): a GPT step of B sequences costs
+``72*B*s*l*h^2 * (1 + s/(6h) + V/(12*l*h))`` FLOPs without recomputation, i.e. per token
+``6 * (matmul parameters) + 12*l*h*s``: 2 FLOPs per multiply-add, x3 for forward plus the two
+backward GEMMs, and ``4*s*h`` forward FLOPs per token and layer for Q K^T and P V. Here the
+matmul parameters are Llama's (GQA q/k/v, o, SwiGLU gate/up/down, LM head; the embedding is a
+lookup, norms and biases are elementwise) and the attention width is ``heads * head_dim``.
+
+Model FLOPs count the full (non-causal) attention square and the unpadded vocabulary, as the paper
+and PaLM's MFU (Chowdhery et al. 2022, App. B) do, so MFU is comparable across frameworks.
+Executed FLOPs, which set the step time, add what really runs: the padded vocabulary, the
+causal kernels' half square (``Assumptions.causal_attention``) and recomputation's extra forward.
+"""
+from __future__ import annotations
+
+from megasft.config import Config, ModelConfig
+from megasft.planner.assumptions import Assumptions
+from megasft.planner.memory import tp_local_kv_heads
+from megasft.planner.schedule import rank_chunk_layers
+
+
+def layer_matmul_parameters(model: ModelConfig, tp: int = 1) -> int:
+    """Weights of one layer's GEMMs on one TP rank (replicated kv heads are computed on each rank)."""
+    h, d, f = model.hidden_size, model.head_size, model.intermediate_size
+    q_width = model.num_attention_heads // tp * d
+    kv_width = tp_local_kv_heads(model, tp) * d
+    return h * (2 * q_width + 2 * kv_width) + 3 * h * (f // tp)
+
+
+def forward_flops_per_token(model: ModelConfig, seq_len: int, vocab_size: int | None = None,
+                            causal: bool = False) -> float:
+    """Forward FLOPs per token of the whole model (tp = 1): GEMMs plus the attention square.
+
+    This is what ``torch.utils.flop_counter.FlopCounterMode`` reports for one forward of a
+    [1, seq_len] row divided by seq_len (it counts matmuls and the full s x s of SDPA; pass
+    ``vocab_size=model.padded_vocab_size(1)`` to match a model built with padded rows).
+    """
+    vocab = model.vocab_size if vocab_size is None else vocab_size
+    width = model.num_attention_heads * model.head_size
+    attention = 4 * seq_len * width * (0.5 if causal else 1.0)
+    per_layer = 2 * layer_matmul_parameters(model) + attention
+    return model.num_layers * per_layer + 2 * model.hidden_size * vocab
+
+
+def model_flops_per_step(cfg: Config) -> float:
+    """Model FLOPs of one optimizer step: 3x forward over the global batch (no recompute, full square)."""
+    return 3 * forward_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.data.global_batch_tokens
+
+
+def executed_flops_per_micro_batch(cfg: Config, pp_rank: int, assumptions: Assumptions) -> tuple[float, float]:
+    """(GEMM FLOPs, attention FLOPs) one rank of stage ``pp_rank`` executes per micro-batch.
+
+    Backward costs two forwards (input and weight gradients); full recompute adds one forward of
+    every layer, selective recompute one forward of the attention core (Korthikanti et al. 2022,
+    Sec. 5: selective costs ~2-4 % extra FLOPs, full ~33 %).
+    """
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    tokens = d.seq_len * d.micro_batch_size
+    layers = sum(rank_chunk_layers(cfg, pp_rank))
+    recompute = cfg.model.recompute
+    gemm_passes = 4 if recompute == "full" else 3
+    attention_passes = 3 if recompute == "none" else 4
+    width = m.num_attention_heads // p.tp * m.head_size
+    attention = 4 * d.seq_len * width * (0.5 if assumptions.causal_attention else 1.0)
+    gemm = gemm_passes * 2 * layer_matmul_parameters(m, p.tp) * layers * tokens
+    if pp_rank == p.pp - 1:
+        gemm += 3 * 2 * m.hidden_size * (m.padded_vocab_size(p.tp) // p.tp) * tokens
+    return gemm, attention_passes * attention * layers * tokens

@@ -1,0 +1,139 @@
+"""Exact per-rank parameter, gradient and optimizer-state bytes of a layout.
+
+These are the numbers a measured run can be checked against tensor by tensor, so they follow how
+megasft shards each weight (``megasft.tensor_parallel.layers``) rather than a rule of thumb:
+
+* q/k/v projections are column-parallel over heads. Query heads split evenly; key/value heads
+  split when tp <= num_kv_heads and are replicated (one kv head per rank) when tp > num_kv_heads.
+  q/k/v biases (Qwen2-style) follow their columns.
+* o_proj and down_proj are row-parallel, gate/up column-parallel: each holds 1/tp of the matrix.
+* RMSNorm weights are replicated on every TP rank (with or without sequence parallelism).
+* The embedding and LM head are vocab-parallel over ``padded_vocab_size(tp) / tp`` rows; the padded
+  rows are allocated, so they are counted here.
+* The first pipeline stage holds the embedding, the last the final norm and LM head. With tied
+  embeddings and pp > 1 the last stage keeps its own copy of the embedding as the LM head, kept
+  equal by all-reducing their gradients over the embedding group (Megatron-LM's scheme); with
+  pp == 1 the one matrix serves both.
+
+Training state per local parameter (Micikevicius et al. 2018 mixed precision; Rajbhandari et al.
+2020 ZeRO, Sec. 3 "K = 12"), as ``megasft.optim`` allocates it:
+
+* weights in the model dtype (2 B bf16, 4 B fp32), re-pointed into one flat parameter buffer;
+* one flat fp32 gradient buffer (``param.main_grad`` views), 4 B per parameter;
+* optimizer state ``[3, shard]`` fp32 — master weight, Adam m and v — 12 B per owned parameter,
+  in fp32 runs too (the master copy is kept regardless of the model dtype).
+
+The flat buffers are padded to a multiple of ``shards * SHARD_ALIGN`` elements (shards = dp with
+the distributed optimizer, else 1) and each DP rank owns an equal 1/shards slice. The prediction
+assumes one gradient bucket (``overlap_grad_reduce`` off, no separately synced parameters); every
+further bucket adds less than ``shards * SHARD_ALIGN`` padding elements.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megasft.config import Config, ModelConfig
+from megasft.optim.grad_buffer import SHARD_ALIGN
+from megasft.planner.schedule import rank_chunk_layers
+
+WEIGHT_BYTES = {"bf16": 2, "fp32": 4}
+GRAD_BYTES = 4  # fp32 main gradients
+OPTIMIZER_BYTES = 12  # fp32 master weight + Adam exp_avg + exp_avg_sq
+
+
+def tp_local_kv_heads(model: ModelConfig, tp: int) -> int:
+    """Key/value heads one TP rank holds: kv/tp when tp divides them, else one replicated head."""
+    return max(model.kv_heads // tp, 1)
+
+
+def tp_layer_parameter_count(model: ModelConfig, tp: int) -> int:
+    """Parameters of one decoder layer held by one TP rank (see the module docstring for the split)."""
+    h, d, f = model.hidden_size, model.head_size, model.intermediate_size
+    q_width = model.num_attention_heads // tp * d
+    kv_width = tp_local_kv_heads(model, tp) * d
+    attention = h * q_width + 2 * h * kv_width + q_width * h
+    if model.qkv_bias:
+        attention += q_width + 2 * kv_width
+    mlp = 3 * h * (f // tp)
+    return attention + mlp + 2 * h  # the two RMSNorm weights are replicated
+
+
+@dataclass(frozen=True)
+class RankParameters:
+    """Parameters one rank holds, by where they come from."""
+
+    layers: int
+    """Decoder-layer parameters (all layers of this rank's chunks)."""
+    embedding: int
+    """Vocab-parallel embedding rows x hidden (first stage only)."""
+    lm_head: int
+    """Vocab-parallel LM head (last stage; the tied embedding copy when pp > 1)."""
+    final_norm: int
+    """Final RMSNorm weight (last stage only)."""
+
+    @property
+    def total(self) -> int:
+        return self.layers + self.embedding + self.lm_head + self.final_norm
+
+
+def rank_parameters(cfg: Config, pp_rank: int) -> RankParameters:
+    """Parameters held by any TP/DP rank of pipeline stage ``pp_rank`` (all TP ranks hold the same)."""
+    m, p = cfg.model, cfg.parallel
+    first, last = pp_rank == 0, pp_rank == p.pp - 1
+    vocab_rows = m.padded_vocab_size(p.tp) // p.tp
+    layers = sum(rank_chunk_layers(cfg, pp_rank)) * tp_layer_parameter_count(m, p.tp)
+    head_needed = last and (not m.tie_embeddings or p.pp > 1)
+    return RankParameters(
+        layers=layers,
+        embedding=vocab_rows * m.hidden_size if first else 0,
+        lm_head=vocab_rows * m.hidden_size if head_needed else 0,
+        final_norm=m.hidden_size if last else 0,
+    )
+
+
+def largest_parameter(cfg: Config, pp_rank: int) -> int:
+    """Elements of the biggest single parameter on a rank of stage ``pp_rank`` (its .grad is
+    materialised in the model dtype before the hook folds it into main_grad)."""
+    m, p = cfg.model, cfg.parallel
+    h = m.hidden_size
+    sizes = [2 * (m.intermediate_size // p.tp) * h, m.num_attention_heads // p.tp * m.head_size * h]
+    params = rank_parameters(cfg, pp_rank)
+    return max(sizes + [params.embedding, params.lm_head])
+
+
+def buffer_numel(n: int, shards: int) -> int:
+    """Elements of a flat buffer holding n parameters, padded so ``shards`` equal slices stay aligned."""
+    multiple = shards * SHARD_ALIGN
+    return math.ceil(n / multiple) * multiple
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes of weights, gradients and optimizer state on one rank."""
+
+    parameters: int
+    """Local parameter count: ``sum(p.numel() for p in chunk.parameters())`` over the rank's chunks."""
+    weights: int
+    """``sum(p.numel() * p.element_size())``: the parameters in the model dtype."""
+    grads: int
+    """The fp32 gradient buffer (padded)."""
+    optimizer: int
+    """This rank's optimizer state: 3 fp32 tensors of its shard of the padded buffer."""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer
+
+
+def rank_state_bytes(cfg: Config, pp_rank: int = 0) -> StateBytes:
+    """Weight, gradient and optimizer bytes on a rank of stage ``pp_rank`` (cfg validated, dp resolved).
+
+    This is the planner's exact prediction to compare with a live rank's tensors: the model's
+    parameters, ``GradBuffer.grad_data`` and ``DistributedOptimizer.state_bytes()``.
+    """
+    n = rank_parameters(cfg, pp_rank).total
+    shards = (cfg.parallel.dp or 1) if cfg.parallel.distributed_optimizer else 1
+    padded = buffer_numel(n, shards)
+    return StateBytes(parameters=n, weights=n * WEIGHT_BYTES[cfg.train.precision],
+                      grads=padded * GRAD_BYTES, optimizer=padded // shards * OPTIMIZER_BYTES)
