@@ -36,3 +36,19 @@ def forward_backward_no_pipeline(forward_step: ForwardStep, micro_batches: list[
             loss.backward()
         _accumulate(result.stats, stats)
     return result
+
+
+def forward_backward(forward_step: ForwardStep, micro_batches: list[dict], ps, *, num_chunks: int = 1,
+                     tensor_shape=None, dtype=None, forward_only: bool = False,
+                     schedule: str = "auto") -> ScheduleResult:
+    """Run one global batch's micro-batches through this rank's chunks with the configured schedule."""
+    if ps.pp == 1:
+        return forward_backward_no_pipeline(forward_step, micro_batches, forward_only)
+    raise NotImplementedError("pipeline schedules land with the pipeline-parallel issue")
+
+
+def sync_tied_embedding_grads(chunks, ps) -> None:
+    """All-reduce the gradients of the tied embedding copies over the embedding group (pp > 1)."""
+    if ps.pp == 1:
+        return
+    raise NotImplementedError("pipeline schedules land with the pipeline-parallel issue")
