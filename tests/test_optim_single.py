@@ -1,0 +1,135 @@
+"""Single-process checks of the optimizer pieces: decay groups, fp32 accumulation hooks, overlap
+misuse, layout bookkeeping, checkpoint state and the grad-norm helpers."""
+import pytest
+import torch
+from torch import nn
+
+from megasft.config import OptimConfig, ParallelConfig
+from megasft.optim.distributed_optimizer import DistributedOptimizer
+from megasft.optim.grad_norm import clip_coefficient, copies
+from megasft.parallel_state import ParallelState
+
+
+class Block(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.norm_weight = nn.Parameter(torch.ones(16))
+        self.embed = nn.Embedding(10, 8)
+        self.to(dtype)
+
+    def forward(self, ids):
+        return (self.proj(self.embed(ids)) * self.norm_weight).float().square().sum()
+
+
+def optimizer(model, lr=0.1, wd=0.5, overlap=False, bucket_mb=40.0, **kw):
+    parallel = ParallelConfig(overlap_grad_reduce=overlap, bucket_size_mb=bucket_mb)
+    return DistributedOptimizer(model.named_parameters(), OptimConfig(lr=lr, weight_decay=wd, **kw),
+                                parallel, ParallelState.single(), lambda step: lr)
+
+
+def test_decay_only_on_matrices():
+    # Zero gradients make the Adam term exactly 0, so only the decoupled decay moves weights.
+    model = Block()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = optimizer(model, lr=0.1, wd=0.5)
+    opt.zero_grad()
+    assert not opt.step().skipped
+    for name, p in model.named_parameters():
+        factor = 1 - 0.1 * 0.5 if p.ndim >= 2 else 1.0  # embedding and proj.weight decay
+        torch.testing.assert_close(p.detach(), before[name] * factor, rtol=0, atol=0, msg=name)
+
+
+def test_bf16_grads_accumulate_in_fp32_over_micro_batches():
+    model = Block(torch.bfloat16)
+    opt = optimizer(model)
+    ids = [torch.tensor([1, 2, 3]), torch.tensor([4, 5]), torch.tensor([1, 9])]
+    expected = {n: torch.zeros(p.shape) for n, p in model.named_parameters()}
+    for mb in ids:
+        grads = torch.autograd.grad(model(mb), list(model.parameters()))
+        for (n, _), g in zip(model.named_parameters(), grads):
+            expected[n] += g.float()
+    opt.zero_grad()
+    for mb in ids:
+        model(mb).backward()
+    for n, p in model.named_parameters():
+        assert p.grad is None and p.main_grad.dtype == torch.float32
+        torch.testing.assert_close(p.main_grad, expected[n], msg=n)
+    opt.zero_grad()
+    assert all(not p.main_grad.any() for p in model.parameters())
+
+
+def test_params_are_views_of_one_buffer():
+    model = Block(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = optimizer(model)
+    buffer = opt.grad_buffer
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])  # values survive the move into the buffer
+        assert p.untyped_storage().data_ptr() == buffer.param_data.untyped_storage().data_ptr()
+        assert p.main_grad.untyped_storage().data_ptr() == buffer.grad_data.untyped_storage().data_ptr()
+    # Decayed params first, then 1-D ones, and every element accounted for once.
+    runs = [r for b in buffer.buckets for r in buffer.runs(b)]
+    assert [r.decay for r in runs] == [True, False]
+    assert sum(r.end - r.start for r in runs) == sum(p.numel() for p in model.parameters())
+
+
+def test_overlap_buckets_and_misuse_is_reported():
+    model = Block()
+    opt = optimizer(model, overlap=True, bucket_mb=100 * 4 / 2 ** 20)  # ~100 elements per bucket
+    assert len(opt.grad_buffer.buckets) > 1
+    opt.zero_grad()
+    with opt.grad_buffer.no_sync():
+        model(torch.tensor([1, 2])).backward()  # accumulate only
+    model(torch.tensor([3])).backward()  # last micro-batch: every bucket launches
+    assert all(b.launched for b in opt.grad_buffer.buckets)
+    with pytest.raises(RuntimeError, match="no_sync"):
+        model(torch.tensor([4])).backward()  # a further micro-batch outside no_sync is a bug
+
+
+def test_model_grad_sync_params_are_deferred():
+    model = Block()
+    model.norm_weight.model_grad_sync = True
+    opt = optimizer(model, overlap=True, bucket_mb=100 * 4 / 2 ** 20)
+    last = opt.grad_buffer.buckets[-1]
+    assert last.deferred and [s.name for s in last.slots] == ["norm_weight"]
+    opt.zero_grad()
+    model(torch.tensor([1])).backward()
+    assert not last.launched and all(b.launched for b in opt.grad_buffer.buckets[:-1])
+    opt.grad_buffer.finish_grad_sync()
+    assert last.launched
+
+
+def test_state_dict_round_trip_and_param_shards():
+    model = Block()
+    opt = optimizer(model, lr=0.01)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.tensor([1, 2, 3])).backward()
+        opt.step()
+    saved = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state_dict().items()}
+    assert saved["step"] == 2 and saved["shard_state"].shape[0] == 3
+    # Every parameter maps back from its shard columns (a single rank covers each one whole).
+    for shard in opt.param_shards():
+        p = dict(model.named_parameters())[shard.name]
+        assert (shard.param_start, shard.param_end) == (0, p.numel())
+        torch.testing.assert_close(opt.param_state(shard)["main"], p.detach().reshape(-1))
+    fresh_model = Block()
+    fresh = optimizer(fresh_model, lr=0.01)
+    fresh.load_state_dict(saved)
+    assert fresh.step_count == 2 and torch.equal(fresh.shard_state, saved["shard_state"])
+    for (n, p), q in zip(model.named_parameters(), fresh_model.parameters()):
+        assert torch.equal(p.detach(), q.detach()), n
+    with pytest.raises(ValueError, match="layout"):
+        fresh.load_state_dict({**saved, "shard_state": saved["shard_state"][:, :-1]})
+
+
+def test_norm_helpers():
+    p = nn.Parameter(torch.zeros(3))
+    assert copies(p) == 1
+    p.tp_copies, p.pp_copies = 4, 2
+    assert copies(p) == 8
+    assert clip_coefficient(0.5, 1.0) == 1.0
+    assert clip_coefficient(4.0, 1.0) == pytest.approx(1.0 / (4.0 + 1e-6))
+    assert clip_coefficient(4.0, 0.0) == 1.0  # clip_grad 0 disables clipping
+    assert "1 bucket" in optimizer(Block()).describe()
