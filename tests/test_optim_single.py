@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from megasft.config import OptimConfig, ParallelConfig
+from megasft.optim import distributed_optimizer
 from megasft.optim.distributed_optimizer import DistributedOptimizer
 from megasft.optim.grad_norm import clip_coefficient, copies
 from megasft.parallel_state import ParallelState
@@ -69,7 +70,7 @@ def test_params_are_views_of_one_buffer():
         assert p.untyped_storage().data_ptr() == buffer.param_data.untyped_storage().data_ptr()
         assert p.main_grad.untyped_storage().data_ptr() == buffer.grad_data.untyped_storage().data_ptr()
     # Decayed params first, then 1-D ones, and every element accounted for once.
-    runs = [r for b in buffer.buckets for r in buffer.runs(b)]
+    runs = [r for b in buffer.buckets for r in b.runs]
     assert [r.decay for r in runs] == [True, False]
     assert sum(r.end - r.start for r in runs) == sum(p.numel() for p in model.parameters())
 
@@ -133,3 +134,18 @@ def test_norm_helpers():
     assert clip_coefficient(4.0, 1.0) == pytest.approx(1.0 / (4.0 + 1e-6))
     assert clip_coefficient(4.0, 0.0) == 1.0  # clip_grad 0 disables clipping
     assert "1 bucket" in optimizer(Block()).describe()
+
+
+def test_chunked_update_changes_nothing(monkeypatch):
+    def train(chunk):
+        monkeypatch.setattr(distributed_optimizer, "ADAM_CHUNK", chunk)
+        torch.manual_seed(0)
+        model = Block()
+        opt = optimizer(model, lr=0.01)
+        for step in range(3):
+            opt.zero_grad()
+            model(torch.tensor([step, 2, 7])).backward()
+            opt.step()
+        return opt.shard_state.clone()
+
+    assert torch.equal(train(7), train(1 << 26))

@@ -36,6 +36,7 @@ from megasft.optim.grad_norm import clip_coefficient, global_norm, weighted_sq_s
 from megasft.parallel_state import ParallelState
 
 MAIN, EXP_AVG, EXP_AVG_SQ = 0, 1, 2  # rows of shard_state
+ADAM_CHUNK = 1 << 26  # elements per adamw_ call: its sqrt temporary stays <= 256 MiB
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -58,7 +59,7 @@ def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_a
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     step_size = lr / (1 - beta1 ** step)
-    denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+    denom = exp_avg_sq.sqrt().div_((1 - beta2 ** step) ** 0.5).add_(eps)  # one temporary
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
@@ -113,7 +114,7 @@ class DistributedOptimizer:
     def grad_norm(self) -> float:
         """Global L2 norm of the DP-reduced gradients, each distinct parameter counted once."""
         pieces = ((self.grad_buffer.grad_shard(b)[r.start:r.end], r.copies)
-                  for b in self.grad_buffer.buckets for r in self.grad_buffer.runs(b))
+                  for b in self.grad_buffer.buckets for r in b.runs)
         return global_norm(weighted_sq_sum(pieces, self.shard_state.device), self.norm_groups)
 
     def _skip(self, norm: float, lr: float) -> StepResult:
@@ -134,11 +135,14 @@ class DistributedOptimizer:
         main, exp_avg, exp_avg_sq = self._shard_rows(bucket)
         wd = self.optim.weight_decay
         if wd:
-            for run in self.grad_buffer.runs(bucket):
+            for run in bucket.runs:
                 if run.decay:
                     main[run.start:run.end].mul_(1 - lr * wd)
-        adamw_(main, grad, exp_avg, exp_avg_sq, step=self.step_count, lr=lr,
-               beta1=self.optim.beta1, beta2=self.optim.beta2, eps=self.optim.eps)
+        # Elementwise, so chunking changes no result; it bounds adamw_'s temporary to one chunk.
+        for lo in range(0, grad.numel(), ADAM_CHUNK):
+            hi = lo + ADAM_CHUNK
+            adamw_(main[lo:hi], grad[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], step=self.step_count,
+                   lr=lr, beta1=self.optim.beta1, beta2=self.optim.beta2, eps=self.optim.eps)
 
     def _publish_params(self) -> None:
         """Cast the updated fp32 shard into the model-dtype buffer and all-gather it over DP."""

@@ -94,6 +94,7 @@ class Bucket:
     shard_numel: int
     shard_offset: int
     deferred: bool  # holds model_grad_sync params: reduced only in finish_grad_sync
+    runs: list[Run] = field(default_factory=list)  # this rank's slice, by (decay, copies)
     fired: set = field(default_factory=set)  # params whose grads are final in this backward
     handle: Optional[dist.Work] = None
     launched: bool = False
@@ -142,6 +143,8 @@ class GradBuffer:
         self.overlap = overlap
         self._sync_enabled = True
         self.buckets = self._build_buckets(list(reversed(named)), bucket_numel)
+        for bucket in self.buckets:
+            bucket.runs = self._shard_runs(bucket)
         total = self.buckets[-1].end
         device = named[0][1].device
         self.grad_data = torch.zeros(total, dtype=torch.float32, device=device)
@@ -183,7 +186,7 @@ class GradBuffer:
         start = bucket.start + self.shard_rank * bucket.shard_numel
         return start, start + bucket.shard_numel
 
-    def runs(self, bucket: Bucket) -> list[Run]:
+    def _shard_runs(self, bucket: Bucket) -> list[Run]:
         """Maximal stretches of this rank's slice of `bucket` with equal (decay, copies); padding
         is left out (its grads and params are zero and stay zero)."""
         lo, hi = self.shard_range(bucket)

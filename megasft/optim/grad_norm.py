@@ -29,7 +29,8 @@ def weighted_sq_sum(pieces: Iterable[tuple[torch.Tensor, int]], device: torch.de
     """Σ ||g||² / copies over (gradient piece, copies) pairs, as an fp32 scalar tensor."""
     total = torch.zeros((), dtype=torch.float32, device=device)
     for grad, n in pieces:
-        total += grad.float().square().sum() / n
+        # vector_norm reduces without materialising g² (the shard can be billions of elements).
+        total += torch.linalg.vector_norm(grad, dtype=torch.float32).square() / n
     return total
 
 
