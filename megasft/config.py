@@ -198,6 +198,9 @@ class CheckpointConfig:
     """auto (resume from latest if any) | path to a checkpoint | None."""
     async_save: bool = False
     """Save with torch.distributed.checkpoint.async_save."""
+    export_hf: bool = False
+    """At the end of training also write the weights as a Hugging Face directory <run_dir>/hf
+    (gathered through rank 0: meant for small models; large ones use tools/convert_checkpoint.py)."""
 
 
 SECTIONS = {

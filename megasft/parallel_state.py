@@ -58,12 +58,15 @@ class ParallelState:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    world_group: Optional[dist.ProcessGroup] = None    # all ranks of this layout
     tp_group: Optional[dist.ProcessGroup] = None
     pp_group: Optional[dist.ProcessGroup] = None
     dp_group: Optional[dist.ProcessGroup] = None
     embedding_group: Optional[dist.ProcessGroup] = None
     # Global ranks of this rank's pipeline group, in stage order (p2p addresses by global rank).
     pp_ranks: list[int] = field(default_factory=lambda: [0])
+    # Global ranks of the whole layout, in layout order (layout_ranks[0] is its rank 0).
+    layout_ranks: list[int] = field(default_factory=lambda: [0])
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _subgroups: dict = field(default_factory=dict, repr=False)
 
@@ -98,41 +101,51 @@ class ParallelState:
         return cls.build(tp, pp, device)
 
     @classmethod
-    def build(cls, tp: int, pp: int, device: torch.device | str = "cpu") -> "ParallelState":
-        """Build the groups on an already initialised default process group."""
-        world_size, rank = dist.get_world_size(), dist.get_rank()
-        grid = rank_grid(world_size, tp, pp)
+    def build(cls, tp: int, pp: int, device: torch.device | str = "cpu",
+              ranks: Optional[list[int]] = None) -> Optional["ParallelState"]:
+        """Build the groups on an already initialised default process group.
+
+        `ranks` lays the grid over a subset of the default group (tests check several layouts in
+        one spawned world); every process must call this, and those outside the subset get None.
+        ``rank``/``world_size`` are then positions within the subset; p2p peers and
+        ``layout_ranks`` stay global ranks.
+        """
+        ranks = list(range(dist.get_world_size())) if ranks is None else list(ranks)
+        me = dist.get_rank()
+        grid = rank_grid(len(ranks), tp, pp)
+        # new_group is collective over the default group: every process creates every group, in order.
+        groups = {}
+        # Sub-groups of consecutive TP ranks (ranks sharing a replicated kv head when tp > kv heads).
+        sub_sizes = [d for d in range(2, tp) if tp % d == 0]
+        grid["world"] = [list(range(len(ranks)))]
+        for d in sub_sizes:
+            grid[f"tp{d}"] = [g[i:i + d] for g in grid["tp"] for i in range(0, tp, d)]
+        for kind in ["world", "tp", "dp", "pp", "embedding"] + [f"tp{d}" for d in sub_sizes]:
+            for local in grid[kind]:
+                members = [ranks[i] for i in local]
+                group = dist.new_group(members) if len(members) > 1 else None
+                if me in members:
+                    groups[kind] = (group, members)
+        if me not in ranks:
+            return None
+        rank, world_size = ranks.index(me), len(ranks)
         dp = world_size // (tp * pp)
-        state = cls(rank=rank, world_size=world_size, tp=tp, pp=pp, dp=dp,
-                    tp_rank=rank % tp, dp_rank=(rank // tp) % dp, pp_rank=rank // (tp * dp),
-                    device=torch.device(device))
-        # new_group is collective over the whole world: every rank creates every group, in order.
-        for kind, attr in (("tp", "tp_group"), ("dp", "dp_group"), ("pp", "pp_group"),
-                           ("embedding", "embedding_group")):
-            for ranks in grid[kind]:
-                group = dist.new_group(ranks) if len(ranks) > 1 else None
-                if rank in ranks:
-                    setattr(state, attr, group)
-                    if kind == "pp":
-                        state.pp_ranks = ranks
-        return state
+        return cls(rank=rank, world_size=world_size, tp=tp, pp=pp, dp=dp,
+                   tp_rank=rank % tp, dp_rank=(rank // tp) % dp, pp_rank=rank // (tp * dp),
+                   world_group=groups["world"][0], tp_group=groups["tp"][0], dp_group=groups["dp"][0],
+                   pp_group=groups["pp"][0], embedding_group=groups["embedding"][0],
+                   pp_ranks=groups["pp"][1], layout_ranks=ranks, device=torch.device(device),
+                   _subgroups={d: groups[f"tp{d}"][0] for d in sub_sizes})
 
     def tp_subgroup(self, size: int) -> Optional[dist.ProcessGroup]:
-        """Group of `size` consecutive TP ranks containing this rank (e.g. ranks that hold the same
-        replicated kv head when tp > num_kv_heads). Collective on first use: every rank of the world
-        must ask for the same sizes in the same order, which model construction guarantees."""
+        """Group of `size` consecutive TP ranks containing this rank (the ranks holding the same
+        replicated kv head when tp > num_kv_heads). Built with the other groups."""
         if size == 1:
             return None
         if size == self.tp:
             return self.tp_group
         if size not in self._subgroups:
-            mine = None
-            for start in range(0, self.world_size, size):
-                ranks = list(range(start, start + size))
-                group = dist.new_group(ranks)
-                if self.rank in ranks:
-                    mine = group
-            self._subgroups[size] = mine
+            raise ValueError(f"no TP sub-group of size {size}: it must divide tp={self.tp}")
         return self._subgroups[size]
 
     # ------------------------------------------------------------- properties

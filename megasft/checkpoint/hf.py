@@ -9,7 +9,7 @@ megasft.tensor_parallel.layers) says which. Everything that moves weights betwee
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -101,3 +101,36 @@ def canonical_pieces(module: nn.Module, grads: bool = False) -> Iterator[tuple[s
             continue
         for part, offset, piece in split.pieces(tensor):
             yield names[part], split.dim, offset, piece
+
+
+def assemble_canonical(pieces: Iterable[tuple[str, int, int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Full canonical tensors from the (name, dim, offset, piece) tuples of every rank. Copies of
+    replicated tensors (norms, replicated kv heads, a tied head) arrive more than once; one is kept."""
+    by_name: dict[str, dict[int, tuple[int, torch.Tensor]]] = {}
+    for name, dim, offset, piece in pieces:
+        by_name.setdefault(name, {}).setdefault(offset, (dim, piece))
+    full = {}
+    for name, parts in by_name.items():
+        ordered = [parts[o] for o in sorted(parts)]
+        dim = ordered[0][0]
+        full[name] = ordered[0][1] if dim < 0 else torch.cat([p for _, p in ordered], dim=dim)
+    return full
+
+
+def gather_hf_state(chunks: list[nn.Module], ps, dtype: torch.dtype = torch.float32):
+    """The whole model as HF-named full tensors on the layout's rank 0 (None elsewhere). Collective.
+    Meant for small models (it moves every shard through rank 0); large exports stream from a
+    checkpoint with tools/convert_checkpoint.py instead."""
+    import torch.distributed as dist
+
+    mine = []
+    if ps.dp_rank == 0:
+        mine = [(n, d, o, p.to(dtype=dtype, device="cpu").clone())
+                for chunk in chunks for n, d, o, p in canonical_pieces(chunk)]
+    if ps.world_size == 1:
+        return assemble_canonical(mine)
+    gathered = [None] * ps.world_size if ps.rank == 0 else None
+    dist.gather_object(mine, gathered, dst=ps.layout_ranks[0], group=ps.world_group)
+    if ps.rank != 0:
+        return None
+    return assemble_canonical(p for rank_pieces in gathered for p in rank_pieces)

@@ -1,0 +1,135 @@
+"""Hugging Face Llama directories on disk: config.json <-> ModelConfig, safetensors reading and
+writing (single file or sharded with model.safetensors.index.json)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from megasft.checkpoint.hf import load_canonical
+from megasft.config import ModelConfig
+
+
+def model_fields_from_hf(config: dict) -> dict:
+    """ModelConfig fields from a HF LlamaConfig / Qwen2Config dict."""
+    rope = config.get("rope_scaling") or config.get("rope_parameters")
+    theta = config.get("rope_theta") or (rope or {}).get("rope_theta", 10000.0)
+    if rope is not None:
+        rope = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if rope.get("rope_type", rope.get("type")) in (None, "default"):
+            rope = None
+    heads = config["num_attention_heads"]
+    return dict(
+        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"],
+        num_attention_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim"), rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta), rope_scaling=rope,
+        max_position_embeddings=config.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)))
+
+
+def hf_config_from_model(m: ModelConfig, dtype: str = "bfloat16", eos_token_id=None, bos_token_id=None) -> dict:
+    """A config.json for transformers (LlamaForCausalLM; Qwen2ForCausalLM when qkv_bias)."""
+    qwen = m.qkv_bias
+    config = {
+        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen else "llama",
+        "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
+        "intermediate_size": m.intermediate_size, "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.kv_heads,
+        "head_dim": m.head_size, "hidden_act": "silu", "rms_norm_eps": m.rms_norm_eps,
+        "rope_theta": m.rope_theta, "rope_scaling": m.rope_scaling,
+        "max_position_embeddings": m.max_position_embeddings,
+        "tie_word_embeddings": m.tie_embeddings, "torch_dtype": dtype,
+        "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
+    }
+    if not qwen:
+        config.update(attention_bias=False, mlp_bias=False)
+    else:
+        config.update(use_sliding_window=False)
+    return config
+
+
+def read_hf_config(path: str | Path) -> dict:
+    file = Path(path) / "config.json"
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found: model.init_from_hf must be a Hugging Face model directory")
+    return json.loads(file.read_text())
+
+
+def hf_tensor_reader(path: str | Path) -> Callable[[str, tuple], torch.Tensor]:
+    """get(name, expected_shape) over the safetensors file(s) of a HF directory; a missing
+    lm_head.weight falls back to the tied embedding."""
+    root = Path(path)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (root / "model.safetensors").exists():
+        with safe_open(root / "model.safetensors", "pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    else:
+        raise FileNotFoundError(f"{root}: no model.safetensors or model.safetensors.index.json")
+    handles: dict = {}
+
+    def get(name: str, shape) -> torch.Tensor:
+        if name not in weight_map and name == "lm_head.weight":
+            name = "model.embed_tokens.weight"
+        if name not in weight_map:
+            raise KeyError(f"{root}: tensor {name!r} not found in the checkpoint")
+        file = weight_map[name]
+        if file not in handles:
+            handles[file] = safe_open(root / file, "pt")
+        return handles[file].get_tensor(name).float()
+
+    return get
+
+
+def load_hf_into(module: nn.Module, path: str | Path) -> None:
+    """Load this rank's shards of a HF Llama checkpoint into a model chunk."""
+    load_canonical(module, hf_tensor_reader(path))
+
+
+def save_hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path,
+                    max_shard_bytes: int = 5 * 2 ** 30) -> None:
+    """Write (name, tensor) pairs as model-0000x-of-0000y.safetensors shards plus the index,
+    holding at most one shard in memory; a single shard is written as model.safetensors."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes, total = 0, 0
+    written: list[tuple[Path, list[str]]] = []
+
+    def flush() -> None:
+        # Shard count is unknown until the end: write under a temporary name, rename after.
+        tmp = out / f".shard-{len(written)}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(tmp), metadata={"format": "pt"})
+        written.append((tmp, list(shard)))
+        shard.clear()
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + nbytes > max_shard_bytes:
+            flush()
+            shard_bytes = 0
+        shard[name] = tensor
+        shard_bytes += nbytes
+        total += nbytes
+    if shard:
+        flush()
+    if len(written) == 1:
+        written[0][0].rename(out / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (tmp, names) in enumerate(written):
+        final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        tmp.rename(out / final)
+        weight_map.update({name: final for name in names})
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))

@@ -1,0 +1,93 @@
+"""Entry point: ``torchrun --nproc-per-node N -m megasft.train --config X.yaml [section.key=value ...]``.
+
+Reads and validates the config before any process group exists, builds the parallel state,
+model, optimizer and data, writes the resolved config to the run directory, trains, and (with
+checkpoint.export_hf) writes the final weights as a Hugging Face directory.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from megasft.config import Config, ConfigError
+from megasft.parallel_state import ParallelState, destroy
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="megasft.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML config (sections model/parallel/data/optim/train/checkpoint)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
+    return ap.parse_args(argv)
+
+
+def describe_start(cfg: Config, ps: ParallelState, trainer) -> str:
+    n_params = sum(p.numel() for p in trainer.params)
+    expected = 12 * n_params / (ps.dp if cfg.parallel.distributed_optimizer else 1)
+    measured = trainer.optimizer.state_bytes()
+    return "\n".join([
+        f"megasft: world {ps.world_size} = tp {ps.tp} x pp {ps.pp} x dp {ps.dp} on {ps.device}"
+        f"{' (sequence parallel)' if cfg.parallel.sequence_parallel and ps.tp > 1 else ''}, "
+        f"precision {cfg.train.precision}",
+        f"model: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, vocab {cfg.model.vocab_size} "
+        f"(padded {cfg.model.padded_vocab_size(ps.tp)}); {n_params:,} parameters on rank 0",
+        trainer.optimizer.describe(),
+        f"optimizer state on rank 0: measured {measured:,} bytes vs 12*N/DP = {expected:,.0f} "
+        f"(ratio {measured / expected:.4f})",
+        f"data: {cfg.data.rows_per_step()} rows x {cfg.data.seq_len} tokens per step, "
+        f"{cfg.data.micro_batch_size} rows per micro-batch, "
+        f"{cfg.data.rows_per_step() // (ps.dp * cfg.data.micro_batch_size)} micro-batches per rank",
+    ])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = Config.load(args.config, args.overrides).validate(int(os.environ.get("WORLD_SIZE", "1")))
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"megasft.train: configuration error: {err}", file=sys.stderr)
+        return 2
+    from megasft.data.loader import build_loaders
+    from megasft.training.loop import Trainer
+    from megasft.training.metrics import MetricsWriter
+
+    ps = ParallelState.from_env(cfg.parallel.tp, cfg.parallel.pp)
+    torch.manual_seed(cfg.train.seed)
+    run_dir = Path(cfg.train.run_dir)
+    train_loader, eval_loader = build_loaders(cfg.data, cfg.train.seed, ps.dp_rank, ps.dp)
+    trainer = Trainer(cfg, ps)
+    writer = None
+    if ps.rank == 0:
+        cfg.save(run_dir / "config.yaml")
+        print(describe_start(cfg, ps, trainer), flush=True)
+        writer = MetricsWriter(run_dir, cfg.train.steps, cfg.train.progress_bar)
+    trainer.fit(train_loader, eval_loader, writer)
+    if cfg.checkpoint.export_hf:
+        export_final(trainer, cfg, ps, run_dir / "hf")
+    if writer is not None:
+        writer.close()
+        print(f"megasft: done after {trainer.step} steps; metrics in {run_dir / 'metrics.jsonl'}", flush=True)
+    destroy()
+    return 0
+
+
+def export_final(trainer, cfg: Config, ps: ParallelState, out: Path) -> None:
+    import json
+
+    from megasft.checkpoint.hf import gather_hf_state
+    from megasft.checkpoint.hf_io import hf_config_from_model, save_hf_tensors
+
+    state = gather_hf_state(trainer.chunks, ps, torch.float32)
+    if state is None:
+        return
+    save_hf_tensors(sorted(state.items()), out)
+    (out / "config.json").write_text(json.dumps(hf_config_from_model(cfg.model, "float32"), indent=2))
+    print(f"megasft: wrote Hugging Face weights to {out}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Throughput, model FLOPs, MFU and the metric writers (console, JSONL, TensorBoard).
+
+Model FLOPs follow Narayanan et al. 2021 eq. (3) as counted in megasft.planner.flops: 6 FLOPs per
+matmul parameter per token (forward + two backward GEMMs) plus the attention square. For packed
+rows the square is per document, 3 x 4 x (heads*head_dim) x sum(len^2) per layer, since a token
+attends only within its own document; this is the work a varlen kernel really has to do.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megasft.config import ModelConfig
+from megasft.planner.flops import forward_flops_per_token
+
+
+def step_model_flops(model: ModelConfig, tokens: int, sum_sq_doc_lens: int) -> float:
+    """Model FLOPs of one training step over `tokens` packed tokens (all data-parallel ranks)."""
+    gemm = 3 * forward_flops_per_token(model, seq_len=0) * tokens
+    attention = 3 * 4 * model.num_attention_heads * model.head_size * model.num_layers * sum_sq_doc_lens
+    return gemm + attention
+
+
+def sum_sq_segment_lens(micro_batches: list[dict]) -> int:
+    """sum over documents (and padding segments excluded where labelled) of length^2."""
+    total = 0
+    for mb in micro_batches:
+        lens = (mb["cu_seqlens"][1:] - mb["cu_seqlens"][:-1]).long()
+        total += int((lens * lens).sum())
+    return total
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated device memory on CUDA; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class StepTimer:
+    """Wall time between log points, synchronising CUDA so the time is the device's."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        elapsed, self.start = now - self.start, now
+        return elapsed
+
+
+class MetricsWriter:
+    """Writes one record per log point to stdout, <run_dir>/metrics.jsonl and TensorBoard (when
+    the tensorboard package is installed). Only rank 0 creates one."""
+
+    def __init__(self, run_dir: str | Path, total_steps: int, progress_bar: str = "auto"):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.total_steps = total_steps
+        self.progress = progress_bar == "on" or (progress_bar == "auto" and sys.stdout.isatty())
+        self.tb = self._tensorboard(Path(run_dir) / "tensorboard")
+
+    @staticmethod
+    def _tensorboard(path: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:      # tensorboard is optional
+            return None
+        return SummaryWriter(str(path))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+        print(self.format(record), flush=True)
+
+    def format(self, r: dict) -> str:
+        if r.get("kind") == "eval":
+            best = f" (best {r['best_eval_loss']:.4f} @ {r['best_step']})"
+            return f"eval step {r['step']:>6} | loss {r['eval_loss']:.4f} | tokens {r['eval_tokens']}{best}"
+        bar = self._bar(r["step"]) if self.progress else ""
+        return (f"{bar}step {r['step']:>6}/{self.total_steps} | lr {r['lr']:.3e} | loss {r['loss']:.4f} | "
+                f"grad norm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s "
+                f"({r['trained_tokens_per_s']:,.0f} trained) | {r['tflops_per_device']:.2f} TFLOP/s/dev "
+                f"| MFU {100 * r['mfu']:.2f}% | mem {r['peak_mem_gb']:.2f} GB | skipped {r['skipped_steps']}")
+
+    def _bar(self, step: int, width: int = 20) -> str:
+        done = int(width * step / max(1, self.total_steps))
+        return "[" + "#" * done + "." * (width - done) + "] "
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def throughput_record(step: int, lr: float, loss: float, grad_norm: float, elapsed: float, tokens: int,
+                      trained: int, flops: float, world_size: int, peak_tflops: float,
+                      peak_mem: int, skipped: int, extra: Optional[dict] = None) -> dict:
+    tflops = flops / max(elapsed, 1e-9) / world_size / 1e12
+    record = {"kind": "train", "step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm,
+              "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
+              "trained_tokens_per_s": trained / elapsed, "tflops_per_device": tflops,
+              "mfu": tflops / peak_tflops, "peak_mem_gb": peak_mem / 1e9, "skipped_steps": skipped}
+    record.update(extra or {})
+    return record
