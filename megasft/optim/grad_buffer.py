@@ -284,6 +284,9 @@ class GradBuffer:
 
     def zero_(self) -> None:
         """Zero the accumulated gradients and forget which buckets were reduced."""
+        for bucket in self.buckets:
+            if bucket.handle is not None:
+                bucket.handle.wait()  # never zero memory a collective is still writing
         self.grad_data.zero_()
         for bucket in self.buckets:
             bucket.fired.clear()
