@@ -193,6 +193,10 @@ class HFTokenizer(Tokenizer):
         encodings = self.tok.encode_batch_fast(list(texts), add_special_tokens=False)
         return [e.ids for e in encodings]
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # The Rust tokenizer already maps every added/special token string to its id; no Python split.
+        return self._encode_plain_batch(texts)
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
