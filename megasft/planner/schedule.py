@@ -6,7 +6,7 @@ embedding (chunk 0); rank pp-1 owns the last chunk and holds the final norm and 
 """
 from __future__ import annotations
 
-from megasft.config import Config
+from megasft.config import Config, ConfigError
 
 
 def schedule_name(cfg: Config) -> str:
@@ -16,6 +16,11 @@ def schedule_name(cfg: Config) -> str:
         return "none"
     if p.pipeline_schedule == "auto":
         return "interleaved" if p.virtual_pipeline_size > 1 else "1f1b"
+    if (p.pipeline_schedule == "interleaved") != (p.virtual_pipeline_size > 1):
+        raise ConfigError(
+            f"parallel.pipeline_schedule={p.pipeline_schedule} with virtual_pipeline_size="
+            f"{p.virtual_pipeline_size}: the interleaved schedule needs virtual_pipeline_size > 1 and the "
+            "others need 1; set parallel.pipeline_schedule=auto to follow virtual_pipeline_size")
     return p.pipeline_schedule
 
 

@@ -1,0 +1,105 @@
+"""Human-readable text for plans and search results (memory in GiB = 2^30 bytes)."""
+from __future__ import annotations
+
+from megasft.planner.estimate import Plan, StageMemory
+from megasft.planner.hardware import GIB
+from megasft.planner.search import layout_of
+
+
+def _stage_label(plan: Plan, stage: StageMemory) -> str:
+    last = plan.config.parallel.pp - 1
+    roles = [r for r, yes in (("embedding", stage.pp_rank == 0), ("LM head + loss", stage.pp_rank == last)) if yes]
+    return f"pp rank {stage.pp_rank}" + (f" ({', '.join(roles)})" if roles else "")
+
+
+def format_layout(plan: Plan) -> str:
+    cfg, p = plan.config, plan.config.parallel
+    schedule = plan.schedule + (f", v={p.virtual_pipeline_size}" if p.virtual_pipeline_size > 1 else "")
+    return (f"tp {p.tp}{' + SP' if p.sequence_parallel and p.tp > 1 else ''} x pp {p.pp} ({schedule}) x dp {p.dp} "
+            f"= {p.tp * p.pp * p.dp} ranks; micro-batch {cfg.data.micro_batch_size} x {cfg.data.seq_len} tokens, "
+            f"{plan.micro_batches} micro-batches/step; recompute={cfg.model.recompute}; "
+            f"ZeRO-1 {'on' if p.distributed_optimizer else 'off'}; {cfg.train.precision}")
+
+
+def format_plan(plan: Plan) -> str:
+    """The full breakdown ``tools/plan.py`` prints for one layout."""
+    cfg, cluster, m = plan.config, plan.cluster, plan.config.model
+    gpu = cluster.gpu
+    worst = plan.worst
+    lines = [
+        f"model    {m.preset or 'custom'}: {plan.parameters:,} parameters ({m.num_layers} layers, hidden "
+        f"{m.hidden_size}, ffn {m.intermediate_size}, {m.num_attention_heads} heads / {m.kv_heads} kv, "
+        f"vocab {m.vocab_size}{', tied' if m.tie_embeddings else ''})",
+        f"cluster  {cluster.nodes} nodes x {cluster.gpus_per_node} {gpu.name} ({gpu.memory_gib:.1f} GiB, "
+        f"{gpu.peak_tflops:.0f} TFLOP/s bf16, {gpu.intra_node_gbps:.0f} GB/s intra-node, "
+        f"{gpu.inter_node_gbps:.0f} GB/s inter-node per GPU)",
+        f"layout   {format_layout(plan)}",
+        "",
+        f"per-rank memory, worst stage = {_stage_label(plan, worst)}",
+        *_memory_rows(plan, worst),
+        "  total GiB by pp rank: " + ", ".join(f"{s.pp_rank}: {s.total / GIB:.1f}" for s in _stage_sample(plan)),
+        "",
+        f"pipeline bubble   {plan.bubble * 100:.1f} % ({_bubble_formula(plan)})",
+        f"model FLOPs/step  {plan.model_flops:.3e} (6*N*T + 12*L*h*s*T, Narayanan et al. 2021 eq. 3)",
+        f"comm/step/rank    TP {_max(plan, 'tp_bytes'):.1f} GB, PP {_max(plan, 'pp_bytes'):.2f} GB, "
+        f"DP {_max(plan, 'dp_bytes'):.2f} GB",
+        f"step time         {plan.step_seconds:.2f} s ({plan.micro_batch_seconds * 1e3:.0f} ms per micro-batch "
+        f"on the slowest stage)",
+        f"throughput        {plan.tokens_per_second:,.0f} tokens/s ({plan.tokens_per_second / cluster.world_size:,.0f} "
+        f"per GPU), MFU {plan.mfu * 100:.1f} %",
+    ]
+    return "\n".join(lines)
+
+
+def _memory_rows(plan: Plan, stage: StageMemory) -> list[str]:
+    cfg, cluster = plan.config, plan.cluster
+    rows = [
+        (f"{cfg.train.precision} weights", f"{stage.parameters:,} params", stage.weights),
+        ("fp32 main grads", "4 B/param", stage.grads),
+        ("optimizer shard", f"12 B/param / dp {cfg.parallel.dp}" if cfg.parallel.distributed_optimizer
+         else "12 B/param (no ZeRO-1)", stage.optimizer),
+        ("activations", f"{stage.in_flight_layers} layer-micro-batches in flight", stage.activations),
+        (stage.transient_kind, "largest transient buffer", stage.transient),
+        ("CUDA/NCCL overhead", "reserved + fragmentation", stage.overhead),
+    ]
+    lines = [f"  {label:<20}{detail:<42}{value / GIB:8.2f} GiB" for label, detail, value in rows]
+    verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    lines.append(f"  {'total':<62}{stage.total / GIB:8.2f} GiB of {cluster.gpu.memory_gib:.1f} -> {verdict} "
+                 f"({(cluster.memory_bytes - stage.total) / GIB:+.1f} GiB headroom)")
+    return lines
+
+
+def _stage_sample(plan: Plan) -> list[StageMemory]:
+    stages = plan.stages
+    if len(stages) <= 6:
+        return list(stages)
+    return list(stages[:3]) + list(stages[-3:])
+
+
+def _bubble_formula(plan: Plan) -> str:
+    p, m = plan.config.parallel, plan.micro_batches
+    if plan.schedule == "none":
+        return "no pipeline"
+    if plan.schedule == "interleaved":
+        v = p.virtual_pipeline_size
+        return f"(p-1)/(v*m+p-1) = {p.pp - 1}/({v}*{m}+{p.pp - 1})"
+    return f"(p-1)/(m+p-1) = {p.pp - 1}/({m}+{p.pp - 1})"
+
+
+def _max(plan: Plan, field: str) -> float:
+    return max(getattr(c, field) for c in plan.comm) / 1e9
+
+
+def format_search(plans: list[Plan]) -> str:
+    """One line per layout, in the given (ranked) order."""
+    header = f"{'#':>3}  {'layout':<58} {'GiB':>6} {'tokens/s':>10} {'MFU':>6} {'bubble':>7}"
+    rows = [header]
+    for i, p in enumerate(plans, 1):
+        rows.append(f"{i:>3}  {layout_of(p.config).describe():<58} {p.worst.total / GIB:6.1f} "
+                    f"{p.tokens_per_second:10,.0f} {p.mfu * 100:5.1f}% {p.bubble * 100:6.1f}%")
+    return "\n".join(rows)
+
+
+def format_overrides(plan: Plan) -> str:
+    """The ``section.key=value`` overrides that select this plan's layout."""
+    return " ".join(layout_of(plan.config).overrides())
