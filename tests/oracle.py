@@ -6,6 +6,8 @@ against an independent implementation.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -97,3 +99,45 @@ def reference_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list
 def model_batch(batch: dict) -> dict:
     """The tensors megasft's model consumes (the test-only 'docs' entry removed)."""
     return {k: v for k, v in batch.items() if k != "docs"}
+
+
+def select_rows(batch: dict, rows: list[int]) -> dict:
+    """A micro-batch made of some rows of `batch`; cu_seqlens recomputed (a segment starts wherever
+    position_ids is 0)."""
+    out = {k: batch[k][rows] for k in ("input_ids", "labels", "position_ids")}
+    flat = out["position_ids"].reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten().tolist() + [flat.numel()]
+    out["cu_seqlens"] = torch.tensor(starts, dtype=torch.int32)
+    out["max_seqlen"] = max(b - a for a, b in zip(starts, starts[1:]))
+    return out
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """The seed's LR multiplier, written out independently of megasft.optim.lr_schedule."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def reference_training(model, global_batches: list[dict], lr: float, warmup: int, total: int,
+                       clip: float = 1.0, weight_decay: float = 0.1) -> list[float]:
+    """Plain PyTorch SFT steps: global-token masked loss, AdamW with decay on >=2-D params only,
+    clip_grad_norm_, LambdaLR. Returns the loss of each step; `model` ends with the final weights."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: warmup_cosine(t, warmup, total, 0.1))
+    losses = []
+    for batch in global_batches:
+        opt.zero_grad()
+        loss_sum, count, _ = reference_loss(model, batch)
+        loss = loss_sum / count
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses

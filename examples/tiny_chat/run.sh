@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The tiny chat example end to end on CPU: synthetic chats + tokenizer, preprocessing, training on
+# 4 gloo processes (TP2 x DP2), then greedy answers to held-out prompts.
+# Extra arguments are config overrides, e.g.  bash examples/tiny_chat/run.sh train.steps=50
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DATA=examples/tiny_chat/data
+RUN=${RUN_DIR:-runs/tiny_chat}
+NPROC=${NPROC:-4}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+python examples/tiny_chat/make_data.py --out "$DATA"
+for split in train eval; do
+  python tools/preprocess_data.py --input "$DATA/$split.jsonl" --output "$DATA/$split" \
+    --tokenizer "$DATA/tokenizer.model" --template llama3 --seq-len 256
+done
+torchrun --standalone --nproc-per-node "$NPROC" -m megasft.train \
+  --config examples/configs/tiny_chat.yaml train.run_dir="$RUN" "$@"
+python -m megasft.generate --model "$RUN/hf" --tokenizer "$DATA/tokenizer.model" --template llama3 \
+  --prompts "$DATA/eval.jsonl" -n 40
