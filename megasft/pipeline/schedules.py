@@ -1,23 +1,66 @@
 """Forward/backward schedules over the micro-batches of one global batch, model-agnostic.
 
-A schedule calls ``forward_step(chunk_index, micro_batch, input_tensor)``, which runs one model
-chunk and returns either the activation to pass on, or — on the last pipeline stage — a pair
-``(loss, stats)``: the scalar to back-propagate (already scaled for the global batch) and a dict of
-detached numbers to sum over micro-batches (e.g. loss_sum, valid tokens).
+A schedule calls ``forward_step(chunk_index, micro_batch, input_tensor)``, which runs this rank's
+model chunk ``chunk_index`` and returns either the activation to pass on, or — on the last
+pipeline stage's last chunk — a pair ``(loss, stats)``: the scalar to back-propagate (already
+scaled for the global batch) and a dict of detached numbers to sum over micro-batches (e.g.
+loss_sum, valid tokens). ``input_tensor`` is None on the first stage's first chunk; elsewhere it is
+the received activation, made to require grad so its gradient can be sent back.
+
+Schedules (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters
+Using Megatron-LM", Sec. 2.2):
+
+  no pipeline      pp=1: forward and backward each micro-batch in turn.
+  all-forward-all-backward  GPipe's order, every forward then every backward (for testing).
+  1F1B             PipeDream-Flush: a warmup of (p - rank - 1) forwards, then alternate one
+                   forward and one backward, then drain the remaining backwards. At most
+                   p - rank micro-batches wait for their backward on a stage.
+  interleaved 1F1B each rank holds v model chunks (its chunk i is global chunk i*p + rank); the
+                   same idea over p*v virtual stages shrinks the bubble by v.
+
+Every stage must call with the same micro-batch list (the loader gives it to all of them), so
+packing metadata needs no communication; only activations and their gradients travel (p2p.py).
 """
 from __future__ import annotations
 
+import contextlib
+import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 
+from megasft.parallel_state import ParallelState
+from megasft.pipeline.bubble import bubble_1f1b, bubble_interleaved  # noqa: F401 (re-exported)
+from megasft.pipeline.p2p import P2P, backward_through, release_storage
+from megasft.pipeline.tied import sync_tied_embedding_grads  # noqa: F401 (the trainer's entry)
+
 ForwardStep = Callable[[int, dict, Optional[torch.Tensor]], object]
+SCHEDULES = ("auto", "1f1b", "interleaved", "all_forward_all_backward")
 
 
 @dataclass
 class ScheduleResult:
+    """What one schedule run produced on this rank.
+
+    busy_s: time in forward_step and backward (compute, including TP collectives inside them);
+    idle_s: time waiting in pipeline p2p exchanges (the bubble, plus transfer time).
+    peak_in_flight: most (micro-batch, chunk) forwards whose backward had not run yet — with one
+    chunk per rank, micro-batches whose activations are held."""
+
     stats: dict = field(default_factory=dict)   # summed over micro-batches (last stage only)
+    busy_s: float = 0.0
+    idle_s: float = 0.0
+    wall_s: float = 0.0                          # the whole schedule call
+    peak_in_flight: int = 0
+
+    @property
+    def bubble_fraction(self) -> float:
+        """idle / (busy + idle) on this stage. On the first stage, which starts first and finishes
+        last, this is the pipeline's bubble fraction, comparable to bubble_1f1b/interleaved."""
+        total = self.busy_s + self.idle_s
+        return self.idle_s / total if total > 0 else 0.0
 
 
 def _accumulate(total: dict, stats: dict) -> None:
@@ -25,30 +68,255 @@ def _accumulate(total: dict, stats: dict) -> None:
         total[key] = total.get(key, 0.0) + float(value)
 
 
+class _Stage:
+    """This rank's side of a schedule: runs forward/backward of its chunks, keeps the activations
+    awaiting backward (FIFO per chunk), exchanges with neighbours, and keeps the books."""
+
+    def __init__(self, forward_step: ForwardStep, micro_batches: list[dict], ps: ParallelState,
+                 num_chunks: int, tensor_shape, dtype: torch.dtype, forward_only: bool,
+                 no_sync: Optional[Callable[[], ContextManager]]):
+        self.forward_step, self.micro_batches, self.ps = forward_step, micro_batches, ps
+        self.num_chunks, self.forward_only, self.no_sync = num_chunks, forward_only, no_sync
+        self.p2p = P2P(ps, tensor_shape, dtype) if ps.pp > 1 else None
+        self.result = ScheduleResult()
+        self.saved = [deque() for _ in range(num_chunks)]             # (input, output) per forward
+        self.backwards_left = [len(micro_batches)] * num_chunks
+        self.in_flight = 0
+
+    def is_loss_chunk(self, chunk: int) -> bool:
+        return self.ps.is_last_stage and chunk == self.num_chunks - 1
+
+    def forward(self, chunk: int, micro_batch: int, input_tensor: Optional[torch.Tensor]):
+        """Run one chunk on one micro-batch; returns the activation to send (None after the loss)."""
+        if input_tensor is not None and not self.forward_only:
+            input_tensor.requires_grad_()
+        start = time.perf_counter()
+        with torch.set_grad_enabled(not self.forward_only):
+            output = self.forward_step(chunk, self.micro_batches[micro_batch], input_tensor)
+        if self.is_loss_chunk(chunk):
+            output, stats = output
+            _accumulate(self.result.stats, stats)
+        self.result.busy_s += time.perf_counter() - start
+        if not self.forward_only:
+            self.saved[chunk].append((input_tensor, output))
+            self.in_flight += 1
+            self.result.peak_in_flight = max(self.result.peak_in_flight, self.in_flight)
+        return None if self.is_loss_chunk(chunk) else output
+
+    def backward(self, chunk: int, output_grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Backward of the oldest pending forward of `chunk`; returns the gradient of its input
+        (None on the first stage's first chunk). output_grad is None for the loss."""
+        input_tensor, output = self.saved[chunk].popleft()
+        self.backwards_left[chunk] -= 1
+        # Gradient reduction over DP may start only once the chunk's last micro-batch is in.
+        accumulate_only = self.no_sync is not None and self.backwards_left[chunk] > 0
+        start = time.perf_counter()
+        with self.no_sync() if accumulate_only else contextlib.nullcontext():
+            backward_through(output, output_grad)
+        self.result.busy_s += time.perf_counter() - start
+        self.in_flight -= 1
+        return None if input_tensor is None else input_tensor.grad
+
+    def exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
+        """One batched p2p exchange with the neighbours; returns (activation, gradient) received."""
+        if self.p2p is None:
+            return None, None
+        got = self.p2p.exchange(send_next, send_prev, recv_prev, recv_next)
+        self.result.idle_s += got.wait_s
+        if send_next is not None and not self.forward_only:
+            release_storage(send_next)   # the next stage holds it now; backward needs only grad_fn
+        return got.from_prev, got.from_next
+
+
+# ---------------------------------------------------------------------------------- schedules
+def no_pipeline(st: _Stage) -> None:
+    """pp=1: forward and backward each micro-batch in turn; gradients accumulate."""
+    for i in range(len(st.micro_batches)):
+        st.forward(0, i, None)
+        if not st.forward_only:
+            st.backward(0, None)
+
+
+def all_forward_all_backward(st: _Stage) -> None:
+    """GPipe's order (Huang et al. 2019): all forwards, then all backwards. Holds every
+    micro-batch's activations at once; kept as a simple reference schedule for tests."""
+    first, last, m = st.ps.is_first_stage, st.ps.is_last_stage, len(st.micro_batches)
+    for i in range(m):
+        x, _ = st.exchange(recv_prev=not first)
+        st.exchange(send_next=st.forward(0, i, x))
+    if st.forward_only:
+        return
+    for _ in range(m):
+        _, grad = st.exchange(recv_next=not last)
+        st.exchange(send_prev=st.backward(0, grad))
+
+
+def one_f_one_b(st: _Stage) -> None:
+    """1F1B (PipeDream-Flush; Narayanan et al. 2021, Fig. 4 top). Stage r runs p - r - 1 warmup
+    forwards so that the last stage starts its first backward as early as possible; in steady
+    state each forward is followed by the backward of the oldest micro-batch, bounding the
+    activations held to p - r micro-batches; the cooldown drains the remaining backwards."""
+    p, r, m = st.ps.pp, st.ps.pp_rank, len(st.micro_batches)
+    first, last = st.ps.is_first_stage, st.ps.is_last_stage
+    warmup = m if st.forward_only else min(p - r - 1, m)
+    steady = m - warmup
+
+    # Warmup: forwards only, filling the pipeline.
+    for i in range(warmup):
+        x, _ = st.exchange(recv_prev=not first)
+        st.exchange(send_next=st.forward(0, i, x))
+
+    # Steady 1F1B: forward micro-batch warmup + i, backward micro-batch i.
+    x = st.exchange(recv_prev=not first)[0] if steady else None
+    for i in range(steady):
+        y = st.forward(0, warmup + i, x)
+        _, grad = st.exchange(send_next=y, recv_next=not last)
+        input_grad = st.backward(0, grad)
+        x, _ = st.exchange(send_prev=input_grad, recv_prev=not first and i < steady - 1)
+
+    # Cooldown: backwards of the warmup micro-batches.
+    if st.forward_only:
+        return
+    for _ in range(warmup):
+        _, grad = st.exchange(recv_next=not last)
+        st.exchange(send_prev=st.backward(0, grad))
+
+
+def interleaved_1f1b(st: _Stage) -> None:
+    """Interleaved 1F1B (Narayanan et al. 2021, Sec. 2.2.2, Fig. 4 bottom), in Megatron-LM's
+    order. Virtual step k runs chunk (k mod p*v) // p on micro-batch (k // p*v)*p + k mod p:
+    groups of p micro-batches go through chunk 0, then chunk 1, ... so that the first stage always
+    has work while its first results travel round the ring. Backward visits chunks in reverse.
+    Needs m to be a multiple of p."""
+    p, r, v, m = st.ps.pp, st.ps.pp_rank, st.num_chunks, len(st.micro_batches)
+    if m % p:
+        lower, upper = max(p, m // p * p), (m // p + 1) * p
+        raise ValueError(f"the interleaved schedule needs the number of micro-batches ({m}) to be a "
+                         f"multiple of pp={p}; use {lower} or {upper} micro-batches per step, or "
+                         "virtual_pipeline_size=1")
+    first, last = st.ps.is_first_stage, st.ps.is_last_stage
+    total = m * v
+
+    def chunk_of(k: int, forward: bool) -> int:
+        c = (k % (p * v)) // p
+        return c if forward else v - 1 - c
+
+    def micro_batch_of(k: int) -> int:
+        return (k // (p * v)) * p + k % p
+
+    # Warmup length: the forwards that fit before the first gradient can come back round the
+    # ring (2 hops per stage below the last) plus one full round of the other v-1 chunks. With
+    # m == p there is no steady state: everything is warmup, then cooldown.
+    if st.forward_only or m == p:
+        warmup = total
+    else:
+        warmup = min((p - r - 1) * 2 + (v - 1) * p, total)
+    steady = total - warmup
+    inputs = [deque() for _ in range(v)]      # received activations, per chunk, in order
+    grads = [deque() for _ in range(v)]       # received output gradients, per chunk, in order
+
+    def next_input(chunk: int):
+        return None if first and chunk == 0 else inputs[chunk].popleft()
+
+    def next_grad(chunk: int):
+        return None if last and chunk == v - 1 else grads[chunk].popleft()
+
+    # Warmup: forwards only; the last one also asks for the first gradient.
+    if not first:
+        inputs[0].append(st.exchange(recv_prev=True)[0])
+    for k in range(warmup):
+        y = st.forward(chunk_of(k, True), micro_batch_of(k), next_input(chunk_of(k, True)))
+        following = chunk_of(k + 1, True)
+        recv_prev = not (first and following == 0) and k != total - 1
+        recv_next = k == warmup - 1 and steady > 0 and not last
+        x, grad = st.exchange(send_next=y, recv_prev=recv_prev, recv_next=recv_next)
+        if recv_prev:
+            inputs[following].append(x)
+        if recv_next:
+            grads[v - 1].append(grad)
+
+    # Steady 1F1B: forward virtual step warmup + k, backward virtual step k, one exchange.
+    for k in range(steady):
+        fk = k + warmup
+        y = st.forward(chunk_of(fk, True), micro_batch_of(fk), next_input(chunk_of(fk, True)))
+        input_grad = st.backward(chunk_of(k, False), next_grad(chunk_of(k, False)))
+        # What arrives now was sent by a neighbour p-1 virtual steps ago when it wraps the ring.
+        if first:
+            wrapped = chunk_of(fk - (p - 1), True)
+            recv_prev, following = wrapped != v - 1, wrapped + 1
+        else:
+            recv_prev, following = True, chunk_of(fk + 1, True)
+        if last:
+            wrapped = chunk_of(k - (p - 1), False)
+            recv_next, preceding = wrapped != 0, wrapped - 1
+        else:
+            recv_next, preceding = True, chunk_of(k + 1, False)
+        recv_prev = recv_prev and k != steady - 1
+        x, grad = st.exchange(send_next=y, send_prev=input_grad, recv_prev=recv_prev,
+                              recv_next=recv_next)
+        if recv_prev:
+            inputs[following].append(x)
+        if recv_next:
+            grads[preceding].append(grad)
+
+    # Cooldown: the remaining backwards.
+    if st.forward_only:
+        return
+    if steady == 0 and not last:
+        grads[v - 1].append(st.exchange(recv_next=True)[1])
+    for k in range(steady, total):
+        input_grad = st.backward(chunk_of(k, False), next_grad(chunk_of(k, False)))
+        preceding = chunk_of(k + 1, False)
+        recv_next = not (last and preceding == v - 1) and k != total - 1
+        _, grad = st.exchange(send_prev=input_grad, recv_next=recv_next)
+        if recv_next:
+            grads[preceding].append(grad)
+
+
+# ----------------------------------------------------------------------------------- dispatch
+def resolve_schedule(schedule: str, pp: int, num_chunks: int) -> str:
+    """The schedule to run for ParallelConfig.pipeline_schedule, checked against the layout."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"pipeline schedule {schedule!r} is not one of {list(SCHEDULES)}")
+    if num_chunks > 1 and pp == 1:
+        raise ValueError(f"num_chunks={num_chunks} model chunks need pp > 1 (interleaving splits stages)")
+    if schedule == "auto":
+        return "no_pipeline" if pp == 1 else ("interleaved" if num_chunks > 1 else "1f1b")
+    if schedule == "interleaved" and num_chunks == 1:
+        raise ValueError("the interleaved schedule needs virtual_pipeline_size > 1; use 1f1b or auto")
+    if schedule != "interleaved" and num_chunks > 1:
+        raise ValueError(f"{num_chunks} model chunks per rank (virtual_pipeline_size) need the "
+                         f"interleaved schedule, not {schedule!r}; use interleaved or auto")
+    return schedule
+
+
+RUNNERS = {"no_pipeline": no_pipeline, "all_forward_all_backward": all_forward_all_backward,
+           "1f1b": one_f_one_b, "interleaved": interleaved_1f1b}
+
+
+def forward_backward(forward_step: ForwardStep, micro_batches: list[dict], ps: ParallelState, *,
+                     num_chunks: int = 1, tensor_shape=None, dtype: torch.dtype = torch.float32,
+                     forward_only: bool = False, schedule: str = "auto",
+                     no_sync: Optional[Callable[[], ContextManager]] = None) -> ScheduleResult:
+    """Run forward (and backward) of every micro-batch through this rank's chunks.
+
+    tensor_shape: the activation shape between stages, [s/tp if SP else s, b, h] (static).
+    no_sync: optional context-manager factory (e.g. GradBuffer.no_sync) entered around every
+    backward except each chunk's last, so overlapped DP gradient reduction starts only then."""
+    name = resolve_schedule(schedule, ps.pp, num_chunks)
+    if ps.pp > 1 and tensor_shape is None:
+        raise ValueError("pipeline schedules need tensor_shape ([s/tp if SP else s, b, h])")
+    if not micro_batches:
+        raise ValueError("forward_backward needs at least one micro-batch")
+    start = time.perf_counter()
+    st = _Stage(forward_step, micro_batches, ps, num_chunks, tensor_shape, dtype, forward_only, no_sync)
+    RUNNERS[name](st)
+    st.result.wall_s = time.perf_counter() - start
+    return st.result
+
+
 def forward_backward_no_pipeline(forward_step: ForwardStep, micro_batches: list[dict],
                                  forward_only: bool = False) -> ScheduleResult:
-    """pp=1: forward and backward each micro-batch in turn; gradients accumulate."""
-    result = ScheduleResult()
-    for batch in micro_batches:
-        with torch.set_grad_enabled(not forward_only):
-            loss, stats = forward_step(0, batch, None)
-        if not forward_only:
-            loss.backward()
-        _accumulate(result.stats, stats)
-    return result
-
-
-def forward_backward(forward_step: ForwardStep, micro_batches: list[dict], ps, *, num_chunks: int = 1,
-                     tensor_shape=None, dtype=None, forward_only: bool = False,
-                     schedule: str = "auto") -> ScheduleResult:
-    """Run one global batch's micro-batches through this rank's chunks with the configured schedule."""
-    if ps.pp == 1:
-        return forward_backward_no_pipeline(forward_step, micro_batches, forward_only)
-    raise NotImplementedError("pipeline schedules land with the pipeline-parallel issue")
-
-
-def sync_tied_embedding_grads(chunks, ps) -> None:
-    """All-reduce the gradients of the tied embedding copies over the embedding group (pp > 1)."""
-    if ps.pp == 1:
-        return
-    raise NotImplementedError("pipeline schedules land with the pipeline-parallel issue")
+    """pp=1 convenience entry: forward_backward on a single-process ParallelState."""
+    return forward_backward(forward_step, micro_batches, ParallelState.single(),
+                            forward_only=forward_only)
