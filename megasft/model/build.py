@@ -11,6 +11,7 @@ from megasft.config import Config
 from megasft.model.llama import LlamaStage
 from megasft.parallel_state import ParallelState
 from megasft.pipeline.partition import rank_chunks
+from megasft.pipeline.tied import mark_tied_embeddings
 
 
 def build_model(cfg: Config, ps: ParallelState) -> list[LlamaStage]:
@@ -33,6 +34,7 @@ def build_model(cfg: Config, ps: ParallelState) -> list[LlamaStage]:
             init_weights(chunk, cfg.train.seed, m.init_std)
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         chunk.to(device=ps.device, dtype=dtype)
+    mark_tied_embeddings(chunks)   # before the optimizer sees them: grad norm and DP-sync tags
     return chunks
 
 
