@@ -133,7 +133,9 @@ class ParallelState:
         return cls(rank=rank, world_size=world_size, tp=tp, pp=pp, dp=dp,
                    tp_rank=rank % tp, dp_rank=(rank // tp) % dp, pp_rank=rank // (tp * dp),
                    world_group=groups["world"][0], tp_group=groups["tp"][0], dp_group=groups["dp"][0],
-                   pp_group=groups["pp"][0], embedding_group=groups["embedding"][0],
+                   pp_group=groups["pp"][0],
+                   # Middle stages (pp > 2) belong to no embedding group.
+                   embedding_group=groups.get("embedding", (None,))[0],
                    pp_ranks=groups["pp"][1], layout_ranks=ranks, device=torch.device(device),
                    _subgroups={d: groups[f"tp{d}"][0] for d in sub_sizes})
 
