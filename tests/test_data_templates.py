@@ -143,16 +143,29 @@ def test_sentencepiece_llama3_masks():
     assert tok.decode(prompt).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
-def test_encoding_is_linear_in_turns():
+@pytest.mark.parametrize("whole_text", [True, False])
+def test_encoding_is_linear_in_turns(whole_text):
     """Every character of the rendered text is tokenised at most once (no prefix re-tokenisation)."""
     tok = load_tokenizer(hf_tokenizer_dir(), "llama3")
     seen = []
-    original = tok.encode_batch
-    tok.encode_batch = lambda texts: (seen.append(sum(map(len, texts))), original(texts))[1]
+    for name in ("encode_batch", "encode_with_offsets"):
+        original = getattr(tok, name)
+        setattr(tok, name, lambda texts, f=original: (seen.append(sum(map(len, texts))), f(texts))[1])
     msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} hello world"} for i in range(100)]
-    ChatEncoder(tok, get_template("llama3")).encode(msgs)
+    ChatEncoder(tok, get_template("llama3"), whole_text=whole_text).encode(msgs)
     # One tokenizer call; no character tokenised twice (repeated headers are even served from a cache).
     assert len(seen) == 1 and 0 < seen[0] <= len(get_template("llama3").render_text(msgs))
+
+
+@pytest.mark.parametrize("template", ["llama3", "chatml"])
+@pytest.mark.parametrize("mode", ["all", "completion", "completion_eot"])
+def test_whole_text_and_segmented_encodings_agree(template, mode):
+    tok = load_tokenizer(hf_tokenizer_dir(), template)
+    convs = conversations(40, seed=8)
+    whole = ChatEncoder(tok, get_template(template), mode, whole_text=True).encode_many(convs)
+    split = ChatEncoder(tok, get_template(template), mode, whole_text=False).encode_many(convs)
+    for (ids_a, mask_a), (ids_b, mask_b) in zip(whole, split):
+        assert ids_a.tolist() == ids_b.tolist() and mask_a.tolist() == mask_b.tolist()
 
 
 def test_tokenizer_lacking_template_tokens_is_an_error():

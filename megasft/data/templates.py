@@ -2,11 +2,12 @@
 
 A template turns a conversation into a list of :class:`Segment` (text, kind, turn). The joined text
 is exactly what ``transformers``' ``apply_chat_template(..., tokenize=False)`` returns for the same
-template; ``kind`` says which pieces are assistant content or its end-of-turn token. Each segment is
-tokenised on its own, so the mask is exact and the cost is linear in the number of turns (no
-re-tokenising of prefixes). Segment boundaries sit at special tokens or at the newline after a role
-header, both of which are pre-tokenizer split points of BPE tokenizers (Llama-3, Qwen), so the ids
-equal tokenising the whole text at once.
+template; ``kind`` says which pieces are assistant content or its end-of-turn token. The mask follows
+the segments: with HF tokenizers the whole text is tokenised once and each token is placed by its
+character offset; with sentencepiece each segment is tokenised on its own. Either way the cost is
+linear in the number of turns (no re-tokenising of prefixes). Segment boundaries sit at special
+tokens or at the newline after a role header, both pre-tokenizer split points of BPE tokenizers
+(Llama-3, Qwen), so both ways give the same ids (tested).
 
 Built-ins (plain Python, no Jinja, fast): ``llama3`` (the Meta-Llama-3-Instruct template; Llama-3.1's
 template additionally injects a dated system header: use its tokenizer_config.json for that) and
@@ -239,12 +240,16 @@ def get_template(name: str, tokenizer_config: Optional[dict] = None) -> ChatTemp
 @dataclass
 class ChatEncoder:
     """Conversations -> (token ids, loss mask). The mask marks trained positions (HF labels: position t
-    is trained to predict input_ids[t]); the first token is never trained (nothing predicts it)."""
+    is trained to predict input_ids[t]); the first token is never trained (nothing predicts it).
+    Cost is linear in the conversation: every character is tokenised at most once."""
 
     tokenizer: object
     template: ChatTemplate
     mask_mode: str = "completion_eot"
     last_turn_only: bool = False
+    whole_text: Optional[bool] = None
+    """Tokenise whole conversations and place tokens by character offset (default when the tokenizer
+    reports offsets: HF) or segment by segment (False; sentencepiece)."""
 
     def __post_init__(self) -> None:
         self._cache: dict[str, list[int]] = {}
@@ -261,19 +266,39 @@ class ChatEncoder:
     def encode_many(self, conversations: Sequence[Sequence[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Encode a batch with one tokenizer call; returns (ids int64, mask uint8) per conversation."""
         rendered = [self.template.render(c) for c in conversations]
-        pieces = self._encode_segments([s.text for segs in rendered for s in segs])
-        out, k = [], 0
-        for segs in rendered:
-            mine = pieces[k:k + len(segs)]
-            k += len(segs)
-            last_turn = max((s.turn for s in segs), default=-1)
-            lengths = [len(p) for p in mine]
-            ids = np.fromiter(itertools.chain.from_iterable(mine), dtype=np.int64, count=sum(lengths))
-            mask = np.repeat(np.array([self._trained(s, last_turn) for s in segs], dtype=np.uint8), lengths)
+        whole = self.whole_text if self.whole_text is not None else hasattr(self.tokenizer, "encode_with_offsets")
+        encoded = self._encode_whole(rendered) if whole else self._encode_segmented(rendered)
+        out = []
+        for ids, mask in encoded:
             if len(mask):
                 mask[0] = 0
             out.append((ids, mask))
         return out
+
+    def _flags(self, segs: list[Segment]) -> np.ndarray:
+        last_turn = max((s.turn for s in segs), default=-1)
+        return np.array([self._trained(s, last_turn) for s in segs], dtype=np.uint8)
+
+    def _encode_whole(self, rendered: list[list[Segment]]):
+        """Tokenise each conversation's text once; a token belongs to the segment its first character
+        is in (segments meet at special tokens and header newlines, which no token spans)."""
+        texts = ["".join(s.text for s in segs) for segs in rendered]
+        for segs, (ids, starts) in zip(rendered, self.tokenizer.encode_with_offsets(texts)):
+            seg_starts = np.cumsum([0] + [len(s.text) for s in segs[:-1]])
+            # side="right": among empty segments sharing a start, the token goes to the non-empty last one.
+            which = np.searchsorted(seg_starts, starts, side="right") - 1
+            yield ids, self._flags(segs)[which]
+
+    def _encode_segmented(self, rendered: list[list[Segment]]):
+        """Tokenise segment by segment (backends without offsets, e.g. sentencepiece)."""
+        pieces = self._encode_segments([s.text for segs in rendered for s in segs])
+        k = 0
+        for segs in rendered:
+            mine = pieces[k:k + len(segs)]
+            k += len(segs)
+            lengths = [len(p) for p in mine]
+            ids = np.fromiter(itertools.chain.from_iterable(mine), dtype=np.int64, count=sum(lengths))
+            yield ids, np.repeat(self._flags(segs), lengths)
 
     def _encode_segments(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text. Short texts are cached: role headers, end-of-turn markers and repeated

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
+
 # Llama-3's pre-tokenizer split pattern (tiktoken cl100k-style): used by train_bpe_tokenizer.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -196,6 +198,15 @@ class HFTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # The Rust tokenizer already maps every added/special token string to its id; no Python split.
         return self._encode_plain_batch(texts)
+
+    def encode_with_offsets(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, start character of each token) per text: one call per whole conversation is ~1.5x
+        cheaper than one per segment (the per-call cost of the Rust tokenizer dominates short texts)."""
+        out = []
+        for e in self.tok.encode_batch(list(texts), add_special_tokens=False):
+            starts = np.array(e.offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+            out.append((np.array(e.ids, dtype=np.int64), starts))
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
