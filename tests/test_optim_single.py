@@ -149,3 +149,21 @@ def test_chunked_update_changes_nothing(monkeypatch):
         return opt.shard_state.clone()
 
     assert torch.equal(train(7), train(1 << 26))
+
+
+def test_per_parameter_load_paths():
+    model = Block()
+    opt = optimizer(model, lr=0.1, wd=0.5)
+    # Model weights loaded after the optimizer was built reach the fp32 main params.
+    with torch.no_grad():
+        model.proj.weight.fill_(2.0)
+    opt.main_params_from_model()
+    opt.zero_grad()
+    opt.step()
+    assert torch.equal(model.proj.weight.detach(), torch.full((16, 8), 2.0 * (1 - 0.1 * 0.5)))
+    # Main params written per parameter (a resharding checkpoint load) reach the model.
+    for shard in opt.param_shards():
+        if shard.name == "norm_weight":
+            opt.param_state(shard)["main"].fill_(3.0)
+    opt.publish_params()
+    assert torch.equal(model.norm_weight.detach(), torch.full((16,), 3.0))

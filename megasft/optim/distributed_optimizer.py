@@ -20,6 +20,17 @@ The update is torch.optim.AdamW's (Loshchilov & Hutter 2019): with t the 1-based
     p ← p − lr / (1 − β1^t) · m / (sqrt(v) / sqrt(1 − β2^t) + ε)
 
 A non-finite global norm skips the step: params, moments and the step count stay untouched.
+
+Wiring in a trainer:
+
+    opt = DistributedOptimizer(named_params, cfg.optim, cfg.parallel, ps,
+                               WarmupCosine.from_config(cfg.optim, cfg.train.steps))
+    print(opt.describe())                          # optimizer-state bytes per rank
+    opt.zero_grad()
+    for each micro-batch:                          # all but the last inside opt.grad_buffer.no_sync()
+        (loss_sum / global_valid_tokens).backward()     # when overlap_grad_reduce is on
+    sum replicated grads on param.main_grad        # SP norm weights, tied embeddings (before step)
+    result = opt.step()                            # StepResult(grad_norm, skipped, lr, ...)
 """
 from __future__ import annotations
 
@@ -84,8 +95,7 @@ class DistributedOptimizer:
         self.norm_groups = [state.tp_group, state.pp_group] + ([state.dp_group] if self.distributed else [])
         self.shard_state = torch.zeros(3, self.grad_buffer.shard_numel, dtype=torch.float32,
                                        device=self.grad_buffer.grad_data.device)
-        for bucket in self.grad_buffer.buckets:
-            self._shard_rows(bucket)[MAIN].copy_(self.grad_buffer.param_shard(bucket))
+        self.main_params_from_model()
         self.step_count = 0  # applied (not skipped) updates; AdamW's t is step_count after increment
         self.consecutive_skips = 0
         self.skipped_total = 0
@@ -108,7 +118,7 @@ class DistributedOptimizer:
         self.step_count += 1
         for bucket in self.grad_buffer.buckets:
             self._update_bucket(bucket, lr, coef)
-        self._publish_params()
+        self.publish_params()
         return StepResult(norm, False, lr, coef, 0)
 
     def grad_norm(self) -> float:
@@ -144,8 +154,15 @@ class DistributedOptimizer:
             adamw_(main[lo:hi], grad[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], step=self.step_count,
                    lr=lr, beta1=self.optim.beta1, beta2=self.optim.beta2, eps=self.optim.eps)
 
-    def _publish_params(self) -> None:
-        """Cast the updated fp32 shard into the model-dtype buffer and all-gather it over DP."""
+    def main_params_from_model(self) -> None:
+        """Set this rank's fp32 main params from the model params (after loading model weights
+        into an already built optimizer; local, no communication)."""
+        for bucket in self.grad_buffer.buckets:
+            self._shard_rows(bucket)[MAIN].copy_(self.grad_buffer.param_shard(bucket))
+
+    def publish_params(self) -> None:
+        """Cast the fp32 main shard into the model-dtype buffer and all-gather it over DP (after
+        each update, or after writing main params through param_state()). A DP collective."""
         for bucket in self.grad_buffer.buckets:
             self.grad_buffer.param_shard(bucket).copy_(self._shard_rows(bucket)[MAIN])
         self.grad_buffer.all_gather_params()
@@ -188,7 +205,7 @@ class DistributedOptimizer:
         self.shard_state.copy_(loaded)
         self.step_count = int(state_dict["step"])
         self.consecutive_skips = int(state_dict.get("consecutive_skips", 0))
-        self._publish_params()
+        self.publish_params()
 
     def describe(self) -> str:
         """One start-up line: state bytes per rank and what they hold."""
