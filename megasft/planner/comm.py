@@ -14,8 +14,9 @@ megabytes or more.
   backward, [s, b, h] (or [s/t, b, h] under SP, where activations between layers are sharded).
 * DP with the distributed optimizer (ZeRO-1; Rajbhandari et al. 2020): reduce-scatter of the fp32
   gradients, then all-gather of the updated bf16 weights — 1.5x the bytes of a bf16 all-reduce.
-  Without it: an fp32 all-reduce. ``overlap_grad_reduce`` hides the reduce-scatter behind the
-  last micro-batch's backward except its last bucket.
+  Without it: an fp32 all-reduce. ``overlap_grad_reduce`` runs the reduction bucket by bucket
+  during the last micro-batch's backward; what the backward cannot hide (at least the last
+  bucket) stays exposed — see ``megasft.planner.estimate``.
 """
 from __future__ import annotations
 
@@ -44,8 +45,12 @@ class RankComm:
     """TP collective time inside one micro-batch's forward+backward on this rank."""
     pp_seconds_per_micro_batch: float
     """Pipeline send/recv time per micro-batch (all chunks of this rank), before overlap."""
-    dp_exposed_seconds: float
-    """Data-parallel time not hidden behind compute (once per step)."""
+    dp_reduce_seconds: float
+    """Gradient reduce-scatter (or all-reduce) over DP, once per step."""
+    dp_gather_seconds: float
+    """All-gather of the updated weights over DP (ZeRO-1), once per step, never overlapped."""
+    dp_bucket_seconds: float
+    """Reduction time of one gradient bucket: the part overlap can never hide."""
 
 
 def tp_bytes_per_micro_batch(cfg: Config, pp_rank: int) -> float:
@@ -95,13 +100,13 @@ def rank_comm(cfg: Config, cluster: Cluster, pp_rank: int) -> RankComm:
     dp_bw = cluster.group_bandwidth(dp * p.tp)
     pp_bw = cluster.group_bandwidth(cluster.world_size)
     reduce_s = reduce_bytes / dp_bw
-    if p.overlap_grad_reduce:
-        reduce_s = min(reduce_s, p.bucket_size_mb * 2**20 * ring_fraction(dp) / dp_bw)
     return RankComm(
         tp_bytes=tp_mb * m,
         pp_bytes=pp_mb * m,
         dp_bytes=reduce_bytes + gather_bytes,
         tp_seconds_per_micro_batch=tp_mb / tp_bw,
         pp_seconds_per_micro_batch=pp_mb / pp_bw,
-        dp_exposed_seconds=reduce_s + gather_bytes / dp_bw,
+        dp_reduce_seconds=reduce_s,
+        dp_gather_seconds=gather_bytes / dp_bw,
+        dp_bucket_seconds=min(reduce_s, p.bucket_size_mb * 2**20 * ring_fraction(dp) / dp_bw),
     )

@@ -9,6 +9,10 @@ data-parallel communication and the optimizer update:
     t_pipe  = (m + bubble_slots) * t_mb                  bubble_slots = p-1, or (p-1)/v interleaved
                                                          (Narayanan et al. 2021 Sec. 2.2)
     t_step  = t_pipe + DP exposed + optimizer (memory-bound AdamW over this rank's shard)
+
+where "DP exposed" is the weight all-gather plus the gradient reduction, or with
+``overlap_grad_reduce`` only what the last micro-batch's backward (2 of its 3 compute passes, 3 of 4
+under full recompute) cannot hide, and never less than one bucket.
     MFU     = model FLOPs per step / (t_step * world size * peak)
 """
 from __future__ import annotations
@@ -134,7 +138,7 @@ def plan(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions()
     m = micro_batches(cfg)
     schedule = schedule_name(cfg)
     peak = gpu.peak_tflops * 1e12
-    stages, comms, per_mb = [], [], []
+    stages, comms, per_mb, tails = [], [], [], []
     for rank in range(p.pp):
         stages.append(stage_memory(cfg, rank, assumptions))
         comm = rank_comm(cfg, cluster, rank)
@@ -145,9 +149,10 @@ def plan(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions()
                    + _elementwise_seconds(cfg, cluster, rank, assumptions))
         p2p = comm.pp_seconds_per_micro_batch * (1 - assumptions.p2p_overlap)
         per_mb.append(compute + comm.tp_seconds_per_micro_batch + p2p)
+        tails.append(_tail_seconds(cfg, cluster, rank, comm, backward=compute * _backward_share(cfg)))
     t_mb = max(per_mb)
     pipeline = (m + bubble_slots(schedule, p.pp, p.virtual_pipeline_size)) * t_mb
-    step = pipeline + max(_tail_seconds(cfg, cluster, rank, comms[rank]) for rank in range(p.pp))
+    step = pipeline + max(tails)
     return Plan(
         config=cfg, cluster=cluster, assumptions=assumptions, schedule=schedule, micro_batches=m,
         parameters=count_parameters(cfg.model), stages=tuple(stages), comm=tuple(comms),
@@ -162,11 +167,18 @@ def _elementwise_seconds(cfg: Config, cluster: Cluster, pp_rank: int, assumption
     return passes * layer_activations(cfg, assumptions).full * layers / (cluster.gpu.hbm_gbps * 1e9)
 
 
-def _tail_seconds(cfg: Config, cluster: Cluster, pp_rank: int, comm: RankComm) -> float:
-    """Per-step work after the pipeline drains: exposed DP communication and the optimizer update."""
-    state = rank_state_bytes(cfg, pp_rank)
-    shard = state.optimizer / OPTIMIZER_BYTES
-    return comm.dp_exposed_seconds + shard * ADAM_BYTES_PER_PARAM / (cluster.gpu.hbm_gbps * 1e9)
+def _backward_share(cfg: Config) -> float:
+    """Fraction of a micro-batch's compute spent in backward (recomputation runs inside it)."""
+    return 3 / 4 if cfg.model.recompute == "full" else 2 / 3
+
+
+def _tail_seconds(cfg: Config, cluster: Cluster, pp_rank: int, comm: RankComm, backward: float) -> float:
+    """Per-step work outside the pipeline: exposed DP communication and the optimizer update."""
+    reduce = comm.dp_reduce_seconds
+    if cfg.parallel.overlap_grad_reduce:
+        reduce = max(comm.dp_bucket_seconds, reduce - backward)
+    shard = rank_state_bytes(cfg, pp_rank).optimizer / OPTIMIZER_BYTES
+    return reduce + comm.dp_gather_seconds + shard * ADAM_BYTES_PER_PARAM / (cluster.gpu.hbm_gbps * 1e9)
 
 
 def check_fits(result: Plan) -> Plan:
@@ -183,4 +195,5 @@ def check_fits(result: Plan) -> Plan:
     raise PlanError(
         f"layout does not fit: pp rank {worst.pp_rank} needs {worst.total / GIB:.1f} GiB > "
         f"{capacity / GIB:.1f} GiB on {result.cluster.gpu.name} "
-        f"(over by {(worst.total - capacity) / GIB:.1f} GiB); largest part: {name} {size / GIB:.1f} GiB{detail}")
+        f"(over by {(worst.total - capacity) / GIB:.1f} GiB); largest part: {name} {size / GIB:.1f} GiB{detail}; "
+        "`python tools/plan.py --search` lists the layouts that fit")

@@ -23,10 +23,11 @@ Training state per local parameter (Micikevicius et al. 2018 mixed precision; Ra
 * optimizer state ``[3, shard]`` fp32 — master weight, Adam m and v — 12 B per owned parameter,
   in fp32 runs too (the master copy is kept regardless of the model dtype).
 
-The flat buffers are padded to a multiple of ``shards * SHARD_ALIGN`` elements (shards = dp with
-the distributed optimizer, else 1) and each DP rank owns an equal 1/shards slice. The prediction
-assumes one gradient bucket (``overlap_grad_reduce`` off, no separately synced parameters); every
-further bucket adds less than ``shards * SHARD_ALIGN`` padding elements.
+Each bucket of the flat buffers is padded to a multiple of ``shards * SHARD_ALIGN`` elements
+(shards = dp with the distributed optimizer, else 1) and each DP rank owns an equal 1/shards slice.
+Without ``overlap_grad_reduce`` there is one bucket, plus one of its own for the pipeline-tied
+embedding copy (``model_grad_sync``), so the prediction is exact; with overlap the parameters are
+cut into ~``bucket_size_mb`` buckets, each adding less than ``shards * SHARD_ALIGN`` elements more.
 """
 from __future__ import annotations
 
@@ -102,6 +103,15 @@ def largest_parameter(cfg: Config, pp_rank: int) -> int:
     return max(sizes + [params.embedding, params.lm_head])
 
 
+def tied_embedding_copy(cfg: Config, pp_rank: int) -> int:
+    """Elements of a pipeline-tied embedding copy on this stage (its gradient buffer is a separate
+    bucket, reduced after the copies' gradients are summed over the embedding group)."""
+    if not cfg.model.tie_embeddings or cfg.parallel.pp == 1:
+        return 0
+    params = rank_parameters(cfg, pp_rank)
+    return params.embedding + params.lm_head
+
+
 def buffer_numel(n: int, shards: int) -> int:
     """Elements of a flat buffer holding n parameters, padded so ``shards`` equal slices stay aligned."""
     multiple = shards * SHARD_ALIGN
@@ -132,8 +142,10 @@ def rank_state_bytes(cfg: Config, pp_rank: int = 0) -> StateBytes:
     This is the planner's exact prediction to compare with a live rank's tensors: the model's
     parameters, ``GradBuffer.grad_data`` and ``DistributedOptimizer.state_bytes()``.
     """
-    n = rank_parameters(cfg, pp_rank).total
+    params = rank_parameters(cfg, pp_rank)
+    n = params.total
     shards = (cfg.parallel.dp or 1) if cfg.parallel.distributed_optimizer else 1
-    padded = buffer_numel(n, shards)
+    tied_copy = tied_embedding_copy(cfg, pp_rank)
+    padded = buffer_numel(n - tied_copy, shards) + (buffer_numel(tied_copy, shards) if tied_copy else 0)
     return StateBytes(parameters=n, weights=n * WEIGHT_BYTES[cfg.train.precision],
                       grads=padded * GRAD_BYTES, optimizer=padded // shards * OPTIMIZER_BYTES)

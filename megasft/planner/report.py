@@ -15,7 +15,8 @@ def _stage_label(plan: Plan, stage: StageMemory) -> str:
 def format_layout(plan: Plan) -> str:
     cfg, p = plan.config, plan.config.parallel
     schedule = plan.schedule + (f", v={p.virtual_pipeline_size}" if p.virtual_pipeline_size > 1 else "")
-    return (f"tp {p.tp}{' + SP' if p.sequence_parallel and p.tp > 1 else ''} x pp {p.pp} ({schedule}) x dp {p.dp} "
+    pipeline = f"pp {p.pp} ({schedule})" if plan.schedule != "none" else "pp 1"
+    return (f"tp {p.tp}{' + SP' if p.sequence_parallel and p.tp > 1 else ''} x {pipeline} x dp {p.dp} "
             f"= {p.tp * p.pp * p.dp} ranks; micro-batch {cfg.data.micro_batch_size} x {cfg.data.seq_len} tokens, "
             f"{plan.micro_batches} micro-batches/step; recompute={cfg.model.recompute}; "
             f"ZeRO-1 {'on' if p.distributed_optimizer else 'off'}; {cfg.train.precision}")

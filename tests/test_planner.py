@@ -1,0 +1,220 @@
+"""The planner: its exact counts against the real model/optimizer, its formulas, refusals and search."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megasft.config import Config, ConfigError
+from megasft.planner import (Assumptions, PlanError, bubble_fraction, check_fits, forward_flops_per_token,
+                             layout_of, make_cluster, model_flops_per_step, plan, rank_state_bytes, search)
+from megasft.planner.activations import in_flight_layers, layer_activations
+from megasft.planner.comm import dp_bytes_per_step
+from megasft.planner.hardware import GIB
+from megasft.planner.schedule import balanced_pipeline_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "configs"
+
+
+def _cfg(model: dict, parallel: dict | None = None, data: dict | None = None, world: int = 1, **sections) -> Config:
+    raw = {"model": model, "parallel": parallel or {}, "data": data or {}, **sections}
+    return Config.from_dict(raw).validate(world)
+
+
+def _run_cli(argv: list[str]) -> int:
+    spec = importlib.util.spec_from_file_location("plan_cli", ROOT / "tools" / "plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+# ------------------------------------------------------------------ the Llama-3.1 example configs
+@pytest.mark.parametrize("name,nodes", [("llama3.1_8b", 1), ("llama3.1_70b", 8), ("llama3.1_405b", 128)])
+def test_example_configs_validate_and_fit_their_cluster(name, nodes):
+    cfg = Config.load(str(CONFIGS / f"{name}.yaml")).validate(nodes * 8)
+    result = check_fits(plan(cfg, make_cluster(nodes, 8, "h100-80gb")))
+    assert result.worst.total < 80 * 1e9 * 0.995 < result.cluster.memory_bytes
+    assert 0.2 < result.mfu < 0.7
+
+
+def test_405b_plan_breakdown(capsys):
+    cfg = Config.load(str(CONFIGS / "llama3.1_405b.yaml"))
+    result = plan(cfg, make_cluster(128, 8, "h100-80gb"))
+    assert result.parameters == 405_853_388_800
+    p = result.config.parallel
+    assert (p.tp, p.pp, p.virtual_pipeline_size, p.dp, result.micro_batches) == (8, 16, 4, 8, 64)
+    assert result.bubble == pytest.approx(15 / (4 * 64 + 15))
+    # Sharded state is the whole model spread over tp*pp ranks (+ padded vocab rows on the ends).
+    state_params = sum(s.parameters for s in result.stages) * p.tp
+    assert 405_853_388_800 <= state_params < 405_853_388_800 * 1.001
+    assert _run_cli(["--config", str(CONFIGS / "llama3.1_405b.yaml"), "--nodes", "128",
+                     "--gpus-per-node", "8", "--gpu", "h100-80gb"]) == 0
+    out = capsys.readouterr().out
+    assert "405,853,388,800 parameters" in out and "FITS" in out and "MFU" in out
+
+
+# ------------------------------------------------------------------------------- refusals
+def test_impossible_layout_is_refused_naming_the_overflow(capsys):
+    overrides = ["parallel.tp=1", "parallel.sequence_parallel=false", "model.recompute=none"]
+    cfg = Config.load(str(CONFIGS / "llama3.1_8b.yaml"), overrides)
+    result = plan(cfg, make_cluster(1, 8, "h100-80gb"))
+    assert not result.fits
+    with pytest.raises(PlanError) as err:
+        check_fits(result)
+    assert f"needs {result.worst.total / GIB:.1f} GiB > 79.6 GiB" in str(err.value)
+    assert "largest part: activations" in str(err.value)
+
+    rc = _run_cli(["--config", str(CONFIGS / "llama3.1_8b.yaml"), "--nodes", "1", *overrides])
+    captured = capsys.readouterr()
+    assert rc == 1 and "DOES NOT FIT" in captured.out
+    assert "refused: layout does not fit" in captured.err and "nearest layouts that fit" in captured.err
+    suggestion = captured.err.split("apply #1 with: ")[1].split()
+    assert plan(Config.load(str(CONFIGS / "llama3.1_8b.yaml"), suggestion), result.cluster).fits
+
+
+def test_layout_that_cannot_exist_is_a_config_error():
+    cfg = Config.load(str(CONFIGS / "llama3.1_405b.yaml"))
+    with pytest.raises(ConfigError, match="world_size=8 is not divisible by tp\\*pp"):
+        plan(cfg, make_cluster(1, 8, "h100-80gb"))
+    with pytest.raises(ConfigError, match="known GPUs"):
+        make_cluster(1, 8, "h100-94gb")
+
+
+# ------------------------------------------------------------------------------- search
+def test_search_returns_fitting_layouts_sorted_by_throughput():
+    cfg = Config.load(str(CONFIGS / "llama3.1_8b.yaml"))
+    cluster = make_cluster(1, 8, "h100-80gb")
+    ranked = search(cfg, cluster)
+    assert len(ranked) > 10
+    speeds = [p.tokens_per_second for p in ranked]
+    assert speeds == sorted(speeds, reverse=True)
+    assert all(p.fits and p.worst.total <= cluster.memory_bytes for p in ranked)
+    for p in ranked[:5]:  # each row's overrides reproduce it through the ordinary config path
+        again = plan(Config.load(str(CONFIGS / "llama3.1_8b.yaml"), layout_of(p.config).overrides()), cluster)
+        assert again.tokens_per_second == pytest.approx(p.tokens_per_second)
+    assert {layout_of(p.config).recompute for p in ranked} >= {"none", "full"}
+
+
+def test_balanced_pipeline_layers_trims_the_ends():
+    assert balanced_pipeline_layers(126, 64) == [1] + [2] * 62 + [1]
+    assert balanced_pipeline_layers(126, 16) == [7] + [8] * 14 + [7]
+    assert balanced_pipeline_layers(32, 8) is None  # even split needs no list
+    assert balanced_pipeline_layers(4, 8) is None   # would leave chunks empty
+
+
+# ---------------------------------------------------------------------- schedule formulas
+def test_bubble_formulas():
+    # Narayanan et al. 2021 Sec. 2.2: (p-1)/(m+p-1), and (p-1)/(v*m+p-1) interleaved.
+    assert bubble_fraction("1f1b", 4, 8) == pytest.approx(3 / 11)
+    assert bubble_fraction("all_forward_all_backward", 4, 8) == pytest.approx(3 / 11)
+    assert bubble_fraction("interleaved", 4, 8, v=2) == pytest.approx(3 / 19)
+    assert bubble_fraction("none", 1, 8) == 0.0
+
+
+def test_in_flight_activations_follow_korthikanti():
+    # Korthikanti et al. 2022 Sec. 4.2.3: under 1F1B the first stage holds p micro-batches of
+    # L/p layers = L layers whatever p is; interleaving multiplies that by (1 + (p-1)/(p*v)).
+    data = {"seq_len": 64, "global_batch_tokens": 64 * 16}
+    for pp in (2, 4, 8):
+        cfg = _cfg({"preset": "tiny", "num_layers": 32}, {"pp": pp}, data, world=pp)
+        assert in_flight_layers(cfg, 0) == 32
+        assert in_flight_layers(cfg, pp - 1) == 32 // pp  # the last stage: one micro-batch
+    cfg = _cfg({"preset": "tiny", "num_layers": 32}, {"pp": 4, "virtual_pipeline_size": 2}, data, world=4)
+    assert in_flight_layers(cfg, 0) == 32 * (1 + 3 / 8)
+
+
+def test_activation_terms():
+    def layer(recompute="none", tp=1, sp=False, backend="auto"):
+        cfg = _cfg({"preset": "tiny", "recompute": recompute, "attention_backend": backend},
+                   {"tp": tp, "sequence_parallel": sp}, {"seq_len": 256, "global_batch_tokens": 256}, world=tp)
+        return layer_activations(cfg, Assumptions())
+
+    h, heads, s = 128, 4, 256
+    # Materialised probabilities (sdpa): Korthikanti's a*s^2 term, e=2 bytes per score; selective drops it.
+    assert layer(backend="sdpa").full - layer().full == pytest.approx(s * (2 * heads * s - 4 * heads))
+    assert layer("selective", backend="sdpa").stored == layer(backend="sdpa").full - 2 * heads * s * s
+    # Full recompute keeps the layer input only, sharded along the sequence under SP.
+    assert layer("full").stored == 2 * h * s
+    assert layer("full", tp=2, sp=True).stored == 2 * h * s / 2
+    # SP shards the norm regions: (4 + 2) bytes per element, two norms, plus one fp32 scalar each.
+    assert layer(tp=2).full - layer(tp=2, sp=True).full == pytest.approx(s * (2 * (6 * h + 4)) / 2)
+
+
+# -------------------------------------------------------------------------- FLOPs and comm
+def test_model_flops_match_narayanan_eq3():
+    # An MHA Llama with ffn = 8h/3 has 12h^2 GEMM weights per layer, like GPT, so eq. (3) of
+    # Narayanan et al. 2021 applies as written: 72 B s l h^2 (1 + s/(6h) + V/(12 l h)).
+    h, layers, V, s, B = 96, 3, 1000, 128, 4
+    cfg = _cfg({"preset": "tiny", "hidden_size": h, "intermediate_size": 256, "num_layers": layers,
+                "num_attention_heads": 4, "num_kv_heads": 4, "vocab_size": V},
+               data={"seq_len": s, "global_batch_tokens": s * B})
+    assert model_flops_per_step(cfg) == pytest.approx(72 * B * s * layers * h**2 * (1 + s / (6 * h) + V / (12 * layers * h)))
+
+
+def test_forward_flops_equal_torch_flop_counter_on_the_model():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megasft.model.build import build_model
+    from megasft.parallel_state import ParallelState
+
+    s = 64
+    cfg = _cfg({"preset": "tiny-qkv-bias", "vocab_size": 300}, data={"seq_len": s, "global_batch_tokens": s})
+    (stage,) = build_model(cfg, ParallelState.single())
+    batch = {"input_ids": torch.randint(0, 300, (1, s)), "position_ids": torch.arange(s)[None],
+             "cu_seqlens": torch.tensor([0, s], dtype=torch.int32), "max_seqlen": s}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math: counted bmm
+        stage(batch)
+    expected = forward_flops_per_token(cfg.model, s, vocab_size=cfg.model.padded_vocab_size(1)) * s
+    assert counter.get_total_flops() == expected
+
+
+def test_zero1_dp_traffic_is_grad_reduce_scatter_plus_param_all_gather():
+    cfg = _cfg({"preset": "tiny", "vocab_size": 300}, data={"seq_len": 64, "global_batch_tokens": 64 * 4}, world=4)
+    n = rank_state_bytes(cfg).parameters
+    assert dp_bytes_per_step(cfg, 0) == pytest.approx((3 / 4 * n * 4, 3 / 4 * n * 2))
+
+
+# ------------------------------------------- exact state bytes against the real model and optimizer
+@pytest.fixture
+def fake_world():
+    """Single-process stand-in for a rank of a bigger world: torch's fake backend builds real
+    process groups whose collectives do nothing, so a rank's model and optimizer can be built."""
+    fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
+
+    def join(rank: int, world: int) -> None:
+        dist.init_process_group("fake", rank=rank, world_size=world, store=fake_pg.FakeStore())
+
+    yield join
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("preset,tp,pp,v,precision", [
+    ("tiny", 2, 2, 1, "bf16"),           # kv heads split, dp = 3
+    ("tiny-tied", 4, 2, 2, "fp32"),      # kv heads replicated, tied head copy on the last stage
+    ("tiny-qkv-bias", 1, 1, 1, "bf16"),  # one stage holds embedding and head
+])
+def test_state_bytes_equal_the_live_rank(fake_world, preset, tp, pp, v, precision):
+    from megasft.model.build import build_model
+    from megasft.optim.distributed_optimizer import DistributedOptimizer
+    from megasft.parallel_state import ParallelState
+
+    world = tp * pp * 3
+    cfg = _cfg({"preset": preset, "vocab_size": 300}, {"tp": tp, "pp": pp, "virtual_pipeline_size": v},
+               {"seq_len": 64, "global_batch_tokens": 64 * 12}, world=world, train={"precision": precision})
+    for rank in (0, world - 1):  # first and last pipeline stage
+        fake_world(rank, world)
+        ps = ParallelState.build(tp, pp)
+        params = [(f"{i}.{n}", p) for i, chunk in enumerate(build_model(cfg, ps)) for n, p in chunk.named_parameters()]
+        optimizer = DistributedOptimizer(params, cfg.optim, cfg.parallel, ps, lambda step: 1e-5)
+        predicted = rank_state_bytes(cfg, ps.pp_rank)
+        assert predicted.parameters == sum(p.numel() for _, p in params)
+        assert predicted.weights == sum(p.numel() * p.element_size() for _, p in params)
+        assert predicted.grads == optimizer.grad_buffer.grad_data.numel() * 4
+        assert predicted.optimizer == optimizer.state_bytes()
+        dist.destroy_process_group()
