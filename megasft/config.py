@@ -68,6 +68,9 @@ class ModelConfig:
     """Dropout on attention and MLP outputs (training only)."""
     recompute: str = "none"
     """Activation recomputation: none | selective (attention core) | full (whole layers)."""
+    loss_chunk_tokens: int = 0
+    """Fuse the LM head with the loss over chunks of this many tokens, recomputing each chunk's
+    logits in backward so the full [tokens, vocab/tp] logits never exist; 0 = unfused."""
     neftune_alpha: float = 0.0
     """NEFTune noise scale alpha; 0 disables. Noise is uniform in +-alpha/sqrt(L*d), L = document length."""
 

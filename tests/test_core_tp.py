@@ -27,6 +27,7 @@ CASES = [
     ("tp2-sp", 2, True, {}),
     ("tp4-kv-replicated", 4, False, dict(num_attention_heads=8, num_kv_heads=2)),
     ("tp4-sp-kv-replicated", 4, True, dict(num_attention_heads=8, num_kv_heads=2)),
+    ("tp2-sp-fused-loss", 2, True, dict(loss_chunk_tokens=5)),
     ("tp4-sp-tied-bias", 4, True, dict(num_attention_heads=4, num_kv_heads=4, tie_embeddings=True,
                                        qkv_bias=True)),
 ]

@@ -22,7 +22,8 @@ from megasft.config import ModelConfig
 from megasft.model.attention import attention, resolve_backend
 from megasft.parallel_state import ParallelState
 from megasft.tensor_parallel.comm import scatter_to_sp
-from megasft.tensor_parallel.cross_entropy import shift_labels, vocab_parallel_cross_entropy
+from megasft.tensor_parallel.cross_entropy import (lm_head_cross_entropy, shift_labels,
+                                                   vocab_parallel_cross_entropy)
 from megasft.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, Shard,
                                             VocabParallelEmbedding, enter_tp_region,
                                             mark_replicated, tp_shards)
@@ -211,11 +212,14 @@ class LlamaStage(nn.Module):
                 hidden_states = layer(hidden_states, cos, sin, cu_seqlens, max_seqlen)
         if not self.post_process:
             return hidden_states
-        x = enter_tp_region(self.norm(hidden_states), self.group, self.sequence_parallel)
-        logits = F.linear(x, self.head_weight())                            # [s, b, V/tp]
+        x = enter_tp_region(self.norm(hidden_states), self.group, self.sequence_parallel)   # [s, b, h]
         if batch.get("labels") is None:
-            return logits
+            return F.linear(x, self.head_weight())                          # [s, b, V/tp]
         target = shift_labels(batch["labels"]).t()                          # [s, b]
+        if self.cfg.loss_chunk_tokens:
+            return lm_head_cross_entropy(x, self.head_weight(), target, self.vocab_start, self.vocab_valid,
+                                         self.group, self.cfg.loss_chunk_tokens)
+        logits = F.linear(x, self.head_weight())
         return vocab_parallel_cross_entropy(logits, target, self.vocab_start, self.vocab_valid, self.group)
 
     def _embed(self, batch: dict) -> torch.Tensor:

@@ -28,36 +28,59 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
+def _mask_padding_(z: torch.Tensor, vocab_valid: int) -> torch.Tensor:
+    # Padded vocabulary rows are never predicted: they take no probability mass.
+    if vocab_valid < z.shape[-1]:
+        z[:, vocab_valid:] = float("-inf")
+    return z
+
+
+def _target_slots(target: torch.Tensor, vocab_start: int, local_vocab: int):
+    """(valid, local target index, in_range): which tokens are trained, and which of those have
+    their target in this rank's vocabulary slice (index 0 where not)."""
+    valid = target != IGNORE_INDEX
+    local_target = target - vocab_start
+    in_range = valid & (local_target >= 0) & (local_target < local_vocab)
+    return valid, local_target.masked_fill(~in_range, 0), in_range
+
+
+def _softmax_loss_(z: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_valid: int, group: Group):
+    """Masked CE of vocab-sharded fp32 logits z [n, V/tp], turning z into the softmax *in place*.
+    Returns (loss [n] masked, valid [n], log-sum-exp [n], local target ids [n], in_range [n])."""
+    z_max = _mask_padding_(z, vocab_valid).max(dim=-1).values
+    if group_size(group) > 1:
+        dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)
+    z.sub_(z_max.unsqueeze(-1))
+
+    valid, local_target, in_range = _target_slots(target, vocab_start, z.shape[-1])
+    rows = torch.arange(z.shape[0], device=z.device)
+    target_logit = z[rows, local_target] * in_range
+    all_reduce(target_logit, group)
+
+    sum_exp = z.exp_().sum(dim=-1)
+    all_reduce(sum_exp, group)
+    loss = (sum_exp.log() - target_logit) * valid
+    z.div_(sum_exp.unsqueeze(-1))
+    return loss, valid, sum_exp.log_().add_(z_max), local_target, in_range
+
+
+def _softmax_grad_(softmax: torch.Tensor, grad_loss: torch.Tensor, valid, local_target, in_range) -> torch.Tensor:
+    """d loss_i / d z_iv = softmax_iv - [v == y_i], scaled by the incoming grad, zero for ignored
+    tokens; computed in place on `softmax`."""
+    scale = (grad_loss.float() * valid).unsqueeze(-1)
+    grad = softmax.mul_(scale)
+    rows = torch.arange(grad.shape[0], device=grad.device)
+    grad[rows, local_target] -= scale.squeeze(-1) * in_range
+    return grad
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_valid, group):
-        # logits [N, V/tp] (any float dtype); target [N] with global vocab ids or IGNORE_INDEX.
         # One fp32 working copy, updated in place: it ends up as the softmax saved for backward.
-        z = logits.to(torch.float32, copy=True)
-        local_vocab = z.shape[-1]
-        if vocab_valid < local_vocab:
-            # Padded vocabulary rows are never predicted: they take no probability mass.
-            z[:, vocab_valid:] = float("-inf")
-        z_max = z.max(dim=-1).values
-        if group_size(group) > 1:
-            dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)
-        z.sub_(z_max.unsqueeze(-1))
-
-        valid = target != IGNORE_INDEX
-        local_target = target - vocab_start
-        in_range = valid & (local_target >= 0) & (local_target < local_vocab)
-        local_target = local_target.masked_fill(~in_range, 0)
-        rows = torch.arange(z.shape[0], device=z.device)
-        target_logit = z[rows, local_target] * in_range
-        all_reduce(target_logit, group)
-
-        exp = z.exp_()
-        sum_exp = exp.sum(dim=-1)
-        all_reduce(sum_exp, group)
-        loss = (sum_exp.log() - target_logit) * valid
-
-        exp.div_(sum_exp.unsqueeze(-1))                       # softmax, kept for backward
-        ctx.save_for_backward(exp, local_target, in_range, valid)
+        z = logits.to(torch.float32, copy=True)                 # [N, V/tp]
+        loss, valid, _, local_target, in_range = _softmax_loss_(z, target, vocab_start, vocab_valid, group)
+        ctx.save_for_backward(z, local_target, in_range, valid)
         ctx.logits_dtype = logits.dtype
         ctx.mark_non_differentiable(valid)
         return loss, valid
@@ -65,12 +88,55 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_valid):
         softmax, local_target, in_range, valid = ctx.saved_tensors
-        # d loss_i / d z_iv = softmax_iv - [v == y_i], zero for ignored tokens.
-        scale = (grad_loss.float() * valid).unsqueeze(-1)
-        grad = softmax.mul_(scale)
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, local_target] -= scale.squeeze(-1) * in_range
+        grad = _softmax_grad_(softmax, grad_loss, valid, local_target, in_range)
         return grad.to(ctx.logits_dtype), None, None, None, None
+
+
+class _ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """LM head + vocab-parallel CE over chunks of tokens; each chunk's logits are recomputed in
+    backward, so at most one [chunk, V/tp] block exists at a time instead of [N, V/tp] (the "logits
+    wall": 8k tokens x 128k vocab in fp32 is 4 GB). Backward needs no communication: the saved
+    log-sum-exp already holds the global statistics."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, vocab_start, vocab_valid, group, chunk):
+        losses, valids, lses = [], [], []
+        for h, t in zip(hidden.split(chunk), target.split(chunk)):
+            z = (h @ weight.t()).float()                          # [chunk, V/tp]
+            loss, valid, lse, _, _ = _softmax_loss_(z, t, vocab_start, vocab_valid, group)
+            losses.append(loss), valids.append(valid), lses.append(lse)
+        valid = torch.cat(valids)
+        ctx.save_for_backward(hidden, weight, target, torch.cat(lses))
+        ctx.meta = (vocab_start, vocab_valid, chunk)
+        ctx.mark_non_differentiable(valid)
+        return torch.cat(losses), valid
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_valid):
+        hidden, weight, target, lse = ctx.saved_tensors
+        vocab_start, vocab_valid, chunk = ctx.meta
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            h, t = hidden[sl], target[sl]
+            z = _mask_padding_((h @ weight.t()).float(), vocab_valid)
+            softmax = z.sub_(lse[sl].unsqueeze(-1)).exp_()
+            grad_z = _softmax_grad_(softmax, grad_loss[sl], *_target_slots(t, vocab_start, z.shape[-1]))
+            grad_hidden[sl] = (grad_z.to(weight.dtype) @ weight).to(hidden.dtype)   # partial over TP
+            grad_weight.addmm_(grad_z.t(), h.float())
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+
+
+def lm_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_start: int,
+                          vocab_valid: int, group: Group, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused LM head + masked CE: hidden [..., h] (in the TP region), weight [V/tp, h], target [...].
+    Same (loss_sum, valid_count) and gradients as ``vocab_parallel_cross_entropy(hidden @ weight.T, ...)``
+    without ever materialising the full logits."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    loss, valid = _ChunkedHeadCrossEntropy.apply(flat, weight, target.reshape(-1), vocab_start, vocab_valid,
+                                                 group, chunk_tokens)
+    return loss.sum(), valid.sum()
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
