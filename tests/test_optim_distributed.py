@@ -243,7 +243,7 @@ def bytes_case(groups):
     for dp in (1, 2, 4):
         state = grid_state(1, dp, groups)
         for zero in (True, False):
-            model = make_model(hidden=2048)
+            model = make_model(hidden=4096)
             n = sum(p.numel() for p in model.parameters())
             out[(dp, zero)] = (make_optimizer(model.named_parameters(), state, zero=zero).state_bytes(), n)
     return out
