@@ -23,6 +23,7 @@ from megasft.optim.distributed_optimizer import DistributedOptimizer
 from megasft.optim.lr_schedule import WarmupCosine
 from megasft.parallel_state import ParallelState, group_size
 from megasft.pipeline import schedules
+from megasft.pipeline.tied import sync_tied_embedding_grads
 from megasft.tensor_parallel.cross_entropy import IGNORE_INDEX, shift_labels
 from megasft.tensor_parallel.layers import sync_replicated_grads
 from megasft.training import metrics
@@ -106,7 +107,7 @@ class Trainer:
         self.optimizer.zero_grad()
         result, global_count = self.run_schedule(micro_batches, forward_only=False)
         sync_replicated_grads(self.params)
-        schedules.sync_tied_embedding_grads(self.chunks, self.ps)
+        sync_tied_embedding_grads(self.chunks, self.ps)
         step = self.optimizer.step()
         loss = self.global_loss_sum(result.stats) / max(global_count, 1)
         self.step += 1
