@@ -82,6 +82,10 @@ def test_layout_that_cannot_exist_is_a_config_error():
         plan(cfg, make_cluster(1, 8, "h100-80gb"))
     with pytest.raises(ConfigError, match="known GPUs"):
         make_cluster(1, 8, "h100-94gb")
+    # 64 rows / dp 8 = 8 micro-batches: not a multiple of pp=16, which interleaving needs.
+    small_batch = Config.load(str(CONFIGS / "llama3.1_405b.yaml"), ["data.global_batch_tokens=524288"])
+    with pytest.raises(ConfigError, match="multiple of pp=16"):
+        plan(small_batch, make_cluster(128, 8, "h100-80gb"))
 
 
 # ------------------------------------------------------------------------------- search

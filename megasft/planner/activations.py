@@ -14,7 +14,7 @@ d = head_dim, f = intermediate_size:
   saved tensor                          bytes / token           Korthikanti's GPT counterpart
   2 RMSNorm: fp32 input copy, output    2*(4 + e)*h/shard       2 LayerNorm inputs: 4sbh
   attention input (q/k/v GEMMs)         e*h                     QKV input: 2sbh
-  q, k, v after RoPE                    e*(a + 2*kv)*d/t        Q, K: 4sbh; V: 2sbh
+  q, k, v after RoPE                    e*(a + 2*kv)*d/t (*)    Q, K: 4sbh; V: 2sbh
   attention output (o_proj input)       e*a*d/t                 projection input: 2sbh
   MLP input (gate/up GEMM)              e*h                     MLP input: 2sbh
   gate|up output, SiLU(gate), product   4*e*f/t                 GeLU input + output: 16sbh
@@ -23,6 +23,8 @@ d = head_dim, f = intermediate_size:
                                         log-sum-exp);           output: 5as^2b (the 5as/h term)
                                         else e*a*s/t (+(1+e)*
                                         a*s/t with dropout)
+
+(*) with tp > kv each rank holds one replicated kv head, i.e. kv/t becomes 1.
 
 For Korthikanti's GPT layer the same bookkeeping reads 4 (LayerNorms saving their bf16 input)
 + 2 + 6 + 2 + 2 + 16 (a 4h GeLU MLP instead of SwiGLU) + 2 (dropout masks) = 34, plus 5as/h.
@@ -50,10 +52,7 @@ from megasft.planner.memory import tp_local_kv_heads
 from megasft.planner.schedule import in_flight_chunks, micro_batches, rank_chunk_layers, schedule_name
 
 ELEMENT_BYTES = {"bf16": 2, "fp32": 4}
-# megasft's vocab-parallel cross-entropy keeps one fp32 working copy of the logits (4 B), which
-# becomes the softmax saved for backward and then, in place, the gradient; the model-dtype logits
-# (forward) or their gradient (backward) exist next to it: 4 + e bytes per logit at the peak.
-FP32_BYTES = 4
+FP32_BYTES = 4  # statistics kept in fp32 whatever the precision (RMSNorm, softmax, log-sum-exp)
 
 
 def uses_flash_attention(cfg: Config) -> bool:
@@ -142,8 +141,11 @@ def in_flight_layers(cfg: Config, pp_rank: int) -> int:
 def loss_bytes(cfg: Config, assumptions: Assumptions) -> float:
     """Last stage: vocab-parallel logits/loss buffers plus the final-norm and LM-head inputs.
 
+    megasft's vocab-parallel cross-entropy keeps one fp32 working copy of the logits, which becomes
+    the softmax saved for backward and then, in place, the gradient; the model-dtype logits
+    (forward) or their gradient (backward) sit next to it: 4 + e bytes per logit at the peak.
     The logits exist for one micro-batch at a time (1F1B runs each micro-batch's loss backward
-    right after its forward); chunking the loss over tokens bounds them by the chunk.
+    right after its forward); chunking the loss over tokens would bound them by the chunk.
     """
     m, p, d = cfg.model, cfg.parallel, cfg.data
     e = ELEMENT_BYTES[cfg.train.precision]

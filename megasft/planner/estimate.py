@@ -28,7 +28,7 @@ from megasft.planner.comm import RankComm, rank_comm
 from megasft.planner.flops import executed_flops_per_micro_batch, model_flops_per_step
 from megasft.planner.hardware import GIB, Cluster
 from megasft.planner.memory import OPTIMIZER_BYTES, largest_parameter, rank_state_bytes
-from megasft.planner.schedule import bubble_fraction, bubble_slots, micro_batches, rank_chunk_layers, schedule_name
+from megasft.planner.schedule import bubble_fraction, bubble_slots, check_schedule, micro_batches, rank_chunk_layers
 
 # AdamW reads the fp32 master weight, m, v and gradient (16 B), writes weight, m, v (12 B) and the
 # bf16 copy of the weight (2 B): it is bound by memory bandwidth, not FLOPs.
@@ -136,7 +136,7 @@ def plan(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions()
     cfg = copy.deepcopy(cfg).validate(cluster.world_size)
     p, gpu = cfg.parallel, cluster.gpu
     m = micro_batches(cfg)
-    schedule = schedule_name(cfg)
+    schedule = check_schedule(cfg)
     peak = gpu.peak_tflops * 1e12
     stages, comms, per_mb, tails = [], [], [], []
     for rank in range(p.pp):

@@ -24,6 +24,19 @@ def schedule_name(cfg: Config) -> str:
     return p.pipeline_schedule
 
 
+def check_schedule(cfg: Config) -> str:
+    """schedule_name, plus the interleaved schedule's rule that m is a multiple of pp
+    (megasft.pipeline.schedules, as Megatron-LM's)."""
+    schedule = schedule_name(cfg)
+    m, pp = micro_batches(cfg), cfg.parallel.pp
+    if schedule == "interleaved" and m % pp:
+        raise ConfigError(
+            f"the interleaved schedule needs micro-batches per step ({m} = rows / (dp * micro_batch_size)) "
+            f"to be a multiple of pp={pp}; change data.global_batch_tokens or data.micro_batch_size, "
+            "or use parallel.virtual_pipeline_size=1")
+    return schedule
+
+
 def chunk_layers(cfg: Config) -> list[int]:
     """Decoder layers of each of the pp*v chunks, in model order (explicit list or an even split)."""
     p = cfg.parallel
@@ -73,7 +86,8 @@ def in_flight_chunks(schedule: str, pp: int, m: int, v: int, pp_rank: int) -> in
       before its first backward, so rank 0 holds min(m, p) micro-batches.
     * interleaved (Megatron-LM's schedule, Narayanan et al. 2021 Sec. 2.2.2): rank r warms up with
       2(p-r-1) + (v-1)p chunk forwards plus the one in flight. Summed over rank 0's chunk sizes
-      this is the factor (1 + (p-1)/(p v)) of Korthikanti et al. 2022 Sec. 4.2.3.
+      this is the factor (1 + (p-1)/(p v)) of Korthikanti et al. 2022 Sec. 4.2.3. With m == p
+      there is no steady phase and every rank runs all m*v forwards first.
     * all_forward_all_backward (GPipe): all m micro-batches.
     """
     if schedule == "none":
@@ -81,7 +95,7 @@ def in_flight_chunks(schedule: str, pp: int, m: int, v: int, pp_rank: int) -> in
     if schedule == "all_forward_all_backward":
         return m * v
     if schedule == "interleaved":
-        return min(m * v, 2 * (pp - pp_rank - 1) + (v - 1) * pp + 1)
+        return m * v if m == pp else min(m * v, 2 * (pp - pp_rank - 1) + (v - 1) * pp + 1)
     return min(m, pp - pp_rank)
 
 

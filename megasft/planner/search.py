@@ -6,9 +6,9 @@ changes. Rules the search applies on top of ``Config.validate``:
 * tp stays inside a node (TP collectives run every layer; Narayanan et al. 2021 Sec. 3.3 takeaway #1).
 * Sequence parallelism is on whenever tp > 1: it shards norm/dropout activations at the same
   communication volume (Korthikanti et al. 2022 Sec. 4.2.2), so turning it off never helps.
-* Interleaving needs a micro-batch count divisible by pp (Megatron's interleaved schedule requires
-  it, and it keeps every rank's warm-up whole); layers that do not split evenly into pp*v chunks
-  get :func:`balanced_pipeline_layers`.
+* Interleaving needs a micro-batch count divisible by pp (megasft's interleaved schedule, like
+  Megatron-LM's, requires it); layers that do not split evenly into pp*v chunks get
+  :func:`balanced_pipeline_layers`.
 """
 from __future__ import annotations
 
