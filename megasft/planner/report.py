@@ -59,7 +59,8 @@ def _memory_rows(plan: Plan, stage: StageMemory) -> list[str]:
         ("fp32 main grads", "4 B/param", stage.grads),
         ("optimizer shard", f"12 B/param / dp {cfg.parallel.dp}" if cfg.parallel.distributed_optimizer
          else "12 B/param (no ZeRO-1)", stage.optimizer),
-        ("activations", f"{stage.in_flight_layers} layer-micro-batches in flight", stage.activations),
+        ("activations", f"{stage.in_flight_layers} layer-micro-batches in flight x "
+         f"{stage.activations / max(stage.in_flight_layers, 1) / 2**20:.0f} MiB", stage.activations),
         (stage.transient_kind, "largest transient buffer", stage.transient),
         ("CUDA/NCCL overhead", "reserved + fragmentation", stage.overhead),
     ]
