@@ -135,7 +135,9 @@ class Trainer:
         self.stop_requested = True
 
     def fit(self, train_loader, eval_loader=None, writer: Optional[metrics.MetricsWriter] = None,
-            on_step=None) -> list[StepOutput]:
+            on_step=None, checkpointer=None) -> list[StepOutput]:
+        """Train to cfg.train.steps (or a stop signal). `checkpointer` (a
+        megasft.checkpoint.sharded.Checkpointer) saves on its cadence, at the end and on a stop."""
         t = self.cfg.train
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self.request_stop)
@@ -168,7 +170,10 @@ class Trainer:
                 timer.lap()   # evaluation time is not training throughput
             if on_step is not None:
                 on_step(self)
-            if self._should_stop():
+            stop = self._should_stop()
+            if checkpointer is not None:
+                checkpointer.after_step(self, train_loader, last=stop or self.step >= t.steps)
+            if stop:
                 break
         return outputs
 
