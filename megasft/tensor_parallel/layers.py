@@ -101,6 +101,8 @@ def mark_replicated(param: nn.Parameter, copies: int, sync_group: Group) -> nn.P
     partial gradients."""
     param.tp_copies = copies
     param.grad_sync_group = sync_group if group_size(sync_group) > 1 else None
+    # Tells an overlapped DP gradient reduction to wait until sync_replicated_grads has run.
+    param.model_grad_sync = param.grad_sync_group is not None
     return param
 
 

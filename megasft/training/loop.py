@@ -23,6 +23,7 @@ from megasft.optim.distributed_optimizer import DistributedOptimizer
 from megasft.optim.lr_schedule import WarmupCosine
 from megasft.parallel_state import ParallelState, group_size
 from megasft.pipeline import schedules
+from megasft.pipeline.bubble import bubble_1f1b, bubble_interleaved
 from megasft.pipeline.tied import sync_tied_embedding_grads
 from megasft.tensor_parallel.cross_entropy import IGNORE_INDEX, shift_labels
 from megasft.tensor_parallel.layers import sync_replicated_grads
@@ -36,7 +37,7 @@ class StepOutput:
     grad_norm: float
     lr: float
     skipped: bool
-    bubble: Optional[float] = None
+    bubble: Optional[tuple[float, float]] = None   # (measured, theory) with pipelining
 
 
 def count_trained_tokens(micro_batches: list[dict]) -> int:
@@ -88,11 +89,19 @@ class Trainer:
         scale = 1.0 / global_count if global_count else 0.0
         for chunk in self.chunks:
             chunk.train(not forward_only)
+        overlap = self.cfg.parallel.overlap_grad_reduce and not forward_only
         result = schedules.forward_backward(
             self.forward_step(scale), micro_batches, self.ps, num_chunks=len(self.chunks),
             tensor_shape=self.tensor_shape, dtype=self.dtype, forward_only=forward_only,
-            schedule=self.cfg.parallel.pipeline_schedule)
+            schedule=self.cfg.parallel.pipeline_schedule,
+            no_sync=self.optimizer.grad_buffer.no_sync if overlap else None)
         return result, global_count
+
+    def bubble_theory(self, num_micro_batches: int) -> float:
+        v = len(self.chunks)
+        if v > 1:
+            return bubble_interleaved(self.ps.pp, num_micro_batches, v)
+        return bubble_1f1b(self.ps.pp, num_micro_batches)
 
     def global_loss_sum(self, stats: dict) -> float:
         """Sum of token losses over the global batch, made known on every rank. Only the last
@@ -111,8 +120,10 @@ class Trainer:
         step = self.optimizer.step()
         loss = self.global_loss_sum(result.stats) / max(global_count, 1)
         self.step += 1
-        return StepOutput(loss, global_count, step.grad_norm, step.lr, step.skipped,
-                          getattr(result, "bubble_fraction", None))
+        bubble = None
+        if self.ps.pp > 1:   # rank 0 is on the first stage, which measures the pipeline's bubble
+            bubble = (result.bubble_fraction, self.bubble_theory(len(micro_batches)))
+        return StepOutput(loss, global_count, step.grad_norm, step.lr, step.skipped, bubble)
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -159,7 +170,9 @@ class Trainer:
             if self.step % t.log_interval == 0 or self.step == t.steps:
                 elapsed = timer.lap()
                 if writer is not None:
-                    extra = {"bubble": out.bubble} if out.bubble is not None else None
+                    extra = None
+                    if out.bubble is not None:
+                        extra = {"bubble": out.bubble[0], "bubble_theory": out.bubble[1]}
                     writer.write(metrics.throughput_record(
                         self.step, out.lr, out.loss, out.grad_norm, elapsed, window_tokens, window_trained,
                         window_flops, self.ps.world_size, t.peak_tflops, metrics.peak_memory_bytes(self.ps.device),

@@ -92,10 +92,12 @@ class MetricsWriter:
             best = f" (best {r['best_eval_loss']:.4f} @ {r['best_step']})"
             return f"eval step {r['step']:>6} | loss {r['eval_loss']:.4f} | tokens {r['eval_tokens']}{best}"
         bar = self._bar(r["step"]) if self.progress else ""
+        bubble = (f" | bubble {100 * r['bubble']:.1f}% (theory {100 * r['bubble_theory']:.1f}%)"
+                  if "bubble" in r else "")
         return (f"{bar}step {r['step']:>6}/{self.total_steps} | lr {r['lr']:.3e} | loss {r['loss']:.4f} | "
                 f"grad norm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s "
-                f"({r['trained_tokens_per_s']:,.0f} trained) | {r['tflops_per_device']:.2f} TFLOP/s/dev "
-                f"| MFU {100 * r['mfu']:.2f}% | mem {r['peak_mem_gb']:.2f} GB | skipped {r['skipped_steps']}")
+                f"({r['trained_tokens_per_s']:,.0f} trained) | {r['tflops_per_device']:.3g} TFLOP/s/dev "
+                f"| MFU {100 * r['mfu']:.2f}% | mem {r['peak_mem_gb']:.2f} GB | skipped {r['skipped_steps']}{bubble}")
 
     def _bar(self, step: int, width: int = 20) -> str:
         done = int(width * step / max(1, self.total_steps))
@@ -117,3 +119,48 @@ def throughput_record(step: int, lr: float, loss: float, grad_norm: float, elaps
               "mfu": tflops / peak_tflops, "peak_mem_gb": peak_mem / 1e9, "skipped_steps": skipped}
     record.update(extra or {})
     return record
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a metrics.jsonl; a torn last line (a killed run) is skipped."""
+    train, evals = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            (evals if record.get("kind") == "eval" else train).append(record)
+    return train, evals
+
+
+def plot_metrics(path: str | Path, out: str | Path) -> Path:
+    """Draw loss (train and eval), learning rate and pre-clip grad norm against step to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")   # files only, no display
+    import matplotlib.pyplot as plt
+
+    train, evals = read_metrics(path)
+    if not train:
+        raise ValueError(f"{path}: no training records to plot")
+    steps = [r["step"] for r in train]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    axes[0].plot(steps, [r["loss"] for r in train], label="train")
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+    axes[0].set_ylabel("loss (per trained token)")
+    axes[0].legend()
+    axes[1].plot(steps, [r["lr"] for r in train])
+    axes[1].set_ylabel("learning rate")
+    axes[2].plot(steps, [r["grad_norm"] for r in train])
+    axes[2].set_ylabel("grad norm (pre-clip)")
+    axes[2].set_xlabel("step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(str(path))
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
