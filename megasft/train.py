@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"megasft.train: configuration error: {err}", file=sys.stderr)
         return 2
+    from megasft.checkpoint.sharded import Checkpointer, CheckpointError, CheckpointMismatch
     from megasft.data.loader import build_loaders
     from megasft.training.loop import Trainer
     from megasft.training.metrics import MetricsWriter
@@ -60,12 +61,22 @@ def main(argv=None) -> int:
     run_dir = Path(cfg.train.run_dir)
     train_loader, eval_loader = build_loaders(cfg.data, cfg.train.seed, ps.dp_rank, ps.dp)
     trainer = Trainer(cfg, ps)
+    checkpointer = Checkpointer(cfg, ps)
+    try:   # before any step: a bad checkpoint fails here, naming the file and what differs
+        resumed = checkpointer.resume(trainer, train_loader)
+    except (CheckpointError, CheckpointMismatch) as err:
+        print(f"megasft.train: checkpoint error: {err}", file=sys.stderr)
+        destroy()
+        return 3
     writer = None
     if ps.rank == 0:
         cfg.save(run_dir / "config.yaml")
         print(describe_start(cfg, ps, trainer), flush=True)
+        if resumed is not None:
+            print(f"megasft: resumed from {resumed} at step {trainer.step}", flush=True)
         writer = MetricsWriter(run_dir, cfg.train.steps, cfg.train.progress_bar)
-    trainer.fit(train_loader, eval_loader, writer)
+    trainer.fit(train_loader, eval_loader, writer, checkpointer=checkpointer)
+    checkpointer.close()
     if cfg.checkpoint.export_hf:
         export_final(trainer, cfg, ps, run_dir / "hf")
     if writer is not None:
