@@ -198,18 +198,20 @@ def fake_world():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("preset,tp,pp,v,precision", [
-    ("tiny", 2, 2, 1, "bf16"),           # kv heads split, dp = 3
-    ("tiny-tied", 4, 2, 2, "fp32"),      # kv heads replicated, tied head copy on the last stage
-    ("tiny-qkv-bias", 1, 1, 1, "bf16"),  # one stage holds embedding and head
+@pytest.mark.parametrize("preset,tp,pp,v,sp,precision", [
+    ("tiny", 2, 2, 1, False, "bf16"),          # kv heads split, dp = 3
+    ("tiny-tied", 4, 2, 2, False, "fp32"),     # kv heads replicated, tied head copy on the last stage
+    ("tiny-qkv-bias", 4, 1, 1, True, "bf16"),  # SP norms and replicated biased kv heads synced by the model
+    ("tiny-qkv-bias", 1, 1, 1, False, "bf16"),  # one stage holds embedding and head
 ])
-def test_state_bytes_equal_the_live_rank(fake_world, preset, tp, pp, v, precision):
+def test_state_bytes_equal_the_live_rank(fake_world, preset, tp, pp, v, sp, precision):
     from megasft.model.build import build_model
     from megasft.optim.distributed_optimizer import DistributedOptimizer
     from megasft.parallel_state import ParallelState
 
     world = tp * pp * 3
-    cfg = _cfg({"preset": preset, "vocab_size": 300}, {"tp": tp, "pp": pp, "virtual_pipeline_size": v},
+    cfg = _cfg({"preset": preset, "vocab_size": 300},
+               {"tp": tp, "pp": pp, "virtual_pipeline_size": v, "sequence_parallel": sp},
                {"seq_len": 64, "global_batch_tokens": 64 * 12}, world=world, train={"precision": precision})
     for rank in (0, world - 1):  # first and last pipeline stage
         fake_world(rank, world)

@@ -25,9 +25,11 @@ Training state per local parameter (Micikevicius et al. 2018 mixed precision; Ra
 
 Each bucket of the flat buffers is padded to a multiple of ``shards * SHARD_ALIGN`` elements
 (shards = dp with the distributed optimizer, else 1) and each DP rank owns an equal 1/shards slice.
-Without ``overlap_grad_reduce`` there is one bucket, plus one of its own for the pipeline-tied
-embedding copy (``model_grad_sync``), so the prediction is exact; with overlap the parameters are
-cut into ~``bucket_size_mb`` buckets, each adding less than ``shards * SHARD_ALIGN`` elements more.
+Without ``overlap_grad_reduce`` there is one bucket, plus a last one for the parameters whose
+gradients the model sums across ranks itself before the DP reduction (``model_grad_sync``: the
+pipeline-tied embedding copy, norm weights under SP, kv projections replicated when
+tp > num_kv_heads), so the prediction is exact; with overlap the other parameters are cut into
+~``bucket_size_mb`` buckets, each adding less than ``shards * SHARD_ALIGN`` elements more.
 """
 from __future__ import annotations
 
@@ -103,13 +105,21 @@ def largest_parameter(cfg: Config, pp_rank: int) -> int:
     return max(sizes + [params.embedding, params.lm_head])
 
 
-def tied_embedding_copy(cfg: Config, pp_rank: int) -> int:
-    """Elements of a pipeline-tied embedding copy on this stage (its gradient buffer is a separate
-    bucket, reduced after the copies' gradients are summed over the embedding group)."""
-    if not cfg.model.tie_embeddings or cfg.parallel.pp == 1:
-        return 0
+def model_synced_parameters(cfg: Config, pp_rank: int) -> int:
+    """Elements on this stage whose gradients the model sums across ranks before the DP reduction
+    (they sit in a gradient bucket of their own): the pipeline-tied embedding copy (summed over the
+    embedding group), RMSNorm weights under SP and kv projections replicated when tp > kv heads
+    (summed over their TP ranks, ``megasft.tensor_parallel.layers.mark_replicated``)."""
+    m, p = cfg.model, cfg.parallel
     params = rank_parameters(cfg, pp_rank)
-    return params.embedding + params.lm_head
+    layers = sum(rank_chunk_layers(cfg, pp_rank))
+    synced = params.embedding + params.lm_head if m.tie_embeddings and p.pp > 1 else 0
+    if p.sequence_parallel and p.tp > 1:
+        synced += layers * 2 * m.hidden_size + params.final_norm
+    if p.tp > m.kv_heads:
+        kv_width = tp_local_kv_heads(m, p.tp) * m.head_size
+        synced += layers * 2 * kv_width * (m.hidden_size + (1 if m.qkv_bias else 0))
+    return synced
 
 
 def buffer_numel(n: int, shards: int) -> int:
@@ -145,7 +155,7 @@ def rank_state_bytes(cfg: Config, pp_rank: int = 0) -> StateBytes:
     params = rank_parameters(cfg, pp_rank)
     n = params.total
     shards = (cfg.parallel.dp or 1) if cfg.parallel.distributed_optimizer else 1
-    tied_copy = tied_embedding_copy(cfg, pp_rank)
-    padded = buffer_numel(n - tied_copy, shards) + (buffer_numel(tied_copy, shards) if tied_copy else 0)
+    synced = model_synced_parameters(cfg, pp_rank)
+    padded = buffer_numel(n - synced, shards) + (buffer_numel(synced, shards) if synced else 0)
     return StateBytes(parameters=n, weights=n * WEIGHT_BYTES[cfg.train.precision],
                       grads=padded * GRAD_BYTES, optimizer=padded // shards * OPTIMIZER_BYTES)
