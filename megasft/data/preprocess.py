@@ -239,6 +239,7 @@ def preprocess(opts: PreprocessOptions) -> Summary:
     finally:
         if pool is not None:
             pool.terminate()
+            pool.join()
     progress.update(summary, force=True)
     summary.seconds = time.perf_counter() - start
     summary.histogram = {k: hist[k] for k in sorted(hist)}
