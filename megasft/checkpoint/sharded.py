@@ -132,7 +132,7 @@ def read_meta(path: str | Path) -> dict:
     """The ``meta`` record of a checkpoint (no process group needed)."""
     path = Path(path)
     state = {"meta": None}
-    _load(state, path, PiecesLoadPlanner(str(path)), None, no_dist=True)
+    load_dcp(state, path, PiecesLoadPlanner(str(path)), None, no_dist=True)
     return state["meta"]
 
 
@@ -146,7 +146,8 @@ def model_shape(model_cfg) -> dict:
     return {f: getattr(model_cfg, f) for f in SHAPE_FIELDS}
 
 
-def _load(state: dict, path: Path, planner, group, no_dist: bool) -> None:
+def load_dcp(state: dict, path: Path, planner, group, no_dist: bool) -> None:
+    """dcp.load with errors that name the checkpoint (a shape mismatch stays a CheckpointMismatch)."""
     try:
         dcp.load(state, checkpoint_id=str(path), planner=planner, process_group=group, no_dist=no_dist)
     except CheckpointException as err:
@@ -328,7 +329,7 @@ class Checkpointer:
         same_layout = meta.get("layout") == self._layout() and rng_key in metadata.state_dict_metadata
         if same_layout:
             state[rng_key] = None
-        _load(state, path, PiecesLoadPlanner(str(path)), None if self._no_dist else self.ps.world_group,
+        load_dcp(state, path, PiecesLoadPlanner(str(path)), None if self._no_dist else self.ps.world_group,
               self._no_dist)
         opt = trainer.optimizer
         if has_optim:

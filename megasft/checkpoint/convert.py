@@ -1,0 +1,200 @@
+"""Hugging Face <-> megasft checkpoint conversion, streaming, in one process (no torchrun, no GPU).
+
+hf_to_megasft: every canonical tensor the megasft model needs is checked against the HF files
+(name and shape) and written to a DCP checkpoint as one whole-tensor chunk, read from safetensors
+only when DCP's writer asks for it (planner.LazyBlock). A megasft checkpoint does not depend on
+the layout (see megasft.checkpoint.pieces), so the result loads at the requested tp/pp — which
+is validated here against the model — and at any other.
+
+megasft_to_hf: reads the ``model/*`` tensors of a checkpoint one at a time (DCP reads only that
+tensor's chunks, from every rank's file), casts to the export dtype and streams them into
+size-capped safetensors shards; peak memory is about one tensor plus one output shard.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+
+from megasft.checkpoint.hf import canonical_names, full_shapes
+from megasft.checkpoint.hf_io import hf_config_from_model, model_fields_from_hf, read_hf_config
+from megasft.checkpoint.pieces import MODEL_PREFIX, Block, TensorPieces
+from megasft.checkpoint.planner import CheckpointMismatch, LazyBlock, PiecesLoadPlanner
+from megasft.checkpoint.sharded import (FORMAT_VERSION, TMP_PREFIX, check_files, load_dcp, model_shape,
+                                        read_meta, resolve_checkpoint, step_name, write_latest)
+from megasft.config import Config, ModelConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")
+
+
+# ----------------------------------------------------------------------------- HF -> megasft
+def canonical_tensors(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical (HF) tensor name and full shape a megasft model of this config holds,
+    found by building the tp=pp=1 model on the meta device (so the name table stays the one
+    source of truth)."""
+    from megasft.model.llama import LlamaStage
+    from megasft.parallel_state import ParallelState
+
+    with torch.device("meta"):
+        stage = LlamaStage(model, ParallelState.single(), list(range(model.num_layers)),
+                           pre_process=True, post_process=True)
+    out = {}
+    for name, param in stage.named_parameters():
+        out.update(zip(canonical_names(name, param), full_shapes(param)))
+    return out
+
+
+def _safetensors_index(hf_dir: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    index = hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        return {k: hf_dir / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    single = hf_dir / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def hf_to_megasft(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -> Path:
+    """Write the HF Llama directory `hf_dir` as a megasft checkpoint under the root `out` (with a
+    ``latest``); returns the checkpoint directory. Raises ConfigError when the model cannot be
+    split at tp/pp, CheckpointMismatch when a tensor is missing or has the wrong shape."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    hf_config = read_hf_config(hf_dir)
+    cfg = Config.from_dict({"model": model_fields_from_hf(hf_config), "parallel": {"tp": tp, "pp": pp}})
+    cfg.validate(tp * pp)
+    files = _safetensors_index(hf_dir)
+    state: dict = {}
+    for name, shape in canonical_tensors(cfg.model).items():
+        if name not in files:
+            raise CheckpointMismatch(f"{hf_dir}: tensor {name!r} not found (config.json describes a model "
+                                     "that has it)")
+        with safe_open(files[name], "pt") as f:
+            piece = f.get_slice(name)
+            found, dtype = tuple(piece.get_shape()), _st_dtype(piece.get_dtype())
+        if found != shape:
+            raise CheckpointMismatch(f"{files[name]}: tensor {name!r} has shape {found}, config.json implies {shape}")
+        lazy = LazyBlock(shape, _reader(files[name], name))
+        state[MODEL_PREFIX + name] = TensorPieces(shape, dtype, [Block((0,) * len(shape), lazy)])
+    state["meta"] = {"format": FORMAT_VERSION, "step": 0, "consumed_tokens": 0, "loader": None,
+                     "best_eval": None, "model": model_shape(cfg.model), "hf_config": hf_config,
+                     "layout": {"tp": tp, "pp": pp, "converted_from": str(hf_dir)}, "config": cfg.to_dict()}
+    name = step_name(0)
+    tmp, final = out / (TMP_PREFIX + name), out / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg.save(tmp / "config.yaml")
+    from megasft.checkpoint.planner import PiecesSavePlanner
+
+    dcp.save(state, checkpoint_id=str(tmp), planner=PiecesSavePlanner(), no_dist=True)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    write_latest(out, name)
+    return final
+
+
+def _reader(file: Path, name: str):
+    def load() -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(file, "pt") as f:
+            return f.get_tensor(name)
+    return load
+
+
+def _st_dtype(name: str) -> torch.dtype:
+    table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    if name not in table:
+        raise ValueError(f"unsupported safetensors dtype {name!r}; expected one of {sorted(table)}")
+    return table[name]
+
+
+# ----------------------------------------------------------------------------- megasft -> HF
+def hf_order(name: str) -> tuple:
+    """Embedding, then layers in numeric order, then the final norm and head (HF's usual order)."""
+    match = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+    if match:
+        return (1, int(match.group(1)), match.group(2))
+    return (0 if "embed_tokens" in name else 2, 0, name)
+
+
+def stream_model_tensors(path: Path, dtype: Optional[torch.dtype]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf name, full tensor) for every model tensor of the checkpoint at `path`, one at a time."""
+    metadata = FileSystemReader(str(path)).read_metadata()
+    names = sorted((k[len(MODEL_PREFIX):] for k in metadata.state_dict_metadata if k.startswith(MODEL_PREFIX)),
+                   key=hf_order)
+    for name in names:
+        md = metadata.state_dict_metadata[MODEL_PREFIX + name]
+        size = tuple(md.size)
+        # Read straight into the export dtype: no second full-size copy for the cast.
+        target = torch.empty(size, dtype=dtype or md.properties.dtype)
+        state = {MODEL_PREFIX + name: TensorPieces(size, md.properties.dtype, [Block((0,) * len(size), target)])}
+        load_dcp(state, path, PiecesLoadPlanner(str(path)), None, no_dist=True)
+        yield name, target
+
+
+def special_token_ids(tokenizer: Optional[str], template: str, hf_config: Optional[dict]) -> tuple:
+    """(bos id, [eos ids]) for config/generation_config: from the tokenizer and chat template (the
+    end-of-turn token is an eos, so generation stops at the end of the assistant's turn), else
+    from the imported HF config, else (None, None)."""
+    if tokenizer:
+        from megasft.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer, template)
+        s = tok.specials
+        return s.bos_id, sorted({s.eos_id, s.eot_id})
+    if hf_config:
+        eos = hf_config.get("eos_token_id")
+        return hf_config.get("bos_token_id"), eos if isinstance(eos, list) or eos is None else [eos]
+    return None, None
+
+
+def megasft_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", tokenizer: Optional[str] = None,
+                  max_shard_bytes: int = 5 * 2 ** 30) -> Path:
+    """Write the model of checkpoint `ckpt` (a checkpoint or a root with ``latest``) as a HF
+    directory: config.json, generation_config.json, sharded safetensors + index, tokenizer files."""
+    from megasft.checkpoint.hf_io import save_hf_tensors
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    path = resolve_checkpoint(ckpt)
+    check_files(path)
+    meta = read_meta(path)
+    cfg = Config.from_dict(meta["config"])
+    tokenizer = tokenizer or cfg.data.tokenizer
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_hf_tensors(stream_model_tensors(path, DTYPES[dtype]), out, max_shard_bytes=max_shard_bytes)
+    bos, eos = special_token_ids(tokenizer, cfg.data.template, meta.get("hf_config"))
+    torch_dtype = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
+    config = hf_config_from_model(cfg.model, torch_dtype, eos_token_id=eos, bos_token_id=bos)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    if tokenizer:
+        copy_tokenizer_files(Path(tokenizer), out)
+    return out
+
+
+def copy_tokenizer_files(src: Path, out: Path) -> None:
+    """Copy the tokenizer files found at `src` (a directory, or a tokenizer file whose directory
+    holds the rest) next to the weights."""
+    folder = src if src.is_dir() else src.parent
+    copied = [shutil.copy2(folder / n, out / n) for n in TOKENIZER_FILES if (folder / n).exists()]
+    if not src.is_dir() and src.name not in TOKENIZER_FILES:
+        shutil.copy2(src, out / ("tokenizer.model" if src.suffix == ".model" else "tokenizer.json"))
+    elif not copied:
+        raise FileNotFoundError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
