@@ -1,0 +1,121 @@
+"""Measured pipeline bubble of the 1F1B and interleaved schedules against theory.
+
+    python benchmarks/pipeline_bubble.py [--stages 4] [--micro-batches 4 8 16] [--forward-ms 150]
+
+Cost model: every stage has the same cost, modelled by sleeping — t_f per micro-batch forward and
+t_b = 2 t_f per backward on each stage, split evenly over its v chunks when interleaving — inside a
+custom autograd function, so the real schedule, p2p (gloo) and autograd drive the timing. Sleeping
+rather than computing keeps the numbers clean when 4 processes share 2 cores: a sleeping stage
+does not steal CPU from a busy one, as a compute-bound stage would.
+
+Per configuration: one warmup step, then --steps measured steps, each after a barrier so that all
+stages start together. The pipeline bubble of a step is 1 - mean(stage busy) / max(stage wall)
+(megasft.pipeline.bubble.pipeline_bubble); theory is (p-1)/(m+p-1) for 1F1B and (p-1)/(v m+p-1)
+interleaved (Narayanan et al. 2021, Sec. 2.2; see bubble.py for why the fraction of the step).
+Also reported: the most micro-batch activations any stage held at once (1F1B: at most p), in
+(micro-batch, chunk) units when interleaving.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megasft.parallel_state import ParallelState  # noqa: E402
+from megasft.pipeline.bubble import bubble_1f1b, bubble_interleaved, pipeline_bubble  # noqa: E402
+from megasft.pipeline.schedules import forward_backward  # noqa: E402
+
+SHAPE = (16, 1, 64)
+
+
+class SleepStage(torch.autograd.Function):
+    """y = x * w, taking `forward_s` seconds forward and `backward_s` backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, forward_s: float, backward_s: float):
+        time.sleep(forward_s)
+        ctx.save_for_backward(x, w)
+        ctx.backward_s = backward_s
+        return x * w
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.backward_s)
+        x, w = ctx.saved_tensors
+        return grad * w, (grad * x).sum().reshape(w.shape), None, None
+
+
+def synthetic_forward_step(weights: list[torch.Tensor], ps: ParallelState, forward_s: float):
+    """Equal-cost chunks: each of the v chunks costs 1/v of the stage."""
+    v = len(weights)
+
+    def step(chunk: int, batch: dict, input_tensor):
+        x = batch["x"] if input_tensor is None else input_tensor
+        y = SleepStage.apply(x, weights[chunk], forward_s / v, 2 * forward_s / v)
+        if ps.is_last_stage and chunk == v - 1:
+            return y.sum() * 0.0, {"micro_batches": 1}
+        return y
+    return step
+
+
+def run_config(ps: ParallelState, v: int, m: int, forward_s: float, steps: int) -> dict:
+    weights = [torch.ones(1, requires_grad=True) for _ in range(v)]
+    batches = [{"x": torch.randn(SHAPE)} for _ in range(m)]
+    step = synthetic_forward_step(weights, ps, forward_s)
+    bubbles, peaks, stage_idle = [], [], []
+    for i in range(steps + 1):
+        dist.barrier(group=ps.pp_group)
+        result = forward_backward(step, batches, ps, num_chunks=v, tensor_shape=SHAPE,
+                                  dtype=torch.float32, schedule="interleaved" if v > 1 else "1f1b")
+        bubble = pipeline_bubble(result.busy_s, result.wall_s, ps)
+        if i:   # the first step warms up gloo connections
+            bubbles.append(bubble)
+            peaks.append(result.peak_in_flight)
+            stage_idle.append(result.bubble_fraction)
+    return {"bubble": statistics.median(bubbles), "peak": max(peaks),
+            "stage_bubble": statistics.median(stage_idle)}
+
+
+def rank_main(p: int, ms: list[int], v: int, forward_s: float, steps: int) -> list[dict]:
+    ps = ParallelState.build(1, p)
+    rows = []
+    for m in ms:
+        for chunks in (1, v):
+            out = run_config(ps, chunks, m, forward_s, steps)
+            theory = bubble_1f1b(p, m) if chunks == 1 else bubble_interleaved(p, m, chunks)
+            rows.append({"schedule": "1f1b" if chunks == 1 else f"interleaved v={chunks}", "m": m,
+                         "theory": theory, **out})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--micro-batches", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--virtual", type=int, default=2)
+    parser.add_argument("--forward-ms", type=float, default=150.0, help="forward time per stage; backward is 2x")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+
+    from tests.multiproc import run_ranks
+
+    per_rank = run_ranks(rank_main, args.stages, args.stages, args.micro_batches, args.virtual,
+                         args.forward_ms / 1000, args.steps, timeout=1800)
+    print(f"p={args.stages}, t_f={args.forward_ms:g} ms, t_b=2 t_f per stage; median of {args.steps} steps")
+    print(f"{'schedule':<16}{'m':>4}{'theory':>9}{'measured':>10}{'rel.err':>9}   peak in-flight per stage")
+    for i, row in enumerate(per_rank[0]):
+        peaks = [rank_rows[i]["peak"] for rank_rows in per_rank]
+        err = (row["bubble"] - row["theory"]) / row["theory"]
+        print(f"{row['schedule']:<16}{row['m']:>4}{row['theory']:>9.3f}{row['bubble']:>10.3f}"
+              f"{err:>+9.1%}   {peaks}")
+
+
+if __name__ == "__main__":
+    main()
