@@ -148,9 +148,10 @@ def test_encoding_is_linear_in_turns(whole_text):
     """Every character of the rendered text is tokenised at most once (no prefix re-tokenisation)."""
     tok = load_tokenizer(hf_tokenizer_dir(), "llama3")
     seen = []
-    for name in ("encode_batch", "encode_with_offsets"):
+    for name in ("encode_batch", "encode_joined"):
         original = getattr(tok, name)
-        setattr(tok, name, lambda texts, f=original: (seen.append(sum(map(len, texts))), f(texts))[1])
+        size = (lambda t: len(t)) if name == "encode_batch" else (lambda segs: sum(map(len, segs)))
+        setattr(tok, name, lambda texts, f=original, n=size: (seen.append(sum(map(n, texts))), f(texts))[1])
     msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} hello world"} for i in range(100)]
     ChatEncoder(tok, get_template("llama3"), whole_text=whole_text).encode(msgs)
     # One tokenizer call; no character tokenised twice (repeated headers are even served from a cache).
@@ -182,3 +183,24 @@ def test_special_ids_resolved_by_name():
     assert (tok.bos_id, tok.eot_id, tok.eos_id) == (tok.token_to_id("<|begin_of_text|>"), tok.token_to_id("<|eot_id|>"),
                                                    tok.token_to_id("<|end_of_text|>"))
     assert np.all(np.asarray(tok.encode("hi<|eot_id|>"))[-1:] == tok.eot_id)
+
+
+def test_segment_counts_offset_fallback_agrees():
+    """Where char_to_token finds no token (trimmed offsets), tokens are placed by their offsets instead."""
+    from megasft.data.tokenizer import _segment_counts
+
+    tok = load_tokenizer(hf_tokenizer_dir(), "llama3")
+    for msgs in conversations(10, seed=9):
+        segs = [s.text for s in get_template("llama3").render(msgs)]
+        enc = tok.tok.encode("".join(segs), add_special_tokens=False)
+
+        class NoCharToToken:
+            ids, offsets = enc.ids, enc.offsets
+
+            def char_to_token(self, pos):
+                return None
+
+        ids, counts = _segment_counts(enc, segs)
+        ids_b, counts_b = _segment_counts(NoCharToToken(), segs)
+        assert counts.tolist() == counts_b.tolist() and counts.sum() == len(ids)
+        assert all(c == 0 for c, t in zip(counts.tolist(), segs) if not t)

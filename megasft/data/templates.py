@@ -249,7 +249,7 @@ class ChatEncoder:
     last_turn_only: bool = False
     whole_text: Optional[bool] = None
     """Tokenise whole conversations and place tokens by character offset (default when the tokenizer
-    reports offsets: HF) or segment by segment (False; sentencepiece)."""
+    can: HF ``encode_joined``) or segment by segment (False; sentencepiece)."""
 
     def __post_init__(self) -> None:
         self._cache: dict[str, list[int]] = {}
@@ -266,7 +266,7 @@ class ChatEncoder:
     def encode_many(self, conversations: Sequence[Sequence[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Encode a batch with one tokenizer call; returns (ids int64, mask uint8) per conversation."""
         rendered = [self.template.render(c) for c in conversations]
-        whole = self.whole_text if self.whole_text is not None else hasattr(self.tokenizer, "encode_with_offsets")
+        whole = self.whole_text if self.whole_text is not None else hasattr(self.tokenizer, "encode_joined")
         encoded = self._encode_whole(rendered) if whole else self._encode_segmented(rendered)
         out = []
         for ids, mask in encoded:
@@ -280,14 +280,10 @@ class ChatEncoder:
         return np.array([self._trained(s, last_turn) for s in segs], dtype=np.uint8)
 
     def _encode_whole(self, rendered: list[list[Segment]]):
-        """Tokenise each conversation's text once; a token belongs to the segment its first character
-        is in (segments meet at special tokens and header newlines, which no token spans)."""
-        texts = ["".join(s.text for s in segs) for segs in rendered]
-        for segs, (ids, starts) in zip(rendered, self.tokenizer.encode_with_offsets(texts)):
-            seg_starts = np.cumsum([0] + [len(s.text) for s in segs[:-1]])
-            # side="right": among empty segments sharing a start, the token goes to the non-empty last one.
-            which = np.searchsorted(seg_starts, starts, side="right") - 1
-            yield ids, self._flags(segs)[which]
+        """Tokenise each conversation's text once (HF); the tokenizer reports tokens per segment."""
+        joined = self.tokenizer.encode_joined([[s.text for s in segs] for segs in rendered])
+        for segs, (ids, counts) in zip(rendered, joined):
+            yield ids, np.repeat(self._flags(segs), counts)
 
     def _encode_segmented(self, rendered: list[list[Segment]]):
         """Tokenise segment by segment (backends without offsets, e.g. sentencepiece)."""
