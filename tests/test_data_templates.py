@@ -204,3 +204,16 @@ def test_segment_counts_offset_fallback_agrees():
         ids_b, counts_b = _segment_counts(NoCharToToken(), segs)
         assert counts.tolist() == counts_b.tolist() and counts.sum() == len(ids)
         assert all(c == 0 for c, t in zip(counts.tolist(), segs) if not t)
+
+
+@pytest.mark.parametrize("which", ["hf", "sentencepiece"])
+def test_generation_prompt_is_a_prefix_of_the_training_ids(which):
+    """Greedy generation sees the same ids for a prompt as training saw for that conversation prefix."""
+    tok = load_tokenizer(hf_tokenizer_dir() if which == "hf" else sp_model_path(), "llama3")
+    enc = ChatEncoder(tok, get_template("llama3"))
+    for msgs in conversations(20, seed=10):
+        ids, mask = enc.encode(msgs)
+        turn = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        prompt = enc.encode_prompt(msgs[:turn])
+        assert ids[:len(prompt)].tolist() == prompt
+        assert mask[len(prompt)] == 1 or msgs[turn]["content"].strip() == ""

@@ -265,15 +265,16 @@ class ChatEncoder:
 
     def encode_many(self, conversations: Sequence[Sequence[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Encode a batch with one tokenizer call; returns (ids int64, mask uint8) per conversation."""
-        rendered = [self.template.render(c) for c in conversations]
-        whole = self.whole_text if self.whole_text is not None else hasattr(self.tokenizer, "encode_joined")
-        encoded = self._encode_whole(rendered) if whole else self._encode_segmented(rendered)
         out = []
-        for ids, mask in encoded:
+        for ids, mask in self._encode_rendered([self.template.render(c) for c in conversations]):
             if len(mask):
                 mask[0] = 0
             out.append((ids, mask))
         return out
+
+    def _encode_rendered(self, rendered: list[list[Segment]]):
+        whole = self.whole_text if self.whole_text is not None else hasattr(self.tokenizer, "encode_joined")
+        return self._encode_whole(rendered) if whole else self._encode_segmented(rendered)
 
     def _flags(self, segs: list[Segment]) -> np.ndarray:
         last_turn = max((s.turn for s in segs), default=-1)
@@ -314,4 +315,7 @@ class ChatEncoder:
     def encode_prompt(self, messages: Sequence[dict]) -> list[int]:
         """Ids of ``messages`` followed by the assistant header: the prompt for greedy generation
         (generate until ``tokenizer.eot_id``)."""
-        return self.tokenizer.encode(self.template.render_text(messages, add_generation_prompt=True))
+        # Encoded exactly like training data (same segmentation), so a trained prompt prefix has the same ids.
+        segs = self.template.render(messages, add_generation_prompt=True)
+        ids, _ = next(iter(self._encode_rendered([segs])))
+        return ids.tolist()
