@@ -1,0 +1,158 @@
+"""Sharded checkpoints on 4 gloo ranks: exact resume, resharding across layouts, HF round trip.
+
+One spawned world runs every scenario (layouts use all 4 ranks). The reference for resume and
+resharding is an uninterrupted run of the same config that saved along the way:
+
+  ref     TP2xPP2, 6 steps, saves every 2 steps (keep_last=0)
+  resume  TP2xPP2 loads ref/step_4 and runs steps 5-6       -> bit-identical losses and weights
+  chain   TP1xPP1xDP4 loads ref/step_2, runs steps 3-4 (saves), TP4 loads that, runs 5-6
+                                                             -> equal to ref within fp32 tolerance
+  stop    TP2xDP2 with dropout + NEFTune + async save, ZeRO-1: a stop request after step 3 saves;
+          a fresh run with load=auto resumes to 6            -> bit-identical to an uninterrupted run
+  hf      HF checkpoints (tied, untied) converted with hf-to-megasft --tp 2 --pp 2, loaded at
+          TP2xPP2, saved from there, exported with megasft-to-hf -> bit-identical tensors
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.testing import assert_close
+
+from megasft.checkpoint.convert import hf_to_megasft, megasft_to_hf
+from megasft.checkpoint.hf import assemble_canonical, canonical_pieces
+from megasft.checkpoint.hf_io import hf_tensor_reader
+from megasft.checkpoint.sharded import LATEST, Checkpointer, step_name
+from megasft.config import Config
+from megasft.data.indexed import IndexedDatasetBuilder
+from megasft.data.loader import PackedLoader
+from megasft.parallel_state import ParallelState
+from megasft.training.loop import Trainer
+from tests.multiproc import run_ranks
+from tests.oracle import hf_model, tiny_fields
+
+SEQ, ROWS, STEPS = 16, 8, 6
+FIELDS = tiny_fields(num_attention_heads=8, num_kv_heads=2)   # tp=4 splits 8 heads, copies 2 kv heads
+
+
+def make_dataset(path: Path, n_docs: int = 80) -> None:
+    """Random documents of 2-16 tokens, about half of them trained."""
+    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(path, vocab_size=FIELDS["vocab_size"])
+    for _ in range(n_docs):
+        n = int(rng.integers(2, SEQ + 1))
+        builder.add(rng.integers(1, FIELDS["vocab_size"], n), (rng.random(n) < 0.5).astype(np.uint8))
+    builder.finish({"pad_id": 0})
+
+
+def make_config(tmp: str, name: str, tp: int, pp: int, world: int, **overrides) -> Config:
+    raw = {
+        "model": dict(FIELDS, **overrides.pop("model", {})),
+        "parallel": {"tp": tp, "pp": pp, **overrides.pop("parallel", {})},
+        "data": {"train_path": f"{tmp}/data", "seq_len": SEQ, "global_batch_tokens": SEQ * ROWS,
+                 "micro_batch_size": overrides.pop("mbs", 1)},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "train": {"steps": STEPS, "precision": "fp32", "run_dir": f"{tmp}/{name}", "seed": 7},
+        "checkpoint": {"dir": f"{tmp}/{name}/ckpt", **overrides.pop("checkpoint", {})},
+    }
+    assert not overrides, overrides
+    return Config.from_dict(raw).validate(world)
+
+
+def setup(tmp: str, name: str, tp: int, pp: int, **overrides):
+    """Trainer, loader and Checkpointer of one layout on ranks 0-3, resumed per checkpoint.load."""
+    ps = ParallelState.build(tp, pp, ranks=[0, 1, 2, 3])
+    cfg = make_config(tmp, name, tp, pp, 4, **overrides)
+    torch.manual_seed(cfg.train.seed)
+    loader = PackedLoader(f"{tmp}/data", SEQ, SEQ * ROWS, cfg.data.micro_batch_size, ps.dp_rank, ps.dp,
+                          seed=cfg.train.seed)
+    trainer = Trainer(cfg, ps, log=False)
+    ckpt = Checkpointer(cfg, ps)
+    ckpt.resume(trainer, loader)
+    return trainer, loader, ckpt
+
+
+def run(tmp: str, name: str, tp: int, pp: int, stop_after: int = 0, **overrides):
+    """Train one layout to the end (or a stop request after step `stop_after`); returns (losses of
+    the steps run, this rank's canonical weight pieces)."""
+    trainer, loader, ckpt = setup(tmp, name, tp, pp, **overrides)
+
+    def on_step(t):
+        if t.step == stop_after:
+            t.stop_requested = True   # what the SIGUSR1/SIGTERM handler sets
+
+    outputs = trainer.fit(loader, checkpointer=ckpt, on_step=on_step)
+    pieces = [(n, d, o, p.clone()) for c in trainer.chunks for n, d, o, p in canonical_pieces(c)]
+    return [o.loss for o in outputs], pieces
+
+
+def _rank_main(tmp: str) -> dict:
+    out = {}
+    ref = f"{tmp}/ref/ckpt"
+    out["ref"] = run(tmp, "ref", 2, 2, checkpoint={"save_interval": 2, "keep_last": 0})
+    out["resume"] = run(tmp, "resume", 2, 2, checkpoint={"load": f"{ref}/{step_name(4)}"})
+    out["chain1"] = run(tmp, "chain1", 1, 1, stop_after=4, mbs=2, checkpoint={"load": f"{ref}/{step_name(2)}"})
+    out["chain2"] = run(tmp, "chain2", 4, 1, checkpoint={"load": f"{tmp}/chain1/ckpt"})
+    noisy = dict(model={"dropout": 0.1, "neftune_alpha": 5.0}, parallel={"sequence_parallel": True})
+    out["noisy_ref"] = run(tmp, "noisy_ref", 2, 1, **noisy)
+    resumable = dict(noisy, checkpoint={"load": "auto", "async_save": True, "save_interval": 1, "keep_last": 2})
+    out["stop"] = run(tmp, "noisy", 2, 1, stop_after=3, **resumable)
+    out["stop_resumed"] = run(tmp, "noisy", 2, 1, **resumable)
+    for tied in (False, True):   # load the converted HF model at TP2xPP2 and save it from there
+        trainer, loader, ckpt = setup(tmp, f"hf_rt_{tied}", 2, 2, model={"tie_embeddings": tied},
+                                      checkpoint={"load": f"{tmp}/imported_{tied}"})
+        ckpt.save(trainer, loader)
+        ckpt.close()
+    return out
+
+
+def global_weights(results: list[dict], name: str) -> dict[str, torch.Tensor]:
+    return assemble_canonical(p for rank in results for p in rank[name][1])
+
+
+def test_resume_reshard_and_hf_round_trip(tmp_path):
+    tmp = str(tmp_path)
+    make_dataset(tmp_path / "data", n_docs=80)
+    originals = {}
+    for tied in (False, True):
+        model = hf_model(dict(FIELDS, tie_embeddings=tied), seed=11)
+        model.save_pretrained(tmp_path / f"hf_{tied}")
+        originals[tied] = {k: v.clone() for k, v in model.state_dict().items()}
+        hf_to_megasft(tmp_path / f"hf_{tied}", tmp_path / f"imported_{tied}", tp=2, pp=2)
+
+    results = run_ranks(_rank_main, 4, tmp, timeout=900)
+    losses = {name: results[0][name][0] for name in results[0]}
+    for rank in results[1:]:   # every rank reports the same global losses
+        assert {name: rank[name][0] for name in rank} == losses
+
+    ref, ref_w = losses["ref"], global_weights(results, "ref")
+    assert len(ref) == STEPS and len(set(ref)) == STEPS
+    # Exact resume at TP2xPP2: steps 5-6 and final weights bit-identical.
+    assert losses["resume"] == ref[4:]
+    for name, tensor in global_weights(results, "resume").items():
+        assert torch.equal(tensor, ref_w[name]), name
+    # Resharding TP2xPP2 -> TP1xDP4 -> TP4: the continuation matches within fp32 tolerance.
+    assert_close(torch.tensor(losses["chain1"] + losses["chain2"]), torch.tensor(ref[2:]), rtol=1e-5, atol=1e-6)
+    for name, tensor in global_weights(results, "chain2").items():
+        assert_close(tensor, ref_w[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    # Stop request + async save + auto resume, with dropout/NEFTune RNG: bit-identical.
+    assert losses["stop"] + losses["stop_resumed"] == losses["noisy_ref"]
+    stopped_w, noisy_w = global_weights(results, "stop_resumed"), global_weights(results, "noisy_ref")
+    assert all(torch.equal(stopped_w[k], noisy_w[k]) for k in noisy_w)
+    assert losses["noisy_ref"] != ref   # the noise really changed the run
+    # keep_last=2 pruned older saves; latest names the end of the run.
+    ckdir = tmp_path / "noisy" / "ckpt"
+    assert sorted(p.name for p in ckdir.iterdir()) == [LATEST, step_name(5), step_name(6)]
+    assert (ckdir / LATEST).read_text().strip() == step_name(6)
+    # HF -> megasft (loaded and re-saved at TP2xPP2) -> HF: bit-identical tensors.
+    for tied in (False, True):
+        out = megasft_to_hf(tmp_path / f"hf_rt_{tied}" / "ckpt", tmp_path / f"export_{tied}", dtype="fp32",
+                            max_shard_bytes=200_000)
+        assert (out / "model.safetensors.index.json").exists()
+        get = hf_tensor_reader(out)
+        for name, tensor in originals[tied].items():
+            if tied and name == "lm_head.weight":
+                continue
+            assert torch.equal(get(name, None), tensor), name
+        assert Path(out / "config.json").exists()
