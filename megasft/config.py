@@ -327,6 +327,12 @@ class Config:
                 f"choose pp*v in {_divisors(m.num_layers)} or give parallel.pipeline_layers explicitly")
         if p.virtual_pipeline_size > 1 and p.pp == 1:
             raise ConfigError("parallel.virtual_pipeline_size > 1 needs pp > 1 (interleaving splits pipeline stages)")
+        if p.pipeline_schedule == "interleaved" and p.virtual_pipeline_size == 1:
+            raise ConfigError("parallel.pipeline_schedule=interleaved needs virtual_pipeline_size > 1; "
+                              "set parallel.virtual_pipeline_size=2 or use pipeline_schedule=1f1b")
+        if p.pipeline_schedule == "1f1b" and p.virtual_pipeline_size > 1:
+            raise ConfigError("parallel.pipeline_schedule=1f1b runs one model chunk per rank; use "
+                              "pipeline_schedule=interleaved (or auto) with virtual_pipeline_size > 1")
         if p.sequence_parallel and d.seq_len % p.tp:
             raise ConfigError(
                 f"sequence_parallel needs seq_len divisible by tp: seq_len={d.seq_len}, tp={p.tp}; "
@@ -342,6 +348,13 @@ class Config:
                     f"{rows} rows per step (global_batch_tokens/seq_len) do not split into dp={p.dp} x "
                     f"micro_batch_size={d.micro_batch_size}; use global_batch_tokens="
                     f"{max(1, rows // per) * per * d.seq_len}")
+            micro = rows // per
+            if p.virtual_pipeline_size > 1 and micro % p.pp:
+                # The interleaved schedule runs micro-batches in groups of pp per model chunk.
+                good = max(p.pp, micro // p.pp * p.pp) * per * d.seq_len
+                raise ConfigError(
+                    f"interleaved pipelining needs micro-batches per step ({micro}) to be a multiple of "
+                    f"pp={p.pp}; use global_batch_tokens={good}")
         if not 0 <= o.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
         if o.warmup_steps is not None and o.warmup_steps > t.steps:

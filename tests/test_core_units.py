@@ -72,3 +72,16 @@ def test_tp_split_round_trip_with_vocab_padding():
         assert local.shape == (4, 3)
         for _, offset, piece in split.pieces(local):
             assert torch.equal(piece, full[offset:offset + piece.shape[0]])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.pp=2", "parallel.pipeline_schedule=interleaved"], "needs virtual_pipeline_size > 1"),
+    (["parallel.pp=2", "parallel.virtual_pipeline_size=2", "parallel.pipeline_schedule=1f1b"],
+     "use pipeline_schedule=interleaved"),
+    (["parallel.pp=2", "parallel.virtual_pipeline_size=2", "data.global_batch_tokens=6144"],
+     "micro-batches per step (3) to be a multiple of pp=2; use global_batch_tokens=4096"),
+])
+def test_pipeline_config_rules(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        Config.load(None, overrides).validate(world_size=2)
+    assert message in str(err.value)
