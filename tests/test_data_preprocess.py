@@ -124,3 +124,12 @@ def test_pretokenized_input_round_trips(tmp_path):
     preprocess(options(tmp_path, [path]))
     ids, mask = IndexedDataset(tmp_path / "out")[0]
     assert ids.tolist() == [1, 2, 3, 4] and mask.tolist() == [0, 0, 1, 1]  # first token never trained
+
+
+def test_jinja_template_from_tokenizer_config_matches_builtin(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"messages": c} for c in conversations(30, seed=12)])
+    preprocess(options(tmp_path / "builtin", [path]))
+    preprocess(options(tmp_path / "jinja", [path], template=str(hf_tokenizer_dir() / "tokenizer_config.json")))
+    a, b = IndexedDataset(tmp_path / "builtin" / "out"), IndexedDataset(tmp_path / "jinja" / "out")
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.mask, b.mask)
+    assert b.meta["template"].endswith("tokenizer_config.json")
