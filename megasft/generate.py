@@ -45,7 +45,7 @@ def greedy(model: LlamaStage, prompt: list[int], stop_ids: set[int], max_new_tok
 
 
 def main(argv=None) -> None:
-    from megasft.data.templates import get_template
+    from megasft.data.templates import ChatEncoder, get_template
     from megasft.data.tokenizer import load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,6 +59,7 @@ def main(argv=None) -> None:
 
     template = get_template(args.template)
     tok = load_tokenizer(args.tokenizer, template)
+    encoder = ChatEncoder(tok, template)
     model = load_single_process_model(args.model)
     stop = {tok.eot_id, tok.eos_id}
     correct = stopped = 0
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
         convs = [json.loads(line)["messages"] for line in f if line.strip()][:args.n]
     for messages in convs:
         reference = messages[-1]["content"]
-        prompt = template_prompt_ids(tok, template, messages[:-1])
+        prompt = encoder.encode_prompt(messages[:-1])   # tokenised exactly like the training data
         out = greedy(model, prompt, stop, args.max_new_tokens)
         ended = bool(out) and out[-1] in stop
         answer = tok.decode(out[:-1] if ended else out).strip()
@@ -76,11 +77,6 @@ def main(argv=None) -> None:
               f"{'ok' if answer == reference.strip() else 'WRONG'}{'' if ended else ' (no end-of-turn)'}")
     print(f"accuracy {correct}/{len(convs)} = {correct / max(1, len(convs)):.1%}; "
           f"stopped at end-of-turn {stopped}/{len(convs)}")
-
-
-def template_prompt_ids(tok, template, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` rendered by the template plus the assistant generation header."""
-    return tok.encode(template.render_text(messages, add_generation_prompt=True))
 
 
 if __name__ == "__main__":
