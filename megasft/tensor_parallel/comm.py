@@ -75,69 +75,43 @@ def all_gather_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
     return moved.movedim(0, -1).contiguous()
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
+def _identity(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x
+
+
+def _all_reduce_copy(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return all_reduce(x.contiguous(), group)
+
+
+def _split_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return split_dim(x, x.dim() - 1, group)
+
+
+def _split_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return split_dim(x, 0, group)
+
+
+def _collective_pair(name: str, forward_fn, backward_fn) -> type[torch.autograd.Function]:
+    """An autograd operator running `forward_fn` forward and `backward_fn` on the gradient."""
     def forward(ctx, x, group):
         ctx.group = group
-        return x
+        return forward_fn(x, group)
 
-    @staticmethod
     def backward(ctx, grad):
-        return all_reduce(grad.contiguous(), ctx.group), None
+        return backward_fn(grad, ctx.group), None
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce(x.contiguous(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherFromSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_dim0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter_dim0(grad, ctx.group), None
-
-
-class _ReduceScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter_dim0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_dim0(grad, ctx.group), None
-
-
-class _ScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split_dim(x, 0, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_dim0(grad, ctx.group), None
-
-
-class _GatherLastDim(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_last_dim(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return split_dim(grad, grad.dim() - 1, ctx.group), None
+# Megatron's f, g and their sequence-parallel counterparts: (forward collective, backward collective).
+# f = _CopyToTP, g = _ReduceFromTP.
+_CopyToTP = _collective_pair("CopyToTP", _identity, _all_reduce_copy)
+_ReduceFromTP = _collective_pair("ReduceFromTP", _all_reduce_copy, _identity)
+_GatherFromSP = _collective_pair("GatherFromSP", all_gather_dim0, reduce_scatter_dim0)
+_ReduceScatterToSP = _collective_pair("ReduceScatterToSP", reduce_scatter_dim0, all_gather_dim0)
+_ScatterToSP = _collective_pair("ScatterToSP", _split_dim0, all_gather_dim0)
+_GatherLastDim = _collective_pair("GatherLastDim", all_gather_last_dim, _split_last_dim)
 
 
 def _apply(fn, x: torch.Tensor, group: Group) -> torch.Tensor:
