@@ -9,6 +9,8 @@ loss must equal the reference loss. One spawned group per world size checks many
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -175,3 +177,25 @@ def test_schedule_choice_and_errors():
                        pp_ranks=[0, 1, 2, 3])
     with pytest.raises(ValueError, match=r"multiple of pp=4; use 4 or 8 micro-batches"):
         forward_backward(lambda *a: None, [{}] * 6, ps, num_chunks=2, tensor_shape=(4, 1, 8))
+
+
+def test_no_sync_wraps_all_but_the_last_backward():
+    """Overlapped DP reduction may start only with a chunk's last micro-batch: every earlier
+    backward runs inside no_sync(), and gradients still accumulate over all micro-batches."""
+    w = torch.ones(3, requires_grad=True)
+    inside = []
+
+    @contextlib.contextmanager
+    def no_sync():
+        inside.append(True)
+        yield
+
+    def step(chunk, batch, input_tensor):
+        loss = (w * batch["x"]).sum()
+        return loss, {"loss_sum": loss.detach(), "tokens": 1}
+
+    batches = [{"x": torch.full((3,), float(i))} for i in range(1, 5)]
+    result = forward_backward(step, batches, ParallelState.single(), no_sync=no_sync)
+    assert len(inside) == 3
+    assert torch.equal(w.grad, torch.full((3,), 10.0))
+    assert result.stats == {"loss_sum": 30.0, "tokens": 4.0} and result.busy_s > 0

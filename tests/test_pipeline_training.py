@@ -1,10 +1,11 @@
-"""Optimizer steps through the pipeline schedules (1F1B, interleaved, with DP + ZeRO-1 and tied
-embeddings) against plain PyTorch: transformers model + torch.optim.AdamW (decay 0.1 on >=2-D
-params only, betas (0.9, 0.95), eps 1e-8) + clip_grad_norm_(1.0) + the same LR schedule.
+"""Optimizer steps through the pipeline schedules against plain PyTorch: transformers model +
+torch.optim.AdamW (decay 0.1 on >=2-D params only, betas (0.9, 0.95), eps 1e-8) +
+clip_grad_norm_(1.0) + the same LR schedule. Layouts: 1F1B and interleaved at PP=2 and PP=4,
+PP2xDP2 and TP2xSPxPP2xDP2 with ZeRO-1, tied embeddings.
 
-One spawned world of 4 ranks runs every layout (2-rank layouts use a subset). After 2 steps every
-weight piece of every stage must equal the reference, and a tied embedding's two copies (first
-and last stage) must be bit-identical.
+One spawned world of 8 ranks runs every layout (smaller layouts use a subset of it). After 2 steps
+every weight piece of every stage must equal the reference, and a tied embedding's two copies
+(first and last stage) must be bit-identical.
 """
 from __future__ import annotations
 
@@ -21,15 +22,17 @@ from tests.oracle import hf_model, packed_batch, reference_training, select_rows
 
 STEPS, SEQ, ROWS = 2, 16, 8
 LR, WARMUP = 1e-3, 1
-# (name, ranks, pp, virtual chunks, schedule, micro_batch_size, distributed optimizer, tied)
+# (name, ranks, tp, pp, virtual chunks, schedule, micro_batch_size, sequence parallel, tied)
 LAYOUTS = [
-    ("pp2-dp2-zero1-1f1b", [0, 1, 2, 3], 2, 1, "1f1b", 1, True, False),
-    ("pp2-1f1b-mb2", [0, 1], 2, 1, "1f1b", 2, True, False),
-    ("pp2-interleaved", [2, 3], 2, 2, "interleaved", 1, True, False),
-    ("pp2-dp2-zero1-interleaved-tied", [0, 1, 2, 3], 2, 2, "interleaved", 1, True, True),
-    ("pp2-1f1b-tied", [0, 1], 2, 1, "1f1b", 1, True, True),
+    ("tp2-pp2-dp2-zero1-sp-interleaved", list(range(8)), 2, 2, 2, "interleaved", 1, True, False),
+    ("pp2-dp2-zero1-1f1b", [0, 1, 2, 3], 1, 2, 1, "1f1b", 1, False, False),
+    ("pp4-1f1b-mb2", [4, 5, 6, 7], 1, 4, 1, "1f1b", 2, False, False),
+    ("pp2-interleaved", [0, 1], 1, 2, 2, "interleaved", 1, False, False),
+    ("pp2-dp2-zero1-interleaved-tied", [0, 1, 2, 3], 1, 2, 2, "interleaved", 1, False, True),
+    ("pp4-interleaved-tied", [4, 5, 6, 7], 1, 4, 2, "interleaved", 1, False, True),
+    ("pp2-1f1b-tied", [0, 1], 1, 2, 1, "1f1b", 2, False, True),
 ]
-FIELDS = dict(num_layers=4)
+FIELDS = dict(num_layers=8)
 
 
 def global_batches() -> list[dict]:
@@ -38,12 +41,12 @@ def global_batches() -> list[dict]:
             for s in range(STEPS)]
 
 
-def make_config(hf_dir: str, world: int, pp: int, v: int, schedule: str, mbs: int, zero: bool,
+def make_config(hf_dir: str, world: int, tp: int, pp: int, v: int, schedule: str, mbs: int, sp: bool,
                 tied: bool) -> Config:
     return Config.from_dict({
         "model": {**tiny_fields(**FIELDS, tie_embeddings=tied), "init_from_hf": hf_dir},
-        "parallel": {"pp": pp, "virtual_pipeline_size": v, "pipeline_schedule": schedule,
-                     "distributed_optimizer": zero},
+        "parallel": {"tp": tp, "pp": pp, "virtual_pipeline_size": v, "pipeline_schedule": schedule,
+                     "sequence_parallel": sp, "distributed_optimizer": True},
         "data": {"seq_len": SEQ, "global_batch_tokens": SEQ * ROWS, "micro_batch_size": mbs},
         "optim": {"lr": LR, "warmup_steps": WARMUP},
         "train": {"steps": STEPS, "precision": "fp32"},
@@ -52,12 +55,12 @@ def make_config(hf_dir: str, world: int, pp: int, v: int, schedule: str, mbs: in
 
 def _rank_main(hf_dirs: dict) -> dict:
     results = {}
-    for name, ranks, pp, v, schedule, mbs, zero, tied in LAYOUTS:
-        ps = ParallelState.build(1, pp, ranks=ranks)
+    for name, ranks, tp, pp, v, schedule, mbs, sp, tied in LAYOUTS:
+        ps = ParallelState.build(tp, pp, ranks=ranks)
         if ps is None:
             continue
-        trainer = Trainer(make_config(hf_dirs[tied], len(ranks), pp, v, schedule, mbs, zero, tied), ps,
-                          log=False)
+        cfg = make_config(hf_dirs[tied], len(ranks), tp, pp, v, schedule, mbs, sp, tied)
+        trainer = Trainer(cfg, ps, log=False)
         per_rank = ROWS // ps.dp
         mine = list(range(ps.dp_rank * per_rank, (ps.dp_rank + 1) * per_rank))
         losses = [trainer.train_step([select_rows(batch, mine[i:i + mbs]) for i in range(0, per_rank, mbs)]).loss
@@ -65,7 +68,7 @@ def _rank_main(hf_dirs: dict) -> dict:
         weights = [(n, d, o, p.clone()) for c in trainer.chunks for n, d, o, p in canonical_pieces(c)]
         copies = [p.detach().clone() for p in tied_embedding_copies(trainer.chunks)]
         results[name] = {"losses": losses, "weights": weights, "tied": copies, "pp_rank": ps.pp_rank,
-                         "dp_rank": ps.dp_rank}
+                         "coords": (ps.dp_rank, ps.tp_rank)}
     return results
 
 
@@ -78,9 +81,9 @@ def test_pipeline_train_steps_match_plain_pytorch(tmp_path):
         losses = reference_training(model, global_batches(), LR, WARMUP, STEPS)
         refs[tied] = (losses, {n: p.detach() for n, p in model.named_parameters()})
 
-    per_rank = run_ranks(_rank_main, 4, dirs, timeout=600)
+    per_rank = run_ranks(_rank_main, 8, dirs, timeout=900)
     checked = {}
-    for name, ranks, pp, v, schedule, mbs, zero, tied in LAYOUTS:
+    for name, ranks, tp, pp, v, schedule, mbs, sp, tied in LAYOUTS:
         ref_losses, ref = refs[tied]
         outs = [r[name] for r in per_rank if name in r]
         assert len(outs) == len(ranks), f"{name}: ran on {len(outs)} ranks"
@@ -97,10 +100,11 @@ def test_pipeline_train_steps_match_plain_pytorch(tmp_path):
                 seen.add(hf_name)
         assert seen == set(ref), f"{name}: weights not checked: {set(ref) - seen}"
         if tied:
-            for dp_rank in range(len(ranks) // pp):
-                first = [o["tied"] for o in outs if o["pp_rank"] == 0 and o["dp_rank"] == dp_rank][0]
-                last = [o["tied"] for o in outs if o["pp_rank"] == pp - 1 and o["dp_rank"] == dp_rank][0]
-                assert len(first) == len(last) == 1 and torch.equal(first[0], last[0]), \
-                    f"{name}: tied embedding copies differ after {STEPS} steps"
+            first = {o["coords"]: o["tied"] for o in outs if o["pp_rank"] == 0}
+            last = {o["coords"]: o["tied"] for o in outs if o["pp_rank"] == pp - 1}
+            assert first.keys() == last.keys() and len(first) == len(ranks) // pp
+            for coords, copies in first.items():   # same (dp, tp) coordinates on both stages
+                assert len(copies) == len(last[coords]) == 1 and torch.equal(copies[0], last[coords][0]), \
+                    f"{name}: tied embedding copies differ after {STEPS} steps at (dp, tp) {coords}"
         checked[name] = True
     assert set(checked) == {layout[0] for layout in LAYOUTS}
