@@ -51,6 +51,9 @@ def test_formats_map_to_messages():
 def test_pretokenized_shifted_labels_are_rejected():
     with pytest.raises(DataError, match="shifted"):
         parse_line(json.dumps({"input_ids": [5, 6, 7], "labels": [6, 7, -100]}).encode(), "f", 4, vocab_size=10)
+    for bad in ([1.5, 2], [[1], [2]], ["1", "2"], [1, [2]]):
+        with pytest.raises(DataError, match="flat lists of integers"):
+            parse_line(json.dumps({"input_ids": bad, "labels": [-100, -100]}).encode(), "f", 4, vocab_size=10)
     with pytest.raises(DataError, match="out of range"):
         parse_line(json.dumps({"input_ids": [5, 60], "labels": [5, 60]}).encode(), "f", 4, vocab_size=10)
 

@@ -140,12 +140,12 @@ def _pretokenized(obj: dict, path: str, line: int, vocab_size: Optional[int]) ->
     if not isinstance(ids, list) or not isinstance(labels, list) or len(ids) != len(labels) or not ids:
         raise DataError(path, line, "malformed record", "input_ids and labels must be non-empty lists of equal length")
     try:
-        ids_arr = np.asarray(ids, dtype=np.int64)
-        lab_arr = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        raise DataError(path, line, "malformed record", "input_ids/labels must hold integers only") from None
-    if ids_arr.ndim != 1 or lab_arr.ndim != 1:
-        raise DataError(path, line, "malformed record", "input_ids/labels must be flat lists")
+        ids_arr, lab_arr = np.asarray(ids), np.asarray(labels)
+    except ValueError:  # ragged nesting
+        ids_arr = lab_arr = np.zeros((0, 0))
+    if ids_arr.ndim != 1 or lab_arr.ndim != 1 or ids_arr.dtype.kind != "i" or lab_arr.dtype.kind != "i":
+        raise DataError(path, line, "malformed record", "input_ids/labels must be flat lists of integers")
+    ids_arr, lab_arr = ids_arr.astype(np.int64), lab_arr.astype(np.int64)
     if ids_arr.min() < 0 or (vocab_size is not None and ids_arr.max() >= vocab_size):
         raise DataError(path, line, "token id out of range", f"ids must be in [0, {vocab_size})")
     trained = lab_arr != -100
