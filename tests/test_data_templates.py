@@ -63,6 +63,12 @@ def test_jinja_template_that_rewrites_content_is_rejected(tmp_path):
         get_template(str(config)).render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
 
 
+def test_jinja_raise_exception_becomes_template_error(tmp_path):
+    config = write_tokenizer_config(tmp_path, "{{ raise_exception('roles must alternate') }}", eos_token="<|im_end|>")
+    with pytest.raises(TemplateError, match="roles must alternate"):
+        get_template(str(config)).render([{"role": "user", "content": "hi"}])
+
+
 def expected_trained_text(msgs, mode, last_turn_only, template):
     """What the mask must select, written from the definition of each mode."""
     if mode == "all":

@@ -135,8 +135,13 @@ class JinjaTemplate(ChatTemplate):
         self.compiled = _jinja_env().from_string(source)
 
     def _render(self, messages, add_generation_prompt: bool) -> str:
-        return self.compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                    **self.variables)
+        import jinja2
+
+        try:
+            return self.compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                        **self.variables)
+        except jinja2.TemplateError as e:  # e.g. the template's own raise_exception("roles must alternate")
+            raise TemplateError(f"{self.name}: {e}") from None
 
     def render(self, messages, add_generation_prompt=False):
         marked = [{**m, "content": f"\x00{i}\x00"} for i, m in enumerate(messages)]
