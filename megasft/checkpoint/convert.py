@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -22,11 +23,11 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from megasft.checkpoint.hf import canonical_names, full_shapes
-from megasft.checkpoint.hf_io import hf_config_from_model, model_fields_from_hf, read_hf_config
+from megasft.checkpoint.hf_io import HFTensors, hf_config_from_model, model_fields_from_hf, read_hf_config
 from megasft.checkpoint.pieces import MODEL_PREFIX, Block, TensorPieces
-from megasft.checkpoint.planner import CheckpointMismatch, LazyBlock, PiecesLoadPlanner
+from megasft.checkpoint.planner import CheckpointMismatch, LazyBlock, PiecesLoadPlanner, PiecesSavePlanner
 from megasft.checkpoint.sharded import (FORMAT_VERSION, TMP_PREFIX, check_files, load_dcp, model_shape,
-                                        read_meta, resolve_checkpoint, step_name, write_latest)
+                                        quiet_single_process, read_meta, resolve_checkpoint, step_name, write_latest)
 from megasft.config import Config, ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -51,43 +52,27 @@ def canonical_tensors(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _safetensors_index(hf_dir: Path) -> dict[str, Path]:
-    from safetensors import safe_open
-
-    index = hf_dir / "model.safetensors.index.json"
-    if index.exists():
-        return {k: hf_dir / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-    single = hf_dir / "model.safetensors"
-    if not single.exists():
-        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
-    with safe_open(single, "pt") as f:
-        return {k: single for k in f.keys()}
-
-
 def hf_to_megasft(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -> Path:
     """Write the HF Llama directory `hf_dir` as a megasft checkpoint under the root `out` (with a
     ``latest``); returns the checkpoint directory. Raises ConfigError when the model cannot be
     split at tp/pp, CheckpointMismatch when a tensor is missing or has the wrong shape."""
     import torch.distributed.checkpoint as dcp
-    from safetensors import safe_open
 
     hf_dir, out = Path(hf_dir), Path(out)
     hf_config = read_hf_config(hf_dir)
     cfg = Config.from_dict({"model": model_fields_from_hf(hf_config), "parallel": {"tp": tp, "pp": pp}})
     cfg.validate(tp * pp)
-    files = _safetensors_index(hf_dir)
+    tensors = HFTensors(hf_dir)
     state: dict = {}
     for name, shape in canonical_tensors(cfg.model).items():
-        if name not in files:
+        if name not in tensors.weight_map:
             raise CheckpointMismatch(f"{hf_dir}: tensor {name!r} not found (config.json describes a model "
                                      "that has it)")
-        with safe_open(files[name], "pt") as f:
-            piece = f.get_slice(name)
-            found, dtype = tuple(piece.get_shape()), _st_dtype(piece.get_dtype())
-        if found != shape:
-            raise CheckpointMismatch(f"{files[name]}: tensor {name!r} has shape {found}, config.json implies {shape}")
-        lazy = LazyBlock(shape, _reader(files[name], name))
-        state[MODEL_PREFIX + name] = TensorPieces(shape, dtype, [Block((0,) * len(shape), lazy)])
+        if tensors.shape(name) != shape:
+            raise CheckpointMismatch(f"{hf_dir / tensors.weight_map[name]}: tensor {name!r} has shape "
+                                     f"{tensors.shape(name)}, config.json implies {shape}")
+        lazy = LazyBlock(shape, partial(tensors.raw, name))
+        state[MODEL_PREFIX + name] = TensorPieces(shape, tensors.dtype(name), [Block((0,) * len(shape), lazy)])
     state["meta"] = {"format": FORMAT_VERSION, "step": 0, "consumed_tokens": 0, "loader": None,
                      "best_eval": None, "model": model_shape(cfg.model), "hf_config": hf_config,
                      "layout": {"tp": tp, "pp": pp, "converted_from": str(hf_dir)}, "config": cfg.to_dict()}
@@ -96,30 +81,13 @@ def hf_to_megasft(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     cfg.save(tmp / "config.yaml")
-    from megasft.checkpoint.planner import PiecesSavePlanner
-
-    dcp.save(state, checkpoint_id=str(tmp), planner=PiecesSavePlanner(), no_dist=True)
+    with quiet_single_process():
+        dcp.save(state, checkpoint_id=str(tmp), planner=PiecesSavePlanner(), no_dist=True)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
     write_latest(out, name)
     return final
-
-
-def _reader(file: Path, name: str):
-    def load() -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(file, "pt") as f:
-            return f.get_tensor(name)
-    return load
-
-
-def _st_dtype(name: str) -> torch.dtype:
-    table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-    if name not in table:
-        raise ValueError(f"unsupported safetensors dtype {name!r}; expected one of {sorted(table)}")
-    return table[name]
 
 
 # ----------------------------------------------------------------------------- megasft -> HF

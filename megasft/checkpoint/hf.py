@@ -71,6 +71,32 @@ def load_canonical(module: nn.Module, get_tensor: Callable[[str, tuple[int, ...]
             param.copy_(local_from_canonical(param, fulls))
 
 
+def load_canonical_sliced(module: nn.Module, shape_of: Callable[[str], tuple[int, ...]],
+                          read: Callable[[str, int, int, int], torch.Tensor]) -> None:
+    """load_canonical reading only this rank's rows: shape_of(hf_name) -> full shape (checked),
+    read(hf_name, dim, start, length) -> the canonical tensor narrowed along dim. Vocab padding
+    rows are zeroed, as TPSplit.local_from_full pads them."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            names, shapes = canonical_names(name, param), full_shapes(param)
+            for n, shape in zip(names, shapes):
+                if tuple(shape_of(n)) != shape:
+                    raise ValueError(f"{n}: checkpoint has shape {tuple(shape_of(n))}, the model expects {shape}")
+            split = getattr(param, "tp_split", None)
+            if split is None:
+                param.copy_(read(names[0], 0, 0, shapes[0][0]))
+                continue
+            offset = 0
+            for n, shard in zip(names, split.parts):
+                target = param.narrow(split.dim, offset, shard.local)
+                keep = max(0, min(shard.local, shard.size - shard.start))
+                if keep:
+                    target.narrow(split.dim, 0, keep).copy_(read(n, split.dim, shard.start, keep))
+                if keep < shard.local:
+                    target.narrow(split.dim, keep, shard.local - keep).zero_()
+                offset += shard.local
+
+
 def load_hf_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a transformers LlamaForCausalLM state dict (tied lm_head may be absent)."""
     def get(name: str, shape) -> torch.Tensor:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from megasft.checkpoint.hf import load_canonical
+from megasft.checkpoint.hf import load_canonical_sliced
 from megasft.config import ModelConfig
 
 
@@ -64,36 +64,68 @@ def read_hf_config(path: str | Path) -> dict:
     return json.loads(file.read_text())
 
 
-def hf_tensor_reader(path: str | Path) -> Callable[[str, tuple], torch.Tensor]:
-    """get(name, expected_shape) over the safetensors file(s) of a HF directory; a missing
-    lm_head.weight falls back to the tied embedding."""
-    root = Path(path)
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-    elif (root / "model.safetensors").exists():
-        with safe_open(root / "model.safetensors", "pt") as f:
-            weight_map = {k: "model.safetensors" for k in f.keys()}
-    else:
-        raise FileNotFoundError(f"{root}: no model.safetensors or model.safetensors.index.json")
-    handles: dict = {}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
-    def get(name: str, shape) -> torch.Tensor:
-        if name not in weight_map and name == "lm_head.weight":
+
+class HFTensors:
+    """The tensors of a HF directory (single or sharded safetensors), opened lazily; a missing
+    lm_head.weight falls back to the tied embedding. Reads whole tensors or row/column slices."""
+
+    def __init__(self, path: str | Path):
+        self.root = Path(path)
+        index = self.root / "model.safetensors.index.json"
+        if index.exists():
+            self.weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.root / "model.safetensors").exists():
+            with safe_open(self.root / "model.safetensors", "pt") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{self.root}: no model.safetensors or model.safetensors.index.json")
+        self._handles: dict = {}
+
+    def _slice(self, name: str):
+        if name not in self.weight_map and name == "lm_head.weight":
             name = "model.embed_tokens.weight"
-        if name not in weight_map:
-            raise KeyError(f"{root}: tensor {name!r} not found in the checkpoint")
-        file = weight_map[name]
-        if file not in handles:
-            handles[file] = safe_open(root / file, "pt")
-        return handles[file].get_tensor(name).float()
+        if name not in self.weight_map:
+            raise KeyError(f"{self.root}: tensor {name!r} not found in the checkpoint")
+        file = self.weight_map[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.root / file, "pt")
+        return self._handles[file].get_slice(name)
 
-    return get
+    def get(self, name: str, shape=None) -> torch.Tensor:
+        """The whole tensor `name` in fp32."""
+        return self._slice(name)[:].float()
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The whole tensor `name` in its stored dtype."""
+        return self._slice(name)[:]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        stored = self._slice(name).get_dtype()
+        if stored not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.root}: tensor {name!r} has dtype {stored}; supported: {sorted(SAFETENSORS_DTYPES)}")
+        return SAFETENSORS_DTYPES[stored]
+
+    def read(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
+        """Only [start, start + length) along dim 0 or 1 is read from disk."""
+        piece = self._slice(name)
+        return piece[start:start + length] if dim == 0 else piece[:, start:start + length]
+
+
+def hf_tensor_reader(path: str | Path) -> Callable[[str, tuple], torch.Tensor]:
+    """get(name, expected_shape) -> the whole fp32 tensor, over the safetensors of a HF directory."""
+    return HFTensors(path).get
 
 
 def load_hf_into(module: nn.Module, path: str | Path) -> None:
-    """Load this rank's shards of a HF Llama checkpoint into a model chunk."""
-    load_canonical(module, hf_tensor_reader(path))
+    """Load this rank's shards of a HF Llama checkpoint into a model chunk, reading only the rows
+    (or columns) this rank holds."""
+    tensors = HFTensors(path)
+    load_canonical_sliced(module, tensors.shape, tensors.read)
 
 
 def save_hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import contextlib
 import shutil
 import warnings
 from pathlib import Path
@@ -46,9 +47,6 @@ from megasft.checkpoint.pieces import (MODEL_PREFIX, Block, TensorPieces, model_
                                        reset_main_params)
 from megasft.checkpoint.planner import CheckpointMismatch, PiecesLoadPlanner, PiecesSavePlanner, PreStaged
 
-# DCP warns that it "assumes a single process" whenever no_dist is used without a process group.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
@@ -59,6 +57,14 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or unreadable; the message names the file."""
+
+
+@contextlib.contextmanager
+def quiet_single_process():
+    """DCP warns that it "assumes a single process" on every no_dist call without a process group."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def step_name(step: int) -> str:
@@ -149,7 +155,8 @@ def model_shape(model_cfg) -> dict:
 def load_dcp(state: dict, path: Path, planner, group, no_dist: bool) -> None:
     """dcp.load with errors that name the checkpoint (a shape mismatch stays a CheckpointMismatch)."""
     try:
-        dcp.load(state, checkpoint_id=str(path), planner=planner, process_group=group, no_dist=no_dist)
+        with quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path), planner=planner, process_group=group, no_dist=no_dist)
     except CheckpointException as err:
         causes = [e for e, _ in err.failures.values()] if hasattr(err, "failures") else []
         mismatch = next((c for c in causes if isinstance(c, CheckpointMismatch)), None)
@@ -275,8 +282,9 @@ class Checkpointer:
                                     process_group=group, no_dist=self._no_dist, async_stager=PreStaged())
             self._pending = (future, tmp, final)
         else:
-            dcp.save(state, checkpoint_id=str(tmp), planner=PiecesSavePlanner(), process_group=group,
-                     no_dist=self._no_dist)
+            with quiet_single_process():
+                dcp.save(state, checkpoint_id=str(tmp), planner=PiecesSavePlanner(), process_group=group,
+                         no_dist=self._no_dist)
             self._publish(tmp, final)
         return final
 
