@@ -28,6 +28,7 @@ from megasft.pipeline.tied import sync_tied_embedding_grads
 from megasft.tensor_parallel.cross_entropy import IGNORE_INDEX, shift_labels
 from megasft.tensor_parallel.layers import sync_replicated_grads
 from megasft.training import metrics
+from megasft.training.profiler import maybe_profile
 
 
 @dataclass
@@ -152,43 +153,47 @@ class Trainer:
         t = self.cfg.train
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self.request_stop)
-        timer = metrics.StepTimer(self.ps.device)
-        window_tokens, window_trained, window_flops = 0, 0, 0.0
+        window = metrics.ThroughputWindow(self.ps.device)
         outputs = []
-        while self.step < t.steps:
-            micro_batches = train_loader.next_global_batch()
-            out = self.train_step(micro_batches)
-            outputs.append(out)
-            slots = self.cfg.data.global_batch_tokens
-            window_tokens += slots
-            window_trained += out.trained_tokens
-            # Document lengths are identical across TP/PP copies; sum the square over DP ranks.
-            sq = torch.tensor([metrics.sum_sq_segment_lens(micro_batches)], dtype=torch.float64)
-            if group_size(self.ps.dp_group) > 1:
-                dist.all_reduce(sq, group=self.ps.dp_group)
-            window_flops += metrics.step_model_flops(self.cfg.model, slots, int(sq.item()))
-            if self.step % t.log_interval == 0 or self.step == t.steps:
-                elapsed = timer.lap()
-                if writer is not None:
-                    extra = None
-                    if out.bubble is not None:
-                        extra = {"bubble": out.bubble[0], "bubble_theory": out.bubble[1]}
-                    writer.write(metrics.throughput_record(
-                        self.step, out.lr, out.loss, out.grad_norm, elapsed, window_tokens, window_trained,
-                        window_flops, self.ps.world_size, t.peak_tflops, metrics.peak_memory_bytes(self.ps.device),
-                        self.optimizer.skipped_total, extra))
-                window_tokens, window_trained, window_flops = 0, 0, 0.0
-            if eval_loader is not None and t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
-                self._eval_and_log(eval_loader, writer)
-                timer.lap()   # evaluation time is not training throughput
-            if on_step is not None:
-                on_step(self)
-            stop = self._should_stop()
-            if checkpointer is not None:
-                checkpointer.after_step(self, train_loader, last=stop or self.step >= t.steps)
-            if stop:
-                break
+        with maybe_profile(t.profile, t.run_dir, self.ps.rank, self.ps.device) as prof:
+            while self.step < t.steps:
+                micro_batches = train_loader.next_global_batch()
+                out = self.train_step(micro_batches)
+                prof.step()
+                outputs.append(out)
+                window.add(self.cfg.data.global_batch_tokens, out.trained_tokens, self._step_flops(micro_batches))
+                if self.step % t.log_interval == 0 or self.step == t.steps:
+                    self._log_train(out, window, writer)
+                if eval_loader is not None and t.eval_interval and (self.step % t.eval_interval == 0
+                                                                     or self.step == t.steps):
+                    self._eval_and_log(eval_loader, writer)
+                    window.restart()   # evaluation time is not training throughput
+                if on_step is not None:
+                    on_step(self)
+                stop = self._should_stop()
+                if checkpointer is not None:
+                    checkpointer.after_step(self, train_loader, last=stop or self.step >= t.steps)
+                if stop:
+                    break
         return outputs
+
+    def _step_flops(self, micro_batches: list[dict]) -> float:
+        """Model FLOPs of this step over all ranks (document lengths summed over DP; TP/PP copies
+        of a micro-batch are the same work)."""
+        sq = torch.tensor([metrics.sum_sq_segment_lens(micro_batches)], dtype=torch.float64)
+        if group_size(self.ps.dp_group) > 1:
+            dist.all_reduce(sq, group=self.ps.dp_group)
+        return metrics.step_model_flops(self.cfg.model, self.cfg.data.global_batch_tokens, int(sq.item()))
+
+    def _log_train(self, out: StepOutput, window: "metrics.ThroughputWindow", writer) -> None:
+        elapsed, tokens, trained, flops = window.close()
+        if writer is None:
+            return
+        extra = {"bubble": out.bubble[0], "bubble_theory": out.bubble[1]} if out.bubble is not None else None
+        writer.write(metrics.throughput_record(
+            self.step, out.lr, out.loss, out.grad_norm, elapsed, tokens, trained, flops, self.ps.world_size,
+            self.cfg.train.peak_tflops, metrics.peak_memory_bytes(self.ps.device),
+            self.optimizer.skipped_total, extra))
 
     def _should_stop(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0])

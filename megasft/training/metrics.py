@@ -43,19 +43,32 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class StepTimer:
-    """Wall time between log points, synchronising CUDA so the time is the device's."""
+class ThroughputWindow:
+    """Tokens, trained tokens and model FLOPs since the last log point, and the wall time they
+    took (CUDA synchronised, so the time is the device's)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.start = time.perf_counter()
+        self.restart()
 
-    def lap(self) -> float:
+    def restart(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        elapsed, self.start = now - self.start, now
-        return elapsed
+        self.start = time.perf_counter()
+        self.tokens, self.trained, self.flops = 0, 0, 0.0
+
+    def add(self, tokens: int, trained: int, flops: float) -> None:
+        self.tokens += tokens
+        self.trained += trained
+        self.flops += flops
+
+    def close(self) -> tuple[float, int, int, float]:
+        """(elapsed s, tokens, trained tokens, FLOPs) of the window; starts the next one."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        result = (time.perf_counter() - self.start, self.tokens, self.trained, self.flops)
+        self.restart()
+        return result
 
 
 class MetricsWriter:
