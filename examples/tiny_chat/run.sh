@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The tiny chat example end to end on CPU: synthetic chats + tokenizer, preprocessing, training on
-# 4 gloo processes (TP2 x DP2), then greedy answers to held-out prompts.
+# 4 gloo processes (TP2 x PP2), then greedy answers to held-out prompts.
 # Extra arguments are config overrides, e.g.  bash examples/tiny_chat/run.sh train.steps=50
 set -euo pipefail
 cd "$(dirname "$0")/../.."
