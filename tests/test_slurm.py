@@ -1,0 +1,182 @@
+"""`sbatch launch/sft_405b.sh` on a real one-node Slurm cluster (munged + slurmctld + slurmd on
+localhost, tests/slurm_cluster.py), with the tiny chat config on CPU: 4 gloo ranks (its layout).
+
+* The uninterrupted job trains, writes its per-node log, metrics and final checkpoint (`latest`).
+* A job sent SIGUSR1 mid-run (`scancel --batch --signal=USR1`, what `--signal=B:USR1@...` does
+  before the time limit) stops at a step boundary, saves, requeues itself, resumes from the
+  checkpoint and ends with bit-identical weights and the same per-step losses as the
+  uninterrupted job.
+
+The same script, unchanged, is what a 405B user submits: only environment variables and sbatch
+command-line options (which override its #SBATCH lines) differ. Skips with the reason when Slurm
+or MUNGE is not installed (.ci/install_slurm.sh installs them in CI) or the tests are not root.
+"""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.slurm_cluster import SlurmCluster, _free_port, unavailable_reason
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 12
+DONE_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
+JOB_TIMEOUT = 600
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+
+    def on_sigterm(signum, frame):   # a CI timeout's SIGTERM still stops the daemons (teardown runs)
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        signal.signal(signal.SIGTERM, previous)
+    assert not c.stragglers(), "processes of the test cluster outlived it"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """The tiny chat task with a small training split (preprocessing takes a few seconds)."""
+    out = tmp_path_factory.mktemp("tiny_chat")
+    subprocess.run([sys.executable, "examples/tiny_chat/make_data.py", "--out", str(out), "--train", "200",
+                    "--eval", "0"], check=True, capture_output=True, cwd=REPO)
+    subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(out / "train.jsonl"),
+                    "--output", str(out / "train"), "--tokenizer", str(out / "tokenizer.model"),
+                    "--template", "llama3", "--seq-len", "256", "--workers", "1", "--no-progress"],
+                   check=True, capture_output=True, cwd=REPO)
+    return out
+
+
+def submit(cluster: SlurmCluster, data: Path, run_dir: Path) -> int:
+    """sbatch launch/sft_405b.sh as a user would for the tiny config on one CPU node."""
+    overrides = [f"data.train_path={data / 'train'}", "data.eval_path=null", f"data.tokenizer={data / 'tokenizer.model'}",
+                 # 8 rows of 256 tokens per step (the example uses 16): quick on 2 cores
+                 "data.global_batch_tokens=2048", f"train.steps={STEPS}", "train.log_interval=1",
+                 "train.eval_interval=0", "checkpoint.export_hf=true"]
+    env = {"CONFIG": "examples/configs/tiny_chat.yaml", "GPUS_PER_NODE": "0", "RUN_DIR": str(run_dir),
+           "RDZV_PORT": str(_free_port()), "OVERRIDES": " ".join(overrides), "OMP_NUM_THREADS": "1"}
+    # Command-line options override the script's 405B #SBATCH lines: one node, no GPUs, and a time
+    # limit longer than the script's 15-minute USR1 lead (else Slurm would signal at once).
+    return cluster.sbatch(["--nodes=1", "--gpus-per-node=0", "--time=60", f"--output={run_dir}.slurm-%j.out",
+                           "launch/sft_405b.sh"], env=env, cwd=REPO)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip().endswith("}")]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r and r.get("kind", "train") == "train"}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted((run_dir / "hf").glob("*.safetensors"))
+    assert files, f"no Hugging Face export in {run_dir / 'hf'}"
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def job_log(run_dir: Path, job_id: int) -> str:
+    return Path(f"{run_dir}.slurm-{job_id}.out").read_text()
+
+
+def node_log(run_dir: Path, job_id: int, attempt: int) -> str:
+    logs = sorted((run_dir / "logs").glob(f"{job_id}.{attempt}.*.log"))
+    assert len(logs) == 1, f"expected one node log for attempt {attempt}, found {logs}"
+    return logs[0].read_text()
+
+
+@pytest.fixture(scope="module")
+def reference_run(cluster, tiny_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    t0 = time.monotonic()
+    job = submit(cluster, tiny_data, run_dir)
+    info = cluster.wait_state(job, DONE_STATES, JOB_TIMEOUT)
+    return {"job": job, "info": info, "run_dir": run_dir, "seconds": time.monotonic() - t0}
+
+
+def test_sbatch_trains_tiny_config_on_cpu(reference_run):
+    job, info, run_dir = reference_run["job"], reference_run["info"], reference_run["run_dir"]
+    batch = job_log(run_dir, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{batch}"
+    assert info["Restarts"] == "0"
+    assert f"job {job} attempt 0: 1 node(s) x 4 rank(s)" in batch
+    assert "checkpoint.load=auto" in batch and "training step ended with status 0" in batch
+    assert "requeueing" not in batch and "SIGUSR1" not in batch
+
+    log = node_log(run_dir, job, 0)
+    assert re.search(r"world 4 = tp \d+ x pp \d+ x dp \d+ on cpu", log)   # srun -> torchrun -> 4 gloo ranks
+    assert f"done after {STEPS} steps" in log and "resumed from" not in log
+
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert all(loss == loss for loss in losses.values()) and losses[STEPS] < losses[1] - 1.0   # it learnt
+
+    ckpt = run_dir / "checkpoints"
+    name = (ckpt / "latest").read_text().strip()
+    assert name == f"step_{STEPS:08d}" and (ckpt / name / ".metadata").exists()
+    assert len(list((ckpt / name).glob("*.distcp"))) >= 1
+    assert not list(ckpt.glob(".tmp-*"))
+    assert set(final_weights(run_dir)) >= {"model.embed_tokens.weight", "model.norm.weight"}
+
+
+def test_usr1_saves_requeues_and_resumes_to_same_weights(cluster, tiny_data, reference_run, tmp_path):
+    run_dir = tmp_path / "interrupted"
+    job = submit(cluster, tiny_data, run_dir)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while len(train_losses(run_dir)) < 2:          # mid-run: a couple of optimizer steps done
+        info = cluster.job(job)
+        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{cluster.logs()}"
+        assert time.monotonic() < deadline, f"no training progress in {JOB_TIMEOUT}s"
+        time.sleep(0.2)
+    # What `#SBATCH --signal=B:USR1@900` does 15 minutes before the time limit.
+    cluster.run(["scancel", "--batch", "--signal=USR1", str(job)])
+    info = cluster.wait_state(job, DONE_STATES, JOB_TIMEOUT)
+    batch = job_log(run_dir, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{batch}"
+    assert info["Restarts"] == "1", batch
+
+    # Attempt 0: the trap forwarded USR1, the ranks stopped at a step boundary and saved.
+    first = node_log(run_dir, job, 0)
+    assert "got SIGUSR1" in batch and f"requeueing job {job} (restart 1)" in batch
+    stopped_at = max(int(m) for m in re.findall(rf"step\s+(\d+)/{STEPS}\b", first))
+    assert 2 <= stopped_at < STEPS, f"stopped at step {stopped_at} of {STEPS}"
+
+    # Attempt 1: same job id, resumed from the stop checkpoint, ran the remaining steps.
+    second = node_log(run_dir, job, 1)
+    assert f"job {job} attempt 1:" in batch
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:08d}'} at step {stopped_at}" in second
+    assert f"done after {STEPS} steps" in second
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
+
+    # Same trajectory as the uninterrupted job: identical per-step losses and final weights.
+    assert train_losses(run_dir) == train_losses(reference_run["run_dir"])
+    ours, ref = final_weights(run_dir), final_weights(reference_run["run_dir"])
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert torch.equal(ours[name], ref[name]), name
