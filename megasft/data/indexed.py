@@ -42,11 +42,16 @@ class IndexedDatasetBuilder:
         self._lengths: list[int] = []
 
     def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
-        if len(ids) != len(mask):
-            raise ValueError(f"ids ({len(ids)}) and mask ({len(mask)}) differ in length")
+        """Append one document."""
+        self.add_many(ids, mask, [len(ids)])
+
+    def add_many(self, ids: np.ndarray, mask: np.ndarray, lengths: list[int]) -> None:
+        """Append documents given back to back (one write per file for a whole chunk)."""
+        if len(ids) != len(mask) or len(ids) != sum(lengths):
+            raise ValueError(f"ids ({len(ids)}), mask ({len(mask)}) and sum(lengths) ({sum(lengths)}) must agree")
         self._tokens.write(np.asarray(ids).astype(self.dtype, copy=False).tobytes())
         self._mask.write(np.asarray(mask, dtype=np.uint8).tobytes())
-        self._lengths.append(len(ids))
+        self._lengths.extend(int(n) for n in lengths)
 
     def finish(self, meta: dict) -> Path:
         self._tokens.close()

@@ -221,11 +221,8 @@ def preprocess(opts: PreprocessOptions) -> Summary:
         results = pool.imap(process_chunk, chunks)  # ordered: output order == input order
     try:
         for res in results:
-            offset = 0
-            for n in res.lengths:
-                builder.add(res.ids[offset:offset + n], res.mask[offset:offset + n])
-                offset += n
-                hist[_histogram_bucket(n)] += 1
+            builder.add_many(res.ids, res.mask, res.lengths)
+            hist.update(_histogram_bucket(n) for n in res.lengths)
             summary.read += res.read
             summary.kept += len(res.lengths)
             summary.truncated += res.truncated
