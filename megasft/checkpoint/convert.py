@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from megasft.checkpoint.hf import canonical_names, full_shapes
 from megasft.checkpoint.hf_io import HFTensors, hf_config_from_model, model_fields_from_hf, read_hf_config
@@ -81,8 +81,11 @@ def hf_to_megasft(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     cfg.save(tmp / "config.yaml")
+    # One file per tensor: DCP's writer keeps every tensor of a file alive until the file is
+    # closed, so the default one-file-per-rank would hold the whole model in memory.
+    writer = FileSystemWriter(str(tmp), single_file_per_rank=False)
     with quiet_single_process():
-        dcp.save(state, checkpoint_id=str(tmp), planner=PiecesSavePlanner(), no_dist=True)
+        dcp.save(state, storage_writer=writer, planner=PiecesSavePlanner(), no_dist=True)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -2,6 +2,7 @@
 writing (single file or sharded with model.safetensors.index.json)."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Callable, Iterable
@@ -81,39 +82,44 @@ class HFTensors:
                 self.weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             raise FileNotFoundError(f"{self.root}: no model.safetensors or model.safetensors.index.json")
-        self._handles: dict = {}
 
+    @contextlib.contextmanager
     def _slice(self, name: str):
+        # A fresh handle per access: safetensors memory-maps the file, and every page read through
+        # a long-lived handle would stay in this process's RSS (a whole-model import would hold the
+        # whole model). Opening costs one header parse.
         if name not in self.weight_map and name == "lm_head.weight":
             name = "model.embed_tokens.weight"
         if name not in self.weight_map:
             raise KeyError(f"{self.root}: tensor {name!r} not found in the checkpoint")
-        file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.root / file, "pt")
-        return self._handles[file].get_slice(name)
+        with safe_open(self.root / self.weight_map[name], "pt") as f:
+            yield f.get_slice(name)
 
     def get(self, name: str, shape=None) -> torch.Tensor:
         """The whole tensor `name` in fp32."""
-        return self._slice(name)[:].float()
+        with self._slice(name) as piece:
+            return piece[:].float()
 
     def raw(self, name: str) -> torch.Tensor:
         """The whole tensor `name` in its stored dtype."""
-        return self._slice(name)[:]
+        with self._slice(name) as piece:
+            return piece[:]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        with self._slice(name) as piece:
+            return tuple(piece.get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        stored = self._slice(name).get_dtype()
+        with self._slice(name) as piece:
+            stored = piece.get_dtype()
         if stored not in SAFETENSORS_DTYPES:
             raise ValueError(f"{self.root}: tensor {name!r} has dtype {stored}; supported: {sorted(SAFETENSORS_DTYPES)}")
         return SAFETENSORS_DTYPES[stored]
 
     def read(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
         """Only [start, start + length) along dim 0 or 1 is read from disk."""
-        piece = self._slice(name)
-        return piece[start:start + length] if dim == 0 else piece[:, start:start + length]
+        with self._slice(name) as piece:
+            return piece[start:start + length] if dim == 0 else piece[:, start:start + length]
 
 
 def hf_tensor_reader(path: str | Path) -> Callable[[str, tuple], torch.Tensor]:
