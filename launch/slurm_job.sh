@@ -4,13 +4,15 @@
 # the sft_*.sh scripts `exec` it, so Slurm's `--signal=B:USR1@...` reaches the trap below.
 #
 #   one srun task per node ──▶ torchrun (c10d rendezvous on the first node) ──▶ N ranks of
-#   `python -m megasft.train --config $CONFIG train.run_dir=$RUN_DIR checkpoint.load=auto ...`
+#   `python -m megasft.train --config $CONFIG checkpoint.load=auto $OVERRIDES ... train.run_dir=$RUN_DIR`
 #
 # Preemption / time limit: Slurm sends SIGUSR1 to this shell some minutes before the end
 # (`--signal=B:USR1@<s>`, or by hand `scancel --batch --signal=USR1 <job>`). The trap forwards it
 # to srun, which passes it to every process of the step on every node; each rank's Trainer finishes
 # the current optimizer step, saves a checkpoint and exits. This shell then runs
 # `scontrol requeue`, and the next start resumes from the checkpoint's `latest` (checkpoint.load=auto).
+# A signal sent to the job step instead (`scancel --signal=USR1 <job>`) stops the ranks the same
+# way; the shell sees a clean exit short of train.steps in `latest` and requeues too.
 #
 # Environment (everything has a default; the sft_*.sh scripts set the model-specific ones):
 #   CONFIG           YAML config, relative to MEGASFT_ROOT or absolute
@@ -60,18 +62,36 @@ eval "$activate"
 read -r -a user_overrides <<<"${OVERRIDES:-}"
 user_overrides+=("$@")
 
-# The run directory as megasft.train will resolve it (config, then overrides); this also checks
-# the YAML and the overrides on one CPU before hundreds of GPUs start.
-RUN_DIR=${RUN_DIR:-$(python -c 'import sys
+# Auto-resume: the first start finds no checkpoint and starts fresh; a requeued start resumes
+# from <checkpoint dir>/latest. User overrides come after it (checkpoint.load=<path> still wins),
+# RUN_DIR last (an explicit environment variable beats a value buried in OVERRIDES).
+overrides=("checkpoint.load=auto" "${user_overrides[@]}")
+if [[ -n "${RUN_DIR:-}" ]]; then overrides+=("train.run_dir=$RUN_DIR"); fi
+
+# Resolve the config exactly as megasft.train will (YAML, then overrides): the run directory for the
+# logs, and the checkpoint root and step count that tell a finished run from a stopped one. This
+# also rejects a bad YAML or override here, on one CPU, before hundreds of GPUs start.
+# (The checkpoint root is megasft.checkpoint.sharded.checkpoint_root's rule, restated here because
+# importing that module imports torch: seconds on every start, for one line.)
+resolved=$(python -c 'import sys
 from megasft.config import Config, ConfigError
 try:
-    print(Config.load(sys.argv[1], sys.argv[2:]).train.run_dir)
+    cfg = Config.load(sys.argv[1], sys.argv[2:])
 except ConfigError as err:
-    sys.exit(f"sft: error: {sys.argv[1]}: {err}")' "$CONFIG" "${user_overrides[@]}")}
+    sys.exit(f"sft: error: {sys.argv[1]}: {err}")
+print(cfg.train.run_dir, cfg.checkpoint.dir or f"{cfg.train.run_dir}/checkpoints", cfg.train.steps, sep="\n")' \
+  "$CONFIG" "${overrides[@]}")
+{ read -r RUN_DIR; read -r CKPT_ROOT; read -r TRAIN_STEPS; } <<<"$resolved"
 
-# Auto-resume: the first start finds no checkpoint and starts fresh; a requeued start resumes
-# from <checkpoint dir>/latest. User overrides come last, so checkpoint.load=<path> still wins.
-overrides=("train.run_dir=$RUN_DIR" "checkpoint.load=auto" "${user_overrides[@]}")
+# The step of the newest complete checkpoint (0 without one). `latest` holds its directory name,
+# step_<8 digits> (megasft.checkpoint.sharded.step_name), and is replaced atomically.
+latest_step() {
+  local name
+  [[ -f "$CKPT_ROOT/latest" ]] || { echo 0; return; }
+  name=$(<"$CKPT_ROOT/latest")
+  [[ $name =~ ^step_([0-9]+)$ ]] || die "unexpected $CKPT_ROOT/latest: $name"
+  echo $((10#${BASH_REMATCH[1]}))
+}
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 if (( GPUS_PER_NODE > 0 )); then
@@ -120,7 +140,7 @@ else
        --kill-on-bad-exit=1 --output="$LOG_DIR/%j.$ATTEMPT.%N.log" "${srun_extra[@]}" \
        bash -c "$activate"'; trap "" USR1; exec "$@"' megasft-node \
        torchrun --nnodes="$SLURM_NNODES" --nproc-per-node="$NPROC_PER_NODE" \
-                --rdzv-backend=c10d --rdzv-endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv-id="$SLURM_JOB_ID" \
+                --rdzv-backend=c10d --rdzv-endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv-id="$SLURM_JOB_ID.$ATTEMPT" \
                 --max-restarts=0 \
                 -m megasft.train --config "$CONFIG" "${overrides[@]}" &
   srun_pid=$!
@@ -131,9 +151,16 @@ else
     kill -0 "$srun_pid" 2>/dev/null || break
   done
   srun_pid=
-  log "training step ended with status $rc"
+  step=$(latest_step)
+  log "training step ended with status $rc; latest checkpoint at step $step of $TRAIN_STEPS"
+  # Finished (possibly just as a stop signal arrived): nothing to requeue.
+  if (( rc == 0 && step >= TRAIN_STEPS )); then exit 0; fi
   if (( ! stop_requested )); then
-    exit "$rc"
+    # The ranks exit 0 both when done and when stopped by a USR1/TERM sent straight to the job
+    # step (`scancel --signal=USR1 <job>`, or --signal without B:), and torchrun reports any rank
+    # failure as status 1: so a clean exit short of train.steps means "stopped on request".
+    (( rc == 0 )) || exit "$rc"
+    log "the ranks stopped early on a signal sent to the job step"
   fi
 fi
 

@@ -2,10 +2,10 @@
 localhost, tests/slurm_cluster.py), with the tiny chat config on CPU: 4 gloo ranks (its layout).
 
 * The uninterrupted job trains, writes its per-node log, metrics and final checkpoint (`latest`).
-* A job sent SIGUSR1 mid-run (`scancel --batch --signal=USR1`, what `--signal=B:USR1@...` does
-  before the time limit) stops at a step boundary, saves, requeues itself, resumes from the
-  checkpoint and ends with bit-identical weights and the same per-step losses as the
-  uninterrupted job.
+* A job sent SIGUSR1 mid-run, first to the batch shell (what `--signal=B:USR1@...` does before the
+  time limit), then after its restart straight to its step, stops at a step boundary and saves
+  each time, requeues itself, resumes from the checkpoint and ends with bit-identical weights and
+  the same per-step losses as the uninterrupted job.
 
 The same script, unchanged, is what a 405B user submits: only environment variables and sbatch
 command-line options (which override its #SBATCH lines) differ. Skips with the reason when Slurm
@@ -126,7 +126,8 @@ def test_sbatch_trains_tiny_config_on_cpu(reference_run):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{batch}"
     assert info["Restarts"] == "0"
     assert f"job {job} attempt 0: 1 node(s) x 4 rank(s)" in batch
-    assert "checkpoint.load=auto" in batch and "training step ended with status 0" in batch
+    assert "checkpoint.load=auto" in batch
+    assert f"training step ended with status 0; latest checkpoint at step {STEPS} of {STEPS}" in batch
     assert "requeueing" not in batch and "SIGUSR1" not in batch
 
     log = node_log(run_dir, job, 0)
@@ -145,33 +146,54 @@ def test_sbatch_trains_tiny_config_on_cpu(reference_run):
     assert set(final_weights(run_dir)) >= {"model.embed_tokens.weight", "model.norm.weight"}
 
 
-def test_usr1_saves_requeues_and_resumes_to_same_weights(cluster, tiny_data, reference_run, tmp_path):
-    run_dir = tmp_path / "interrupted"
-    job = submit(cluster, tiny_data, run_dir)
+def wait_for_step(cluster: SlurmCluster, job: int, run_dir: Path, step: int) -> None:
     deadline = time.monotonic() + JOB_TIMEOUT
-    while len(train_losses(run_dir)) < 2:          # mid-run: a couple of optimizer steps done
+    while max(train_losses(run_dir), default=0) < step:
         info = cluster.job(job)
         assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{cluster.logs()}"
-        assert time.monotonic() < deadline, f"no training progress in {JOB_TIMEOUT}s"
+        assert time.monotonic() < deadline, f"job {job} did not reach step {step} in {JOB_TIMEOUT}s"
         time.sleep(0.2)
-    # What `#SBATCH --signal=B:USR1@900` does 15 minutes before the time limit.
-    cluster.run(["scancel", "--batch", "--signal=USR1", str(job)])
+
+
+def test_usr1_saves_requeues_and_resumes_to_same_weights(cluster, tiny_data, reference_run, tmp_path):
+    """One job stopped twice, once per way USR1 reaches it:
+    1. `scancel --batch --signal=USR1`: what `#SBATCH --signal=B:USR1@900` does 15 minutes before
+       the time limit; the batch shell's trap forwards it to the ranks through srun.
+    2. `scancel --signal=USR1`: straight to the job step's processes; the batch shell sees the ranks
+       exit cleanly short of train.steps.
+    Each time the ranks stop at a step boundary and save, the job requeues itself (same id), and
+    the next start resumes; the end result equals the uninterrupted run bit for bit."""
+    run_dir = tmp_path / "interrupted"
+    job = submit(cluster, tiny_data, run_dir)
+    stops = []
+    for attempt, scancel in enumerate([["--batch", "--signal=USR1"], ["--signal=USR1"]]):
+        wait_for_step(cluster, job, run_dir, (stops[-1] if stops else 0) + 2)   # mid-run, with progress
+        cluster.run(["scancel", *scancel, str(job)])
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while int(cluster.job(job)["Restarts"]) <= attempt:
+            assert time.monotonic() < deadline, f"job {job} was not requeued\n{job_log(run_dir, job)}"
+            time.sleep(0.2)
+        log = node_log(run_dir, job, attempt)
+        stops.append(max(int(m) for m in re.findall(rf"step\s+(\d+)/{STEPS}\b", log)))
     info = cluster.wait_state(job, DONE_STATES, JOB_TIMEOUT)
     batch = job_log(run_dir, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{batch}"
-    assert info["Restarts"] == "1", batch
+    assert info["Restarts"] == "2", batch
+    assert 2 <= stops[0] < stops[1] < STEPS, f"stopped at steps {stops} of {STEPS}"
 
-    # Attempt 0: the trap forwarded USR1, the ranks stopped at a step boundary and saved.
-    first = node_log(run_dir, job, 0)
-    assert "got SIGUSR1" in batch and f"requeueing job {job} (restart 1)" in batch
-    stopped_at = max(int(m) for m in re.findall(rf"step\s+(\d+)/{STEPS}\b", first))
-    assert 2 <= stopped_at < STEPS, f"stopped at step {stopped_at} of {STEPS}"
-
-    # Attempt 1: same job id, resumed from the stop checkpoint, ran the remaining steps.
-    second = node_log(run_dir, job, 1)
-    assert f"job {job} attempt 1:" in batch
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:08d}'} at step {stopped_at}" in second
-    assert f"done after {STEPS} steps" in second
+    # Attempt 0 stopped through the batch shell's trap, attempt 1 through the step; both requeued.
+    attempts = batch.split(f"sft: job {job} attempt ")[1:]
+    assert [a.split(":")[0] for a in attempts] == ["0", "1", "2"], batch
+    assert "got SIGUSR1" in attempts[0] and "requeueing job" in attempts[0]
+    assert "stopped early on a signal sent to the job step" in attempts[1] and "requeueing job" in attempts[1]
+    assert "requeueing" not in attempts[2]
+    for attempt, step in enumerate(stops):
+        assert f"latest checkpoint at step {step} of {STEPS}" in attempts[attempt]
+        # The next start resumed from exactly that checkpoint and went on from there.
+        resumed = node_log(run_dir, job, attempt + 1)
+        assert f"resumed from {run_dir / 'checkpoints' / f'step_{step:08d}'} at step {step}" in resumed
+        assert re.search(rf"step\s+{step + 1}/{STEPS}\b", resumed)
+    assert f"done after {STEPS} steps" in node_log(run_dir, job, 2)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
 
     # Same trajectory as the uninterrupted job: identical per-step losses and final weights.
