@@ -236,3 +236,7 @@ def test_sigkill_during_save_keeps_latest_at_the_previous_checkpoint(tmp_path):
     trainer.step = 2
     ckpt.save(trainer, None)
     assert (root / LATEST).read_text().strip() == step_name(2) and not partial.exists()
+    ckpt.save(trainer, None)   # saving the same step again replaces it
+    assert (root / LATEST).read_text().strip() == step_name(2)
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, step_name(1), step_name(2)]
+    assert ckpt.load(root, trainer, None)["step"] == 2

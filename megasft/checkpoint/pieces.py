@@ -146,7 +146,7 @@ def model_state(chunks: list[nn.Module], ps) -> dict[str, TensorPieces]:
     out: dict[str, TensorPieces] = {}
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            flat = param.detach().reshape(-1)   # a view: params are views into the flat buffer
+            flat = param.detach().view(-1)   # must be a view: loading writes through it
             write = ps.dp_rank == 0 and writes_here(param, ps)
             for fb in flat_blocks(name, param, 0, param.numel()):
                 view = flat[fb.flat_start:fb.flat_start + _numel(fb.shape)].view(fb.shape)

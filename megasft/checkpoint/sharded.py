@@ -301,7 +301,12 @@ class Checkpointer:
         self._barrier()
         if self.ps.rank == 0:
             if final.exists():
-                shutil.rmtree(final)
+                # Re-saving a step (a resumed run stopped at once): the old copy goes first. Only a
+                # kill between these two renames could leave latest naming a missing directory,
+                # which resolve_checkpoint reports (the old copy is in .tmp-old-<name>).
+                old = self.root / (TMP_PREFIX + "old-" + final.name)
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
             write_latest(self.root, final.name)
             prune(self.root, self.cfg.checkpoint.keep_last, keep=final.name)
