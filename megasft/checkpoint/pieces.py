@@ -22,6 +22,7 @@ canonical element is stored exactly once; DCP's global-plan validation rejects o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -131,8 +132,8 @@ def writes_here(param: nn.Parameter, ps) -> bool:
     copies = getattr(param, "tp_copies", 1)
     if copies > 1 and ps.tp_rank % copies:
         return False
-    split_is_head = getattr(param, "tied_embedding", False) and getattr(param, "pp_copies", 1) > 1
-    return not (split_is_head and not ps.is_first_stage)
+    pipeline_copy = getattr(param, "tied_embedding", False) and getattr(param, "pp_copies", 1) > 1
+    return not (pipeline_copy and not ps.is_first_stage)
 
 
 def _add(out: dict, key: str, fb: FlatBlock, dtype: torch.dtype, tensor: torch.Tensor, write: bool) -> None:
@@ -149,7 +150,7 @@ def model_state(chunks: list[nn.Module], ps) -> dict[str, TensorPieces]:
             flat = param.detach().view(-1)   # must be a view: loading writes through it
             write = ps.dp_rank == 0 and writes_here(param, ps)
             for fb in flat_blocks(name, param, 0, param.numel()):
-                view = flat[fb.flat_start:fb.flat_start + _numel(fb.shape)].view(fb.shape)
+                view = flat[fb.flat_start:fb.flat_start + math.prod(fb.shape)].view(fb.shape)
                 _add(out, MODEL_PREFIX + fb.name, fb, param.dtype, view, write)
     return out
 
@@ -169,7 +170,7 @@ def optimizer_state(optimizer, chunks: list[nn.Module], ps) -> dict[str, TensorP
         for fb in flat_blocks(local_names[id(param)], param, shard.param_start, shard.param_end):
             lo = fb.flat_start - shard.param_start
             for row in OPTIM_ROWS:
-                view = rows[row][lo:lo + _numel(fb.shape)].view(fb.shape)
+                view = rows[row][lo:lo + math.prod(fb.shape)].view(fb.shape)
                 _add(out, f"optim/{row}/{fb.name}", fb, torch.float32, view, write)
     return out
 
@@ -185,10 +186,3 @@ def reset_main_params(optimizer) -> None:
             rows["main"].copy_(flat[shard.param_start:shard.param_end])
             rows["exp_avg"].zero_()
             rows["exp_avg_sq"].zero_()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
