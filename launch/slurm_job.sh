@@ -20,7 +20,7 @@
 #                    name on the sbatch command line are appended after them, and win)
 #   RUN_DIR          run directory (metrics, checkpoints, logs); default: the config's train.run_dir
 #   GPUS_PER_NODE    GPUs per node; 0 runs on CPU (gloo). Default: what Slurm allocated, else 8
-#   NPROC_PER_NODE   ranks per node; default GPUS_PER_NODE, or CPU_PROCS_PER_NODE (4) on CPU
+#   NPROC_PER_NODE   ranks per node; default GPUS_PER_NODE, or 4 on CPU
 #   RDZV_PORT        c10d rendezvous port on the first node (29500)
 #   MEGASFT_ROOT     the megasft checkout on a filesystem every node sees (the submit directory)
 #   VENV             a virtualenv to activate on every node before anything runs
@@ -96,7 +96,8 @@ latest_step() {
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 if (( GPUS_PER_NODE > 0 )); then
   NPROC_PER_NODE=${NPROC_PER_NODE:-$GPUS_PER_NODE}
-  # One process per GPU does no CPU math of its own; more threads only fight the data loader.
+  # torchrun would force 1 thread (with a warning); a few help the CPU-side work (packing,
+  # checkpoint staging) without 8 ranks oversubscribing the node's cores.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
   # CUDA: one hardware work queue, so kernels run in issue order and the TP/SP collectives
   # overlap with compute exactly as scheduled (Megatron requires this with sequence parallelism).
@@ -112,12 +113,16 @@ if (( GPUS_PER_NODE > 0 )); then
   export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
   # Interfaces and IB HCAs (NCCL_SOCKET_IFNAME, NCCL_IB_HCA) are cluster-specific: set them in SETUP.
 else
-  NPROC_PER_NODE=${NPROC_PER_NODE:-${CPU_PROCS_PER_NODE:-4}}
-  # CPU (gloo): share the node's cores between the ranks.
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_ON_NODE:-$(nproc)} / NPROC_PER_NODE > 0 ? ${SLURM_CPUS_ON_NODE:-$(nproc)} / NPROC_PER_NODE : 1 ))}
+  NPROC_PER_NODE=${NPROC_PER_NODE:-4}
+  # CPU (gloo): share the node's cores between the ranks, at least one thread each.
+  cpus=${SLURM_CPUS_ON_NODE:-$(nproc)}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus > NPROC_PER_NODE ? cpus / NPROC_PER_NODE : 1 ))}
 fi
 
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# The first node of the allocation hosts the c10d rendezvous store (torchrun's agent there serves it).
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+HEAD_NODE=${nodes[0]:-}
+[[ -n "$HEAD_NODE" ]] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' returned no node"
 RDZV_PORT=${RDZV_PORT:-29500}
 ATTEMPT=${SLURM_RESTART_COUNT:-0}
 LOG_DIR=$RUN_DIR/logs
@@ -128,8 +133,10 @@ log "job $SLURM_JOB_ID attempt $ATTEMPT: $SLURM_NNODES node(s) x $NPROC_PER_NODE
 log "config $CONFIG, overrides: ${overrides[*]}"
 log "per-node logs: $LOG_DIR/$SLURM_JOB_ID.$ATTEMPT.<node>.log"
 
+start_step=$(latest_step)
 if (( stop_requested )); then
-  log "stop requested during set-up; requeueing without training"
+  step=$start_step
+  log "stop requested during set-up, before the ranks started"
 else
   # Per node: one torchrun with USR1 ignored. torchrun's agent has no USR1 handler, so the default
   # action would kill it and orphan its ranks mid-step; ignoring it keeps the agent alive, while each
@@ -166,6 +173,12 @@ fi
 
 # Stopped on request: the ranks saved a checkpoint (atomic, so even a failure while stopping leaves
 # the previous `latest` intact). Requeue keeps the job id, so the next start finds the same run dir.
+# Without a new checkpoint a requeue would only repeat this start; the usual cause is a time limit
+# shorter than the --signal lead, which makes Slurm signal every start at once.
+if (( step <= start_step )); then
+  die "stopped without a new checkpoint (latest at step $step, as at the start); not requeueing." \
+      "Is --time shorter than the --signal lead? Resubmitting resumes from latest."
+fi
 MAX_REQUEUES=${MAX_REQUEUES:-100}
 if (( ATTEMPT >= MAX_REQUEUES )); then
   die "already restarted $ATTEMPT times (MAX_REQUEUES=$MAX_REQUEUES); not requeueing"
