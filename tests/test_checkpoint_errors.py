@@ -120,6 +120,11 @@ def test_missing_latest_and_fresh_auto_start(imported, tmp_path):
         resolve_checkpoint(root)
     trainer, ckpt = _trainer(tmp_path / "fresh", "auto")   # auto with nothing saved yet: fresh start
     assert ckpt.resume(trainer, None) is None and trainer.step == 0
+    (tmp_path / "fresh" / "checkpoints" / ".tmp-step_00000002").mkdir(parents=True)   # a killed first save
+    assert ckpt.resume(trainer, None) is None
+    _copy(imported / step_name(0), tmp_path / "fresh" / "checkpoints" / step_name(0))   # saves, no latest
+    with pytest.raises(CheckpointError, match="latest not found"):
+        ckpt.resume(trainer, None)
 
 
 def test_truncated_and_corrupt_files_are_named(imported, tmp_path):

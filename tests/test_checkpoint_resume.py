@@ -23,7 +23,7 @@ from torch.testing import assert_close
 from megasft.checkpoint.convert import hf_to_megasft, megasft_to_hf
 from megasft.checkpoint.hf import assemble_canonical, canonical_pieces
 from megasft.checkpoint.hf_io import hf_tensor_reader
-from megasft.checkpoint.sharded import LATEST, Checkpointer, step_name
+from megasft.checkpoint.sharded import LATEST, Checkpointer, read_meta, step_name
 from megasft.config import Config
 from megasft.data.indexed import IndexedDatasetBuilder
 from megasft.data.loader import PackedLoader
@@ -145,6 +145,10 @@ def test_resume_reshard_and_hf_round_trip(tmp_path):
     ckdir = tmp_path / "noisy" / "ckpt"
     assert sorted(p.name for p in ckdir.iterdir()) == [LATEST, step_name(5), step_name(6)]
     assert (ckdir / LATEST).read_text().strip() == step_name(6)
+    meta = read_meta(ckdir / step_name(6))   # counted across the resume
+    assert meta["step"] == 6 and meta["consumed_tokens"] == 6 * SEQ * ROWS
+    uninterrupted = read_meta(tmp_path / "noisy_ref" / "ckpt" / step_name(6))
+    assert meta["loader"] == uninterrupted["loader"] and meta["layout"]["dp"] == 2
     # HF -> megasft (loaded and re-saved at TP2xPP2) -> HF: bit-identical tensors.
     for tied in (False, True):
         out = megasft_to_hf(tmp_path / f"hf_rt_{tied}" / "ckpt", tmp_path / f"export_{tied}", dtype="fp32",

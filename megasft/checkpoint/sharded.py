@@ -101,8 +101,9 @@ def find_resume_path(cfg) -> Optional[Path]:
         return None
     if load == "auto":
         root = checkpoint_root(cfg)
-        if not root.exists() or not any(root.iterdir()):
-            return None
+        complete = root.is_dir() and any((p / ".metadata").exists() for p in root.glob("step_*"))
+        if not (root / LATEST).exists() and not complete:
+            return None   # nothing saved yet (a first save killed midway leaves only .tmp-*)
         return resolve_checkpoint(root)
     return resolve_checkpoint(load)
 
