@@ -46,6 +46,9 @@ def parse_args(argv=None):
     ap.add_argument("--median", type=float, default=100.0, help="median document length (tokens)")
     ap.add_argument("--sigma", type=float, default=1.0, help="log-normal shape of document lengths")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--order-runs", type=int, default=0,
+                    help="extra untimed megasft runs over other row orders, to show how much the held-out "
+                         "loss moves with data order alone (TRL shuffles its own rows)")
     add_model_args(ap, vocab=2048, hidden=128, ffn=344)
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
@@ -159,6 +162,21 @@ def megasft_as_hf(trainer: Trainer, hf_dir: Path):
     return model
 
 
+def order_spread(cfg, hf_dir: Path, docs, step_rows, eval_batches, runs: int) -> list[float]:
+    """Held-out loss of megasft after the same epoch with the rows in `runs` other random orders."""
+    rows = [row for step in step_rows for row in step]
+    per_step = len(step_rows[0])
+    losses = []
+    for seed in range(1, runs + 1):
+        order = np.random.default_rng(seed).permutation(len(rows))
+        trainer = Trainer(cfg, ParallelState.single(), log=False)
+        for i in range(0, len(order), per_step):
+            trainer.train_step(packed_micro_batches(docs, [rows[j] for j in order[i:i + per_step]],
+                                                    cfg.data.seq_len, 1))
+        losses.append(eval_loss(megasft_as_hf(trainer, hf_dir), eval_batches))
+    return losses
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     set_threads(args)
@@ -201,10 +219,16 @@ def main(argv=None) -> None:
               f"one row per micro-batch; {len(eval_docs)} held-out documents")
         trl_trainer.train()
         megasft_eval = eval_loss(megasft_as_hf(trainer, hf_dir), eval_batches)
+        spread_losses = order_spread(cfg, hf_dir, train_docs, step_rows, eval_batches, args.order_runs)
     trl_eval = eval_loss(trl_trainer.model, eval_batches)
     collator = trl_trainer.data_collator
     print(report(steps, callback, megasft_tokens, collator, megasft_losses, start_loss,
                  {"megasft": megasft_eval, "TRL SFTTrainer": trl_eval}))
+    if spread_losses:
+        print(f"megasft held-out loss over {len(spread_losses)} other row orders: "
+              + ", ".join(f"{x:.4f}" for x in spread_losses)
+              + f" (range {min(spread_losses + [megasft_eval]):.4f}..{max(spread_losses + [megasft_eval]):.4f} "
+              "with the timed run): the loss gap to compare against")
 
 
 def report(steps, callback, megasft_tokens, collator, megasft_losses, start_loss, evals) -> str:
