@@ -16,7 +16,7 @@ import sys
 
 from megasft.checkpoint.convert import DTYPES, hf_to_megasft, megasft_to_hf
 from megasft.checkpoint.planner import CheckpointMismatch
-from megasft.checkpoint.sharded import CheckpointError
+from megasft.checkpoint.files import CheckpointError
 from megasft.config import ConfigError
 
 

@@ -23,11 +23,12 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from megasft.checkpoint.hf import canonical_names, full_shapes
+from megasft.checkpoint.files import (TMP_PREFIX, check_files, load_dcp, quiet_single_process, read_meta,
+                                      resolve_checkpoint, step_name, write_latest)
 from megasft.checkpoint.hf_io import HFTensors, hf_config_from_model, model_fields_from_hf, read_hf_config
 from megasft.checkpoint.pieces import MODEL_PREFIX, Block, TensorPieces
 from megasft.checkpoint.planner import CheckpointMismatch, LazyBlock, PiecesLoadPlanner, PiecesSavePlanner
-from megasft.checkpoint.sharded import (FORMAT_VERSION, TMP_PREFIX, check_files, load_dcp, model_shape,
-                                        quiet_single_process, read_meta, resolve_checkpoint, step_name, write_latest)
+from megasft.checkpoint.sharded import FORMAT_VERSION, model_shape
 from megasft.config import Config, ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
