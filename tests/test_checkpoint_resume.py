@@ -9,6 +9,7 @@ resharding is an uninterrupted run of the same config that saved along the way:
                                                              -> equal to ref within fp32 tolerance
   stop    TP2xDP2 with dropout + NEFTune + async save, ZeRO-1: a stop request after step 3 saves;
           a fresh run with load=auto resumes to 6            -> bit-identical to an uninterrupted run
+  vpp     interleaved TP2xPP2 (v=2, 4 layers): resume at step 3 exact; reshard to TP1xDP4 close
   hf      HF checkpoints (tied, untied) converted with hf-to-megasft --tp 2 --pp 2, loaded at
           TP2xPP2, saved from there, exported with megasft-to-hf -> bit-identical tensors
 """
@@ -99,6 +100,13 @@ def _rank_main(tmp: str) -> dict:
     resumable = dict(noisy, checkpoint={"load": "auto", "async_save": True, "save_interval": 1, "keep_last": 2})
     out["stop"] = run(tmp, "noisy", 2, 1, stop_after=3, **resumable)
     out["stop_resumed"] = run(tmp, "noisy", 2, 1, **resumable)
+    # Interleaved pipeline (4 layers, 2 chunks per rank): exact resume, and reshard to TP1xDP4.
+    vpp = dict(model={"num_layers": 4}, parallel={"virtual_pipeline_size": 2})
+    out["vpp_ref"] = run(tmp, "vpp_ref", 2, 2, checkpoint={"save_interval": 3, "keep_last": 0}, **vpp)
+    vpp_ckpt = f"{tmp}/vpp_ref/ckpt/{step_name(3)}"
+    out["vpp_resume"] = run(tmp, "vpp_resume", 2, 2, checkpoint={"load": vpp_ckpt}, **vpp)
+    out["vpp_reshard"] = run(tmp, "vpp_reshard", 1, 1, mbs=2, model={"num_layers": 4},
+                             checkpoint={"load": vpp_ckpt})
     for tied in (False, True):   # load the converted HF model at TP2xPP2 and save it from there
         trainer, loader, ckpt = setup(tmp, f"hf_rt_{tied}", 2, 2, model={"tie_embeddings": tied},
                                       checkpoint={"load": f"{tmp}/imported_{tied}"})
@@ -136,6 +144,9 @@ def test_resume_reshard_and_hf_round_trip(tmp_path):
     assert_close(torch.tensor(losses["chain1"] + losses["chain2"]), torch.tensor(ref[2:]), rtol=1e-5, atol=1e-6)
     for name, tensor in global_weights(results, "chain2").items():
         assert_close(tensor, ref_w[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    vpp_ref = losses["vpp_ref"]
+    assert losses["vpp_resume"] == vpp_ref[3:]
+    assert_close(torch.tensor(losses["vpp_reshard"]), torch.tensor(vpp_ref[3:]), rtol=1e-5, atol=1e-6)
     # Stop request + async save + auto resume, with dropout/NEFTune RNG: bit-identical.
     assert losses["stop"] + losses["stop_resumed"] == losses["noisy_ref"]
     stopped_w, noisy_w = global_weights(results, "stop_resumed"), global_weights(results, "noisy_ref")
