@@ -9,7 +9,8 @@ resharding is an uninterrupted run of the same config that saved along the way:
                                                              -> equal to ref within fp32 tolerance
   stop    TP2xDP2 with dropout + NEFTune + async save, ZeRO-1: a stop request after step 3 saves;
           a fresh run with load=auto resumes to 6            -> bit-identical to an uninterrupted run
-  vpp     interleaved TP2xPP2 (v=2, 4 layers): resume at step 3 exact; reshard to TP1xDP4 close
+  vpp     interleaved TP2xPP2 (v=2, 4 layers): resume at step 3 exact; reshard to TP1xDP4 with a
+          replicated (non-ZeRO) optimizer close
   hf      HF checkpoints (tied, untied) converted with hf-to-megasft --tp 2 --pp 2, loaded at
           TP2xPP2, saved from there, exported with megasft-to-hf -> bit-identical tensors
 """
@@ -105,8 +106,8 @@ def _rank_main(tmp: str) -> dict:
     out["vpp_ref"] = run(tmp, "vpp_ref", 2, 2, checkpoint={"save_interval": 3, "keep_last": 0}, **vpp)
     vpp_ckpt = f"{tmp}/vpp_ref/ckpt/{step_name(3)}"
     out["vpp_resume"] = run(tmp, "vpp_resume", 2, 2, checkpoint={"load": vpp_ckpt}, **vpp)
-    out["vpp_reshard"] = run(tmp, "vpp_reshard", 1, 1, mbs=2, model={"num_layers": 4},
-                             checkpoint={"load": vpp_ckpt})
+    out["vpp_reshard"] = run(tmp, "vpp_reshard", 1, 1, mbs=2, model={"num_layers": 4},   # replicated optimizer
+                             parallel={"distributed_optimizer": False}, checkpoint={"load": vpp_ckpt})
     for tied in (False, True):   # load the converted HF model at TP2xPP2 and save it from there
         trainer, loader, ckpt = setup(tmp, f"hf_rt_{tied}", 2, 2, model={"tie_embeddings": tied},
                                       checkpoint={"load": f"{tmp}/imported_{tied}"})
