@@ -399,6 +399,9 @@ def _coerce(where: str, hint: Any, value: Any) -> Any:
         except ValueError:
             pass
     base = get_origin(hint) or hint
+    if base is str and isinstance(value, bool) and where == "train.progress_bar":
+        # YAML 1.1 reads a bare on/off as a boolean.
+        value = "on" if value else "off"
     if base is bool and not isinstance(value, bool):
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     if base is int and (isinstance(value, bool) or not isinstance(value, int)):

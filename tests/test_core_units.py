@@ -85,3 +85,8 @@ def test_pipeline_config_rules(overrides, message):
     with pytest.raises(ConfigError) as err:
         Config.load(None, overrides).validate(world_size=2)
     assert message in str(err.value)
+
+
+def test_yaml_on_off_progress_bar_is_accepted():
+    assert Config.load(None, ["train.progress_bar=off"]).train.progress_bar == "off"
+    assert Config.load(None, ["train.progress_bar=on"]).train.progress_bar == "on"
