@@ -9,8 +9,9 @@
 #
 # Environment: NPROC_PER_NODE (default: the GPU count, 4 without GPUs), RUN_DIR (default: the
 # config's train.run_dir), VENV (virtualenv to activate).
-# To try the preemption path: `kill -USR1 -- -<pid of this script>` signals its process group;
-# every rank finishes its step, saves and exits, as on Slurm (torchrun ignores USR1, see below).
+# To try the preemption path: `pkill -USR1 -P <pid of this script>` (it execs torchrun, whose
+# children are the ranks; torchrun puts each in its own session, so a process-group signal misses
+# them): every rank finishes its step, saves and exits, as on Slurm; rerun with checkpoint.load=auto.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,8 +38,8 @@ else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 
-# torchrun's agent has no USR1 handler and would die on it, orphaning the ranks; an inherited
-# SIG_IGN keeps it alive while each rank's Trainer installs its own handler.
+# torchrun's agent has no USR1 handler and would die on a stray USR1, orphaning the ranks; an
+# inherited SIG_IGN keeps it alive while each rank's Trainer installs its own handler.
 trap '' USR1
 # --standalone: a private c10d rendezvous on a free localhost port.
 exec torchrun --standalone --nproc-per-node="$NPROC_PER_NODE" \
