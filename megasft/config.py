@@ -202,8 +202,8 @@ class CheckpointConfig:
     async_save: bool = False
     """Save with torch.distributed.checkpoint.async_save."""
     export_hf: bool = False
-    """At the end of training also write the weights as a Hugging Face directory <run_dir>/hf
-    (gathered through rank 0: meant for small models; large ones use tools/convert_checkpoint.py)."""
+    """After the last step, convert the final checkpoint into a Hugging Face directory <run_dir>/hf
+    (rank 0, streaming, as tools/convert_checkpoint.py megasft-to-hf does)."""
 
 
 SECTIONS = {

@@ -77,8 +77,8 @@ def main(argv=None) -> int:
         writer = MetricsWriter(run_dir, cfg.train.steps, cfg.train.progress_bar)
     trainer.fit(train_loader, eval_loader, writer, checkpointer=checkpointer)
     checkpointer.close()
-    if cfg.checkpoint.export_hf:
-        export_final(trainer, cfg, ps, run_dir / "hf")
+    if cfg.checkpoint.export_hf and trainer.step >= cfg.train.steps:
+        export_final(cfg, ps, run_dir / "hf")
     if writer is not None:
         writer.close()
         print(f"megasft: done after {trainer.step} steps; metrics in {run_dir / 'metrics.jsonl'}", flush=True)
@@ -86,18 +86,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def export_final(trainer, cfg: Config, ps: ParallelState, out: Path) -> None:
-    import json
+def export_final(cfg: Config, ps: ParallelState, out: Path) -> None:
+    """Convert the final checkpoint (saved by the checkpointer at the end of fit) into a Hugging
+    Face directory on rank 0 — the same streaming path as tools/convert_checkpoint.py."""
+    import torch.distributed as dist
 
-    from megasft.checkpoint.hf import gather_hf_state
-    from megasft.checkpoint.hf_io import hf_config_from_model, save_hf_tensors
+    from megasft.checkpoint.convert import megasft_to_hf
+    from megasft.checkpoint.files import checkpoint_root
 
-    state = gather_hf_state(trainer.chunks, ps, torch.float32)
-    if state is None:
-        return
-    save_hf_tensors(sorted(state.items()), out)
-    (out / "config.json").write_text(json.dumps(hf_config_from_model(cfg.model, "float32"), indent=2))
-    print(f"megasft: wrote Hugging Face weights to {out}", flush=True)
+    if ps.world_size > 1:
+        dist.barrier(group=ps.world_group)
+    if ps.rank == 0:
+        dtype = "fp32" if cfg.train.precision == "fp32" else "bf16"
+        megasft_to_hf(checkpoint_root(cfg), out, dtype=dtype, tokenizer=cfg.data.tokenizer)
+        print(f"megasft: wrote Hugging Face weights to {out}", flush=True)
 
 
 if __name__ == "__main__":
