@@ -1,11 +1,11 @@
 """Supervised fine-tuning throughput and loss: megasft vs TRL ``SFTTrainer``, one CPU process, fp32.
 
     pip install trl          # CPU-only: it must not replace the installed torch (check --dry-run)
-    python benchmarks/trl_sft.py [--docs 600] [--warmup 2]
+    python benchmarks/trl_sft.py [--docs 800] [--threads 1] [--order-runs 3]
 
 Both sides start from the same tiny Llama weights (one HF directory) and train one epoch over the
 same pre-tokenised documents (log-normal lengths, prompt untrained, response trained; a bigram rule
-the model can learn) with the same hyper-parameters: AdamW lr 1e-3, betas (0.9, 0.95), eps 1e-8,
+the model can learn) with the same hyper-parameters: AdamW lr --lr (2e-3), betas (0.9, 0.95), eps 1e-8,
 weight decay 0.1, clip 1.0, cosine from lr to 10 % without warm-up, best-fit-decreasing packing into
 rows of --seq-len, one row per micro-batch and --rows rows (gradient-accumulation steps) per
 optimizer step. One row per micro-batch because TRL's padding-free collator flattens a micro-batch
@@ -38,14 +38,14 @@ from megasft.training.loop import Trainer
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--docs", type=int, default=600, help="training documents (one epoch)")
+    ap.add_argument("--docs", type=int, default=800, help="training documents (one epoch)")
     ap.add_argument("--eval-docs", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--rows", type=int, default=4, help="packed rows per optimizer step")
     ap.add_argument("--median", type=float, default=100.0, help="median document length (tokens)")
     ap.add_argument("--sigma", type=float, default=1.0, help="log-normal shape of document lengths")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--order-runs", type=int, default=0,
                     help="extra untimed megasft runs over other row orders, to show how much the held-out "
                          "loss moves with data order alone (TRL shuffles its own rows)")
