@@ -21,8 +21,13 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="megasft.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML config (sections model/parallel/data/optim/train/checkpoint)")
+    ap.add_argument("--profile", action="store_true",
+                    help="trace a few steps with torch.profiler into <run_dir>/profile (train.profile=true)")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.profile:
+        args.overrides.append("train.profile=true")
+    return args
 
 
 def describe_start(cfg: Config, ps: ParallelState, trainer) -> str:
