@@ -9,7 +9,10 @@
 # same script trains the tiny CPU example on one node:
 #
 #   CONFIG=examples/configs/tiny_chat.yaml GPUS_PER_NODE=0 \
-#     sbatch --nodes=1 --gpus-per-node=0 --time=30 launch/sft_405b.sh train.steps=50
+#     sbatch --nodes=1 --gpus-per-node=0 --time=60 launch/sft_405b.sh train.steps=50
+#
+# Outside a job, `NODES=1 GPUS_PER_NODE=0 TIME_LIMIT=60 bash launch/sft_405b.sh ...` submits itself
+# with those sizes. Keep --time well above the --signal lead below.
 #
 #SBATCH --job-name=sft-405b
 #SBATCH --nodes=128
@@ -26,4 +29,7 @@
 #SBATCH --output=%x-%j.out           # per job, in the submit directory; per-node logs go to RUN_DIR/logs
 set -euo pipefail
 export CONFIG=${CONFIG:-examples/configs/llama3.1_405b.yaml}
-exec bash "${MEGASFT_ROOT:-${SLURM_SUBMIT_DIR:-.}}/launch/slurm_job.sh" "$@"
+# Inside the job this file is a spool copy: the body is found in the submit directory. Outside a
+# job (`bash launch/sft_405b.sh`), the body submits this script (SFT_SCRIPT) with sbatch.
+export SFT_SCRIPT=$0
+exec bash "${MEGASFT_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/launch/slurm_job.sh" "$@"

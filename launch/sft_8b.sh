@@ -16,4 +16,7 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 export CONFIG=${CONFIG:-examples/configs/llama3.1_8b.yaml}
-exec bash "${MEGASFT_ROOT:-${SLURM_SUBMIT_DIR:-.}}/launch/slurm_job.sh" "$@"
+# Inside the job this file is a spool copy: the body is found in the submit directory. Outside a
+# job (`bash launch/sft_8b.sh`), the body submits this script (SFT_SCRIPT) with sbatch.
+export SFT_SCRIPT=$0
+exec bash "${MEGASFT_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/launch/slurm_job.sh" "$@"

@@ -14,6 +14,9 @@
 # A signal sent to the job step instead (`scancel --signal=USR1 <job>`) stops the ranks the same
 # way; the shell sees a clean exit short of train.steps in `latest` and requeues too.
 #
+# Run outside a job (`bash launch/sft_405b.sh`), it submits the sft_*.sh script with sbatch, sized
+# by NODES, GPUS_PER_NODE and TIME_LIMIT where set, plus SBATCH_ARGS (e.g. "--partition=gpu").
+#
 # Environment (everything has a default; the sft_*.sh scripts set the model-specific ones):
 #   CONFIG           YAML config, relative to MEGASFT_ROOT or absolute
 #   OVERRIDES        extra section.key=value overrides, space-separated (arguments after the script
@@ -32,7 +35,19 @@ set -euo pipefail
 die() { echo "sft: error: $*" >&2; exit 2; }
 log() { echo "$(date -u +%FT%TZ) sft: $*"; }
 
-[[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a Slurm job; submit with sbatch launch/sft_405b.sh (or run launch/torchrun_local.sh on one machine)"
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+  # Started outside Slurm (`NODES=16 bash launch/sft_405b.sh`): submit the calling sft_*.sh, sized
+  # from the environment. Unset sizes keep the script's #SBATCH values; SBATCH_ARGS adds options.
+  [[ -n "${SFT_SCRIPT:-}" ]] || die "not inside a Slurm job; submit with sbatch launch/sft_405b.sh (or run launch/torchrun_local.sh on one machine)"
+  sbatch_opts=()
+  if [[ -n "${NODES:-}" ]]; then sbatch_opts+=("--nodes=$NODES"); fi
+  if [[ -n "${GPUS_PER_NODE:-}" ]]; then sbatch_opts+=("--gpus-per-node=$GPUS_PER_NODE"); fi
+  if [[ -n "${TIME_LIMIT:-}" ]]; then sbatch_opts+=("--time=$TIME_LIMIT"); fi
+  read -r -a sbatch_extra <<<"${SBATCH_ARGS:-}"
+  # The job finds the checkout through this, wherever the submission was made from.
+  export MEGASFT_ROOT=${MEGASFT_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}
+  exec sbatch "${sbatch_opts[@]}" "${sbatch_extra[@]}" "$SFT_SCRIPT" "$@"
+fi
 
 # Install the trap before anything slow: a signal during set-up is remembered, not lost.
 stop_requested=0

@@ -28,14 +28,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Optional
 
+from tests.multiproc import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
-CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "sinfo", "sacct")
+CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 INSTALL_LOG = Path(os.environ.get("SLURM_INSTALL_LOG", "/tmp/megasft-slurm-install.log"))
 
 
@@ -46,7 +47,7 @@ def _which(name: str) -> Optional[str]:
 
 def unavailable_reason() -> Optional[str]:
     """None when a local cluster can be started here, else why not (the install log's verdict)."""
-    missing = [b for b in DAEMONS + CLIENTS[:5] if _which(b) is None]
+    missing = [b for b in DAEMONS + CLIENTS if _which(b) is None]
     if missing:
         why = ""
         if INSTALL_LOG.exists():
@@ -56,12 +57,6 @@ def unavailable_reason() -> Optional[str]:
     if os.geteuid() != 0:
         return "the local Slurm cluster needs root (slurmd starts jobs as the submitting user)"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _real_memory_mb() -> int:
@@ -100,8 +95,8 @@ class SlurmCluster:
         self.conf.write_text(f"""\
 ClusterName=megasft-test
 SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
