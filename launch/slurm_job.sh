@@ -86,15 +86,14 @@ if [[ -n "${RUN_DIR:-}" ]]; then overrides+=("train.run_dir=$RUN_DIR"); fi
 # Resolve the config exactly as megasft.train will (YAML, then overrides): the run directory for the
 # logs, and the checkpoint root and step count that tell a finished run from a stopped one. This
 # also rejects a bad YAML or override here, on one CPU, before hundreds of GPUs start.
-# (The checkpoint root is megasft.checkpoint.sharded.checkpoint_root's rule, restated here because
-# importing that module imports torch: seconds on every start, for one line.)
+# (megasft.config imports no torch, so this costs well under a second.)
 resolved=$(python -c 'import sys
 from megasft.config import Config, ConfigError
 try:
     cfg = Config.load(sys.argv[1], sys.argv[2:])
 except ConfigError as err:
     sys.exit(f"sft: error: {sys.argv[1]}: {err}")
-print(cfg.train.run_dir, cfg.checkpoint.dir or f"{cfg.train.run_dir}/checkpoints", cfg.train.steps, sep="\n")' \
+print(cfg.train.run_dir, cfg.checkpoint.root(cfg.train.run_dir), cfg.train.steps, sep="\n")' \
   "$CONFIG" "${overrides[@]}")
 { read -r RUN_DIR; read -r CKPT_ROOT; read -r TRAIN_STEPS; } <<<"$resolved"
 

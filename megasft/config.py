@@ -205,6 +205,10 @@ class CheckpointConfig:
     """After the last step, convert the final checkpoint into a Hugging Face directory <run_dir>/hf
     (rank 0, streaming, as tools/convert_checkpoint.py megasft-to-hf does)."""
 
+    def root(self, run_dir: str) -> Path:
+        """Where checkpoints and `latest` live: `dir`, or <run_dir>/checkpoints."""
+        return Path(self.dir) if self.dir else Path(run_dir) / "checkpoints"
+
 
 SECTIONS = {
     "model": ModelConfig,

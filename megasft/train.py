@@ -58,14 +58,15 @@ def main(argv=None) -> int:
         return 2
     from megasft.checkpoint.sharded import Checkpointer, CheckpointError, CheckpointMismatch
     from megasft.data.loader import build_loaders
-    from megasft.training.loop import Trainer
+    from megasft.training.loop import StopSignal, Trainer
     from megasft.training.metrics import MetricsWriter
 
+    stop = StopSignal().install()   # before the (possibly long) model build and weight loading
     ps = ParallelState.from_env(cfg.parallel.tp, cfg.parallel.pp)
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
     train_loader, eval_loader = build_loaders(cfg.data, cfg.train.seed, ps.dp_rank, ps.dp)
-    trainer = Trainer(cfg, ps)
+    trainer = Trainer(cfg, ps, stop=stop)
     checkpointer = Checkpointer(cfg, ps)
     try:   # before any step: a bad checkpoint fails here, naming the file and what differs
         resumed = checkpointer.resume(trainer, train_loader)
@@ -86,7 +87,11 @@ def main(argv=None) -> int:
         export_final(cfg, ps, run_dir / "hf")
     if writer is not None:
         writer.close()
-        print(f"megasft: done after {trainer.step} steps; metrics in {run_dir / 'metrics.jsonl'}", flush=True)
+        if trainer.step < cfg.train.steps:
+            print(f"megasft: stopped at step {trainer.step} of {cfg.train.steps} on a stop signal; "
+                  f"checkpoint saved in {cfg.checkpoint.root(cfg.train.run_dir)}", flush=True)
+        else:
+            print(f"megasft: done after {trainer.step} steps; metrics in {run_dir / 'metrics.jsonl'}", flush=True)
     destroy()
     return 0
 

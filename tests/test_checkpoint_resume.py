@@ -82,7 +82,7 @@ def run(tmp: str, name: str, tp: int, pp: int, stop_after: int = 0, **overrides)
 
     def on_step(t):
         if t.step == stop_after:
-            t.stop_requested = True   # what the SIGUSR1/SIGTERM handler sets
+            t.stop.requested = True   # what the SIGUSR1/SIGTERM handler sets
 
     outputs = trainer.fit(loader, checkpointer=ckpt, on_step=on_step)
     pieces = [(n, d, o, p.clone()) for c in trainer.chunks for n, d, o, p in canonical_pieces(c)]

@@ -79,7 +79,7 @@ def find_resume_path(cfg) -> Optional[Path]:
 
 
 def checkpoint_root(cfg) -> Path:
-    return Path(cfg.checkpoint.dir or Path(cfg.train.run_dir) / "checkpoints")
+    return cfg.checkpoint.root(cfg.train.run_dir)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -31,6 +31,26 @@ from megasft.training import metrics
 from megasft.training.profiler import maybe_profile
 
 
+class StopSignal:
+    """SIGUSR1 / SIGTERM request a stop at the next step boundary: finish the step, save, exit
+    (Slurm sends USR1 ahead of the time limit, TERM on preemption). Install it as early as
+    possible — before model build and weight loading — so a signal during start-up is not lost."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.installed = False
+
+    def install(self) -> "StopSignal":
+        if not self.installed:
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                signal.signal(sig, self._handle)
+            self.installed = True
+        return self
+
+    def _handle(self, signum=None, frame=None) -> None:
+        self.requested = True
+
+
 @dataclass
 class StepOutput:
     loss: float            # global-batch mean loss (same number on every rank)
@@ -53,7 +73,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 class Trainer:
     """Owns this rank's model chunks, optimizer and data; `fit()` runs the configured steps."""
 
-    def __init__(self, cfg: Config, ps: ParallelState, log: bool = True):
+    def __init__(self, cfg: Config, ps: ParallelState, log: bool = True, stop: Optional[StopSignal] = None):
         self.cfg, self.ps = cfg, ps
         self.chunks = build_model(cfg, ps)
         self.schedule = WarmupCosine.from_config(cfg.optim, cfg.train.steps)
@@ -62,7 +82,7 @@ class Trainer:
         self.params = [p for _, p in named]
         self.step = 0
         self.best_eval: Optional[tuple[float, int]] = None
-        self.stop_requested = False
+        self.stop = stop or StopSignal()
         self.log = log and ps.rank == 0
         s = cfg.data.seq_len // ps.tp if cfg.parallel.sequence_parallel and ps.tp > 1 else cfg.data.seq_len
         self.tensor_shape = (s, cfg.data.micro_batch_size, cfg.model.hidden_size)
@@ -141,18 +161,16 @@ class Trainer:
         return total / max(tokens, 1), tokens
 
     # ------------------------------------------------------------------ loop
-    def request_stop(self, signum=None, frame=None) -> None:
-        """Signal handler: finish the current step, save, and exit (Slurm sends SIGUSR1 before the
-        time limit; SIGTERM on preemption)."""
-        self.stop_requested = True
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop.requested
 
     def fit(self, train_loader, eval_loader=None, writer: Optional[metrics.MetricsWriter] = None,
             on_step=None, checkpointer=None) -> list[StepOutput]:
         """Train to cfg.train.steps (or a stop signal). `checkpointer` (a
         megasft.checkpoint.sharded.Checkpointer) saves on its cadence, at the end and on a stop."""
         t = self.cfg.train
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self.request_stop)
+        self.stop.install()
         window = metrics.ThroughputWindow(self.ps.device)
         outputs = []
         with maybe_profile(t.profile, t.run_dir, self.ps.rank, self.ps.device) as prof:
