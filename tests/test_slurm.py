@@ -169,7 +169,10 @@ def wait_for_step(cluster: SlurmCluster, job: int, run_dir: Path, step: int) -> 
     deadline = time.monotonic() + JOB_TIMEOUT
     while max(train_losses(run_dir), default=0) < step:
         info = cluster.job(job)
-        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{cluster.logs()}"
+        # Right after a requeue the previous start may still show as COMPLETING / REQUEUED; a job
+        # that ends for good moves on to a final state and fails here.
+        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"), \
+            f"{info}\n{cluster.logs()}"
         assert time.monotonic() < deadline, f"job {job} did not reach step {step} in {JOB_TIMEOUT}s"
         time.sleep(0.2)
 
