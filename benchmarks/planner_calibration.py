@@ -23,13 +23,11 @@ measured peak = live before + peak increase; predicted = state + in-flight activ
 largest transient (layer backward or logits/loss), the planner's own decomposition.
 
 Attention backend: on CPU the only backend is ``sdpa`` with a block-diagonal causal boolean mask
-[b, 1, s, s]. The planner models sdpa as materialising the s x s probabilities (e*a*s bytes per
-token per layer, Korthikanti's 5as/h term without dropout). PyTorch's CPU SDPA dispatches masked
-attention to its flash kernel (saves q, k, v, out, log-sum-exp and the mask, never the
-probabilities), so the script also prints the planner's prediction under the flash assumption
-(``attention_backend`` != sdpa) for the same layout, and that prediction plus the one thing the CPU
-kernel keeps beyond flash: the mask, converted to an additive mask in the query dtype and saved
-per layer (e*s*s bytes per row per layer; see ``sdpa_mask_bytes``). The planner is not changed.
+[b, 1, s, s]. PyTorch's CPU SDPA dispatches masked attention to its flash kernel (saves q, k, v,
+out, log-sum-exp and the mask, never the probabilities). This benchmark found that; the planner
+now models sdpa as exactly that (flash + e*s bytes of mask per token per layer). The script still
+prints the planner's prediction under the flash assumption (``attention_backend`` != sdpa) and the
+flash prediction plus this script's own count of the mask (``sdpa_mask_bytes``) as a cross-check.
 
     python benchmarks/planner_calibration.py            # ~1 min on 2 cores
 """
@@ -182,7 +180,7 @@ def main() -> None:
           f"{args.kv_heads} kv, vocab {args.vocab}, seq {args.seq}, fp32, sdpa (CPU), "
           f"torch {torch.__version__}")
     print("planner: Assumptions(reserved_gib=0, fragmentation=0); 'pred' = attention_backend=sdpa as run "
-          "(s x s probabilities materialised), 'pred flash' = same layout planned with a flash backend\n")
+          "(flash-style + the saved additive mask), 'pred flash' = same layout planned with a flash backend\n")
     header = ("layout", "rank", "pp", "state MiB (pred/live)", "act MiB", "transient MiB",
               "pred MiB", "pred flash MiB", "pred flash+mask MiB", "measured MiB (live+step)",
               "meas/pred", "meas/pred flash", "meas/pred flash+mask")

@@ -138,9 +138,11 @@ def test_activation_terms():
         return layer_activations(cfg, Assumptions())
 
     h, heads, s = 128, 4, 256
-    # Materialised probabilities (sdpa): Korthikanti's a*s^2 term, e=2 bytes per score; selective drops it.
-    assert layer(backend="sdpa").full - layer().full == pytest.approx(s * (2 * heads * s - 4 * heads))
-    assert layer("selective", backend="sdpa").stored == layer(backend="sdpa").full - 2 * heads * s * s
+    # sdpa keeps the additive block-diagonal mask (e=2 bytes per score, one per layer) on top of the
+    # flash-style log-sum-exp; selective recomputation drops the whole attention core.
+    assert layer(backend="sdpa").full - layer().full == pytest.approx(s * 2 * s)
+    assert layer("selective", backend="sdpa").stored == pytest.approx(
+        layer(backend="sdpa").full - s * (4 * heads + 2 * s))
     # Full recompute keeps the layer input only, sharded along the sequence under SP.
     assert layer("full").stored == 2 * h * s
     assert layer("full", tp=2, sp=True).stored == 2 * h * s / 2

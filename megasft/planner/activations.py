@@ -34,8 +34,11 @@ Assumptions, stated once:
 * megasft's RMSNorm computes its statistics in fp32 like HF's LlamaRMSNorm, so autograd keeps an
   fp32 copy of the input and the normalised output (plus one fp32 value per token, counted).
 * Flash-style kernels (attention_backend auto/flash_attn/torch_varlen on GPU) never materialise
-  the s x s probabilities, so the ``a*s`` term is absent whatever the recompute mode; the sdpa
-  backend with a packed-document mask is modelled as materialising them.
+  the s x s probabilities, so the ``a*s`` term is absent whatever the recompute mode. The sdpa
+  backend does not either (torch dispatches the masked call to its fused CPU flash / CUDA
+  memory-efficient kernels), but megasft's block-diagonal boolean mask becomes an additive mask in
+  the activation dtype that each layer saves: e*s bytes per token (measured per layer with
+  saved-tensor hooks; benchmarks/planner_calibration.py).
 * The q/k/v and gate/up GEMMs save their input after the SP all-gather ([s, b, h], not divided by
   t), as megasft's ``enter_tp_region`` + ``F.linear`` do, unless ``Assumptions.sp_regathers_inputs``
   (Korthikanti Sec. 4.2.2: keep the shard, all-gather again in backward) says otherwise.
@@ -82,18 +85,17 @@ def layer_bytes_per_token(cfg: Config, assumptions: Assumptions) -> float:
 
 
 def attention_core_bytes_per_token(cfg: Config) -> float:
-    """Bytes per token the attention core keeps: fp32 log-sum-exp (flash) or the s x s probabilities.
+    """Bytes per token the attention core keeps: fp32 log-sum-exp per head, plus for sdpa the
+    additive [b, 1, s, s] mask row of the token (e*s bytes; one mask per layer, not per head).
 
-    The non-flash case is Korthikanti et al. 2022 eq. (1)'s 5as/h term (2 B softmax output, 1 B
-    dropout mask, 2 B dropout output per score); without dropout only the softmax output remains.
+    Neither path stores Korthikanti et al. 2022 eq. (1)'s 5as/h probabilities term; megasft has no
+    attention dropout.
     """
     m, s = cfg.model, cfg.data.seq_len
     heads = m.num_attention_heads // cfg.parallel.tp
     if uses_flash_attention(cfg):
         return 4.0 * heads
-    e = ELEMENT_BYTES[cfg.train.precision]
-    per_score = e + (1 + e if m.dropout > 0 else 0)
-    return float(per_score * heads * s)
+    return 4.0 * heads + float(ELEMENT_BYTES[cfg.train.precision] * s)
 
 
 @dataclass(frozen=True)
