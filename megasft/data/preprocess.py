@@ -218,7 +218,9 @@ def preprocess(opts: PreprocessOptions) -> Summary:
         results = map(process_chunk, chunks)
         pool = None
     else:
-        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(opts,))
+        # spawn, not fork: forking a process that runs other threads (torch's pools, a test
+        # runner's queues) can copy a held lock into the child and deadlock the pool.
+        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(opts,))
         results = pool.imap(process_chunk, chunks)  # ordered: output order == input order
     try:
         for res in results:
