@@ -5,15 +5,11 @@ One spawned world of 4 ranks runs every layout (layouts smaller than 4 ranks use
 """
 from __future__ import annotations
 
-import torch
-from torch.testing import assert_close
-
-from megasft.checkpoint.hf import canonical_pieces
-from megasft.config import Config
 from megasft.parallel_state import ParallelState
 from megasft.training.loop import Trainer
+from tests.layouts import assert_losses_match, assert_pieces_match, sft_config, train_this_rank, weight_pieces
 from tests.multiproc import run_ranks
-from tests.oracle import hf_model, packed_batch, reference_training, select_rows, tiny_fields
+from tests.oracle import hf_model, packed_batch, reference_training, tiny_fields
 
 STEPS, SEQ, ROWS = 3, 16, 8
 LR, WARMUP = 1e-3, 1
@@ -35,35 +31,17 @@ def global_batches() -> list[dict]:
             for s in range(STEPS)]
 
 
-def make_config(hf_dir: str, tp: int, world: int, mbs: int, sp: bool, zero: bool) -> Config:
-    fields = tiny_fields()
-    fields.update(init_from_hf=hf_dir)
-    return Config.from_dict({
-        "model": fields,
-        "parallel": {"tp": tp, "sequence_parallel": sp, "distributed_optimizer": zero},
-        "data": {"seq_len": SEQ, "global_batch_tokens": SEQ * ROWS, "micro_batch_size": mbs},
-        "optim": {"lr": LR, "warmup_steps": WARMUP},
-        "train": {"steps": STEPS, "precision": "fp32"},
-    }).validate(world)
-
-
 def _rank_main(hf_dir: str) -> dict:
     results = {}
     for name, tp, ranks, mbs, sp, zero in LAYOUTS:
         ps = ParallelState.build(tp, 1, ranks=ranks)
         if ps is None:
             continue
-        cfg = make_config(hf_dir, tp, len(ranks), mbs, sp, zero)
+        cfg = sft_config(tiny_fields(), hf_dir, len(ranks),
+                         {"tp": tp, "sequence_parallel": sp, "distributed_optimizer": zero},
+                         SEQ, ROWS, mbs, LR, WARMUP, STEPS)
         trainer = Trainer(cfg, ps, log=False)
-        per_rank = ROWS // ps.dp
-        losses = []
-        for batch in global_batches():
-            mine = list(range(ps.dp_rank * per_rank, (ps.dp_rank + 1) * per_rank))
-            micro = [select_rows(batch, mine[i:i + mbs]) for i in range(0, per_rank, mbs)]
-            out = trainer.train_step(micro)
-            losses.append(out.loss)
-        weights = [(n, d, o, p.clone()) for c in trainer.chunks for n, d, o, p in canonical_pieces(c)]
-        results[name] = (losses, weights)
+        results[name] = (train_this_rank(trainer, global_batches(), mbs), weight_pieces(trainer))
     return results
 
 
@@ -78,16 +56,8 @@ def test_train_steps_match_plain_pytorch(tmp_path):
     checked = set()
     for rank_results in per_rank:
         for name, (losses, weights) in rank_results.items():
-            assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6,
-                         msg=lambda m: f"{name}: losses {losses} vs {ref_losses}: {m}")
-            for hf_name, dim, offset, piece in weights:
-                expected = ref[hf_name].detach()
-                expected = expected if dim < 0 else expected.narrow(dim, offset, piece.shape[dim])
-                # Adam divides by sqrt(v): an element whose gradient is ~0 amplifies fp32 rounding
-                # of the summation order, so allow 1 % of one step's update (lr = 1e-3); a wrong
-                # update would be off by ~lr.
-                assert_close(piece, expected, rtol=1e-4, atol=1e-5,
-                             msg=lambda m: f"{name}: weight {hf_name}: {m}")
+            assert_losses_match(losses, ref_losses, name)
+            assert_pieces_match(weights, ref, name, atol=1e-5)   # 1 % of one update at lr 1e-3
             checked.add(name)
     assert checked == {layout[0] for layout in LAYOUTS}
     assert ref_losses[0] > ref_losses[-1] - 1.0   # sanity: the reference really trained

@@ -1,0 +1,60 @@
+"""Driving megasft at a layout for the train-step equivalence tests (the references they compare
+against live in tests/oracle.py and use no megasft code)."""
+from __future__ import annotations
+
+import torch
+from torch.testing import assert_close
+
+from megasft.checkpoint.hf import canonical_pieces
+from megasft.config import Config
+from tests.oracle import select_rows
+
+
+def sft_config(model_fields: dict, hf_dir: str, world: int, parallel: dict, seq: int, rows: int,
+               micro_batch_size: int, lr: float, warmup: int, steps: int) -> Config:
+    """fp32 SFT config starting from the HF directory the reference model was saved to."""
+    return Config.from_dict({
+        "model": {**model_fields, "init_from_hf": hf_dir},
+        "parallel": parallel,
+        "data": {"seq_len": seq, "global_batch_tokens": seq * rows, "micro_batch_size": micro_batch_size},
+        "optim": {"lr": lr, "warmup_steps": warmup},
+        "train": {"steps": steps, "precision": "fp32"},
+    }).validate(world)
+
+
+def train_this_rank(trainer, global_batches: list[dict], micro_batch_size: int) -> list[float]:
+    """One train step per global batch on this DP rank's contiguous share of its rows, cut into
+    micro-batches; returns the global-batch losses."""
+    ps = trainer.ps
+    losses = []
+    for batch in global_batches:
+        per_rank = batch["input_ids"].shape[0] // ps.dp
+        mine = list(range(ps.dp_rank * per_rank, (ps.dp_rank + 1) * per_rank))
+        micro = [select_rows(batch, mine[i:i + micro_batch_size]) for i in range(0, per_rank, micro_batch_size)]
+        losses.append(trainer.train_step(micro).loss)
+    return losses
+
+
+def weight_pieces(trainer) -> list[tuple]:
+    """(hf_name, dim, offset, piece) of every weight shard this rank holds, detached copies."""
+    return [(n, d, o, p.clone()) for c in trainer.chunks for n, d, o, p in canonical_pieces(c)]
+
+
+def assert_pieces_match(pieces: list[tuple], reference: dict, layout: str, atol: float) -> set:
+    """Every piece equals its slice of the reference HF tensor; returns the HF names checked.
+
+    Adam's m / sqrt(v) turns fp32 rounding of a near-zero gradient (summed in another order) into
+    a visible weight difference, so `atol` is a few % of one step's update; a wrong update (lost
+    micro-batch, wrong scale) is off by about the learning rate on most elements."""
+    seen = set()
+    for hf_name, dim, offset, piece in pieces:
+        expected = reference[hf_name].detach()
+        expected = expected if dim < 0 else expected.narrow(dim, offset, piece.shape[dim])
+        assert_close(piece, expected, rtol=1e-4, atol=atol, msg=lambda m: f"{layout}: weight {hf_name}: {m}")
+        seen.add(hf_name)
+    return seen
+
+
+def assert_losses_match(losses: list[float], reference: list[float], layout: str) -> None:
+    assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=1e-6,
+                 msg=lambda m: f"{layout}: losses {losses} vs {reference}: {m}")
