@@ -140,14 +140,23 @@ def no_pipeline(st: _Stage) -> None:
 def all_forward_all_backward(st: _Stage) -> None:
     """GPipe's order (Huang et al. 2019): all forwards, then all backwards. Holds every
     micro-batch's activations at once; kept as a simple reference schedule for tests."""
-    first, last, m = st.ps.is_first_stage, st.ps.is_last_stage, len(st.micro_batches)
-    for i in range(m):
-        x, _ = st.exchange(recv_prev=not first)
+    m = len(st.micro_batches)
+    _forwards(st, range(m))
+    if not st.forward_only:
+        _backwards(st, m)
+
+
+def _forwards(st: _Stage, micro_batches: range) -> None:
+    """Forward each micro-batch through this rank's only chunk: receive, compute, send on."""
+    for i in micro_batches:
+        x, _ = st.exchange(recv_prev=not st.ps.is_first_stage)
         st.exchange(send_next=st.forward(0, i, x))
-    if st.forward_only:
-        return
-    for _ in range(m):
-        _, grad = st.exchange(recv_next=not last)
+
+
+def _backwards(st: _Stage, count: int) -> None:
+    """Backward the `count` oldest outstanding micro-batches: receive the grad, compute, send back."""
+    for _ in range(count):
+        _, grad = st.exchange(recv_next=not st.ps.is_last_stage)
         st.exchange(send_prev=st.backward(0, grad))
 
 
@@ -162,9 +171,7 @@ def one_f_one_b(st: _Stage) -> None:
     steady = m - warmup
 
     # Warmup: forwards only, filling the pipeline.
-    for i in range(warmup):
-        x, _ = st.exchange(recv_prev=not first)
-        st.exchange(send_next=st.forward(0, i, x))
+    _forwards(st, range(warmup))
 
     # Steady 1F1B: forward micro-batch warmup + i, backward micro-batch i.
     x = st.exchange(recv_prev=not first)[0] if steady else None
@@ -175,11 +182,8 @@ def one_f_one_b(st: _Stage) -> None:
         x, _ = st.exchange(send_prev=input_grad, recv_prev=not first and i < steady - 1)
 
     # Cooldown: backwards of the warmup micro-batches.
-    if st.forward_only:
-        return
-    for _ in range(warmup):
-        _, grad = st.exchange(recv_next=not last)
-        st.exchange(send_prev=st.backward(0, grad))
+    if not st.forward_only:
+        _backwards(st, warmup)
 
 
 def interleaved_1f1b(st: _Stage) -> None:
@@ -313,10 +317,3 @@ def forward_backward(forward_step: ForwardStep, micro_batches: list[dict], ps: P
     RUNNERS[name](st)
     st.result.wall_s = time.perf_counter() - start
     return st.result
-
-
-def forward_backward_no_pipeline(forward_step: ForwardStep, micro_batches: list[dict],
-                                 forward_only: bool = False) -> ScheduleResult:
-    """pp=1 convenience entry: forward_backward on a single-process ParallelState."""
-    return forward_backward(forward_step, micro_batches, ParallelState.single(),
-                            forward_only=forward_only)

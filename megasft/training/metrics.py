@@ -52,8 +52,14 @@ class ThroughputWindow:
         self.restart()
 
     def restart(self) -> None:
+        self._sync()
+        self._reset()
+
+    def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _reset(self) -> None:
         self.start = time.perf_counter()
         self.tokens, self.trained, self.flops = 0, 0, 0.0
 
@@ -64,10 +70,9 @@ class ThroughputWindow:
 
     def close(self) -> tuple[float, int, int, float]:
         """(elapsed s, tokens, trained tokens, FLOPs) of the window; starts the next one."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._sync()
         result = (time.perf_counter() - self.start, self.tokens, self.trained, self.flops)
-        self.restart()
+        self._reset()   # the device is already synchronised: one sync per log point
         return result
 
 
