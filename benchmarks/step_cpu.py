@@ -1,6 +1,6 @@
 """Full train-step throughput on CPU, one process, fp32: megasft vs transformers + the seed's loop.
 
-    python benchmarks/step_cpu.py [--steps 6] [--warmup 1] [--seq-len 1024] [--rows 8]
+    python benchmarks/step_cpu.py [--steps 6] [--warmup 1] [--seq-len 1024] [--rows 8] [--norm-compile]
 
 Three sides, the same tiny Llama weights (written once as a HF directory, loaded by both), the
 same documents and hyper-parameters, measured in one run, interleaved A B C A B C after warm-up:
@@ -15,6 +15,8 @@ same documents and hyper-parameters, measured in one run, interleaved A B C A B 
                    clip_grad_norm_, torch.optim.AdamW (same param groups), LambdaLR, zero_grad.
   HF padded        the usual no-packing loop: the step's documents one per row, --padded-batch
                    rows per micro-batch, padded to the longest, attention_mask on the padding.
+  megasft norm=compile  (with --norm-compile) megasft with model.norm_backend=compile: RMSNorm and
+                   SwiGLU through torch.compile; compiled during the warm-up step, which is untimed.
 
 All three train on the same documents per step, so they have the same useful (non-pad) tokens
 and the same trained tokens; the losses printed at the end agree when the three computations do.
@@ -23,6 +25,7 @@ Document lengths are log-normal (long-tailed; median --median, sigma --sigma, cl
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 from pathlib import Path
 
@@ -50,6 +53,8 @@ def parse_args(argv=None):
     ap.add_argument("--sigma", type=float, default=1.0, help="log-normal shape of document lengths")
     add_model_args(ap, vocab=8192, hidden=256, ffn=688)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--norm-compile", action="store_true",
+                    help="add a side: megasft with model.norm_backend=compile (vs the default torch on CPU)")
     return ap.parse_args(argv)
 
 
@@ -78,14 +83,18 @@ def main(argv=None) -> None:
     cfg = bench_config(args, args.seq_len, args.rows, args.micro_batch_rows, args.warmup + args.steps, lr=1e-3)
     docs, steps = build_steps(args)
     with tempfile.TemporaryDirectory() as tmp:
-        write_hf_twin(cfg, Path(tmp) / "hf", args.seed)
-        trainer = Trainer(cfg, ParallelState.single(), log=False)
+        write_hf_twin(cfg, Path(tmp) / "hf", args.seed)    # sets cfg.model.init_from_hf: copy cfg after
+        configs = {"megasft": cfg}
+        if args.norm_compile:
+            configs["megasft norm=compile"] = copy.deepcopy(cfg)
+            configs["megasft norm=compile"].model.norm_backend = "compile"
+        trainers = {name: Trainer(c, ParallelState.single(), log=False) for name, c in configs.items()}
         hf_packed, hf_padded = load_hf_twin(Path(tmp) / "hf"), load_hf_twin(Path(tmp) / "hf")
     opt_packed, opt_padded = hf_optimizer(hf_packed, cfg), hf_optimizer(hf_padded, cfg)
-    losses = {"megasft": [], "HF packed rows": [], "HF padded": []}
+    losses = {name: [] for name in [*trainers, "HF packed rows", "HF padded"]}
 
-    def run_megasft(i):
-        losses["megasft"].append(trainer.train_step(steps[i % len(steps)][0]).loss)
+    def run_megasft(name):
+        return lambda i: losses[name].append(trainers[name].train_step(steps[i % len(steps)][0]).loss)
 
     def run_hf_packed(i):
         losses["HF packed rows"].append(hf_train_step(hf_packed, *opt_packed, steps[i % len(steps)][0], cfg.optim.clip_grad))
@@ -93,14 +102,16 @@ def main(argv=None) -> None:
     def run_hf_padded(i):
         losses["HF padded"].append(hf_train_step(hf_padded, *opt_padded, steps[i % len(steps)][1], cfg.optim.clip_grad))
 
-    print(describe(args, docs, steps, trainer))
-    times = interleaved_times({"megasft": run_megasft, "HF packed rows": run_hf_packed,
-                               "HF padded": run_hf_padded}, args.steps, args.warmup)
+    print(describe(args, docs, steps, trainers["megasft"]))
+    runners = {name: run_megasft(name) for name in trainers}
+    times = interleaved_times({**runners, "HF packed rows": run_hf_packed, "HF padded": run_hf_padded},
+                              args.steps, args.warmup)
     print(report(args, steps, times, losses))
 
 
-def step_tokens(args, steps) -> dict[str, tuple[float, float, float]]:
-    """Per side: mean (token slots, useful tokens, trained tokens) per step over the timed steps."""
+def step_tokens(args, steps, sides) -> dict[str, tuple[float, float, float]]:
+    """Per side: mean (token slots, useful tokens, trained tokens) per step over the timed steps;
+    every side but HF padded runs the packed rows."""
     timed = [steps[i % len(steps)] for i in range(args.warmup, args.warmup + args.steps)]
 
     def slots(mbs):
@@ -110,8 +121,7 @@ def step_tokens(args, steps) -> dict[str, tuple[float, float, float]]:
     trained = np.mean([trained_tokens(packed) for packed, _, _ in timed])
     packed_slots = np.mean([slots(packed) for packed, _, _ in timed])
     padded_slots = np.mean([slots(padded) for _, padded, _ in timed])
-    return {"megasft": (packed_slots, useful, trained), "HF packed rows": (packed_slots, useful, trained),
-            "HF padded": (padded_slots, useful, trained)}
+    return {name: (padded_slots if name == "HF padded" else packed_slots, useful, trained) for name in sides}
 
 
 def describe(args, docs, steps, trainer) -> str:
@@ -127,7 +137,7 @@ def describe(args, docs, steps, trainer) -> str:
 
 
 def report(args, steps, times, losses) -> str:
-    tokens = step_tokens(args, steps)
+    tokens = step_tokens(args, steps, times)
     rows, useful_rate = [], {}
     for name, ts in times.items():
         slots, useful, trained = tokens[name]
@@ -140,10 +150,14 @@ def report(args, steps, times, losses) -> str:
     same = useful_rate["megasft"] / useful_rate["HF packed rows"]
     padded = useful_rate["megasft"] / useful_rate["HF padded"]
     packing = useful_rate["HF packed rows"] / useful_rate["HF padded"]
-    return "\n".join([table,
-                      f"packing gain inside transformers (HF packed / HF padded, useful tok/s): {packing:.2f}x",
-                      f"megasft / HF padded (useful tok/s): {padded:.2f}x",
-                      f"megasft / HF same packed rows (tokens/s): {same:.2f}x (goal >= 1.0)"])
+    lines = [table,
+             f"packing gain inside transformers (HF packed / HF padded, useful tok/s): {packing:.2f}x",
+             f"megasft / HF padded (useful tok/s): {padded:.2f}x",
+             f"megasft / HF same packed rows (tokens/s): {same:.2f}x (goal >= 1.0)"]
+    if "megasft norm=compile" in useful_rate:
+        gain = useful_rate["megasft norm=compile"] / useful_rate["megasft"]
+        lines.append(f"megasft norm=compile / norm=torch (tokens/s): {gain:.2f}x")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ class ModelConfig:
     """The embedding rows are padded to a multiple of this times tp (GEMM-friendly shapes)."""
     attention_backend: str = "auto"
     """auto | sdpa | torch_varlen | flash_attn. auto picks flash_attn, then torch_varlen on CUDA, sdpa on CPU."""
+    norm_backend: str = "auto"
+    """RMSNorm/SwiGLU kernels: auto | torch | compile | apex | te. auto picks te, then NVIDIA apex, then
+    compile (torch.compile) on CUDA, torch on CPU; apex and te replace the norm only (megasft.model.fused)."""
     init_std: float = 0.02
     """Std of the normal init of weight matrices (random init only)."""
     init_from_hf: Optional[str] = None
@@ -221,6 +224,7 @@ SECTIONS = {
 
 CHOICES = {
     ("model", "attention_backend"): ("auto", "sdpa", "torch_varlen", "flash_attn"),
+    ("model", "norm_backend"): ("auto", "torch", "compile", "apex", "te"),
     ("model", "recompute"): ("none", "selective", "full"),
     ("parallel", "pipeline_schedule"): ("auto", "1f1b", "interleaved", "all_forward_all_backward"),
     ("train", "precision"): ("bf16", "fp32"),

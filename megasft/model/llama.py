@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megasft.config import ModelConfig
 from megasft.model.attention import attention, resolve_backend
+from megasft.model.fused import norm_kernel, resolve_norm_backend, swiglu_kernel
 from megasft.parallel_state import ParallelState
 from megasft.tensor_parallel.comm import scatter_to_sp
 from megasft.tensor_parallel.cross_entropy import (lm_head_cross_entropy, shift_labels,
@@ -30,17 +31,17 @@ from megasft.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLin
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), statistics in fp32 (as HF's LlamaRMSNorm)."""
+    """y = w * x / sqrt(mean(x^2) + eps), statistics in fp32 (as HF's LlamaRMSNorm); the kernel
+    comes from a resolved ``norm_backend`` (megasft.model.fused), the parameter is always ``weight``."""
 
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, backend: str = "torch"):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.kernel = norm_kernel(backend)     # a plain callable: adds no parameters or state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.kernel(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -125,15 +126,15 @@ class MLP(nn.Module):
         ffn = tp_shards(cfg.intermediate_size, ps.tp_group)
         self.gate_up = ColumnParallelLinear(cfg.hidden_size, [ffn, ffn])
         self.down = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, ps.tp_group, sequence_parallel)
+        self.swiglu = swiglu_kernel(resolve_norm_backend(cfg.norm_backend, ps.device))
 
     def forward(self, x):
         x = enter_tp_region(x, self.group, self.sequence_parallel)
-        gate, up = self.gate_up(x).chunk(2, dim=-1)                         # [s, b, ffn/tp] each
-        return self.down(F.silu(gate) * up)
+        return self.down(self.swiglu(self.gate_up(x)))                      # [s, b, 2*ffn/tp] -> [s, b, ffn/tp]
 
 
 def _norm(cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool) -> RMSNorm:
-    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, resolve_norm_backend(cfg.norm_backend, ps.device))
     # Replicated on every TP rank; under SP each rank sees a different slice of the sequence, so
     # its gradient is partial and must be summed over TP.
     mark_replicated(norm.weight, ps.tp, ps.tp_group if sequence_parallel else None)
