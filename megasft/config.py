@@ -110,8 +110,11 @@ class ParallelConfig:
     """ZeRO-1: shard fp32 main params and Adam moments over the data-parallel group."""
     overlap_grad_reduce: bool = False
     """Launch bucketed gradient reduce-scatter during the last micro-batch's backward."""
+    overlap_param_gather: bool = False
+    """ZeRO-1: launch the all-gather of updated params after the step and wait for each bucket
+    only when the next forward first uses it (needs distributed_optimizer)."""
     bucket_size_mb: float = 40.0
-    """Gradient bucket size for the data-parallel reduce-scatter."""
+    """Bucket size (of fp32 grads) for the overlapped data-parallel reduce-scatter / all-gather."""
 
 
 @dataclass
@@ -161,6 +164,9 @@ class OptimConfig:
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
     max_consecutive_skips: int = 5
     """Abort after this many consecutive steps with a non-finite gradient norm."""
+    adamw_kernel: str = "auto"
+    """auto | fused | reference. fused is torch's fused AdamW kernel (CUDA, CPU); auto uses it
+    wherever torch has it for the device; reference is plain PyTorch ops (megasft.optim.adamw)."""
 
     def warmup(self, steps: int) -> int:
         if self.warmup_steps is not None:
@@ -226,6 +232,7 @@ CHOICES = {
     ("model", "attention_backend"): ("auto", "sdpa", "torch_varlen", "flash_attn"),
     ("model", "norm_backend"): ("auto", "torch", "compile", "apex", "te"),
     ("model", "recompute"): ("none", "selective", "full"),
+    ("optim", "adamw_kernel"): ("auto", "fused", "reference"),
     ("parallel", "pipeline_schedule"): ("auto", "1f1b", "interleaved", "all_forward_all_backward"),
     ("train", "precision"): ("bf16", "fp32"),
     ("train", "progress_bar"): ("auto", "on", "off"),
@@ -333,6 +340,10 @@ class Config:
             raise ConfigError(
                 f"num_layers={m.num_layers} does not split evenly into pp*virtual_pipeline_size={chunks} chunks; "
                 f"choose pp*v in {_divisors(m.num_layers)} or give parallel.pipeline_layers explicitly")
+        if p.overlap_param_gather and not p.distributed_optimizer:
+            raise ConfigError("parallel.overlap_param_gather overlaps the ZeRO-1 parameter all-gather, "
+                              "which only exists with parallel.distributed_optimizer=true; enable it or "
+                              "set overlap_param_gather=false")
         if p.virtual_pipeline_size > 1 and p.pp == 1:
             raise ConfigError("parallel.virtual_pipeline_size > 1 needs pp > 1 (interleaving splits pipeline stages)")
         if p.pipeline_schedule == "interleaved" and p.virtual_pipeline_size == 1:

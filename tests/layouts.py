@@ -2,12 +2,48 @@
 against live in tests/oracle.py and use no megasft code)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.distributed as dist
 from torch.testing import assert_close
+
+from megasft.optim import grad_buffer
 
 from megasft.checkpoint.hf import canonical_pieces
 from megasft.config import Config
 from tests.oracle import select_rows
+
+
+# The performance options the equivalence tests must also pass with: overlapped bucketed grad
+# reduce-scatter and param all-gather (buckets small enough that the tiny model has many), and
+# the fused chunked LM-head + loss (chunks that do not divide the token count).
+FAST_PARALLEL = {"overlap_grad_reduce": True, "overlap_param_gather": True, "bucket_size_mb": 0.02}
+FAST_MODEL = {"loss_chunk_tokens": 5}
+
+
+class _LateGather:
+    """An all-gather whose result lands in the output only at wait(): a stand-in for a slow
+    network that makes any read of a parameter before its bucket was waited for see the previous
+    step's weights — deterministically, where a fast real gather would hide the bug."""
+
+    def __init__(self, output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False):
+        self.output, self.result = output, torch.empty_like(output)
+        dist.all_gather_into_tensor(self.result, input.clone(), group=group)
+
+    def wait(self) -> bool:
+        self.output.copy_(self.result)
+        return True
+
+
+@contextlib.contextmanager
+def late_param_gather():
+    """Run the ZeRO-1 parameter all-gathers as _LateGather."""
+    real, grad_buffer._all_gather = grad_buffer._all_gather, _LateGather
+    try:
+        yield
+    finally:
+        grad_buffer._all_gather = real
 
 
 def sft_config(model_fields: dict, hf_dir: str, world: int, parallel: dict, seq: int, rows: int,
@@ -37,6 +73,7 @@ def train_this_rank(trainer, global_batches: list[dict], micro_batch_size: int) 
 
 def weight_pieces(trainer) -> list[tuple]:
     """(hf_name, dim, offset, piece) of every weight shard this rank holds, detached copies."""
+    trainer.optimizer.finish_param_sync()
     return [(n, d, o, p.clone()) for c in trainer.chunks for n, d, o, p in canonical_pieces(c)]
 
 

@@ -4,7 +4,7 @@ One spawn of 4 ranks runs every case; the parent compares against a reference bu
 torch.optim.AdamW (two param groups), clip_grad_norm_ and LambdaLR — no megasft code.
 
 Cases: DP 1, 2, 4 (4 ranks form 4, 2 or 1 independent DP groups) x ZeRO-1 on/off x 1 or 4
-micro-batches, plus overlapped bucketed reduction, TP 2 x DP 2 with TP-replicated params, bf16
+micro-batches, plus overlapped bucketed reduction and param all-gather, TP 2 x DP 2 with TP-replicated params, bf16
 params, skip-on-NaN and the optimizer-state bytes.
 """
 import math
@@ -93,8 +93,9 @@ def optim_config(**overrides) -> OptimConfig:
                        eps=1e-8, weight_decay=WD, clip_grad=CLIP, **overrides)
 
 
-def make_optimizer(named_params, state, zero=True, overlap=False, **optim_overrides):
-    parallel = ParallelConfig(distributed_optimizer=zero, overlap_grad_reduce=overlap, bucket_size_mb=TINY_BUCKET_MB)
+def make_optimizer(named_params, state, zero=True, overlap=False, gather_overlap=False, **optim_overrides):
+    parallel = ParallelConfig(distributed_optimizer=zero, overlap_grad_reduce=overlap,
+                              overlap_param_gather=gather_overlap, bucket_size_mb=TINY_BUCKET_MB)
     return DistributedOptimizer(named_params, optim_config(**optim_overrides), parallel, state,
                                 WarmupCosine(PEAK_LR, WARMUP, TOTAL, FLOOR))
 
@@ -130,9 +131,11 @@ def local_batch(state: ParallelState, step: int, micro: int):
     return list(zip(*(t.chunk(micro) for t in shards))), count
 
 
-def train(state, zero, micro, overlap=False, dtype=torch.float32):
+def train(state, zero, micro, overlap=False, dtype=torch.float32, gather_overlap=False, **optim_overrides):
     model = make_model(dtype)
-    opt = make_optimizer(model.named_parameters(), state, zero=zero, overlap=overlap)
+    opt = make_optimizer(model.named_parameters(), state, zero=zero, overlap=overlap,
+                         gather_overlap=gather_overlap, **optim_overrides)
+    opt.register_param_sync_hooks(model.modules())
     norms = []
     for step in range(STEPS):
         opt.zero_grad()
@@ -141,9 +144,13 @@ def train(state, zero, micro, overlap=False, dtype=torch.float32):
             last = i == len(micro_batches) - 1
             with nullcontext() if last else opt.grad_buffer.no_sync():
                 (loss_sum(model, *mb) / count).backward()
+            # The overlapped all-gather of the previous step is waited for by the first forward.
+            assert not opt.grad_buffer.params_in_flight()
         result = opt.step()
         assert not result.skipped
+        assert opt.grad_buffer.params_in_flight() == (gather_overlap and zero and state.dp > 1)
         norms.append(result.grad_norm)
+    opt.finish_param_sync()
     return model, opt, norms
 
 
@@ -163,6 +170,15 @@ def equivalence_cases(groups):
             model, opt, norms = train(state, zero, 4, overlap=True)
             assert len(opt.grad_buffer.buckets) > 1
             out[("overlap", dp, zero, 4)] = (params_of(model), norms)
+        # ... and the param all-gather overlapping the next forward (alone and with the above).
+        for grad_overlap in (False, True):
+            model, opt, norms = train(state, True, 2, overlap=grad_overlap, gather_overlap=True)
+            assert len(opt.grad_buffer.buckets) > 1
+            out[("param-gather-overlap", dp, grad_overlap, 2)] = (params_of(model), norms)
+        # The default kernel is torch's fused AdamW; the reference kernel shards the same way.
+        model, opt, norms = train(state, True, 2, adamw_kernel="reference")
+        assert opt.kernel == "reference"
+        out[("reference-kernel", dp, True, 2)] = (params_of(model), norms)
     return out
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from megasft.config import OptimConfig, ParallelConfig
-from megasft.optim import distributed_optimizer
+from megasft.optim import adamw
 from megasft.optim.distributed_optimizer import DistributedOptimizer
 from megasft.optim.grad_norm import clip_coefficient, copies
 from megasft.parallel_state import ParallelState
@@ -138,10 +138,10 @@ def test_norm_helpers():
 
 def test_chunked_update_changes_nothing(monkeypatch):
     def train(chunk):
-        monkeypatch.setattr(distributed_optimizer, "ADAM_CHUNK", chunk)
+        monkeypatch.setattr(adamw, "CHUNK", chunk)
         torch.manual_seed(0)
         model = Block()
-        opt = optimizer(model, lr=0.01)
+        opt = optimizer(model, lr=0.01, adamw_kernel="reference")
         for step in range(3):
             opt.zero_grad()
             model(torch.tensor([step, 2, 7])).backward()
@@ -149,6 +149,49 @@ def test_chunked_update_changes_nothing(monkeypatch):
         return opt.shard_state.clone()
 
     assert torch.equal(train(7), train(1 << 26))
+
+
+@pytest.mark.parametrize("kernel", ["fused", "reference"])
+def test_adamw_kernels_match_torch_adamw(kernel):
+    """Both kernels (several buckets, decayed and undecayed runs, a clipped step, a changing lr)
+    against torch.optim.AdamW with two param groups and clip_grad_norm_."""
+    lrs = [0.01, 0.02, 0.005, 0.01]
+    torch.manual_seed(0)
+    model, ref_model = Block(), Block()
+    ref_model.load_state_dict(model.state_dict())
+    opt = DistributedOptimizer(model.named_parameters(),
+                               OptimConfig(weight_decay=0.1, clip_grad=1.0, adamw_kernel=kernel),
+                               ParallelConfig(overlap_grad_reduce=True, bucket_size_mb=60 * 4 / 2 ** 20),
+                               ParallelState.single(), lambda step: lrs[step])
+    assert opt.kernel == kernel and len(opt.grad_buffer.buckets) > 1
+    groups = [{"params": [p for p in ref_model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+              {"params": [p for p in ref_model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+    ref = torch.optim.AdamW(groups, lr=lrs[0], betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    clipped = False
+    for step, lr in enumerate(lrs):
+        ids = torch.tensor([step, 2, 7, (3 * step) % 10])
+        opt.zero_grad()
+        model(ids).backward()
+        result = opt.step()
+        ref.zero_grad()
+        ref_model(ids).backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 1.0)
+        for group in ref.param_groups:
+            group["lr"] = lr
+        ref.step()
+        clipped |= result.clip_coef < 1.0
+        assert result.grad_norm == pytest.approx(float(norm), rel=1e-5)
+        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7, msg=f"step {step} {name}")
+    assert clipped, "the case must exercise clipping"
+
+
+def test_adamw_kernel_choice():
+    assert adamw.resolve_kernel("auto", torch.device("cpu")) == "fused"   # torch >= 2.4 has it on CPU
+    assert adamw.resolve_kernel("reference", torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError, match="adamw_kernel=reference"):
+        adamw.resolve_kernel("fused", torch.device("meta"))
+    assert "fused kernel" in optimizer(Block()).describe()
 
 
 def test_per_parameter_load_paths():

@@ -1,7 +1,8 @@
 """Optimizer steps through the pipeline schedules against plain PyTorch: transformers model +
 torch.optim.AdamW (decay 0.1 on >=2-D params only, betas (0.9, 0.95), eps 1e-8) +
 clip_grad_norm_(1.0) + the same LR schedule. Layouts: 1F1B and interleaved at PP=2 and PP=4,
-PP2xDP2 and TP2xSPxPP2xDP2 with ZeRO-1, tied embeddings.
+PP2xDP2 and TP2xSPxPP2xDP2 with ZeRO-1, tied embeddings, and one layout with the performance
+options on (overlapped grad reduce-scatter and param all-gather, fused chunked loss).
 
 One spawned world of 8 ranks runs every layout (smaller layouts use a subset of it). After 2 steps
 every weight piece of every stage must equal the reference, and a tied embedding's two copies
@@ -9,26 +10,30 @@ every weight piece of every stage must equal the reference, and a tied embedding
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from megasft.parallel_state import ParallelState
 from megasft.pipeline.tied import tied_embedding_copies
 from megasft.training.loop import Trainer
-from tests.layouts import assert_losses_match, assert_pieces_match, sft_config, train_this_rank, weight_pieces
+from tests.layouts import (FAST_MODEL, FAST_PARALLEL, assert_losses_match, assert_pieces_match,
+                           late_param_gather, sft_config, train_this_rank, weight_pieces)
 from tests.multiproc import run_ranks
 from tests.oracle import hf_model, packed_batch, reference_training, tiny_fields
 
 STEPS, SEQ, ROWS = 2, 16, 8
 LR, WARMUP = 1e-3, 1
-# (name, ranks, tp, pp, virtual chunks, schedule, micro_batch_size, sequence parallel, tied)
+# (name, ranks, tp, pp, virtual chunks, schedule, micro_batch_size, sequence parallel, tied, fast options)
 LAYOUTS = [
-    ("tp2-pp2-dp2-zero1-sp-interleaved", list(range(8)), 2, 2, 2, "interleaved", 1, True, False),
-    ("pp2-dp2-zero1-1f1b", [0, 1, 2, 3], 1, 2, 1, "1f1b", 1, False, False),
-    ("pp4-1f1b-mb2", [4, 5, 6, 7], 1, 4, 1, "1f1b", 2, False, False),
-    ("pp2-interleaved", [0, 1], 1, 2, 2, "interleaved", 1, False, False),
-    ("pp2-dp2-zero1-interleaved-tied", [0, 1, 2, 3], 1, 2, 2, "interleaved", 1, False, True),
-    ("pp4-interleaved-tied", [4, 5, 6, 7], 1, 4, 2, "interleaved", 1, False, True),
-    ("pp2-1f1b-tied", [0, 1], 1, 2, 1, "1f1b", 2, False, True),
+    ("tp2-pp2-dp2-zero1-sp-interleaved", list(range(8)), 2, 2, 2, "interleaved", 1, True, False, False),
+    ("pp2-dp2-zero1-1f1b", [0, 1, 2, 3], 1, 2, 1, "1f1b", 1, False, False, False),
+    ("pp4-1f1b-mb2", [4, 5, 6, 7], 1, 4, 1, "1f1b", 2, False, False, False),
+    ("pp2-interleaved", [0, 1], 1, 2, 2, "interleaved", 1, False, False, False),
+    ("pp2-dp2-zero1-interleaved-tied", [0, 1, 2, 3], 1, 2, 2, "interleaved", 1, False, True, False),
+    ("pp4-interleaved-tied", [4, 5, 6, 7], 1, 4, 2, "interleaved", 1, False, True, False),
+    ("pp2-1f1b-tied", [0, 1], 1, 2, 1, "1f1b", 2, False, True, False),
+    ("pp2-dp2-zero1-1f1b-tied-overlap-fused-loss", [4, 5, 6, 7], 1, 2, 1, "1f1b", 1, False, True, True),
 ]
 FIELDS = dict(num_layers=8)
 
@@ -41,18 +46,20 @@ def global_batches() -> list[dict]:
 
 def _rank_main(hf_dirs: dict) -> dict:
     results = {}
-    for name, ranks, tp, pp, v, schedule, mbs, sp, tied in LAYOUTS:
+    for name, ranks, tp, pp, v, schedule, mbs, sp, tied, fast in LAYOUTS:
         ps = ParallelState.build(tp, pp, ranks=ranks)
         if ps is None:
             continue
         parallel = {"tp": tp, "pp": pp, "virtual_pipeline_size": v, "pipeline_schedule": schedule,
-                    "sequence_parallel": sp, "distributed_optimizer": True}
-        cfg = sft_config(tiny_fields(**FIELDS, tie_embeddings=tied), hf_dirs[tied], len(ranks), parallel,
-                         SEQ, ROWS, mbs, LR, WARMUP, STEPS)
+                    "sequence_parallel": sp, "distributed_optimizer": True, **(FAST_PARALLEL if fast else {})}
+        fields = tiny_fields(**FIELDS, tie_embeddings=tied, **(FAST_MODEL if fast else {}))
+        cfg = sft_config(fields, hf_dirs[tied], len(ranks), parallel, SEQ, ROWS, mbs, LR, WARMUP, STEPS)
         trainer = Trainer(cfg, ps, log=False)
-        losses = train_this_rank(trainer, global_batches(), mbs)
+        with late_param_gather() if fast else nullcontext():
+            losses = train_this_rank(trainer, global_batches(), mbs)
+            weights = weight_pieces(trainer)   # first: it waits for an overlapped param all-gather
         copies = [p.detach().clone() for p in tied_embedding_copies(trainer.chunks)]
-        results[name] = {"losses": losses, "weights": weight_pieces(trainer), "tied": copies,
+        results[name] = {"losses": losses, "weights": weights, "tied": copies,
                          "pp_rank": ps.pp_rank, "coords": (ps.dp_rank, ps.tp_rank)}
     return results
 
@@ -68,7 +75,7 @@ def test_pipeline_train_steps_match_plain_pytorch(tmp_path):
 
     per_rank = run_ranks(_rank_main, 8, dirs, timeout=900)
     checked = {}
-    for name, ranks, tp, pp, v, schedule, mbs, sp, tied in LAYOUTS:
+    for name, ranks, tp, pp, v, schedule, mbs, sp, tied, _ in LAYOUTS:
         ref_losses, ref = refs[tied]
         outs = [r[name] for r in per_rank if name in r]
         assert len(outs) == len(ranks), f"{name}: ran on {len(outs)} ranks"

@@ -1,27 +1,34 @@
 """Full train steps (loss normalisation, ZeRO-1 AdamW, clipping, LR schedule) at several layouts
 against plain PyTorch: transformers model + torch.optim.AdamW + clip_grad_norm_ + LambdaLR.
+Two layouts also turn on the performance options (overlapped grad reduce-scatter and param
+all-gather, fused chunked loss).
 
 One spawned world of 4 ranks runs every layout (layouts smaller than 4 ranks use a subset).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from megasft.parallel_state import ParallelState
 from megasft.training.loop import Trainer
-from tests.layouts import assert_losses_match, assert_pieces_match, sft_config, train_this_rank, weight_pieces
+from tests.layouts import (FAST_MODEL, FAST_PARALLEL, assert_losses_match, assert_pieces_match,
+                           late_param_gather, sft_config, train_this_rank, weight_pieces)
 from tests.multiproc import run_ranks
 from tests.oracle import hf_model, packed_batch, reference_training, tiny_fields
 
 STEPS, SEQ, ROWS = 3, 16, 8
 LR, WARMUP = 1e-3, 1
-# (name, tp, world ranks, micro_batch_size, sequence_parallel, distributed optimizer)
+# (name, tp, world ranks, micro_batch_size, sequence_parallel, distributed optimizer, fast options)
 LAYOUTS = [
-    ("tp1-dp1-mb1", 1, [0], 1, False, True),
-    ("tp1-dp1-mb8", 1, [0], 8, False, True),
-    ("tp2-dp1-mb4", 2, [0, 1], 4, False, True),
-    ("tp1-dp2-zero1-mb1", 1, [0, 1], 1, False, True),
-    ("tp1-dp4-zero1-mb2", 1, [0, 1, 2, 3], 2, False, True),
-    ("tp2-dp2-zero1-sp-mb4", 2, [0, 1, 2, 3], 4, True, True),
-    ("tp2-dp2-replicated-mb1", 2, [0, 1, 2, 3], 1, False, False),
+    ("tp1-dp1-mb1", 1, [0], 1, False, True, False),
+    ("tp1-dp1-mb8", 1, [0], 8, False, True, False),
+    ("tp2-dp1-mb4", 2, [0, 1], 4, False, True, False),
+    ("tp1-dp2-zero1-mb1", 1, [0, 1], 1, False, True, False),
+    ("tp1-dp2-zero1-overlap-fused-loss-mb2", 1, [2, 3], 2, False, True, True),
+    ("tp1-dp4-zero1-mb2", 1, [0, 1, 2, 3], 2, False, True, False),
+    ("tp2-dp2-zero1-sp-mb4", 2, [0, 1, 2, 3], 4, True, True, False),
+    ("tp2-dp2-zero1-sp-overlap-fused-loss-mb2", 2, [0, 1, 2, 3], 2, True, True, True),
+    ("tp2-dp2-replicated-mb1", 2, [0, 1, 2, 3], 1, False, False, False),
 ]
 
 
@@ -33,15 +40,17 @@ def global_batches() -> list[dict]:
 
 def _rank_main(hf_dir: str) -> dict:
     results = {}
-    for name, tp, ranks, mbs, sp, zero in LAYOUTS:
+    for name, tp, ranks, mbs, sp, zero, fast in LAYOUTS:
         ps = ParallelState.build(tp, 1, ranks=ranks)
         if ps is None:
             continue
-        cfg = sft_config(tiny_fields(), hf_dir, len(ranks),
-                         {"tp": tp, "sequence_parallel": sp, "distributed_optimizer": zero},
+        parallel = {"tp": tp, "sequence_parallel": sp, "distributed_optimizer": zero,
+                    **(FAST_PARALLEL if fast else {})}
+        cfg = sft_config(tiny_fields(**(FAST_MODEL if fast else {})), hf_dir, len(ranks), parallel,
                          SEQ, ROWS, mbs, LR, WARMUP, STEPS)
         trainer = Trainer(cfg, ps, log=False)
-        results[name] = (train_this_rank(trainer, global_batches(), mbs), weight_pieces(trainer))
+        with late_param_gather() if fast else nullcontext():
+            results[name] = (train_this_rank(trainer, global_batches(), mbs), weight_pieces(trainer))
     return results
 
 

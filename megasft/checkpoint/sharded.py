@@ -160,6 +160,7 @@ class Checkpointer:
     def save(self, trainer, loader) -> Path:
         """Write a checkpoint of the current step (async per config) and return its final path."""
         self._finish_pending()
+        trainer.optimizer.finish_param_sync()
         name = step_name(trainer.step)
         final, tmp = self.root / name, self.root / (TMP_PREFIX + name)
         if self.ps.rank == 0:

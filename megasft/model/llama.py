@@ -189,16 +189,11 @@ class LlamaStage(nn.Module):
             self.vocab_start = vocab.start
             self.vocab_valid = max(0, min(vocab.local, cfg.vocab_size - vocab.start))
             if not (cfg.tie_embeddings and pre_process):
-                self.lm_head = ColumnParallelLinear(cfg.hidden_size, [vocab])      # [V/tp, h]
+                self.lm_head = LMHead(cfg.hidden_size, [vocab])                   # [V/tp, h]
                 # With pipelining a tied head is a second copy of the embedding, kept equal by
                 # all-reducing both copies' gradients over the embedding group.
                 self.lm_head.weight.tied_embedding = cfg.tie_embeddings
         self._inv_freq = rope_inv_freq(cfg)
-
-    def head_weight(self) -> torch.Tensor:
-        if hasattr(self, "lm_head"):
-            return self.lm_head.weight
-        return self.embedding.weight
 
     def forward(self, batch: dict, hidden_states: Optional[torch.Tensor] = None):
         if self.pre_process:
@@ -214,13 +209,19 @@ class LlamaStage(nn.Module):
         if not self.post_process:
             return hidden_states
         x = enter_tp_region(self.norm(hidden_states), self.group, self.sequence_parallel)   # [s, b, h]
+        if hasattr(self, "lm_head"):
+            return self.lm_head(x, batch, self._output)
+        return self._output(x, batch, self.embedding.weight)
+
+    def _output(self, x: torch.Tensor, batch: dict, weight: torch.Tensor):
+        """Vocab-parallel logits [s, b, V/tp] of x [s, b, h], or (loss_sum, count) with labels."""
         if batch.get("labels") is None:
-            return F.linear(x, self.head_weight())                          # [s, b, V/tp]
+            return F.linear(x, weight)
         target = shift_labels(batch["labels"]).t()                          # [s, b]
         if self.cfg.loss_chunk_tokens:
-            return lm_head_cross_entropy(x, self.head_weight(), target, self.vocab_start, self.vocab_valid,
+            return lm_head_cross_entropy(x, weight, target, self.vocab_start, self.vocab_valid,
                                          self.group, self.cfg.loss_chunk_tokens)
-        logits = F.linear(x, self.head_weight())
+        logits = F.linear(x, weight)
         return vocab_parallel_cross_entropy(logits, target, self.vocab_start, self.vocab_valid, self.group)
 
     def _embed(self, batch: dict) -> torch.Tensor:
@@ -230,6 +231,15 @@ class LlamaStage(nn.Module):
             emb = emb + neftune_noise(batch, emb, alpha, self.neftune_generator, self.group,
                                       self.sequence_parallel)
         return emb
+
+
+class LMHead(ColumnParallelLinear):
+    """The untied output layer. The stage's loss code uses its weight through a call of this
+    module, so forward pre-hooks (the overlapped ZeRO-1 parameter all-gather waits in one) run
+    before the weight is read."""
+
+    def forward(self, x: torch.Tensor, batch: dict, output):
+        return output(x, batch, self.weight)
 
 
 def neftune_noise(batch: dict, emb: torch.Tensor, alpha: float, generator: torch.Generator,

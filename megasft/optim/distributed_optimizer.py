@@ -7,17 +7,15 @@ One step (Rajbhandari et al. 2020, "ZeRO", stage 1; Megatron-LM's distributed op
       ─ global norm over TP, PP, DP; clip by min(1, max_norm / (norm + 1e-6))
       ─ AdamW on the shard (fp32 main params, exp_avg, exp_avg_sq)
       ─ cast to the model dtype, all-gather over DP ─▶ model params [P / dp] -> [P]
+        (with overlap_param_gather: launched here, waited for by each module's next forward)
 
 The three fp32 shard tensors live in one contiguous buffer ``shard_state`` of shape [3, S], so
 optimizer state costs 12 bytes per parameter of this rank divided by DP. With
 ``distributed_optimizer=False`` the same code runs with one shard covering everything: grads are
 all-reduced and every DP rank keeps (and updates) the full state.
 
-The update is torch.optim.AdamW's (Loshchilov & Hutter 2019): with t the 1-based step,
-
-    p ← p · (1 − lr · wd)                       (decoupled decay, wd = 0 for 1-D params)
-    m ← β1 m + (1 − β1) g ;  v ← β2 v + (1 − β2) g²
-    p ← p − lr / (1 − β1^t) · m / (sqrt(v) / sqrt(1 − β2^t) + ε)
+The update is torch.optim.AdamW's (Loshchilov & Hutter 2019), decoupled decay (wd = 0 for 1-D
+params) followed by the Adam step of megasft.optim.adamw (torch's fused kernel or the reference ops).
 
 A non-finite global norm skips the step: params, moments and the step count stay untouched.
 
@@ -26,11 +24,13 @@ Wiring in a trainer:
     opt = DistributedOptimizer(named_params, cfg.optim, cfg.parallel, ps,
                                WarmupCosine.from_config(cfg.optim, cfg.train.steps))
     print(opt.describe())                          # optimizer-state bytes per rank
+    opt.register_param_sync_hooks(model.modules()) # when overlap_param_gather is on
     opt.zero_grad()
     for each micro-batch:                          # all but the last inside opt.grad_buffer.no_sync()
         (loss_sum / global_valid_tokens).backward()     # when overlap_grad_reduce is on
     sum replicated grads on param.main_grad        # SP norm weights, tied embeddings (before step)
     result = opt.step()                            # StepResult(grad_norm, skipped, lr, ...)
+    opt.finish_param_sync()                        # before reading weights outside a forward
 """
 from __future__ import annotations
 
@@ -42,12 +42,12 @@ import torch
 from torch import nn
 
 from megasft.config import OptimConfig, ParallelConfig
+from megasft.optim.adamw import FusedUpdate, reference_update, resolve_kernel
 from megasft.optim.grad_buffer import Bucket, GradBuffer, ParamShard
 from megasft.optim.grad_norm import clip_coefficient, global_norm, weighted_sq_sum
 from megasft.parallel_state import ParallelState
 
 MAIN, EXP_AVG, EXP_AVG_SQ = 0, 1, 2  # rows of shard_state
-ADAM_CHUNK = 1 << 26  # elements per adamw_ call: its sqrt temporary stays <= 256 MiB
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -61,17 +61,6 @@ class StepResult:
     lr: float  # the learning rate of this step (applied or not)
     clip_coef: float  # the factor the grads were scaled by (1.0 when not clipped or skipped)
     consecutive_skips: int
-
-
-def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-           *, step: int, lr: float, beta1: float, beta2: float, eps: float) -> None:
-    """The Adam part of torch.optim.AdamW's single-tensor update, in place on flat fp32 tensors
-    (the same operations in the same order, so results match it to rounding)."""
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step_size = lr / (1 - beta1 ** step)
-    denom = exp_avg_sq.sqrt().div_((1 - beta2 ** step) ** 0.5).add_(eps)  # one temporary
-    param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
 class DistributedOptimizer:
@@ -88,7 +77,10 @@ class DistributedOptimizer:
         self.optim = optim
         self.schedule = schedule
         self.distributed = parallel.distributed_optimizer
-        bucket_numel = int(parallel.bucket_size_mb * 2 ** 20 / 4) if parallel.overlap_grad_reduce else None
+        self.overlap_param_gather = parallel.overlap_param_gather
+        # Overlap needs several buckets; without it one bucket means one collective per step.
+        overlap = parallel.overlap_grad_reduce or parallel.overlap_param_gather
+        bucket_numel = int(parallel.bucket_size_mb * 2 ** 20 / 4) if overlap else None
         self.grad_buffer = GradBuffer(list(named_params), state.dp_group, shard=self.distributed,
                                       bucket_numel=bucket_numel, overlap=parallel.overlap_grad_reduce)
         # The norm sums over TP and PP always, and over DP only where DP ranks hold disjoint shards.
@@ -96,6 +88,11 @@ class DistributedOptimizer:
         self.shard_state = torch.zeros(3, self.grad_buffer.shard_numel, dtype=torch.float32,
                                        device=self.grad_buffer.grad_data.device)
         self.main_params_from_model()
+        self.kernel = resolve_kernel(optim.adamw_kernel, self.shard_state.device)
+        if self.kernel == "fused":
+            rows = [self._shard_rows(b) for b in self.grad_buffer.buckets]
+            self._fused = FusedUpdate([r[MAIN] for r in rows], [r[EXP_AVG] for r in rows],
+                                      [r[EXP_AVG_SQ] for r in rows], optim.beta1, optim.beta2, optim.eps)
         self.step_count = 0  # applied (not skipped) updates; AdamW's t is step_count after increment
         self.consecutive_skips = 0
         self.skipped_total = 0
@@ -116,9 +113,8 @@ class DistributedOptimizer:
         self.consecutive_skips = 0
         coef = clip_coefficient(norm, self.optim.clip_grad)
         self.step_count += 1
-        for bucket in self.grad_buffer.buckets:
-            self._update_bucket(bucket, lr, coef)
-        self.publish_params()
+        self._update(lr, coef)
+        self.publish_params(overlap=self.overlap_param_gather)
         return StepResult(norm, False, lr, coef, 0)
 
     def grad_norm(self) -> float:
@@ -138,34 +134,52 @@ class DistributedOptimizer:
                 "check the batch for empty or corrupt samples, or resume from an earlier checkpoint")
         return StepResult(norm, True, lr, 1.0, self.consecutive_skips)
 
-    def _update_bucket(self, bucket: Bucket, lr: float, coef: float) -> None:
-        grad = self.grad_buffer.grad_shard(bucket)
-        if coef < 1.0:
-            grad.mul_(coef)  # clip in place, as clip_grad_norm_ does; the buffer is zeroed next step
-        main, exp_avg, exp_avg_sq = self._shard_rows(bucket)
+    def _update(self, lr: float, coef: float) -> None:
+        """Clip, decay and Adam-update this rank's shard of every bucket."""
+        buckets = self.grad_buffer.buckets
+        grads = [self.grad_buffer.grad_shard(b) for b in buckets]
         wd = self.optim.weight_decay
-        if wd:
-            for run in bucket.runs:
+        for bucket, grad in zip(buckets, grads):
+            if coef < 1.0:
+                grad.mul_(coef)  # clip in place, as clip_grad_norm_ does; the buffer is zeroed next step
+            main = self._shard_rows(bucket)[MAIN]
+            for run in bucket.runs if wd else ():
                 if run.decay:
                     main[run.start:run.end].mul_(1 - lr * wd)
-        # Elementwise, so chunking changes no result; it bounds adamw_'s temporary to one chunk.
-        for lo in range(0, grad.numel(), ADAM_CHUNK):
-            hi = lo + ADAM_CHUNK
-            adamw_(main[lo:hi], grad[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], step=self.step_count,
-                   lr=lr, beta1=self.optim.beta1, beta2=self.optim.beta2, eps=self.optim.eps)
+        if self.kernel == "fused":
+            self._fused(grads, step=self.step_count, lr=lr)
+        else:
+            o = self.optim
+            shards = [(r[MAIN], g, r[EXP_AVG], r[EXP_AVG_SQ]) for r, g in
+                      zip((self._shard_rows(b) for b in buckets), grads)]
+            reference_update(shards, step=self.step_count, lr=lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps)
 
     def main_params_from_model(self) -> None:
         """Set this rank's fp32 main params from the model params (after loading model weights
         into an already built optimizer; local, no communication)."""
+        self.finish_param_sync()
         for bucket in self.grad_buffer.buckets:
             self._shard_rows(bucket)[MAIN].copy_(self.grad_buffer.param_shard(bucket))
 
-    def publish_params(self) -> None:
+    def publish_params(self, overlap: bool = False) -> None:
         """Cast the fp32 main shard into the model-dtype buffer and all-gather it over DP (after
-        each update, or after writing main params through param_state()). A DP collective."""
+        each update, or after writing main params through param_state()). A DP collective; with
+        overlap it only launches the gathers (see register_param_sync_hooks)."""
+        self.finish_param_sync()  # the local slices are the gathers' inputs
         for bucket in self.grad_buffer.buckets:
             self.grad_buffer.param_shard(bucket).copy_(self._shard_rows(bucket)[MAIN])
-        self.grad_buffer.all_gather_params()
+        self.grad_buffer.all_gather_params(overlap)
+
+    def register_param_sync_hooks(self, modules) -> None:
+        """Forward pre-hooks that wait for the overlapped parameter all-gather (needed only with
+        parallel.overlap_param_gather; pass every module of this rank's model chunks)."""
+        if self.overlap_param_gather:
+            self.grad_buffer.register_param_sync_hooks(modules)
+
+    def finish_param_sync(self) -> None:
+        """Wait for the overlapped parameter all-gather: call before reading model weights outside
+        a module forward (checkpoint save, export, comparisons)."""
+        self.grad_buffer.finish_param_sync()
 
     def _shard_rows(self, bucket: Bucket) -> torch.Tensor:
         """[3, bucket shard numel] view of shard_state: main params, exp_avg, exp_avg_sq."""
@@ -210,7 +224,7 @@ class DistributedOptimizer:
     def describe(self) -> str:
         """One start-up line: state bytes per rank and what they hold."""
         n = sum(b.shard_numel for b in self.grad_buffer.buckets)
-        return (f"optimizer: AdamW, {'ZeRO-1 over' if self.distributed else 'replicated over'} "
+        return (f"optimizer: AdamW ({self.kernel} kernel), {'ZeRO-1 over' if self.distributed else 'replicated over'} "
                 f"{self.grad_buffer.num_shards if self.distributed else 'all'} DP ranks, "
                 f"{len(self.grad_buffer.buckets)} bucket(s), state {self.state_bytes() / 2 ** 20:.1f} MiB "
                 f"per rank (fp32 main params + 2 moments for {n:,} elements)")

@@ -20,6 +20,14 @@ and frees ``param.grad``, for any number of micro-batches. With overlap, a bucke
 parameter has fired during a backward outside :meth:`GradBuffer.no_sync` is reduced
 asynchronously at once; :meth:`GradBuffer.finish_grad_sync` reduces the rest and waits.
 
+Parameter all-gather. After the optimizer step each rank's updated slices are all-gathered over
+DP, bucket by bucket. With overlap (Megatron-LM's overlap_param_gather) the gathers are only
+launched, in the order the next forward uses the buckets; forward pre-hooks installed by
+:meth:`GradBuffer.register_param_sync_hooks` wait for a module's buckets just before the module
+first runs, so the gather of later layers hides behind the compute of earlier ones. Anything that
+reads the weights outside a module forward (checkpoint save, export) calls
+:meth:`GradBuffer.finish_param_sync` first.
+
 Parameters whose main_grad the model itself sums across ranks after backward (sequence-parallel
 norm weights, pipeline-tied embeddings) must be marked ``param.model_grad_sync = True``: they sit
 in a final bucket that is only reduced in finish_grad_sync(), after the model's syncs ran.
@@ -27,6 +35,7 @@ in a final bucket that is only reduced in finish_grad_sync(), after the model's 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -96,8 +105,9 @@ class Bucket:
     deferred: bool  # holds model_grad_sync params: reduced only in finish_grad_sync
     runs: list[Run] = field(default_factory=list)  # this rank's slice, by (decay, copies)
     fired: set = field(default_factory=set)  # params whose grads are final in this backward
-    handle: Optional[dist.Work] = None
+    handle: Optional[dist.Work] = None  # the gradient reduction in flight
     launched: bool = False
+    gather: Optional[dist.Work] = None  # the parameter all-gather in flight
 
 
 def _pad(n: int, multiple: int) -> int:
@@ -273,14 +283,41 @@ class GradBuffer:
                 bucket.handle.wait()
                 bucket.handle = None
 
-    def all_gather_params(self) -> None:
-        """Every rank's updated param_data slices to every rank: [P_b / dp] -> [P_b] per bucket."""
+    def all_gather_params(self, overlap: bool = False) -> None:
+        """Every rank's updated param_data slices to every rank: [P_b / dp] -> [P_b] per bucket.
+        With overlap the gathers are only launched; see register_param_sync_hooks()."""
         if self.num_shards == 1:
             return
-        handles = [_all_gather(self.param_data[b.start:b.end], self.param_shard(b),
-                               group=self.dp_group, async_op=True) for b in self.buckets]
-        for handle in handles:
-            handle.wait()
+        self.finish_param_sync()  # never two gathers writing one bucket
+        # Buckets are laid out in reverse registration order, so the reversed list is the order
+        # of first use in forward (the deferred bucket, holding embeddings and norms, goes first).
+        for b in reversed(self.buckets):
+            b.gather = _all_gather(self.param_data[b.start:b.end], self.param_shard(b),
+                                   group=self.dp_group, async_op=True)
+        if not overlap:
+            self.finish_param_sync()
+
+    def finish_param_sync(self) -> None:
+        """Wait for every parameter all-gather still in flight (a no-op when none is)."""
+        for bucket in self.buckets:
+            _wait_gather(bucket)
+
+    def params_in_flight(self) -> bool:
+        return any(b.gather is not None for b in self.buckets)
+
+    def register_param_sync_hooks(self, modules) -> list:
+        """Make each module's forward wait for the all-gather of the buckets holding its own
+        (non-recursive) parameters. A parameter must be used only inside its module's forward
+        (or after it), which holds for every megasft layer. Returns the hook handles."""
+        bucket_of = {id(slot.param): bucket for bucket in self.buckets for slot in bucket.slots}
+        handles = []
+        for module in modules:
+            needed = {id(bucket_of[id(p)]): bucket_of[id(p)]
+                      for p in module.parameters(recurse=False) if id(p) in bucket_of}
+            if needed:
+                wait = functools.partial(_wait_before_forward, list(needed.values()))
+                handles.append(module.register_forward_pre_hook(wait))
+        return handles
 
     def zero_(self) -> None:
         """Zero the accumulated gradients and forget which buckets were reduced."""
@@ -294,6 +331,17 @@ class GradBuffer:
             bucket.handle = None
             for slot in bucket.slots:
                 slot.param.grad = None
+
+
+def _wait_gather(bucket: Bucket) -> None:
+    if bucket.gather is not None:
+        bucket.gather.wait()
+        bucket.gather = None
+
+
+def _wait_before_forward(buckets: list[Bucket], module, args) -> None:
+    for bucket in buckets:
+        _wait_gather(bucket)
 
 
 def _unique_trainable(named_params) -> list[tuple[str, nn.Parameter]]:

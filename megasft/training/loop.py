@@ -79,6 +79,7 @@ class Trainer:
         self.schedule = WarmupCosine.from_config(cfg.optim, cfg.train.steps)
         named = [(f"chunk{i}.{n}", p) for i, c in enumerate(self.chunks) for n, p in c.named_parameters()]
         self.optimizer = DistributedOptimizer(named, cfg.optim, cfg.parallel, ps, self.schedule)
+        self.optimizer.register_param_sync_hooks(m for c in self.chunks for m in c.modules())
         self.params = [p for _, p in named]
         self.step = 0
         self.best_eval: Optional[tuple[float, int]] = None
@@ -193,6 +194,7 @@ class Trainer:
                     checkpointer.after_step(self, train_loader, last=stop or self.step >= t.steps)
                 if stop:
                     break
+        self.optimizer.finish_param_sync()   # the caller may read the final weights
         return outputs
 
     def _step_flops(self, micro_batches: list[dict]) -> float:
