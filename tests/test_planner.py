@@ -185,6 +185,22 @@ def test_zero1_dp_traffic_is_grad_reduce_scatter_plus_param_all_gather():
     assert dp_bytes_per_step(cfg, 0) == pytest.approx((3 / 4 * n * 4, 3 / 4 * n * 2))
 
 
+def test_overlap_hides_dp_communication_down_to_one_bucket():
+    """Each overlap hides its collective behind compute, never below one bucket's time."""
+    cluster = make_cluster(nodes=8, gpus_per_node=8, gpu="h100-80gb")
+    cfg = Config.load(str(CONFIGS / "llama3.1_70b.yaml"))
+    steps = {}
+    for grad, gather in ((False, False), (True, False), (True, True)):
+        cfg.parallel.overlap_grad_reduce, cfg.parallel.overlap_param_gather = grad, gather
+        result = plan(cfg, cluster)
+        steps[grad, gather] = result.step_seconds
+    assert steps[False, False] > steps[True, False] > steps[True, True]
+    hidden = steps[True, False] - steps[True, True]
+    assert 0 < hidden <= max(c.dp_gather_seconds - c.dp_gather_bucket_seconds for c in result.comm) + 1e-9
+    for c in result.comm:
+        assert c.dp_gather_bucket_seconds == pytest.approx(c.dp_bucket_seconds / 2)   # bf16 vs fp32 bytes
+
+
 # ------------------------------------------- exact state bytes against the real model and optimizer
 @pytest.fixture
 def fake_world():

@@ -15,8 +15,9 @@ megabytes or more.
 * DP with the distributed optimizer (ZeRO-1; Rajbhandari et al. 2020): reduce-scatter of the fp32
   gradients, then all-gather of the updated bf16 weights — 1.5x the bytes of a bf16 all-reduce.
   Without it: an fp32 all-reduce. ``overlap_grad_reduce`` runs the reduction bucket by bucket
-  during the last micro-batch's backward; what the backward cannot hide (at least the last
-  bucket) stays exposed — see ``megasft.planner.estimate``.
+  during the last micro-batch's backward, ``overlap_param_gather`` the all-gather during the next
+  step's first forward; what the compute cannot hide (at least one bucket each) stays exposed —
+  see ``megasft.planner.estimate``.
 """
 from __future__ import annotations
 
@@ -48,9 +49,11 @@ class RankComm:
     dp_reduce_seconds: float
     """Gradient reduce-scatter (or all-reduce) over DP, once per step."""
     dp_gather_seconds: float
-    """All-gather of the updated weights over DP (ZeRO-1), once per step, never overlapped."""
+    """All-gather of the updated weights over DP (ZeRO-1), once per step."""
     dp_bucket_seconds: float
     """Reduction time of one gradient bucket: the part overlap can never hide."""
+    dp_gather_bucket_seconds: float
+    """All-gather time of one bucket's weights: the part overlap_param_gather can never hide."""
 
 
 def tp_bytes_per_micro_batch(cfg: Config, pp_rank: int) -> float:
@@ -99,7 +102,8 @@ def rank_comm(cfg: Config, cluster: Cluster, pp_rank: int) -> RankComm:
     tp_bw = cluster.group_bandwidth(p.tp)
     dp_bw = cluster.group_bandwidth(dp * p.tp)
     pp_bw = cluster.group_bandwidth(cluster.world_size)
-    reduce_s = reduce_bytes / dp_bw
+    reduce_s, gather_s = reduce_bytes / dp_bw, gather_bytes / dp_bw
+    bucket = p.bucket_size_mb * 2**20 * ring_fraction(dp) / dp_bw   # fp32 gradient bytes per bucket
     return RankComm(
         tp_bytes=tp_mb * m,
         pp_bytes=pp_mb * m,
@@ -107,6 +111,7 @@ def rank_comm(cfg: Config, cluster: Cluster, pp_rank: int) -> RankComm:
         tp_seconds_per_micro_batch=tp_mb / tp_bw,
         pp_seconds_per_micro_batch=pp_mb / pp_bw,
         dp_reduce_seconds=reduce_s,
-        dp_gather_seconds=gather_bytes / dp_bw,
-        dp_bucket_seconds=min(reduce_s, p.bucket_size_mb * 2**20 * ring_fraction(dp) / dp_bw),
+        dp_gather_seconds=gather_s,
+        dp_bucket_seconds=min(reduce_s, bucket),
+        dp_gather_bucket_seconds=min(gather_s, bucket * WEIGHT_BYTES[cfg.train.precision] / GRAD_BYTES),
     )

@@ -10,9 +10,10 @@ data-parallel communication and the optimizer update:
                                                          (Narayanan et al. 2021 Sec. 2.2)
     t_step  = t_pipe + DP exposed + optimizer (memory-bound AdamW over this rank's shard)
 
-where "DP exposed" is the weight all-gather plus the gradient reduction, or with
-``overlap_grad_reduce`` only what the last micro-batch's backward (2 of its 3 compute passes, 3 of 4
-under full recompute) cannot hide, and never less than one bucket.
+where "DP exposed" is the weight all-gather plus the gradient reduction; with
+``overlap_grad_reduce`` only the part of the reduction the last micro-batch's backward (2 of its 3
+compute passes, 3 of 4 under full recompute) cannot hide, with ``overlap_param_gather`` only the
+part of the all-gather the first micro-batch's forward cannot hide — each never less than one bucket.
     MFU     = model FLOPs per step / (t_step * world size * peak)
 """
 from __future__ import annotations
@@ -149,7 +150,7 @@ def plan(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions()
                    + _elementwise_seconds(cfg, cluster, rank, assumptions))
         p2p = comm.pp_seconds_per_micro_batch * (1 - assumptions.p2p_overlap)
         per_mb.append(compute + comm.tp_seconds_per_micro_batch + p2p)
-        tails.append(_tail_seconds(cfg, cluster, rank, comm, backward=compute * _backward_share(cfg)))
+        tails.append(_tail_seconds(cfg, cluster, rank, comm, compute))
     t_mb = max(per_mb)
     pipeline = (m + bubble_slots(schedule, p.pp, p.virtual_pipeline_size)) * t_mb
     step = pipeline + max(tails)
@@ -172,13 +173,17 @@ def _backward_share(cfg: Config) -> float:
     return 3 / 4 if cfg.model.recompute == "full" else 2 / 3
 
 
-def _tail_seconds(cfg: Config, cluster: Cluster, pp_rank: int, comm: RankComm, backward: float) -> float:
-    """Per-step work outside the pipeline: exposed DP communication and the optimizer update."""
-    reduce = comm.dp_reduce_seconds
+def _tail_seconds(cfg: Config, cluster: Cluster, pp_rank: int, comm: RankComm, compute: float) -> float:
+    """Per-step work outside the pipeline: exposed DP communication and the optimizer update
+    (`compute`: one micro-batch's forward + backward on this rank)."""
+    backward = compute * _backward_share(cfg)
+    reduce, gather = comm.dp_reduce_seconds, comm.dp_gather_seconds
     if cfg.parallel.overlap_grad_reduce:
         reduce = max(comm.dp_bucket_seconds, reduce - backward)
+    if cfg.parallel.overlap_param_gather:
+        gather = max(comm.dp_gather_bucket_seconds, gather - (compute - backward))
     shard = rank_state_bytes(cfg, pp_rank).optimizer / OPTIMIZER_BYTES
-    return reduce + comm.dp_gather_seconds + shard * ADAM_BYTES_PER_PARAM / (cluster.gpu.hbm_gbps * 1e9)
+    return reduce + gather + shard * ADAM_BYTES_PER_PARAM / (cluster.gpu.hbm_gbps * 1e9)
 
 
 def check_fits(result: Plan) -> Plan:

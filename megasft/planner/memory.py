@@ -25,7 +25,7 @@ Training state per local parameter (Micikevicius et al. 2018 mixed precision; Ra
 
 Each bucket of the flat buffers is padded to a multiple of ``shards * SHARD_ALIGN`` elements
 (shards = dp with the distributed optimizer, else 1) and each DP rank owns an equal 1/shards slice.
-Without ``overlap_grad_reduce`` there is one bucket, plus a last one for the parameters whose
+Without ``overlap_grad_reduce`` / ``overlap_param_gather`` there is one bucket, plus a last one for the parameters whose
 gradients the model sums across ranks itself before the DP reduction (``model_grad_sync``: the
 pipeline-tied embedding copy, norm weights under SP, kv projections replicated when
 tp > num_kv_heads), so the prediction is exact; with overlap the other parameters are cut into
