@@ -1,7 +1,10 @@
 """Single-GPU MFU and tokens/s of megasft's full train step: a ~1B Llama (Llama-3.2-1B shape), rows
 of 4096 packed tokens, bf16 with fp32 main params, AdamW, one process.
 
-    python benchmarks/gpu_mfu.py [--steps 10] [--warmup 3] [--rows 8] [--peak-tflops X]
+    python benchmarks/gpu_mfu.py [--steps 10] [--warmup 3] [--rows 8] [--peak-tflops X] [section.key=value ...]
+
+Overrides select the fast paths to measure, e.g. ``model.norm_backend=compile``,
+``model.loss_chunk_tokens=4096``, ``optim.adamw_kernel=reference`` (the baseline of the fused one).
 
 Model FLOPs per step (Narayanan et al. 2021 eq. 3; megasft.training.metrics.step_model_flops):
 
@@ -26,7 +29,7 @@ import torch
 
 from common import (interleaved_times, lognormal_lengths, median, pack_steps, packed_micro_batches,
                     sft_documents, spread)
-from megasft.config import Config
+from megasft.config import Config, apply_override
 from megasft.planner import Assumptions, forward_flops_per_token, make_cluster, plan
 from megasft.planner.flops import layer_matmul_parameters
 from megasft.training.metrics import step_model_flops, sum_sq_segment_lens
@@ -54,16 +57,20 @@ def parse_args(argv=None):
     ap.add_argument("--gpu", default=None, help="planner GPU key (default: guessed from the device name)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s (default: the GPU's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("overrides", nargs="*", help="section.key=value config overrides, as for training")
     return ap.parse_args(argv)
 
 
 def make_config(args) -> Config:
-    return Config.from_dict({
+    raw = {
         "model": {**LLAMA_1B, "recompute": args.recompute},
         "data": {"seq_len": args.seq_len, "global_batch_tokens": args.rows * args.seq_len,
                  "micro_batch_size": args.micro_batch_rows},
         "train": {"steps": args.warmup + args.steps, "precision": "bf16", "seed": args.seed, "progress_bar": "off"},
-    }).validate(world_size=1)
+    }
+    for item in args.overrides:
+        apply_override(raw, item)
+    return Config.from_dict(raw).validate(world_size=1)
 
 
 def guess_gpu(name: str) -> str:
@@ -113,7 +120,8 @@ def main(argv=None) -> int:
     tokens = args.rows * args.seq_len
     sum_sq = int(np.mean([sum_sq_segment_lens(s) for s in steps]))
     print(f"model: Llama-3.2-1B shape, {predicted.parameters:,} parameters; bf16, recompute {args.recompute}; "
-          f"{args.rows} rows x {args.seq_len} packed tokens per step ({args.micro_batch_rows} per micro-batch)")
+          f"{args.rows} rows x {args.seq_len} packed tokens per step ({args.micro_batch_rows} per micro-batch)"
+          + (f"; overrides: {' '.join(args.overrides)}" if args.overrides else ""))
     print(describe_flops(cfg, tokens, sum_sq))
     print(f"planner ({cluster.gpu.name}, peak {cluster.gpu.peak_tflops:.0f} TFLOP/s): step "
           f"{predicted.step_seconds:.3f} s, {predicted.tokens_per_second:,.0f} tok/s, MFU {100 * predicted.mfu:.1f}% "
