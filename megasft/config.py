@@ -196,6 +196,16 @@ class TrainConfig:
     """auto (when stdout is a terminal) | on | off."""
     profile: bool = False
     """Wrap a few steps in torch.profiler and write a trace to run_dir."""
+    fp8: str = "off"
+    """off | hybrid | e4m3. FP8 GEMMs in the decoder layers' linears through NVIDIA Transformer
+    Engine (CUDA, Hopper/Ada), delayed scaling: hybrid = E4M3 forward, E5M2 gradients (the usual
+    training choice), e4m3 = E4M3 both ways. Params, activations and the embedding / LM head stay
+    bf16; needs precision=bf16 (megasft.model.fp8)."""
+    fp8_amax_history_len: int = 1024
+    """FP8 delayed scaling: each FP8 tensor's scale comes from its last this-many amax values (one
+    per micro-batch; Transformer Engine's default length)."""
+    fp8_amax_compute_algo: str = "max"
+    """max (largest amax in the history, conservative) | most_recent (the last one)."""
 
 
 @dataclass
@@ -236,6 +246,8 @@ CHOICES = {
     ("parallel", "pipeline_schedule"): ("auto", "1f1b", "interleaved", "all_forward_all_backward"),
     ("train", "precision"): ("bf16", "fp32"),
     ("train", "progress_bar"): ("auto", "on", "off"),
+    ("train", "fp8"): ("off", "hybrid", "e4m3"),
+    ("train", "fp8_amax_compute_algo"): ("max", "most_recent"),
 }
 
 
@@ -382,7 +394,44 @@ class Config:
             raise ConfigError(f"train.steps={t.steps} must be >= 1")
         if not 0 <= d.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+        if t.fp8 != "off":
+            _check_fp8(m, p, d, t)
         return self
+
+
+def _check_fp8(m: ModelConfig, p: ParallelConfig, d: DataConfig, t: TrainConfig) -> None:
+    """train.fp8's rules: bf16 params and activations, no whole-layer recompute, and every FP8
+    GEMM dimension (tokens of a micro-batch, each linear's local in/out size) a multiple of 16,
+    which Transformer Engine's FP8 GEMMs require."""
+    if t.precision != "bf16":
+        raise ConfigError(f"train.fp8={t.fp8} runs FP8 GEMMs on bf16 params and activations; set "
+                          f"train.precision=bf16 (now {t.precision}) or train.fp8=off")
+    if m.recompute == "full":
+        # torch.utils.checkpoint re-runs the layers during backward, outside the FP8 autocast,
+        # so the recomputed GEMMs would be bf16 and differ from the forward's FP8 ones.
+        raise ConfigError(f"train.fp8={t.fp8} does not support model.recompute=full (the recomputed "
+                          "forward would not run in FP8); use model.recompute=selective (attention "
+                          "core only, no GEMMs) or none, or train.fp8=off")
+    if t.fp8_amax_history_len < 1:
+        raise ConfigError(f"train.fp8_amax_history_len={t.fp8_amax_history_len} must be >= 1")
+    def up(n: int, k: int) -> int:
+        return math.ceil(n / k) * k
+
+    d_head, tp = m.head_size, p.tp
+    kv_local = (m.kv_heads // tp if m.kv_heads >= tp else 1) * d_head
+    head_fix = f"use a head_dim that is a multiple of 16 (Llama: 128; now {d_head})"
+    dims = [("data.seq_len * data.micro_batch_size (tokens per micro-batch)",
+             d.seq_len * d.micro_batch_size, f"use data.seq_len={up(d.seq_len, 16)}"),
+            ("model.hidden_size", m.hidden_size, f"use model.hidden_size={up(m.hidden_size, 16)}"),
+            (f"num_attention_heads * head_dim / tp (this rank's q width, tp={tp})",
+             m.num_attention_heads * d_head // tp, head_fix),
+            (f"2 * kv heads per rank * head_dim (the fused k;v rows, tp={tp})", 2 * kv_local, head_fix),
+            (f"intermediate_size / tp (tp={tp})", m.intermediate_size // tp,
+             f"use model.intermediate_size={up(m.intermediate_size, 16 * tp)}")]
+    for what, size, fix in dims:
+        if size % 16:
+            raise ConfigError(f"train.fp8={t.fp8}: {what} = {size} is not a multiple of 16, which "
+                              f"Transformer Engine's FP8 GEMMs need; {fix}, or set train.fp8=off")
 
 
 def _unknown_message(kind: str, name: str, valid) -> str:

@@ -10,6 +10,7 @@ Worked example, 16 ranks with tp=2, pp=4 (so dp=2):
     dp groups  (same tp and pp rank):              [0,2] [1,3] [4,6] [5,7] ... [13,15]
     pp groups  (stride dp*tp = 4):                 [0,4,8,12] [1,5,9,13] [2,6,10,14] [3,7,11,15]
     embedding groups (first + last stage of a pp group, for tied embeddings): [0,12] [1,13] [2,14] [3,15]
+    stage groups (all dp x tp ranks of one stage, FP8 amax reduction): [0..3] [4..7] [8..11] [12..15]
 
 The state is built once from torchrun's environment and passed explicitly to every layer and
 function that communicates; there are no module-level group accessors.
@@ -43,7 +44,9 @@ def rank_grid(world_size: int, tp: int, pp: int) -> dict[str, list[list[int]]]:
     dp_groups = [[rank(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)]
     pp_groups = [[rank(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
     embedding_groups = [sorted({g[0], g[-1]}) for g in pp_groups]
-    return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups, "embedding": embedding_groups}
+    stage_groups = [[rank(p, d, t) for d in range(dp) for t in range(tp)] for p in range(pp)]
+    return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups, "embedding": embedding_groups,
+            "stage": stage_groups}
 
 
 @dataclass
@@ -63,6 +66,7 @@ class ParallelState:
     pp_group: Optional[dist.ProcessGroup] = None
     dp_group: Optional[dist.ProcessGroup] = None
     embedding_group: Optional[dist.ProcessGroup] = None
+    stage_group: Optional[dist.ProcessGroup] = None    # dp x tp ranks of this pipeline stage
     # Global ranks of this rank's pipeline group, in stage order (p2p addresses by global rank).
     pp_ranks: list[int] = field(default_factory=lambda: [0])
     # Global ranks of the whole layout, in layout order (layout_ranks[0] is its rank 0).
@@ -120,7 +124,9 @@ class ParallelState:
         grid["world"] = [list(range(len(ranks)))]
         for d in sub_sizes:
             grid[f"tp{d}"] = [g[i:i + d] for g in grid["tp"] for i in range(0, tp, d)]
-        for kind in ["world", "tp", "dp", "pp", "embedding"] + [f"tp{d}" for d in sub_sizes]:
+        # With pp == 1 the stage is the whole layout: reuse the world group.
+        stage = ["stage"] if pp > 1 else []
+        for kind in ["world", "tp", "dp", "pp", "embedding"] + stage + [f"tp{d}" for d in sub_sizes]:
             for local in grid[kind]:
                 members = [ranks[i] for i in local]
                 group = dist.new_group(members) if len(members) > 1 else None
@@ -136,6 +142,7 @@ class ParallelState:
                    pp_group=groups["pp"][0],
                    # Middle stages (pp > 2) belong to no embedding group.
                    embedding_group=groups.get("embedding", (None,))[0],
+                   stage_group=groups["stage" if pp > 1 else "world"][0],
                    pp_ranks=groups["pp"][1], layout_ranks=ranks, device=torch.device(device),
                    _subgroups={d: groups[f"tp{d}"][0] for d in sub_sizes})
 

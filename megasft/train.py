@@ -37,7 +37,8 @@ def describe_start(cfg: Config, ps: ParallelState, trainer) -> str:
     return "\n".join([
         f"megasft: world {ps.world_size} = tp {ps.tp} x pp {ps.pp} x dp {ps.dp} on {ps.device}"
         f"{' (sequence parallel)' if cfg.parallel.sequence_parallel and ps.tp > 1 else ''}, "
-        f"precision {cfg.train.precision}",
+        f"precision {cfg.train.precision}"
+        f"{f' + FP8 GEMMs ({cfg.train.fp8})' if cfg.train.fp8 != 'off' else ''}",
         f"model: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, vocab {cfg.model.vocab_size} "
         f"(padded {cfg.model.padded_vocab_size(ps.tp)}); {n_params:,} parameters on rank 0",
         trainer.optimizer.describe(),

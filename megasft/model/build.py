@@ -8,6 +8,7 @@ from torch import nn
 
 from megasft.checkpoint.hf import load_canonical
 from megasft.config import Config
+from megasft.model.fp8 import check_fp8_available, use_fp8_gemms
 from megasft.model.llama import LlamaStage
 from megasft.parallel_state import ParallelState
 from megasft.pipeline.partition import rank_chunks
@@ -17,8 +18,10 @@ from megasft.pipeline.tied import mark_tied_embeddings
 def build_model(cfg: Config, ps: ParallelState) -> list[LlamaStage]:
     """The model chunks this rank owns (one, or virtual_pipeline_size when interleaving), with
     weights identical at every layout: random init from canonical tensors, or the HF checkpoint
-    named by model.init_from_hf."""
+    named by model.init_from_hf. With train.fp8 the decoder layers' GEMMs run in FP8
+    (megasft.model.fp8); parameters are the same."""
     m, p = cfg.model, cfg.parallel
+    check_fp8_available(cfg.train.fp8, ps.device)   # before any weights are built or loaded
     v = p.virtual_pipeline_size
     chunks = []
     for i, layer_ids in enumerate(rank_chunks(m.num_layers, ps.pp, ps.pp_rank, v, p.pipeline_layers)):
@@ -34,6 +37,8 @@ def build_model(cfg: Config, ps: ParallelState) -> list[LlamaStage]:
             init_weights(chunk, cfg.train.seed, m.init_std)
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         chunk.to(device=ps.device, dtype=dtype)
+        if cfg.train.fp8 != "off":
+            use_fp8_gemms(chunk)
     mark_tied_embeddings(chunks)   # before the optimizer sees them: grad norm and DP-sync tags
     return chunks
 

@@ -16,7 +16,7 @@ Two more attributes describe replicated parameters (absent means "sharded, uniqu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,10 @@ from torch import nn
 from megasft.parallel_state import group_rank, group_size
 from megasft.tensor_parallel.comm import (Group, copy_to_tp, gather_from_sp, reduce_from_tp,
                                           reduce_scatter_to_sp)
+
+# The local GEMM of the TP linears, y = x W^T (+ b), as F.linear takes it. The layers do their TP/SP
+# communication around it; megasft.model.fp8 swaps in Transformer Engine's FP8 GEMM here.
+GemmFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -148,9 +152,10 @@ class ColumnParallelLinear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_local, dtype=dtype))
             self.bias.tp_split = split
+        self.gemm: GemmFn = F.linear    # a plain callable: adds no parameters or state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)                         # [s, b, out/tp]
+        return self.gemm(x, self.weight, self.bias)                        # [s, b, out/tp]
 
 
 class RowParallelLinear(nn.Module):
@@ -163,9 +168,10 @@ class RowParallelLinear(nn.Module):
         self.group, self.sequence_parallel = group, sequence_parallel
         split = TPSplit(1, (tp_shards(in_features, group),))
         self.weight = _new_weight(out_features, split.parts[0].local, split, dtype)   # [out, in/tp]
+        self.gemm: GemmFn = F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)                                  # [s, b, out] partial sum
+        partial = self.gemm(x, self.weight, None)                           # [s, b, out] partial sum
         return exit_tp_region(partial, self.group, self.sequence_parallel)  # [s(/tp), b, out]
 
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megasft.config import Config
 from megasft.model.build import build_model
+from megasft.model.fp8 import fp8_autocast
 from megasft.optim.distributed_optimizer import DistributedOptimizer
 from megasft.optim.lr_schedule import WarmupCosine
 from megasft.parallel_state import ParallelState, group_size
@@ -88,12 +89,14 @@ class Trainer:
         s = cfg.data.seq_len // ps.tp if cfg.parallel.sequence_parallel and ps.tp > 1 else cfg.data.seq_len
         self.tensor_shape = (s, cfg.data.micro_batch_size, cfg.model.hidden_size)
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.fp8_autocast = fp8_autocast(cfg.train, ps)   # a null context unless train.fp8 is on
 
     # ------------------------------------------------------------------ one step
     def forward_step(self, loss_scale: float):
         def step(chunk_index: int, batch: dict, input_tensor: Optional[torch.Tensor]):
             chunk = self.chunks[chunk_index]
-            out = chunk(batch, input_tensor)
+            with self.fp8_autocast():   # one FP8 region per chunk forward; backward runs outside
+                out = chunk(batch, input_tensor)
             if not chunk.post_process:
                 return out
             loss_sum, count = out
