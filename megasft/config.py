@@ -61,8 +61,9 @@ class ModelConfig:
     attention_backend: str = "auto"
     """auto | sdpa | torch_varlen | flash_attn. auto picks flash_attn, then torch_varlen on CUDA, sdpa on CPU."""
     norm_backend: str = "auto"
-    """RMSNorm/SwiGLU kernels: auto | torch | compile | apex | te. auto picks te, then NVIDIA apex, then
-    compile (torch.compile) on CUDA, torch on CPU; apex and te replace the norm only (megasft.model.fused)."""
+    """RMSNorm/SwiGLU kernels: auto | torch | compile | apex | te. auto picks te, then NVIDIA apex on
+    CUDA, else torch; compile (torch.compile) is opt-in; apex and te replace the norm only
+    (megasft.model.fused)."""
     init_std: float = 0.02
     """Std of the normal init of weight matrices (random init only)."""
     init_from_hf: Optional[str] = None

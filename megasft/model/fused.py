@@ -9,13 +9,15 @@ names, tensor-parallel attributes and checkpoints do not depend on the choice:
            with a compiler: triton on CUDA, a C++ compiler on CPU)
   apex     NVIDIA apex's fused RMSNorm kernel (CUDA); SwiGLU as torch
   te       transformer_engine.pytorch.RMSNorm (CUDA); SwiGLU as torch
-  auto     te, then apex, then compile on CUDA; torch on CPU
+  auto     te, then apex on CUDA; torch otherwise
 
-Why auto picks compile on CUDA when neither te nor apex is installed: the reference RMSNorm is
-memory-bound and keeps an fp32 copy of its input for backward; inductor fuses it (and SwiGLU) into
-one kernel each, and the triton it needs ships with the CUDA builds of torch. On CPU auto stays on
-torch: the first call compiles for 10-20 s (per dtype) and buys nothing measurable there, the GEMMs
-dominate (benchmarks/step_cpu.py --norm-compile: 0.99x).
+auto never picks compile: its gain (the reference RMSNorm is memory-bound and keeps an fp32 copy
+of its input; inductor fuses it and SwiGLU into one kernel each) has not been measured on a GPU in
+this repository, while its costs are certain — a compile pause at start-up per dtype and shape
+class, and one more moving part under pipeline schedules and activation recomputation. It is an
+explicit opt-in. On CPU it buys nothing measurable: the GEMMs dominate (benchmarks/step_cpu.py
+--norm-compile: 0.99x). The te and apex paths are vendor kernels; only their glue here (weights
+re-pointed to megasft's parameters) is megasft's, and it has not yet run on a GPU either.
 """
 from __future__ import annotations
 
@@ -113,7 +115,7 @@ def resolve_norm_backend(name: str, device: torch.device) -> str:
     if name == "auto":
         if device.type != "cuda":
             return "torch"
-        return next((b for b in ("te", "apex", "compile") if _missing(b, device) is None), "torch")
+        return next((b for b in ("te", "apex") if _missing(b, device) is None), "torch")
     problem = _missing(name, device)
     if problem:
         raise ValueError(f"model.norm_backend={name} is unavailable: {problem}; use 'auto' or 'torch'")
