@@ -30,7 +30,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common import (add_model_args, bench_config, describe_model, format_table, hf_optimizer,
                     hf_train_step, interleaved_times, load_hf_twin, lognormal_lengths, median, set_threads,

@@ -20,7 +20,8 @@ from megasft.checkpoint.hf import canonical_pieces, load_hf_state_dict
 from megasft.config import Config, ModelConfig, ParallelConfig, TrainConfig
 from megasft.model.build import build_model
 from megasft.parallel_state import ParallelState
-from megasft.pipeline.schedules import forward_backward, resolve_schedule, sync_tied_embedding_grads
+from megasft.pipeline.schedules import forward_backward, resolve_schedule
+from megasft.pipeline.tied import sync_tied_embedding_grads
 from megasft.tensor_parallel.layers import sync_replicated_grads
 from tests.multiproc import run_ranks
 from tests.oracle import hf_model, model_batch, packed_batch, reference_loss, tiny_fields

@@ -32,9 +32,7 @@ from typing import Callable, ContextManager, Optional
 import torch
 
 from megasft.parallel_state import ParallelState
-from megasft.pipeline.bubble import bubble_1f1b, bubble_interleaved  # noqa: F401 (re-exported)
 from megasft.pipeline.p2p import P2P, backward_through, release_storage
-from megasft.pipeline.tied import sync_tied_embedding_grads  # noqa: F401 (the trainer's entry)
 
 ForwardStep = Callable[[int, dict, Optional[torch.Tensor]], object]
 SCHEDULES = ("auto", "1f1b", "interleaved", "all_forward_all_backward")

@@ -24,7 +24,7 @@ def format_layout(plan: Plan) -> str:
 
 def format_plan(plan: Plan) -> str:
     """The full breakdown ``tools/plan.py`` prints for one layout."""
-    cfg, cluster, m = plan.config, plan.cluster, plan.config.model
+    cluster, m = plan.cluster, plan.config.model
     gpu = cluster.gpu
     worst = plan.worst
     lines = [
