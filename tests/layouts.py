@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
-from megasft.optim import grad_buffer
-
 from megasft.checkpoint.hf import canonical_pieces
 from megasft.config import Config
+from megasft.optim import grad_buffer
+from megasft.training.loop import Trainer
 from tests.oracle import select_rows
 
 
@@ -47,15 +47,26 @@ def late_param_gather():
 
 
 def sft_config(model_fields: dict, hf_dir: str, world: int, parallel: dict, seq: int, rows: int,
-               micro_batch_size: int, lr: float, warmup: int, steps: int) -> Config:
-    """fp32 SFT config starting from the HF directory the reference model was saved to."""
+               micro_batch_size: int, lr: float, warmup: int, steps: int, fast: bool = False) -> Config:
+    """fp32 SFT config starting from the HF directory the reference model was saved to; `fast`
+    adds the performance options (FAST_PARALLEL, FAST_MODEL)."""
     return Config.from_dict({
-        "model": {**model_fields, "init_from_hf": hf_dir},
-        "parallel": parallel,
+        "model": {**model_fields, **(FAST_MODEL if fast else {}), "init_from_hf": hf_dir},
+        "parallel": {**parallel, **(FAST_PARALLEL if fast else {})},
         "data": {"seq_len": seq, "global_batch_tokens": seq * rows, "micro_batch_size": micro_batch_size},
         "optim": {"lr": lr, "warmup_steps": warmup},
         "train": {"steps": steps, "precision": "fp32"},
     }).validate(world)
+
+
+def train_layout(cfg: Config, ps, global_batches: list[dict], fast: bool):
+    """A Trainer for `cfg` on this rank, trained one step per global batch; returns (trainer,
+    losses, weight pieces). With `fast` the parameter all-gathers land late (late_param_gather)."""
+    trainer = Trainer(cfg, ps, log=False)
+    with late_param_gather() if fast else contextlib.nullcontext():
+        losses = train_this_rank(trainer, global_batches, cfg.data.micro_batch_size)
+        weights = weight_pieces(trainer)   # inside: it waits for an overlapped param all-gather
+    return trainer, losses, weights
 
 
 def train_this_rank(trainer, global_batches: list[dict], micro_batch_size: int) -> list[float]:

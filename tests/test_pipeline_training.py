@@ -10,15 +10,11 @@ every weight piece of every stage must equal the reference, and a tied embedding
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 
 from megasft.parallel_state import ParallelState
 from megasft.pipeline.tied import tied_embedding_copies
-from megasft.training.loop import Trainer
-from tests.layouts import (FAST_MODEL, FAST_PARALLEL, assert_losses_match, assert_pieces_match,
-                           late_param_gather, sft_config, train_this_rank, weight_pieces)
+from tests.layouts import assert_losses_match, assert_pieces_match, sft_config, train_layout
 from tests.multiproc import run_ranks
 from tests.oracle import hf_model, packed_batch, reference_training, tiny_fields
 
@@ -51,13 +47,10 @@ def _rank_main(hf_dirs: dict) -> dict:
         if ps is None:
             continue
         parallel = {"tp": tp, "pp": pp, "virtual_pipeline_size": v, "pipeline_schedule": schedule,
-                    "sequence_parallel": sp, "distributed_optimizer": True, **(FAST_PARALLEL if fast else {})}
-        fields = tiny_fields(**FIELDS, tie_embeddings=tied, **(FAST_MODEL if fast else {}))
-        cfg = sft_config(fields, hf_dirs[tied], len(ranks), parallel, SEQ, ROWS, mbs, LR, WARMUP, STEPS)
-        trainer = Trainer(cfg, ps, log=False)
-        with late_param_gather() if fast else nullcontext():
-            losses = train_this_rank(trainer, global_batches(), mbs)
-            weights = weight_pieces(trainer)   # first: it waits for an overlapped param all-gather
+                    "sequence_parallel": sp, "distributed_optimizer": True}
+        fields = tiny_fields(**FIELDS, tie_embeddings=tied)
+        cfg = sft_config(fields, hf_dirs[tied], len(ranks), parallel, SEQ, ROWS, mbs, LR, WARMUP, STEPS, fast)
+        trainer, losses, weights = train_layout(cfg, ps, global_batches(), fast)
         copies = [p.detach().clone() for p in tied_embedding_copies(trainer.chunks)]
         results[name] = {"losses": losses, "weights": weights, "tied": copies,
                          "pp_rank": ps.pp_rank, "coords": (ps.dp_rank, ps.tp_rank)}

@@ -7,12 +7,8 @@ One spawned world of 4 ranks runs every layout (layouts smaller than 4 ranks use
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 from megasft.parallel_state import ParallelState
-from megasft.training.loop import Trainer
-from tests.layouts import (FAST_MODEL, FAST_PARALLEL, assert_losses_match, assert_pieces_match,
-                           late_param_gather, sft_config, train_this_rank, weight_pieces)
+from tests.layouts import assert_losses_match, assert_pieces_match, sft_config, train_layout
 from tests.multiproc import run_ranks
 from tests.oracle import hf_model, packed_batch, reference_training, tiny_fields
 
@@ -44,13 +40,10 @@ def _rank_main(hf_dir: str) -> dict:
         ps = ParallelState.build(tp, 1, ranks=ranks)
         if ps is None:
             continue
-        parallel = {"tp": tp, "sequence_parallel": sp, "distributed_optimizer": zero,
-                    **(FAST_PARALLEL if fast else {})}
-        cfg = sft_config(tiny_fields(**(FAST_MODEL if fast else {})), hf_dir, len(ranks), parallel,
-                         SEQ, ROWS, mbs, LR, WARMUP, STEPS)
-        trainer = Trainer(cfg, ps, log=False)
-        with late_param_gather() if fast else nullcontext():
-            results[name] = (train_this_rank(trainer, global_batches(), mbs), weight_pieces(trainer))
+        parallel = {"tp": tp, "sequence_parallel": sp, "distributed_optimizer": zero}
+        cfg = sft_config(tiny_fields(), hf_dir, len(ranks), parallel, SEQ, ROWS, mbs, LR, WARMUP, STEPS, fast)
+        _, losses, weights = train_layout(cfg, ps, global_batches(), fast)
+        results[name] = (losses, weights)
     return results
 
 
