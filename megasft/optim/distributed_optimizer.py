@@ -138,20 +138,19 @@ class DistributedOptimizer:
         """Clip, decay and Adam-update this rank's shard of every bucket."""
         buckets = self.grad_buffer.buckets
         grads = [self.grad_buffer.grad_shard(b) for b in buckets]
+        rows = [self._shard_rows(b) for b in buckets]                   # [3, bucket shard] each
         wd = self.optim.weight_decay
-        for bucket, grad in zip(buckets, grads):
+        for bucket, grad, row in zip(buckets, grads, rows):
             if coef < 1.0:
                 grad.mul_(coef)  # clip in place, as clip_grad_norm_ does; the buffer is zeroed next step
-            main = self._shard_rows(bucket)[MAIN]
             for run in bucket.runs if wd else ():
                 if run.decay:
-                    main[run.start:run.end].mul_(1 - lr * wd)
+                    row[MAIN, run.start:run.end].mul_(1 - lr * wd)
         if self.kernel == "fused":
             self._fused(grads, step=self.step_count, lr=lr)
         else:
             o = self.optim
-            shards = [(r[MAIN], g, r[EXP_AVG], r[EXP_AVG_SQ]) for r, g in
-                      zip((self._shard_rows(b) for b in buckets), grads)]
+            shards = [(r[MAIN], g, r[EXP_AVG], r[EXP_AVG_SQ]) for r, g in zip(rows, grads)]
             reference_update(shards, step=self.step_count, lr=lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps)
 
     def main_params_from_model(self) -> None:
