@@ -21,6 +21,11 @@ import numpy as np
 TOKENS, MASK, OFFSETS, META = "tokens.bin", "loss_mask.bin", "doc_offsets.idx", "meta.json"
 
 
+class DatasetError(ValueError):
+    """An indexed dataset that cannot be trained on (inconsistent files, empty, ids beyond the
+    model's vocabulary); the message names the file and what to do."""
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest unsigned dtype that holds every id below vocab_size."""
     for dt in (np.uint8, np.uint16, np.uint32):
