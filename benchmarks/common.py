@@ -133,7 +133,7 @@ def bench_config(args, seq_len: int, rows: int, micro_batch_rows: int, steps: in
         "data": {"seq_len": seq_len, "global_batch_tokens": rows * seq_len, "micro_batch_size": micro_batch_rows},
         "optim": {"lr": lr, "warmup_steps": 0},
         "train": {"steps": steps, "precision": "fp32", "seed": args.seed, "progress_bar": "off"},
-    }).validate(world_size=1)
+    }).validate()
 
 
 def describe_model(args, n_params: int) -> str:

@@ -64,7 +64,7 @@ def worker(args) -> None:
         cfg.parallel.bucket_size_mb = args.bucket_mb
         for key, value in parallel.items():
             setattr(cfg.parallel, key, value)
-        cfg.validate(ps.world_size)
+        cfg.validate()   # the Trainer resolves the layout for ps.world_size
         torch.manual_seed(args.seed)   # random init: the same weights for every side
         trainers[name] = Trainer(cfg, ps, log=False)
 

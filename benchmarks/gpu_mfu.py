@@ -70,7 +70,7 @@ def make_config(args) -> Config:
     }
     for item in args.overrides:
         apply_override(raw, item)
-    return Config.from_dict(raw).validate(world_size=1)
+    return Config.from_dict(raw).validate()
 
 
 def guess_gpu(name: str) -> str:

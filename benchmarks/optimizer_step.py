@@ -40,7 +40,7 @@ def megasft_side(kernel: str, args, grads: list[torch.Tensor]):
     def step(i: int):
         opt.zero_grad()
         for (_, p), g in zip(named, grads):
-            p.main_grad.copy_(g)
+            opt.grad_buffer.main_grad(p).copy_(g)
         opt.step()
     return step, sum(p.numel() for _, p in named)
 

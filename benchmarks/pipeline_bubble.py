@@ -29,7 +29,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megasft.parallel_state import ParallelState  # noqa: E402
-from megasft.pipeline.bubble import bubble_1f1b, bubble_interleaved, pipeline_bubble  # noqa: E402
+from megasft.layout import INTERLEAVED, ONE_F_ONE_B, bubble_fraction  # noqa: E402
+from megasft.pipeline.bubble import pipeline_bubble  # noqa: E402
 from megasft.pipeline.schedules import forward_backward  # noqa: E402
 
 SHAPE = (16, 1, 64)
@@ -89,7 +90,7 @@ def rank_main(p: int, ms: list[int], v: int, forward_s: float, steps: int) -> li
     for m in ms:
         for chunks in (1, v):
             out = run_config(ps, chunks, m, forward_s, steps)
-            theory = bubble_1f1b(p, m) if chunks == 1 else bubble_interleaved(p, m, chunks)
+            theory = bubble_fraction(ONE_F_ONE_B if chunks == 1 else INTERLEAVED, p, m, chunks)
             rows.append({"schedule": "1f1b" if chunks == 1 else f"interleaved v={chunks}", "m": m,
                          "theory": theory, **out})
     return rows

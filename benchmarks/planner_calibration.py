@@ -77,7 +77,7 @@ def make_config(args, tp: int, pp: int, sp: bool, recompute: str, rows: int, mbs
         "data": {"seq_len": args.seq, "global_batch_tokens": rows * args.seq, "micro_batch_size": mbs},
         "optim": {"lr": 1e-4, "warmup_steps": 0},
         "train": {"steps": 4, "precision": "fp32", "progress_bar": "off"},
-    }).validate(world_size=tp * pp)
+    }).validate()
 
 
 def live_tensor_bytes() -> int:

@@ -1,9 +1,10 @@
 """Typed run configuration: one dataclass per section, a docstring per field, one validate().
 
 A config is read from YAML (nested sections) and patched with ``section.key=value`` overrides
-from the command line. Every rule that involves more than one field lives in
-:meth:`Config.validate`, which runs before any process group or tensor is created and raises
-:class:`ConfigError` with a message that says what to change.
+from the command line. :meth:`Config.validate` checks every field and the rules within a
+section; the rules that tie the parallel sizes to the model, the batch and the world size are
+resolved by :meth:`megasft.layout.Layout.resolve`. Both run before any process group or tensor is
+created and raise :class:`ConfigError` with a message that says what to change.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ class ConfigError(ValueError):
     """A configuration value or combination that cannot work; the message says how to fix it."""
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """The divisors of n, ascending (the valid choices an error message offers)."""
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -208,6 +210,13 @@ class TrainConfig:
     fp8_amax_compute_algo: str = "max"
     """max (largest amax in the history, conservative) | most_recent (the last one)."""
 
+    @property
+    def dtype(self) -> "torch.dtype":
+        """The parameter and activation dtype of `precision` (main weights and grads stay fp32)."""
+        import torch
+
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
 
 @dataclass
 class CheckpointConfig:
@@ -296,8 +305,10 @@ class Config:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
     # ------------------------------------------------------------- validation
-    def validate(self, world_size: Optional[int] = None) -> "Config":
-        """Check every cross-field rule; resolve parallel.dp from world_size. Returns self."""
+    def validate(self) -> "Config":
+        """Check every field and the rules inside one section; returns self. The rules that tie
+        the parallel sizes to the model, the batch and the world size are megasft.layout's
+        (Layout.resolve)."""
         m, p, d, o, t = self.model, self.parallel, self.data, self.optim, self.train
         for (section, key), choices in CHOICES.items():
             value = getattr(getattr(self, section), key)
@@ -310,83 +321,23 @@ class Config:
             raise ConfigError(
                 f"hidden_size={m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}; "
                 "set model.head_dim explicitly or choose heads in "
-                f"{_divisors(m.hidden_size)[:12]}")
+                f"{divisors(m.hidden_size)[:12]}")
         if m.num_attention_heads % m.kv_heads:
             raise ConfigError(
                 f"num_attention_heads={m.num_attention_heads} is not a multiple of num_kv_heads={m.kv_heads}; "
-                f"choose num_kv_heads in {_divisors(m.num_attention_heads)}")
-        if m.num_attention_heads % p.tp:
-            raise ConfigError(
-                f"tp={p.tp} does not divide num_attention_heads={m.num_attention_heads}; "
-                f"choose tp in {_divisors(m.num_attention_heads)}")
-        if m.kv_heads % p.tp and p.tp % m.kv_heads:
-            raise ConfigError(
-                f"tp={p.tp} and num_kv_heads={m.kv_heads}: one must divide the other so kv heads are "
-                f"split or replicated evenly; choose tp in "
-                f"{sorted(set(_divisors(m.kv_heads)) | {k for k in _divisors(m.num_attention_heads) if k % m.kv_heads == 0})}")
-        if m.intermediate_size % p.tp:
-            raise ConfigError(
-                f"tp={p.tp} does not divide intermediate_size={m.intermediate_size}; "
-                f"choose tp in {[x for x in _divisors(m.num_attention_heads) if m.intermediate_size % x == 0]}")
+                f"choose num_kv_heads in {divisors(m.num_attention_heads)}")
         if m.dropout < 0 or m.dropout >= 1:
             raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
         if m.neftune_alpha < 0:
             raise ConfigError(f"model.neftune_alpha={m.neftune_alpha} must be >= 0 (0 disables NEFTune)")
-        if world_size is not None:
-            if world_size % (p.tp * p.pp):
-                raise ConfigError(
-                    f"world_size={world_size} is not divisible by tp*pp={p.tp}*{p.pp}={p.tp * p.pp}; "
-                    f"run on a multiple of {p.tp * p.pp} processes or choose tp*pp in {_divisors(world_size)}")
-            dp = world_size // (p.tp * p.pp)
-            if p.dp is not None and p.dp != dp:
-                raise ConfigError(
-                    f"parallel.dp={p.dp} but world_size={world_size} / (tp={p.tp} * pp={p.pp}) = {dp}; "
-                    f"set parallel.dp={dp} or leave it unset")
-            p.dp = dp
-        chunks = p.pp * p.virtual_pipeline_size
-        if p.pipeline_layers is not None:
-            if len(p.pipeline_layers) != chunks or sum(p.pipeline_layers) != m.num_layers or min(p.pipeline_layers) < 1:
-                raise ConfigError(
-                    f"parallel.pipeline_layers={p.pipeline_layers} must list {chunks} positive counts "
-                    f"(pp * virtual_pipeline_size) summing to num_layers={m.num_layers}")
-        elif m.num_layers % chunks:
-            raise ConfigError(
-                f"num_layers={m.num_layers} does not split evenly into pp*virtual_pipeline_size={chunks} chunks; "
-                f"choose pp*v in {_divisors(m.num_layers)} or give parallel.pipeline_layers explicitly")
         if p.overlap_param_gather and not p.distributed_optimizer:
             raise ConfigError("parallel.overlap_param_gather overlaps the ZeRO-1 parameter all-gather, "
                               "which only exists with parallel.distributed_optimizer=true; enable it or "
                               "set overlap_param_gather=false")
-        if p.virtual_pipeline_size > 1 and p.pp == 1:
-            raise ConfigError("parallel.virtual_pipeline_size > 1 needs pp > 1 (interleaving splits pipeline stages)")
-        if p.pipeline_schedule == "interleaved" and p.virtual_pipeline_size == 1:
-            raise ConfigError("parallel.pipeline_schedule=interleaved needs virtual_pipeline_size > 1; "
-                              "set parallel.virtual_pipeline_size=2 or use pipeline_schedule=1f1b")
-        if p.pipeline_schedule == "1f1b" and p.virtual_pipeline_size > 1:
-            raise ConfigError("parallel.pipeline_schedule=1f1b runs one model chunk per rank; use "
-                              "pipeline_schedule=interleaved (or auto) with virtual_pipeline_size > 1")
-        if p.sequence_parallel and d.seq_len % p.tp:
-            raise ConfigError(
-                f"sequence_parallel needs seq_len divisible by tp: seq_len={d.seq_len}, tp={p.tp}; "
-                f"use seq_len={math.ceil(d.seq_len / p.tp) * p.tp}")
         if d.global_batch_tokens % d.seq_len:
             raise ConfigError(
                 f"data.global_batch_tokens={d.global_batch_tokens} is not a multiple of seq_len={d.seq_len}; "
                 f"use {max(1, round(d.global_batch_tokens / d.seq_len)) * d.seq_len}")
-        if p.dp is not None:
-            rows, per = d.rows_per_step(), p.dp * d.micro_batch_size
-            if rows % per:
-                raise ConfigError(
-                    f"{rows} rows per step (global_batch_tokens/seq_len) do not split into dp={p.dp} x "
-                    f"micro_batch_size={d.micro_batch_size}; use global_batch_tokens="
-                    f"{max(1, rows // per) * per * d.seq_len}")
-            micro = rows // per
-            if p.virtual_pipeline_size > 1 and micro % p.pp:
-                # The interleaved schedule runs micro-batches in groups of pp per model chunk.
-                good = max(p.pp, micro // p.pp * p.pp) * per * d.seq_len
-                raise ConfigError(
-                    f"interleaved pipelining needs micro-batches per step ({micro}) to be a multiple of "
-                    f"pp={p.pp}; use global_batch_tokens={good}")
         if not 0 <= o.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
         if o.warmup_steps is not None and o.warmup_steps > t.steps:
@@ -396,14 +347,13 @@ class Config:
         if not 0 <= d.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
         if t.fp8 != "off":
-            _check_fp8(m, p, d, t)
+            _check_fp8(m, t)
         return self
 
 
-def _check_fp8(m: ModelConfig, p: ParallelConfig, d: DataConfig, t: TrainConfig) -> None:
-    """train.fp8's rules: bf16 params and activations, no whole-layer recompute, and every FP8
-    GEMM dimension (tokens of a micro-batch, each linear's local in/out size) a multiple of 16,
-    which Transformer Engine's FP8 GEMMs require."""
+def _check_fp8(m: ModelConfig, t: TrainConfig) -> None:
+    """train.fp8's field rules: bf16 params and activations, no whole-layer recompute. The GEMM
+    shape rule depends on tp and lives in megasft.layout."""
     if t.precision != "bf16":
         raise ConfigError(f"train.fp8={t.fp8} runs FP8 GEMMs on bf16 params and activations; set "
                           f"train.precision=bf16 (now {t.precision}) or train.fp8=off")
@@ -415,24 +365,6 @@ def _check_fp8(m: ModelConfig, p: ParallelConfig, d: DataConfig, t: TrainConfig)
                           "core only, no GEMMs) or none, or train.fp8=off")
     if t.fp8_amax_history_len < 1:
         raise ConfigError(f"train.fp8_amax_history_len={t.fp8_amax_history_len} must be >= 1")
-    def up(n: int, k: int) -> int:
-        return math.ceil(n / k) * k
-
-    d_head, tp = m.head_size, p.tp
-    kv_local = (m.kv_heads // tp if m.kv_heads >= tp else 1) * d_head
-    head_fix = f"use a head_dim that is a multiple of 16 (Llama: 128; now {d_head})"
-    dims = [("data.seq_len * data.micro_batch_size (tokens per micro-batch)",
-             d.seq_len * d.micro_batch_size, f"use data.seq_len={up(d.seq_len, 16)}"),
-            ("model.hidden_size", m.hidden_size, f"use model.hidden_size={up(m.hidden_size, 16)}"),
-            (f"num_attention_heads * head_dim / tp (this rank's q width, tp={tp})",
-             m.num_attention_heads * d_head // tp, head_fix),
-            (f"2 * kv heads per rank * head_dim (the fused k;v rows, tp={tp})", 2 * kv_local, head_fix),
-            (f"intermediate_size / tp (tp={tp})", m.intermediate_size // tp,
-             f"use model.intermediate_size={up(m.intermediate_size, 16 * tp)}")]
-    for what, size, fix in dims:
-        if size % 16:
-            raise ConfigError(f"train.fp8={t.fp8}: {what} = {size} is not a multiple of 16, which "
-                              f"Transformer Engine's FP8 GEMMs need; {fix}, or set train.fp8=off")
 
 
 def _unknown_message(kind: str, name: str, valid) -> str:

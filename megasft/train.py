@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from megasft.config import Config, ConfigError
+from megasft.layout import Layout
 from megasft.parallel_state import ParallelState, destroy
 
 
@@ -32,11 +33,12 @@ def parse_args(argv=None):
 
 def describe_start(cfg: Config, ps: ParallelState, trainer) -> str:
     n_params = sum(p.numel() for p in trainer.params)
-    expected = 12 * n_params / (ps.dp if cfg.parallel.distributed_optimizer else 1)
+    layout = trainer.layout
+    expected = 12 * n_params / (layout.dp if cfg.parallel.distributed_optimizer else 1)
     measured = trainer.optimizer.state_bytes()
     return "\n".join([
         f"megasft: world {ps.world_size} = tp {ps.tp} x pp {ps.pp} x dp {ps.dp} on {ps.device}"
-        f"{' (sequence parallel)' if cfg.parallel.sequence_parallel and ps.tp > 1 else ''}, "
+        f"{' (sequence parallel)' if layout.sequence_parallel else ''}, "
         f"precision {cfg.train.precision}"
         f"{f' + FP8 GEMMs ({cfg.train.fp8})' if cfg.train.fp8 != 'off' else ''}",
         f"model: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, vocab {cfg.model.vocab_size} "
@@ -45,15 +47,15 @@ def describe_start(cfg: Config, ps: ParallelState, trainer) -> str:
         f"optimizer state on rank 0: measured {measured:,} bytes vs 12*N/DP = {expected:,.0f} "
         f"(ratio {measured / expected:.4f})",
         f"data: {cfg.data.rows_per_step()} rows x {cfg.data.seq_len} tokens per step, "
-        f"{cfg.data.micro_batch_size} rows per micro-batch, "
-        f"{cfg.data.rows_per_step() // (ps.dp * cfg.data.micro_batch_size)} micro-batches per rank",
+        f"{cfg.data.micro_batch_size} rows per micro-batch, {layout.micro_batches} micro-batches per rank",
     ])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = Config.load(args.config, args.overrides).validate(int(os.environ.get("WORLD_SIZE", "1")))
+        cfg = Config.load(args.config, args.overrides).validate()
+        layout = Layout.resolve(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, FileNotFoundError) as err:
         print(f"megasft.train: configuration error: {err}", file=sys.stderr)
         return 2
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     from megasft.training.metrics import MetricsWriter
 
     stop = StopSignal().install()   # before the (possibly long) model build and weight loading
-    ps = ParallelState.from_env(cfg.parallel.tp, cfg.parallel.pp)
+    ps = ParallelState.from_env(layout.tp, layout.pp)
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
     train_loader, eval_loader = build_loaders(cfg.data, cfg.train.seed, ps.dp_rank, ps.dp)

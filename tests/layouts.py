@@ -56,7 +56,7 @@ def sft_config(model_fields: dict, hf_dir: str, world: int, parallel: dict, seq:
         "data": {"seq_len": seq, "global_batch_tokens": seq * rows, "micro_batch_size": micro_batch_size},
         "optim": {"lr": lr, "warmup_steps": warmup},
         "train": {"steps": steps, "precision": "fp32"},
-    }).validate(world)
+    }).validate()   # the Trainer resolves the layout for its ParallelState
 
 
 def train_layout(cfg: Config, ps, global_batches: list[dict], fast: bool):

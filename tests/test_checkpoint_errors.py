@@ -23,7 +23,7 @@ from megasft.checkpoint.sharded import LATEST, Checkpointer, CheckpointError, re
 from megasft.config import Config
 from megasft.data.indexed import IndexedDatasetBuilder
 from megasft.parallel_state import ParallelState
-from megasft.tensor_parallel.layers import Shard, TPSplit
+from megasft.tensor_parallel.spec import Shard, TPSplit, set_spec
 from megasft.training.loop import Trainer
 from tests.oracle import hf_model, tiny_fields
 
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _param(name_shape, split):
     param = nn.Parameter(torch.empty(name_shape))
     if split is not None:
-        param.tp_split = split
+        set_spec(param, split=split)
     return param
 
 
@@ -97,7 +97,7 @@ def _trainer(tmp: Path, load: str, **model):
     cfg = Config.from_dict({"model": tiny_fields(**model),
                             "data": {"seq_len": 16, "global_batch_tokens": 32, "micro_batch_size": 2},
                             "train": {"steps": 2, "precision": "fp32", "run_dir": str(tmp)},
-                            "checkpoint": {"load": load}}).validate(1)
+                            "checkpoint": {"load": load}}).validate()
     ps = ParallelState.single()
     return Trainer(cfg, ps, log=False), Checkpointer(cfg, ps)
 
@@ -194,7 +194,7 @@ CHILD = textwrap.dedent("""
     from tests.oracle import tiny_fields
 
     cfg = Config.from_dict({"model": tiny_fields(), "train": {"steps": 9, "precision": "fp32", "run_dir": sys.argv[1]},
-                            "data": {"seq_len": 16, "global_batch_tokens": 32}}).validate(1)
+                            "data": {"seq_len": 16, "global_batch_tokens": 32}}).validate()
     ps = ParallelState.single()
     trainer = Trainer(cfg, ps, log=False)
     ckpt = Checkpointer(cfg, ps)

@@ -27,6 +27,7 @@ from megasft.checkpoint.hf import assemble_canonical, canonical_pieces
 from megasft.checkpoint.hf_io import hf_tensor_reader
 from megasft.checkpoint.sharded import LATEST, Checkpointer, read_meta, step_name
 from megasft.config import Config
+from megasft.layout import Layout
 from megasft.data.indexed import IndexedDatasetBuilder
 from megasft.data.loader import PackedLoader
 from megasft.parallel_state import ParallelState
@@ -59,7 +60,9 @@ def make_config(tmp: str, name: str, tp: int, pp: int, world: int, **overrides) 
         "checkpoint": {"dir": f"{tmp}/{name}/ckpt", **overrides.pop("checkpoint", {})},
     }
     assert not overrides, overrides
-    return Config.from_dict(raw).validate(world)
+    cfg = Config.from_dict(raw)
+    Layout.validated(cfg, world)
+    return cfg
 
 
 def setup(tmp: str, name: str, tp: int, pp: int, **overrides):

@@ -16,7 +16,8 @@ from megasft.model.llama import LlamaStage
 from megasft.parallel_state import ParallelState
 from megasft.tensor_parallel.comm import gather_last_dim
 from megasft.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
-from megasft.tensor_parallel.layers import Shard, sync_replicated_grads
+from megasft.tensor_parallel.layers import sync_replicated_grads
+from megasft.tensor_parallel.spec import Shard
 from tests.multiproc import run_ranks
 from tests.oracle import hf_model, model_batch, packed_batch, reference_loss, tiny_fields
 
@@ -57,7 +58,7 @@ def _check_case(tp: int, sp: bool, overrides: dict) -> None:
     assert int(count) == int(ref_count)
     assert_close(loss_sum, ref_sum.detach(), rtol=1e-5, atol=1e-5)
     (loss_sum / count).backward()
-    sync_replicated_grads(stage.parameters())
+    sync_replicated_grads(stage.parameters(), lambda p: p.grad)
     ref_grads = dict(hf.named_parameters())
     seen = set()
     for name, dim, offset, piece in canonical_pieces(stage, grads=True):

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from megasft.config import Config, ConfigError
+from megasft.layout import Layout
 from megasft.parallel_state import rank_grid
 from megasft.tensor_parallel.cross_entropy import shift_labels, vocab_parallel_cross_entropy
-from megasft.tensor_parallel.layers import Shard, TPSplit
+from megasft.tensor_parallel.spec import Shard, TPSplit
 
 
 def _logits_with_losses(losses: list[float]) -> torch.Tensor:
@@ -60,7 +61,7 @@ def test_invalid_world_size_names_the_fix():
 ])
 def test_config_validation_is_actionable(override, message):
     with pytest.raises(ConfigError) as err:
-        Config.load(None, [override]).validate(world_size=120)
+        Layout.validated(Config.load(None, [override]), 120)
     assert message in str(err.value)
 
 
@@ -83,7 +84,7 @@ def test_tp_split_round_trip_with_vocab_padding():
 ])
 def test_pipeline_config_rules(overrides, message):
     with pytest.raises(ConfigError) as err:
-        Config.load(None, overrides).validate(world_size=2)
+        Layout.validated(Config.load(None, overrides), 2)
     assert message in str(err.value)
 
 

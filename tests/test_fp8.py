@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from megasft.checkpoint.hf import load_hf_state_dict
 from megasft.config import Config, ConfigError, ModelConfig, TrainConfig
+from megasft.layout import Layout
 from megasft.model import fp8
 from megasft.model.build import build_model
 from megasft.model.llama import LlamaStage
@@ -57,7 +58,7 @@ def _cfg(**sections) -> Config:
 ])
 def test_fp8_config_errors_say_how_to_fix(sections, world, message):
     with pytest.raises(ConfigError, match=message):
-        _cfg(**sections).validate(world_size=world)
+        Layout.validated(_cfg(**sections), world)
 
 
 def test_fp8_config_accepts_llama_shapes_and_defaults_off():
@@ -65,15 +66,15 @@ def test_fp8_config_accepts_llama_shapes_and_defaults_off():
     cfg = Config.from_dict({"model": {"preset": "llama3.1-8b"}, "parallel": {"tp": 8},
                             "data": {"seq_len": 8192, "global_batch_tokens": 8192},
                             "train": {"fp8": "e4m3"}})
-    cfg.validate(world_size=8)
-    _cfg().validate(world_size=1)
+    Layout.validated(cfg, 8)
+    Layout.validated(_cfg(), 1)
 
 
 # ------------------------------------------------------------------------------ unavailable
 def test_unavailable_backend_error_at_model_build(monkeypatch):
     with pytest.raises(ConfigError, match=r"train.fp8=hybrid needs NVIDIA Transformer Engine on CUDA.*"
                                           r"pip install transformer_engine\[pytorch\].*device is cpu"):
-        build_model(_cfg().validate(world_size=1), ParallelState.single())
+        build_model(_cfg().validate(), ParallelState.single())
     # On a CUDA device without TE the reason is the missing package (no GPU needed to check this).
     monkeypatch.setattr(fp8.fused, "_missing_te", lambda: "needs transformer-engine (pip install -e '.[gpu]')")
     with pytest.raises(ConfigError, match=r"train.fp8=e4m3 needs .*here needs transformer-engine"):
@@ -103,7 +104,7 @@ def test_trainer_runs_each_chunk_forward_in_the_fp8_context():
     """The loop side, on CPU: a recording context stands in for TE's autocast."""
     from megasft.training.loop import Trainer
 
-    cfg = _cfg(train={"fp8": "off", "precision": "fp32", "steps": 1}).validate(world_size=1)
+    cfg = _cfg(train={"fp8": "off", "precision": "fp32", "steps": 1}).validate()
     trainer = Trainer(cfg, ParallelState.single(), log=False)
     entered = []
 
@@ -174,12 +175,12 @@ def test_fp8_trainer_steps_lower_the_loss():
     from megasft.training.loop import Trainer
 
     device = _cuda_fp8_or_skip()
-    cfg = _cfg(optim={"lr": 3e-3, "warmup_steps": 0}, train={"steps": 8}).validate(world_size=1)
+    cfg = _cfg(optim={"lr": 3e-3, "warmup_steps": 0}, train={"steps": 8}).validate()
     trainer = Trainer(cfg, ParallelState.single(device), log=False)
     names = [n for c in trainer.chunks for n, _ in c.named_parameters()]
     batch = model_batch(packed_batch(ROWS, SEQ, FIELDS["vocab_size"], seed=3))
     losses = [trainer.train_step([batch]).loss for _ in range(cfg.train.steps)]
     assert all(math.isfinite(x) for x in losses), losses
     assert losses[-1] < 0.9 * losses[0], losses
-    reference = build_model(_cfg(train={"fp8": "off"}).validate(world_size=1), ParallelState.single(device))
+    reference = build_model(_cfg(train={"fp8": "off"}).validate(), ParallelState.single(device))
     assert names == [n for c in reference for n, _ in c.named_parameters()]

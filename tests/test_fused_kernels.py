@@ -150,7 +150,7 @@ def test_auto_is_torch_on_cpu_and_unavailable_backends_say_why():
         with pytest.raises(ValueError, match=r"needs transformer-engine \(pip install"):
             resolve_norm_backend("te", torch.device("cuda"))
     with pytest.raises(ConfigError, match="norm_backend='fused' is not one of"):
-        Config.from_dict({"model": {"norm_backend": "fused"}}).validate(world_size=1)
+        Config.from_dict({"model": {"norm_backend": "fused"}}).validate()
 
 
 def test_an_unrelated_package_named_apex_is_refused_without_importing_it(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ def megasft_config(fields: dict, tmp: Path, load: str) -> Config:
     return Config.from_dict({
         "model": fields, "data": {"seq_len": SEQ, "global_batch_tokens": 4 * SEQ, "micro_batch_size": 2},
         "optim": {"lr": 1e-2, "warmup_steps": 1}, "train": {"steps": 2, "precision": "fp32", "run_dir": str(tmp)},
-        "checkpoint": {"load": load, "dir": str(tmp / "ckpt")}}).validate(1)
+        "checkpoint": {"load": load, "dir": str(tmp / "ckpt")}}).validate()
 
 
 def logits_of(chunk: LlamaStage, ids: torch.Tensor, vocab: int) -> torch.Tensor:

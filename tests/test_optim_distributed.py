@@ -20,6 +20,7 @@ from megasft.config import OptimConfig, ParallelConfig
 from megasft.optim.distributed_optimizer import DistributedOptimizer, TooManySkippedSteps
 from megasft.optim.lr_schedule import WarmupCosine
 from megasft.parallel_state import ParallelState
+from megasft.tensor_parallel.spec import set_spec
 from tests.multiproc import run_ranks
 
 WORLD = 4
@@ -192,7 +193,7 @@ def tp_case(groups):
     for name, p in full.named_parameters():
         piece = p.detach().chunk(2, dim=split[name])[state.tp_rank] if name in split else p.detach()
         local[name] = nn.Parameter(piece.clone())
-        local[name].tp_copies = 1 if name in split else 2
+        set_spec(local[name], tp_copies=1 if name in split else 2)
     opt = make_optimizer(list(local.items()), state)
     norms = []
     for step in range(STEPS):
@@ -202,7 +203,7 @@ def tp_case(groups):
         (loss_sum(full, *micro_batches[0]) / count).backward()
         for name, p in full.named_parameters():
             grad = p.grad.chunk(2, dim=split[name])[state.tp_rank] if name in split else p.grad
-            local[name].main_grad.copy_(grad)
+            opt.grad_buffer.main_grad(local[name]).copy_(grad)
         norms.append(opt.step().grad_norm)
         with torch.no_grad():  # rebuild the full weights from the TP shards
             for name, p in full.named_parameters():
@@ -221,7 +222,7 @@ def bf16_case(groups):
     state = grid_state(1, 2, groups)
     model, opt, _ = train(state, True, 2, dtype=torch.bfloat16)
     shards = [(s, {k: v.clone() for k, v in opt.param_state(s).items()}) for s in opt.param_shards()]
-    main_grad_dtypes = {p.main_grad.dtype for p in model.parameters()}
+    main_grad_dtypes = {opt.grad_buffer.main_grad(p).dtype for p in model.parameters()}
     return {n: p.detach().clone() for n, p in model.named_parameters()}, shards, main_grad_dtypes
 
 
@@ -237,7 +238,7 @@ def nan_case(groups):
         micro_batches, count = local_batch(state, 0, 1)
         (loss_sum(model, *micro_batches[0]) / count).backward()
         if poison and state.dp_rank == 0:
-            model.fc1.weight.main_grad[0, 0] = float("nan")
+            opt.grad_buffer.main_grad(model.fc1.weight)[0, 0] = float("nan")
         return opt.step()
 
     assert not step(False).skipped

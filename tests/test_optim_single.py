@@ -7,8 +7,9 @@ from torch import nn
 from megasft.config import OptimConfig, ParallelConfig
 from megasft.optim import adamw
 from megasft.optim.distributed_optimizer import DistributedOptimizer
-from megasft.optim.grad_norm import clip_coefficient, copies
+from megasft.optim.grad_norm import clip_coefficient
 from megasft.parallel_state import ParallelState
+from megasft.tensor_parallel.spec import set_spec, spec_of
 
 
 class Block(nn.Module):
@@ -53,11 +54,12 @@ def test_bf16_grads_accumulate_in_fp32_over_micro_batches():
     opt.zero_grad()
     for mb in ids:
         model(mb).backward()
+    main_grad = opt.grad_buffer.main_grad
     for n, p in model.named_parameters():
-        assert p.grad is None and p.main_grad.dtype == torch.float32
-        torch.testing.assert_close(p.main_grad, expected[n], msg=n)
+        assert p.grad is None and main_grad(p).dtype == torch.float32
+        torch.testing.assert_close(main_grad(p), expected[n], msg=n)
     opt.zero_grad()
-    assert all(not p.main_grad.any() for p in model.parameters())
+    assert all(not main_grad(p).any() for p in model.parameters())
 
 
 def test_params_are_views_of_one_buffer():
@@ -68,7 +70,7 @@ def test_params_are_views_of_one_buffer():
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n])  # values survive the move into the buffer
         assert p.untyped_storage().data_ptr() == buffer.param_data.untyped_storage().data_ptr()
-        assert p.main_grad.untyped_storage().data_ptr() == buffer.grad_data.untyped_storage().data_ptr()
+        assert buffer.main_grad(p).untyped_storage().data_ptr() == buffer.grad_data.untyped_storage().data_ptr()
     # Decayed params first, then 1-D ones, and every element accounted for once.
     runs = [r for b in buffer.buckets for r in b.runs]
     assert [r.decay for r in runs] == [True, False]
@@ -90,7 +92,7 @@ def test_overlap_buckets_and_misuse_is_reported():
 
 def test_model_grad_sync_params_are_deferred():
     model = Block()
-    model.norm_weight.model_grad_sync = True
+    set_spec(model.norm_weight, tied=True, pp_copies=2)   # model-synced, as a pipeline-tied copy is
     opt = optimizer(model, overlap=True, bucket_mb=100 * 4 / 2 ** 20)
     last = opt.grad_buffer.buckets[-1]
     assert last.deferred and [s.name for s in last.slots] == ["norm_weight"]
@@ -127,9 +129,9 @@ def test_state_dict_round_trip_and_param_shards():
 
 def test_norm_helpers():
     p = nn.Parameter(torch.zeros(3))
-    assert copies(p) == 1
-    p.tp_copies, p.pp_copies = 4, 2
-    assert copies(p) == 8
+    assert spec_of(p).copies == 1
+    set_spec(p, tp_copies=4, pp_copies=2)
+    assert spec_of(p).copies == 8
     assert clip_coefficient(0.5, 1.0) == 1.0
     assert clip_coefficient(4.0, 1.0) == pytest.approx(1.0 / (4.0 + 1e-6))
     assert clip_coefficient(4.0, 0.0) == 1.0  # clip_grad 0 disables clipping

@@ -20,8 +20,9 @@ from megasft.checkpoint.hf import canonical_pieces, load_hf_state_dict
 from megasft.config import Config, ModelConfig, ParallelConfig, TrainConfig
 from megasft.model.build import build_model
 from megasft.parallel_state import ParallelState
-from megasft.pipeline.schedules import forward_backward, resolve_schedule
-from megasft.pipeline.tied import sync_tied_embedding_grads
+from megasft.layout import in_flight
+from megasft.pipeline.schedules import forward_backward
+from megasft.pipeline.tied import sync_tied_embedding_grads, tied_copies
 from megasft.tensor_parallel.layers import sync_replicated_grads
 from tests.multiproc import run_ranks
 from tests.oracle import hf_model, model_batch, packed_batch, reference_loss, tiny_fields
@@ -91,8 +92,8 @@ def trainer_forward_step(chunks, loss_scale: float):
 def sync_grads(chunks, ps) -> None:
     """What the optimizer's grad sync does without it: replicated, tied, then DP sums."""
     params = [p for c in chunks for p in c.parameters()]
-    sync_replicated_grads(params)
-    sync_tied_embedding_grads(chunks, ps)
+    sync_replicated_grads(params, lambda p: p.grad)
+    sync_tied_embedding_grads(params, ps.embedding_group, lambda p: p.grad)
     if ps.dp_group is not None:
         for p in params:
             dist.all_reduce(p.grad, group=ps.dp_group)
@@ -120,7 +121,7 @@ def _check_case(tp, pp, v, schedule, m, sp, overrides) -> dict:
             ref = ref_grads[name] if dim < 0 else ref_grads[name].narrow(dim, offset, piece.shape[dim])
             assert_close(piece, ref, rtol=1e-5, atol=2e-6, msg=lambda msg: f"grad of {name}: {msg}")
             checked.add(name)
-    tied = [p for c in chunks for p in c.parameters() if getattr(p, "tied_embedding", False)]
+    tied = tied_copies(p for c in chunks for p in c.parameters())
     return {"checked": checked, "all": set(ref_grads), "ref_sum": ref_sum, "ref_count": ref_count,
             "stats": result.stats, "eval_stats": evaluated.stats, "last": ps.is_last_stage,
             "counted": ps.is_last_stage and ps.tp_rank == 0, "pp_rank": ps.pp_rank,
@@ -147,6 +148,9 @@ def _check_results(cases, results) -> None:
         if schedule == "1f1b":   # activations held: at most p - rank micro-batches
             assert all(r["peak"] <= min(pp - r["pp_rank"], m) for r in per_rank), \
                 f"{name}: peak in-flight {[r['peak'] for r in per_rank]}"
+        # The schedule holds exactly what megasft.layout (and so the planner) predicts.
+        predicted = [in_flight(schedule, pp, r["pp_rank"], m, v) for r in per_rank]
+        assert [r["peak"] for r in per_rank] == predicted, f"{name}: peak in-flight vs layout"
         if overrides.get("tie_embeddings"):
             copies = [g for r in per_rank for g in r["tied_grad"]]
             assert len(copies) == 2 * len(per_rank) // pp, f"{name}: {len(copies)} tied copies"
@@ -164,16 +168,7 @@ def test_pipeline_tp2_pp2_dp2_matches_transformers():
     _check_results(CASES_8, run_ranks(_rank_main, 8, CASES_8, timeout=600))
 
 
-def test_schedule_choice_and_errors():
-    assert resolve_schedule("auto", 1, 1) == "no_pipeline"
-    assert resolve_schedule("auto", 4, 1) == "1f1b"
-    assert resolve_schedule("auto", 4, 2) == "interleaved"
-    with pytest.raises(ValueError, match="virtual_pipeline_size > 1"):
-        resolve_schedule("interleaved", 4, 1)
-    with pytest.raises(ValueError, match="need the interleaved schedule"):
-        resolve_schedule("1f1b", 4, 2)
-    with pytest.raises(ValueError, match="not one of"):
-        resolve_schedule("gpipe", 4, 1)
+def test_interleaved_schedule_refuses_a_micro_batch_count_pp_does_not_divide():
     ps = ParallelState(rank=0, world_size=4, tp=1, pp=4, dp=1, tp_rank=0, pp_rank=0, dp_rank=0,
                        pp_ranks=[0, 1, 2, 3])
     with pytest.raises(ValueError, match=r"multiple of pp=4; use 4 or 8 micro-batches"):

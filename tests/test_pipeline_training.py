@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from megasft.parallel_state import ParallelState
-from megasft.pipeline.tied import tied_embedding_copies
+from megasft.pipeline.tied import tied_copies
 from tests.layouts import assert_losses_match, assert_pieces_match, sft_config, train_layout
 from tests.multiproc import run_ranks
 from tests.oracle import hf_model, packed_batch, reference_training, tiny_fields
@@ -51,7 +51,7 @@ def _rank_main(hf_dirs: dict) -> dict:
         fields = tiny_fields(**FIELDS, tie_embeddings=tied)
         cfg = sft_config(fields, hf_dirs[tied], len(ranks), parallel, SEQ, ROWS, mbs, LR, WARMUP, STEPS, fast)
         trainer, losses, weights = train_layout(cfg, ps, global_batches(), fast)
-        copies = [p.detach().clone() for p in tied_embedding_copies(trainer.chunks)]
+        copies = [p.detach().clone() for p in tied_copies(trainer.params)]
         results[name] = {"losses": losses, "weights": weights, "tied": copies,
                          "pp_rank": ps.pp_rank, "coords": (ps.dp_rank, ps.tp_rank)}
     return results

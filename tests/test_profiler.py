@@ -17,7 +17,7 @@ def tiny_trainer() -> Trainer:
         "model": tiny_fields(attention_backend="sdpa"),
         "data": {"seq_len": SEQ, "global_batch_tokens": 2 * SEQ, "micro_batch_size": 2},
         "train": {"steps": 4, "precision": "fp32", "progress_bar": "off"},
-    }).validate(world_size=1)
+    }).validate()
     return Trainer(cfg, ParallelState.single(), log=False)
 
 

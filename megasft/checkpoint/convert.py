@@ -30,6 +30,7 @@ from megasft.checkpoint.pieces import MODEL_PREFIX, Block, TensorPieces
 from megasft.checkpoint.planner import CheckpointMismatch, LazyBlock, PiecesLoadPlanner, PiecesSavePlanner
 from megasft.checkpoint.sharded import FORMAT_VERSION, model_shape
 from megasft.config import Config, ModelConfig
+from megasft.layout import Layout
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -62,7 +63,7 @@ def hf_to_megasft(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1)
     hf_dir, out = Path(hf_dir), Path(out)
     hf_config = read_hf_config(hf_dir)
     cfg = Config.from_dict({"model": model_fields_from_hf(hf_config), "parallel": {"tp": tp, "pp": pp}})
-    cfg.validate(tp * pp)
+    Layout.resolve(cfg.validate(), tp * pp)
     tensors = HFTensors(hf_dir)
     state: dict = {}
     for name, shape in canonical_tensors(cfg.model).items():

@@ -1,10 +1,10 @@
 """The one table between megasft parameter names and Hugging Face Llama tensor names.
 
 A megasft parameter may fuse several HF tensors (kv_proj = [k_proj; v_proj], gate_up =
-[gate_proj; up_proj]) and hold only this rank's shard of each; ``param.tp_split`` (see
-megasft.tensor_parallel.layers) says which. Everything that moves weights between the two worlds
+[gate_proj; up_proj]) and hold only this rank's shard of each; the ParamSpec split (see
+megasft.tensor_parallel.spec) says which. Everything that moves weights between the two worlds
 — random init, HF import, HF export, resharding — goes through ``canonical_names`` and
-``param.tp_split``, so the split/merge rules exist exactly once.
+the spec's split, so the split/merge rules exist exactly once.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+
+from megasft.tensor_parallel.spec import spec_of
 
 # megasft name (regex, layer id captured) -> HF tensor names fused into it, in order.
 _LAYER = "model.layers.{0}."
@@ -40,19 +42,19 @@ def canonical_names(name: str, param: nn.Parameter | None = None) -> tuple[str, 
     for pattern, names in _COMPILED:
         match = pattern.match(name)
         if match:
-            if getattr(param, "tied_embedding", False):
+            if param is not None and spec_of(param).tied:
                 return ("model.embed_tokens.weight",)
             return tuple(n.format(*match.groups()) for n in names)
     raise KeyError(f"parameter {name!r} has no Hugging Face name in megasft.checkpoint.hf.NAME_TABLE")
 
 
 def full_shapes(param: nn.Parameter) -> list[tuple[int, ...]]:
-    split = getattr(param, "tp_split", None)
+    split = spec_of(param).split
     return [tuple(param.shape)] if split is None else split.full_shapes(param.shape)
 
 
 def local_from_canonical(param: nn.Parameter, fulls: list[torch.Tensor]) -> torch.Tensor:
-    split = getattr(param, "tp_split", None)
+    split = spec_of(param).split
     if split is None:
         (full,) = fulls
         return full
@@ -82,7 +84,7 @@ def load_canonical_sliced(module: nn.Module, shape_of: Callable[[str], tuple[int
             for n, shape in zip(names, shapes):
                 if tuple(shape_of(n)) != shape:
                     raise ValueError(f"{n}: checkpoint has shape {tuple(shape_of(n))}, the model expects {shape}")
-            split = getattr(param, "tp_split", None)
+            split = spec_of(param).split
             if split is None:
                 param.copy_(read(names[0], 0, 0, shapes[0][0]))
                 continue
@@ -111,17 +113,16 @@ def load_hf_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> Non
 
 def canonical_pieces(module: nn.Module, grads: bool = False) -> Iterator[tuple[str, int, int, torch.Tensor]]:
     """(hf_name, split dim, offset, piece) for every shard this rank holds — of the weights, or
-    with grads=True of their gradients (main_grad when present); replicated parameters come with
-    dim -1 (the whole tensor)."""
+    with grads=True of their ``.grad`` (a module trained without the optimizer, whose fp32 main
+    grads it owns); replicated parameters come with dim -1 (the whole tensor)."""
     for name, param in module.named_parameters():
         names = canonical_names(name, param)
         tensor = param.detach()
         if grads:
-            tensor = getattr(param, "main_grad", None)
-            tensor = param.grad if tensor is None else tensor
+            tensor = param.grad
             if tensor is None:
                 continue
-        split = getattr(param, "tp_split", None)
+        split = spec_of(param).split
         if split is None:
             yield names[0], -1, 0, tensor
             continue

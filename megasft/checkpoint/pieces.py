@@ -7,7 +7,7 @@ tp, pp or dp, torch.distributed.checkpoint can load any layout's blocks from any
 save (it reads the overlap of saved and requested blocks): resharding needs no extra code.
 
 How a rank's tensors map to canonical blocks. A local parameter is a set of pieces of
-canonical tensors (``param.tp_split``, see megasft.tensor_parallel.layers): along the split dim,
+canonical tensors (the ParamSpec split, see megasft.tensor_parallel.spec): along the split dim,
 local rows [loc, loc + keep) are canonical rows [shard.start, shard.start + keep) of part i
 (vocab padding rows belong to no canonical tensor). The ZeRO-1 optimizer holds a flat element
 range [a, b) of the row-major flattened parameter (``DistributedOptimizer.param_shards``). A flat
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from megasft.checkpoint.hf import canonical_names, full_shapes
+from megasft.tensor_parallel.spec import spec_of
 
 MODEL_PREFIX = "model/"
 OPTIM_ROWS = ("main", "exp_avg", "exp_avg_sq")  # rows of DistributedOptimizer.shard_state
@@ -83,7 +84,7 @@ def _row_rects(a: int, b: int, cols: int) -> Iterator[tuple[int, int, int, int]]
 def _local_pieces(param: nn.Parameter) -> list[tuple[int, int, int, int, int]]:
     """(part, split dim, local start, keep, canonical start) along the split dim per canonical part;
     an unsplit parameter is one part spanning dim 0."""
-    split = getattr(param, "tp_split", None)
+    split = spec_of(param).split
     if split is None:
         return [(0, 0, 0, param.shape[0], 0)]
     out, loc = [], 0
@@ -129,10 +130,10 @@ def flat_blocks(name: str, param: nn.Parameter, a: int, b: int) -> list[FlatBloc
 def writes_here(param: nn.Parameter, ps) -> bool:
     """Whether this rank stores `param`'s blocks (the first of its TP copies; the pipeline-tied LM
     head's copy is stored by the embedding on the first stage)."""
-    copies = getattr(param, "tp_copies", 1)
-    if copies > 1 and ps.tp_rank % copies:
+    spec = spec_of(param)
+    if spec.tp_copies > 1 and ps.tp_rank % spec.tp_copies:
         return False
-    pipeline_copy = getattr(param, "tied_embedding", False) and getattr(param, "pp_copies", 1) > 1
+    pipeline_copy = spec.tied and spec.pp_copies > 1
     return not (pipeline_copy and not ps.is_first_stage)
 
 

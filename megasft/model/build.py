@@ -10,8 +10,8 @@ from megasft.checkpoint.hf import load_canonical
 from megasft.config import Config
 from megasft.model.fp8 import check_fp8_available, use_fp8_gemms
 from megasft.model.llama import LlamaStage
+from megasft.layout import Layout
 from megasft.parallel_state import ParallelState
-from megasft.pipeline.partition import rank_chunks
 from megasft.pipeline.tied import mark_tied_embeddings
 
 
@@ -20,23 +20,21 @@ def build_model(cfg: Config, ps: ParallelState) -> list[LlamaStage]:
     weights identical at every layout: random init from canonical tensors, or the HF checkpoint
     named by model.init_from_hf. With train.fp8 the decoder layers' GEMMs run in FP8
     (megasft.model.fp8); parameters are the same."""
-    m, p = cfg.model, cfg.parallel
+    m = cfg.model
+    layout = Layout.resolve(cfg, ps.world_size)
     check_fp8_available(cfg.train.fp8, ps.device)   # before any weights are built or loaded
-    v = p.virtual_pipeline_size
     chunks = []
-    for i, layer_ids in enumerate(rank_chunks(m.num_layers, ps.pp, ps.pp_rank, v, p.pipeline_layers)):
-        chunk_index = i * ps.pp + ps.pp_rank
-        chunks.append(LlamaStage(m, ps, layer_ids, pre_process=chunk_index == 0,
-                                 post_process=chunk_index == ps.pp * v - 1,
-                                 sequence_parallel=p.sequence_parallel, neftune_seed=cfg.train.seed))
+    for i, layer_ids in enumerate(layout.rank_chunks(ps.pp_rank)):
+        chunks.append(LlamaStage(m, ps, layer_ids, pre_process=layout.holds_embedding(ps.pp_rank, i),
+                                 post_process=layout.holds_head(ps.pp_rank, i),
+                                 sequence_parallel=layout.sequence_parallel, neftune_seed=cfg.train.seed))
     for chunk in chunks:
         if m.init_from_hf:
             from megasft.checkpoint.hf_io import load_hf_into
             load_hf_into(chunk, m.init_from_hf)
         else:
             init_weights(chunk, cfg.train.seed, m.init_std)
-        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        chunk.to(device=ps.device, dtype=dtype)
+        chunk.to(device=ps.device, dtype=cfg.train.dtype)
         if cfg.train.fp8 != "off":
             use_fp8_gemms(chunk)
     mark_tied_embeddings(chunks)   # before the optimizer sees them: grad norm and DP-sync tags

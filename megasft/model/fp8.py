@@ -25,7 +25,7 @@ Parameters: the TE op is held by a plain callable (the layer's ``gemm``), not a 
 ``weight`` / ``bias`` attributes are re-pointed at megasft's own Parameters, as the te RMSNorm in
 megasft.model.fused does. TE's Linear reads those attributes on every forward and hands the
 tensors to its autograd function, so the GEMM uses our weights and the weight gradient lands in
-our parameter's .grad (then the ZeRO-1 accumulation hook). Parameter names, ``tp_split``, the flat
+our parameter's .grad (then the ZeRO-1 accumulation hook). Parameter names, ParamSpecs, the flat
 buffer views, checkpoints and HF export are the same as without FP8. The FP8 copy of a weight is
 recast on every forward (no cache across micro-batches), so in-place optimizer updates and the
 ZeRO-1 all-gather are always seen. Being outside the module tree, TE's scaling state (amax

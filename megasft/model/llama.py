@@ -19,15 +19,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megasft.config import ModelConfig
+from megasft.layout import kv_partition
 from megasft.model.attention import attention, resolve_backend
 from megasft.model.fused import norm_kernel, resolve_norm_backend, swiglu_kernel
 from megasft.parallel_state import ParallelState
 from megasft.tensor_parallel.comm import scatter_to_sp
 from megasft.tensor_parallel.cross_entropy import (lm_head_cross_entropy, shift_labels,
                                                    vocab_parallel_cross_entropy)
-from megasft.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, Shard,
+from megasft.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                             VocabParallelEmbedding, enter_tp_region,
                                             mark_replicated, tp_shards)
+from megasft.tensor_parallel.spec import Shard
 
 
 class RMSNorm(nn.Module):
@@ -89,13 +91,9 @@ class Attention(nn.Module):
         self.recompute_core = cfg.recompute == "selective"
         d, nq, nkv = cfg.head_size, cfg.num_attention_heads, cfg.kv_heads
         self.head_dim, self.local_q = d, nq // ps.tp
-        if nkv >= ps.tp:
-            kv, copies = tp_shards(nkv * d, ps.tp_group), 1
-        else:
-            # Fewer kv heads than TP ranks: each rank holds a copy of the one head its queries use.
-            copies = ps.tp // nkv
-            kv = Shard(nkv * d, nkv, ps.tp_rank // copies)
-        self.local_kv = kv.local // d
+        self.local_kv, copies = kv_partition(nkv, ps.tp)
+        # With copies > 1 (fewer kv heads than TP ranks) each rank holds the one head its queries use.
+        kv = Shard(nkv * d, nkv // self.local_kv, ps.tp_rank // copies)
         self.q_proj = ColumnParallelLinear(cfg.hidden_size, [tp_shards(nq * d, ps.tp_group)], cfg.qkv_bias)
         self.kv_proj = ColumnParallelLinear(cfg.hidden_size, [kv, kv], cfg.qkv_bias)   # [k; v] rows
         if copies > 1:
@@ -170,7 +168,7 @@ class LlamaStage(nn.Module):
                  post_process: bool, sequence_parallel: bool = False, neftune_seed: int = 0):
         super().__init__()
         self.cfg, self.group = cfg, ps.tp_group
-        self.sequence_parallel = sequence_parallel and ps.tp > 1
+        self.sequence_parallel = sequence_parallel   # resolved: Layout.sequence_parallel
         self.pre_process, self.post_process = pre_process, post_process
         self.recompute_layers = cfg.recompute == "full"
         backend = resolve_backend(cfg.attention_backend, ps.device)
@@ -189,10 +187,9 @@ class LlamaStage(nn.Module):
             self.vocab_start = vocab.start
             self.vocab_valid = max(0, min(vocab.local, cfg.vocab_size - vocab.start))
             if not (cfg.tie_embeddings and pre_process):
-                self.lm_head = LMHead(cfg.hidden_size, [vocab])                   # [V/tp, h]
                 # With pipelining a tied head is a second copy of the embedding, kept equal by
-                # all-reducing both copies' gradients over the embedding group.
-                self.lm_head.weight.tied_embedding = cfg.tie_embeddings
+                # all-reducing both copies' gradients over the embedding group (pipeline.tied).
+                self.lm_head = LMHead(cfg.hidden_size, [vocab])                   # [V/tp, h]
         self._inv_freq = rope_inv_freq(cfg)
 
     def forward(self, batch: dict, hidden_states: Optional[torch.Tensor] = None):

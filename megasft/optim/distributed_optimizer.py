@@ -2,7 +2,8 @@
 
 One step (Rajbhandari et al. 2020, "ZeRO", stage 1; Megatron-LM's distributed optimizer):
 
-    grads (fp32 main_grad, summed over micro-batches)
+    grads (fp32 main grads, summed over micro-batches)
+      ─ model syncs: partial grads of replicated params over TP, tied embedding copies over PP
       ─ reduce-scatter SUM over DP ─▶ this rank's grad shard      [P] -> [P / dp]
       ─ global norm over TP, PP, DP; clip by min(1, max_norm / (norm + 1e-6))
       ─ AdamW on the shard (fp32 main params, exp_avg, exp_avg_sq)
@@ -28,8 +29,7 @@ Wiring in a trainer:
     opt.zero_grad()
     for each micro-batch:                          # all but the last inside opt.grad_buffer.no_sync()
         (loss_sum / global_valid_tokens).backward()     # when overlap_grad_reduce is on
-    sum replicated grads on param.main_grad        # SP norm weights, tied embeddings (before step)
-    result = opt.step()                            # StepResult(grad_norm, skipped, lr, ...)
+    result = opt.step()                            # every grad sync, then StepResult(grad_norm, ...)
     opt.finish_param_sync()                        # before reading weights outside a forward
 """
 from __future__ import annotations
@@ -46,6 +46,8 @@ from megasft.optim.adamw import FusedUpdate, reference_update, resolve_kernel
 from megasft.optim.grad_buffer import Bucket, GradBuffer, ParamShard
 from megasft.optim.grad_norm import clip_coefficient, global_norm, weighted_sq_sum
 from megasft.parallel_state import ParallelState
+from megasft.pipeline.tied import sync_tied_embedding_grads
+from megasft.tensor_parallel.layers import sync_replicated_grads
 
 MAIN, EXP_AVG, EXP_AVG_SQ = 0, 1, 2  # rows of shard_state
 
@@ -67,8 +69,8 @@ class DistributedOptimizer:
     """AdamW over the trainable parameters of this rank, state sharded over DP (ZeRO-1).
 
     named_params: ``model.named_parameters()`` (of every model chunk on this rank). The constructor
-    re-points each ``param.data`` into a contiguous buffer and gives each param a fp32
-    ``param.main_grad``; backward fills main_grad through hooks (see grad_buffer).
+    re-points each ``param.data`` into a contiguous buffer and gives each param a fp32 main grad
+    (``grad_buffer.main_grad(param)``); backward fills it through hooks (see grad_buffer).
     schedule: ``step -> lr``, e.g. lr_schedule.WarmupCosine, evaluated at the applied-step count.
     """
 
@@ -85,6 +87,8 @@ class DistributedOptimizer:
                                       bucket_numel=bucket_numel, overlap=parallel.overlap_grad_reduce)
         # The norm sums over TP and PP always, and over DP only where DP ranks hold disjoint shards.
         self.norm_groups = [state.tp_group, state.pp_group] + ([state.dp_group] if self.distributed else [])
+        self.embedding_group = state.embedding_group
+        self.params = [slot.param for bucket in self.grad_buffer.buckets for slot in bucket.slots]
         self.shard_state = torch.zeros(3, self.grad_buffer.shard_numel, dtype=torch.float32,
                                        device=self.grad_buffer.grad_data.device)
         self.main_params_from_model()
@@ -105,7 +109,7 @@ class DistributedOptimizer:
     def step(self) -> StepResult:
         """Reduce grads over DP, clip, update this rank's shard, all-gather params.
         Collective over TP, PP and DP: every rank calls it every step."""
-        self.grad_buffer.finish_grad_sync()
+        self.sync_grads()
         norm = self.grad_norm()
         lr = self.schedule(self.step_count)
         if not math.isfinite(norm):
@@ -116,6 +120,16 @@ class DistributedOptimizer:
         self._update(lr, coef)
         self.publish_params(overlap=self.overlap_param_gather)
         return StepResult(norm, False, lr, coef, 0)
+
+    def sync_grads(self) -> None:
+        """Every gradient sum before the update, in the one order that is right: the partial
+        gradients of replicated parameters over their TP groups and the pipeline-tied embedding
+        copies over the embedding group (both on the fp32 main grads, which an overlapped DP
+        reduction leaves alone until then: ParamSpec.model_grad_sync), then the DP reduction."""
+        main_grad = self.grad_buffer.main_grad
+        sync_replicated_grads(self.params, main_grad)
+        sync_tied_embedding_grads(self.params, self.embedding_group, main_grad)
+        self.grad_buffer.finish_grad_sync()
 
     def grad_norm(self) -> float:
         """Global L2 norm of the DP-reduced gradients, each distinct parameter counted once."""

@@ -3,7 +3,7 @@
 Every trainable parameter of this rank gets a slot [start, end) in one flat index space. Two
 buffers share that layout:
 
-    grad_data  fp32 [total]          param.main_grad is a view into it (fp32 accumulation)
+    grad_data  fp32 [total]          each param's main grad is a view into it (fp32 accumulation)
     param_data model dtype [total]   param.data is re-pointed to a view into it, so the all-gather
                                      of updated params writes the model weights in place
 
@@ -15,7 +15,7 @@ holds at most a few runs of equal (weight decay, copies). Each bucket is padded 
 optimizer shard is the concatenation of those slices (Megatron-LM's distributed optimizer does
 the same). With one bucket this is the flat space split evenly over DP.
 
-Accumulation. A post-accumulate-grad hook adds ``param.grad`` into ``param.main_grad`` in fp32
+Accumulation. A post-accumulate-grad hook adds ``param.grad`` into the param's main grad in fp32
 and frees ``param.grad``, for any number of micro-batches. With overlap, a bucket whose every
 parameter has fired during a backward outside :meth:`GradBuffer.no_sync` is reduced
 asynchronously at once; :meth:`GradBuffer.finish_grad_sync` reduces the rest and waits.
@@ -28,9 +28,11 @@ first runs, so the gather of later layers hides behind the compute of earlier on
 reads the weights outside a module forward (checkpoint save, export) calls
 :meth:`GradBuffer.finish_param_sync` first.
 
-Parameters whose main_grad the model itself sums across ranks after backward (sequence-parallel
-norm weights, pipeline-tied embeddings) must be marked ``param.model_grad_sync = True``: they sit
-in a final bucket that is only reduced in finish_grad_sync(), after the model's syncs ran.
+Parameters whose gradient the model itself sums across ranks after backward (sequence-parallel
+norm weights, replicated kv heads, pipeline-tied embeddings: ``ParamSpec.model_grad_sync``) sit in
+a final bucket that is only reduced in finish_grad_sync(), after the model's syncs ran.
+
+Each parameter's fp32 accumulator is a view into grad_data, read through :meth:`GradBuffer.main_grad`.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megasft.optim.grad_norm import copies
+from megasft.tensor_parallel.spec import spec_of
 
 # torch >= 2.12 names the single-tensor collectives *_single; older releases only have *_tensor.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -60,12 +62,13 @@ def decays(param: nn.Parameter) -> bool:
 
 @dataclass
 class Slot:
-    """One parameter's place in the flat space."""
+    """One parameter's place in the flat space, and its fp32 gradient accumulator there."""
 
     name: str
     param: nn.Parameter
     start: int
     end: int
+    main_grad: Optional[torch.Tensor] = None   # view of grad_data[start:end] in the param's shape
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,8 @@ def _pad(n: int, multiple: int) -> int:
 def _bucket_slots(named: list[tuple[str, nn.Parameter]], bucket_numel: Optional[int]) -> list[list]:
     """Group parameters (already in layout order) into buckets of about bucket_numel elements;
     model_grad_sync params form a last bucket of their own."""
-    regular = [(n, p) for n, p in named if not getattr(p, "model_grad_sync", False)]
-    deferred = [(n, p) for n, p in named if getattr(p, "model_grad_sync", False)]
+    regular = [(n, p) for n, p in named if not spec_of(p).model_grad_sync]
+    deferred = [(n, p) for n, p in named if spec_of(p).model_grad_sync]
     groups, current, size = [], [], 0
     for name, param in regular:
         current.append((name, param))
@@ -168,13 +171,13 @@ class GradBuffer:
         buckets, offset, shard_offset = [], 0, 0
         for group in _bucket_slots(named, bucket_numel):
             # Stable sort: decayed first, then by copies, so a shard slice has few distinct runs.
-            group = sorted(group, key=lambda item: (not decays(item[1]), copies(item[1])))
+            group = sorted(group, key=lambda item: (not decays(item[1]), spec_of(item[1]).copies))
             slots, start = [], offset
             for name, param in group:
                 slots.append(Slot(name, param, offset, offset + param.numel()))
                 offset += param.numel()
             offset = start + _pad(offset - start, self.num_shards * SHARD_ALIGN)
-            deferred = any(getattr(p, "model_grad_sync", False) for _, p in group)
+            deferred = any(spec_of(p).model_grad_sync for _, p in group)
             bucket = Bucket(start, offset, slots, (offset - start) // self.num_shards, shard_offset, deferred)
             shard_offset += bucket.shard_numel
             buckets.append(bucket)
@@ -182,14 +185,20 @@ class GradBuffer:
         return buckets
 
     def _bind_params(self) -> None:
-        """Copy each param into param_data and make param.data / param.main_grad views of the buffers."""
+        """Copy each param into param_data and make param.data and its main grad views of the buffers."""
+        self._slots = {}
         for bucket in self.buckets:
             for slot in bucket.slots:
                 p = slot.param
                 view = self.param_data[slot.start:slot.end].view(p.shape)
                 view.copy_(p.detach())
                 p.data = view
-                p.main_grad = self.grad_data[slot.start:slot.end].view(p.shape)
+                slot.main_grad = self.grad_data[slot.start:slot.end].view(p.shape)
+                self._slots[id(p)] = slot
+
+    def main_grad(self, param: nn.Parameter) -> torch.Tensor:
+        """The fp32 gradient accumulator of a parameter this buffer holds."""
+        return self._slots[id(param)].main_grad
 
     def shard_range(self, bucket: Bucket) -> tuple[int, int]:
         """This rank's slice [start, end) of `bucket` in the flat space."""
@@ -205,7 +214,7 @@ class GradBuffer:
             s, e = max(lo, slot.start), min(hi, slot.end)
             if s >= e:
                 continue
-            run = Run(s - lo, e - lo, decays(slot.param), copies(slot.param))
+            run = Run(s - lo, e - lo, decays(slot.param), spec_of(slot.param).copies)
             last = runs[-1] if runs else None
             if last and last.end == run.start and (last.decay, last.copies) == (run.decay, run.copies):
                 runs[-1] = Run(last.start, run.end, run.decay, run.copies)
@@ -236,7 +245,7 @@ class GradBuffer:
     # ---------------------------------------------------------- accumulation
     def _make_hook(self, bucket: Bucket, slot: Slot):
         def hook(param: nn.Parameter) -> None:
-            param.main_grad.add_(param.grad)  # bf16 grad added into the fp32 accumulator
+            slot.main_grad.add_(param.grad)  # bf16 grad added into the fp32 accumulator
             param.grad = None
             if self.overlap and self._sync_enabled:
                 self._mark_ready(bucket, slot)

@@ -1,10 +1,10 @@
 """Global gradient norm across TP, PP and DP, counting every distinct parameter once, and clipping.
 
 A parameter may be held by several ranks of a TP group (norm weights: all tp of them; kv heads
-replicated when tp > num_kv_heads: tp // kv_heads). The model marks this with ``param.tp_copies``
-(default 1). A tied embedding held by both the first and the last pipeline stage may likewise be
-marked with ``param.pp_copies`` (default 1). Each copy contributes ||g||² / copies to the local
-sum, so summing over the TP group and the PP group counts it exactly once:
+replicated when tp > num_kv_heads: tp // kv_heads), and a tied embedding by both the first and the
+last pipeline stage: its ParamSpec says so (``tp_copies``, ``pp_copies``; megasft.tensor_parallel.spec).
+Each copy contributes ||g||² / copies to the local sum, so summing over the TP group and the PP
+group counts it exactly once:
 
     ||g||² = Σ_groups Σ_local ||g_p||² / copies(p)
 
@@ -17,12 +17,6 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
-
-def copies(param: nn.Parameter) -> int:
-    """How many ranks of the TP x PP grid hold an identical copy of `param`."""
-    return int(getattr(param, "tp_copies", 1)) * int(getattr(param, "pp_copies", 1))
 
 
 def weighted_sq_sum(pieces: Iterable[tuple[torch.Tensor, int]], device: torch.device) -> torch.Tensor:

@@ -31,11 +31,12 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
+from megasft.layout import (AFAB, INTERLEAVED, NO_PIPELINE, ONE_F_ONE_B, check_micro_batches,
+                            resolve_schedule, warmup_forwards)
 from megasft.parallel_state import ParallelState
 from megasft.pipeline.p2p import P2P, backward_through, release_storage
 
 ForwardStep = Callable[[int, dict, Optional[torch.Tensor]], object]
-SCHEDULES = ("auto", "1f1b", "interleaved", "all_forward_all_backward")
 
 
 @dataclass
@@ -165,7 +166,7 @@ def one_f_one_b(st: _Stage) -> None:
     activations held to p - r micro-batches; the cooldown drains the remaining backwards."""
     p, r, m = st.ps.pp, st.ps.pp_rank, len(st.micro_batches)
     first, last = st.ps.is_first_stage, st.ps.is_last_stage
-    warmup = m if st.forward_only else min(p - r - 1, m)
+    warmup = m if st.forward_only else warmup_forwards(ONE_F_ONE_B, p, r, m)
     steady = m - warmup
 
     # Warmup: forwards only, filling the pipeline.
@@ -191,11 +192,7 @@ def interleaved_1f1b(st: _Stage) -> None:
     has work while its first results travel round the ring. Backward visits chunks in reverse.
     Needs m to be a multiple of p."""
     p, r, v, m = st.ps.pp, st.ps.pp_rank, st.num_chunks, len(st.micro_batches)
-    if m % p:
-        lower, upper = max(p, m // p * p), (m // p + 1) * p
-        raise ValueError(f"the interleaved schedule needs the number of micro-batches ({m}) to be a "
-                         f"multiple of pp={p}; use {lower} or {upper} micro-batches per step, or "
-                         "virtual_pipeline_size=1")
+    check_micro_batches(INTERLEAVED, m, p)
     first, last = st.ps.is_first_stage, st.ps.is_last_stage
     total = m * v
 
@@ -206,13 +203,9 @@ def interleaved_1f1b(st: _Stage) -> None:
     def micro_batch_of(k: int) -> int:
         return (k // (p * v)) * p + k % p
 
-    # Warmup length: the forwards that fit before the first gradient can come back round the
-    # ring (2 hops per stage below the last) plus one full round of the other v-1 chunks. With
-    # m == p there is no steady state: everything is warmup, then cooldown.
-    if st.forward_only or m == p:
-        warmup = total
-    else:
-        warmup = min((p - r - 1) * 2 + (v - 1) * p, total)
+    # Warmup length (megasft.layout.warmup_forwards): what fits before the first gradient comes
+    # back round the ring; with m == p there is no steady state, only warmup and cooldown.
+    warmup = total if st.forward_only else warmup_forwards(INTERLEAVED, p, r, m, v)
     steady = total - warmup
     inputs = [deque() for _ in range(v)]      # received activations, per chunk, in order
     grads = [deque() for _ in range(v)]       # received output gradients, per chunk, in order
@@ -276,24 +269,8 @@ def interleaved_1f1b(st: _Stage) -> None:
 
 
 # ----------------------------------------------------------------------------------- dispatch
-def resolve_schedule(schedule: str, pp: int, num_chunks: int) -> str:
-    """The schedule to run for ParallelConfig.pipeline_schedule, checked against the layout."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"pipeline schedule {schedule!r} is not one of {list(SCHEDULES)}")
-    if num_chunks > 1 and pp == 1:
-        raise ValueError(f"num_chunks={num_chunks} model chunks need pp > 1 (interleaving splits stages)")
-    if schedule == "auto":
-        return "no_pipeline" if pp == 1 else ("interleaved" if num_chunks > 1 else "1f1b")
-    if schedule == "interleaved" and num_chunks == 1:
-        raise ValueError("the interleaved schedule needs virtual_pipeline_size > 1; use 1f1b or auto")
-    if schedule != "interleaved" and num_chunks > 1:
-        raise ValueError(f"{num_chunks} model chunks per rank (virtual_pipeline_size) need the "
-                         f"interleaved schedule, not {schedule!r}; use interleaved or auto")
-    return schedule
-
-
-RUNNERS = {"no_pipeline": no_pipeline, "all_forward_all_backward": all_forward_all_backward,
-           "1f1b": one_f_one_b, "interleaved": interleaved_1f1b}
+RUNNERS = {NO_PIPELINE: no_pipeline, AFAB: all_forward_all_backward, ONE_F_ONE_B: one_f_one_b,
+           INTERLEAVED: interleaved_1f1b}
 
 
 def forward_backward(forward_step: ForwardStep, micro_batches: list[dict], ps: ParallelState, *,
@@ -302,7 +279,10 @@ def forward_backward(forward_step: ForwardStep, micro_batches: list[dict], ps: P
                      no_sync: Optional[Callable[[], ContextManager]] = None) -> ScheduleResult:
     """Run forward (and backward) of every micro-batch through this rank's chunks.
 
-    tensor_shape: the activation shape between stages, [s/tp if SP else s, b, h] (static).
+    schedule: ParallelConfig.pipeline_schedule (resolved by megasft.layout.resolve_schedule; a
+    Layout's resolved name passes through unchanged).
+    tensor_shape: the activation shape between stages, [s/tp if SP else s, b, h] (static;
+    Layout.activation_shape).
     no_sync: optional context-manager factory (e.g. GradBuffer.no_sync) entered around every
     backward except each chunk's last, so overlapped DP gradient reduction starts only then."""
     name = resolve_schedule(schedule, ps.pp, num_chunks)

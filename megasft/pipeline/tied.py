@@ -9,48 +9,46 @@ every optimizer step: both then see the gradient of the tied parameter and take 
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def tied_embedding_copies(chunks: Iterable[nn.Module]) -> list[nn.Parameter]:
-    """This rank's copies of a pipeline-tied embedding: the LM head marked ``tied_embedding`` on
-    the last stage, the embedding of a tying model whose head lives on another stage."""
-    copies = []
-    for chunk in chunks:
-        head = getattr(chunk, "lm_head", None)
-        if head is not None and getattr(head.weight, "tied_embedding", False):
-            copies.append(head.weight)
-        embedding = getattr(chunk, "embedding", None)
-        if embedding is not None and chunk.cfg.tie_embeddings and not chunk.post_process:
-            copies.append(embedding.weight)
-    return copies
+from megasft.tensor_parallel.spec import set_spec, spec_of
 
 
 def mark_tied_embeddings(chunks: Iterable[nn.Module]) -> list[nn.Parameter]:
-    """Tag the copies for the optimizer before it is built: ``pp_copies = 2`` so the global grad
-    norm counts the tied tensor once, ``model_grad_sync = True`` so an overlapped DP reduction
-    waits for sync_tied_embedding_grads. Returns the copies."""
-    copies = tied_embedding_copies(chunks)
+    """Give this rank's copies of a pipeline-tied embedding — the LM head of a tying model on the
+    last stage, the embedding of a tying model whose head lives on another stage — their spec
+    (tied, two pipeline copies) before the optimizer is built. Returns the copies."""
+    copies = []
+    for chunk in chunks:
+        if not chunk.cfg.tie_embeddings:
+            continue
+        head = getattr(chunk, "lm_head", None)
+        if head is not None:
+            copies.append(head.weight)
+        if getattr(chunk, "embedding", None) is not None and not chunk.post_process:
+            copies.append(chunk.embedding.weight)
     for param in copies:
-        param.tied_embedding = True
-        param.pp_copies = 2
-        param.model_grad_sync = True
+        set_spec(param, tied=True, pp_copies=2)
     return copies
 
 
-def sync_tied_embedding_grads(chunks: Iterable[nn.Module], ps) -> None:
-    """Sum the tied copies' gradients over the embedding group (param.main_grad when present,
-    else .grad). Call after the schedule and before the optimizer; a no-op without pipelining."""
-    if ps.embedding_group is None:
+def tied_copies(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """The pipeline-tied embedding copies among `params`."""
+    return [p for p in params if spec_of(p).tied]
+
+
+def sync_tied_embedding_grads(params: Iterable[nn.Parameter], embedding_group: Optional[dist.ProcessGroup],
+                              grad_of: Callable[[nn.Parameter], Optional[torch.Tensor]]) -> None:
+    """Sum the tied copies' gradients (``grad_of(param)``: the fp32 main grad under the optimizer,
+    ``.grad`` without one) over the embedding group; a no-op without pipelining."""
+    if embedding_group is None:
         return
-    for param in tied_embedding_copies(chunks):
-        grad = getattr(param, "main_grad", None)
-        if grad is None:
-            if param.grad is None:   # both stages must join the all-reduce
-                param.grad = torch.zeros_like(param)
-            grad = param.grad
-        dist.all_reduce(grad, group=ps.embedding_group)
+    for param in tied_copies(params):
+        grad = grad_of(param)
+        if grad is None:   # both stages must join the all-reduce
+            param.grad = grad = torch.zeros_like(param)
+        dist.all_reduce(grad, group=embedding_group)

@@ -6,6 +6,7 @@ Library entry points (``tools/plan.py`` is a thin CLI over them):
     check_fits(plan) -> Plan                         raises PlanError naming the overflowing number
     search(cfg, cluster, assumptions, top) -> [Plan] fitting layouts, fastest first
     nearest_fitting(cfg, cluster, ...) -> [Plan]     fitting layouts closest to cfg's own
+    pin(cfg, world_size) -> Config                   a config with parallel.dp resolved, as plan() uses
     rank_state_bytes(cfg, pp_rank) -> StateBytes     exact weight/grad/optimizer bytes of one rank
     forward_flops_per_token(model, seq_len, ...)     exact GEMM + attention FLOPs per token
 """
@@ -14,12 +15,12 @@ from megasft.planner.estimate import Plan, PlanError, StageMemory, check_fits, p
 from megasft.planner.flops import forward_flops_per_token, model_flops_per_step
 from megasft.planner.hardware import GPUS, Cluster, GpuSpec, make_cluster
 from megasft.planner.memory import StateBytes, rank_parameters, rank_state_bytes
-from megasft.planner.schedule import bubble_fraction
-from megasft.planner.search import Layout, layout_of, nearest_fitting, search
+from megasft.planner.pinned import pin
+from megasft.planner.search import Candidate, candidate_of, nearest_fitting, search
 
 __all__ = [
     "Assumptions", "Plan", "PlanError", "StageMemory", "check_fits", "plan",
     "forward_flops_per_token", "model_flops_per_step", "GPUS", "Cluster", "GpuSpec", "make_cluster",
-    "StateBytes", "rank_parameters", "rank_state_bytes", "bubble_fraction",
-    "Layout", "layout_of", "nearest_fitting", "search",
+    "StateBytes", "rank_parameters", "rank_state_bytes", "pin",
+    "Candidate", "candidate_of", "nearest_fitting", "search",
 ]

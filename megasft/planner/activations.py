@@ -51,8 +51,7 @@ from dataclasses import dataclass
 
 from megasft.config import Config
 from megasft.planner.assumptions import Assumptions
-from megasft.planner.memory import tp_local_kv_heads
-from megasft.planner.schedule import in_flight_chunks, micro_batches, rank_chunk_layers, schedule_name
+from megasft.planner.pinned import layout_of
 
 ELEMENT_BYTES = {"bf16": 2, "fp32": 4}
 FP32_BYTES = 4  # statistics kept in fp32 whatever the precision (RMSNorm, softmax, log-sum-exp)
@@ -64,8 +63,7 @@ def uses_flash_attention(cfg: Config) -> bool:
 
 
 def _sequence_shard(cfg: Config) -> int:
-    p = cfg.parallel
-    return p.tp if p.sequence_parallel and p.tp > 1 else 1
+    return cfg.parallel.tp if layout_of(cfg).sequence_parallel else 1
 
 
 def layer_bytes_per_token(cfg: Config, assumptions: Assumptions) -> float:
@@ -76,7 +74,7 @@ def layer_bytes_per_token(cfg: Config, assumptions: Assumptions) -> float:
     shard = _sequence_shard(cfg)
     linear_input = e * h / t if shard > 1 and assumptions.sp_regathers_inputs else e * h
     q_width = m.num_attention_heads // t * d
-    kv_width = tp_local_kv_heads(m, t) * d
+    kv_width = layout_of(cfg).kv_heads_per_rank * d
     norms = 2 * ((FP32_BYTES + e) * h + FP32_BYTES) / shard
     attention = linear_input + e * (q_width + 2 * kv_width) + e * q_width
     mlp = linear_input + 4 * e * (f // t)
@@ -131,13 +129,9 @@ def in_flight_layers(cfg: Config, pp_rank: int) -> int:
     The n in-flight chunk forwards of a rank are, in Megatron's interleaved order, k = 0..n-1 on
     the rank's model chunk (k // pp) % v; with v = 1 all are the rank's only chunk.
     """
-    p = cfg.parallel
-    schedule = schedule_name(cfg)
-    layers = rank_chunk_layers(cfg, pp_rank)
-    n = in_flight_chunks(schedule, p.pp, micro_batches(cfg), p.virtual_pipeline_size, pp_rank)
-    if schedule == "all_forward_all_backward":
-        return n // len(layers) * sum(layers)
-    return sum(layers[(k // p.pp) % len(layers)] for k in range(n))
+    layout = layout_of(cfg)
+    layers = layout.rank_chunk_layers(pp_rank)
+    return sum(layers[(k // layout.pp) % len(layers)] for k in range(layout.in_flight(pp_rank)))
 
 
 def loss_bytes(cfg: Config, assumptions: Assumptions) -> float:

@@ -27,7 +27,7 @@ from megasft.config import Config
 from megasft.planner.activations import ELEMENT_BYTES
 from megasft.planner.hardware import Cluster
 from megasft.planner.memory import GRAD_BYTES, WEIGHT_BYTES, rank_parameters
-from megasft.planner.schedule import micro_batches, rank_chunk_layers
+from megasft.planner.pinned import layout_of
 
 
 def ring_fraction(n: int) -> float:
@@ -65,7 +65,7 @@ def tp_bytes_per_micro_batch(cfg: Config, pp_rank: int) -> float:
     unit = ring_fraction(p.tp) * activation  # one all-gather or one reduce-scatter
     per_layer = (4 + 4 + (4 if m.recompute == "full" else 0)) * unit  # forward, backward, recompute
     ends = (pp_rank == 0) + (pp_rank == p.pp - 1)  # embedding / LM head collective pairs
-    return sum(rank_chunk_layers(cfg, pp_rank)) * per_layer + ends * 2 * unit
+    return sum(layout_of(cfg).rank_chunk_layers(pp_rank)) * per_layer + ends * 2 * unit
 
 
 def pp_bytes_per_micro_batch(cfg: Config) -> float:
@@ -73,15 +73,14 @@ def pp_bytes_per_micro_batch(cfg: Config) -> float:
     m, p, d = cfg.model, cfg.parallel, cfg.data
     if p.pp == 1:
         return 0.0
-    shard = p.tp if p.sequence_parallel and p.tp > 1 else 1
+    shard = p.tp if layout_of(cfg).sequence_parallel else 1
     message = d.seq_len * d.micro_batch_size * m.hidden_size * ELEMENT_BYTES[cfg.train.precision] / shard
     return 2 * p.virtual_pipeline_size * message
 
 
 def dp_bytes_per_step(cfg: Config, pp_rank: int) -> tuple[float, float]:
     """(gradient reduction bytes, weight all-gather bytes) one rank sends per step."""
-    p = cfg.parallel
-    dp = p.dp or 1
+    p, dp = cfg.parallel, layout_of(cfg).dp
     if dp == 1:
         return 0.0, 0.0
     n = rank_parameters(cfg, pp_rank).total
@@ -92,9 +91,8 @@ def dp_bytes_per_step(cfg: Config, pp_rank: int) -> tuple[float, float]:
 
 def rank_comm(cfg: Config, cluster: Cluster, pp_rank: int) -> RankComm:
     """Communication of a rank of stage ``pp_rank`` on ``cluster`` (cfg validated, dp resolved)."""
-    p = cfg.parallel
-    dp = p.dp or 1
-    m = micro_batches(cfg)
+    p, layout = cfg.parallel, layout_of(cfg)
+    dp, m = layout.dp, layout.micro_batches
     tp_mb = tp_bytes_per_micro_batch(cfg, pp_rank)
     pp_mb = pp_bytes_per_micro_batch(cfg)
     reduce_bytes, gather_bytes = dp_bytes_per_step(cfg, pp_rank)

@@ -18,10 +18,10 @@ part of the all-gather the first micro-batch's forward cannot hide — each neve
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 from megasft.config import Config, ConfigError
+from megasft.layout import Layout
 from megasft.model.presets import count_parameters
 from megasft.planner.activations import ELEMENT_BYTES, in_flight_layers, layer_activations, loss_bytes
 from megasft.planner.assumptions import Assumptions
@@ -29,7 +29,7 @@ from megasft.planner.comm import RankComm, rank_comm
 from megasft.planner.flops import executed_flops_per_micro_batch, model_flops_per_step
 from megasft.planner.hardware import GIB, Cluster
 from megasft.planner.memory import OPTIMIZER_BYTES, largest_parameter, rank_state_bytes
-from megasft.planner.schedule import bubble_fraction, bubble_slots, check_schedule, micro_batches, rank_chunk_layers
+from megasft.planner.pinned import layout_of, pin
 
 # AdamW reads the fp32 master weight, m, v and gradient (16 B), writes weight, m, v (12 B) and the
 # bf16 copy of the weight (2 B): it is bound by memory bandwidth, not FLOPs.
@@ -76,10 +76,9 @@ class Plan:
     """Everything the planner predicts for one config on one cluster."""
 
     config: Config
+    layout: Layout
     cluster: Cluster
     assumptions: Assumptions
-    schedule: str
-    micro_batches: int
     parameters: int
     stages: tuple[StageMemory, ...]
     comm: tuple[RankComm, ...]
@@ -89,6 +88,14 @@ class Plan:
     micro_batch_seconds: float
     """Forward+backward of one micro-batch on the slowest stage, communication included."""
     step_seconds: float
+
+    @property
+    def schedule(self) -> str:
+        return self.layout.schedule
+
+    @property
+    def micro_batches(self) -> int:
+        return self.layout.micro_batches
 
     @property
     def worst(self) -> StageMemory:
@@ -126,7 +133,7 @@ def stage_memory(cfg: Config, pp_rank: int, assumptions: Assumptions) -> StageMe
     allocated = state.total + held * layer.stored + transient
     overhead = assumptions.reserved_gib * GIB + assumptions.fragmentation * allocated
     return StageMemory(
-        pp_rank=pp_rank, layers=sum(rank_chunk_layers(cfg, pp_rank)), parameters=state.parameters,
+        pp_rank=pp_rank, layers=sum(layout_of(cfg).rank_chunk_layers(pp_rank)), parameters=state.parameters,
         weights=state.weights, grads=state.grads, optimizer=state.optimizer,
         activations=held * layer.stored, in_flight_layers=held, transient=transient,
         transient_kind=kind, overhead=overhead)
@@ -134,13 +141,11 @@ def stage_memory(cfg: Config, pp_rank: int, assumptions: Assumptions) -> StageMe
 
 def plan(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions()) -> Plan:
     """Plan ``cfg`` on ``cluster``; validates the config for the cluster's world size first."""
-    cfg = copy.deepcopy(cfg).validate(cluster.world_size)
-    p, gpu = cfg.parallel, cluster.gpu
-    m = micro_batches(cfg)
-    schedule = check_schedule(cfg)
+    cfg = pin(cfg, cluster.world_size)
+    layout, gpu = layout_of(cfg), cluster.gpu
     peak = gpu.peak_tflops * 1e12
     stages, comms, per_mb, tails = [], [], [], []
-    for rank in range(p.pp):
+    for rank in range(layout.pp):
         stages.append(stage_memory(cfg, rank, assumptions))
         comm = rank_comm(cfg, cluster, rank)
         comms.append(comm)
@@ -152,19 +157,19 @@ def plan(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions()
         per_mb.append(compute + comm.tp_seconds_per_micro_batch + p2p)
         tails.append(_tail_seconds(cfg, cluster, rank, comm, compute))
     t_mb = max(per_mb)
-    pipeline = (m + bubble_slots(schedule, p.pp, p.virtual_pipeline_size)) * t_mb
+    pipeline = (layout.micro_batches + layout.bubble_slots) * t_mb
     step = pipeline + max(tails)
     return Plan(
-        config=cfg, cluster=cluster, assumptions=assumptions, schedule=schedule, micro_batches=m,
+        config=cfg, layout=layout, cluster=cluster, assumptions=assumptions,
         parameters=count_parameters(cfg.model), stages=tuple(stages), comm=tuple(comms),
-        bubble=bubble_fraction(schedule, p.pp, m, p.virtual_pipeline_size),
+        bubble=layout.bubble_fraction,
         model_flops=model_flops_per_step(cfg), micro_batch_seconds=t_mb, step_seconds=step)
 
 
 def _elementwise_seconds(cfg: Config, cluster: Cluster, pp_rank: int, assumptions: Assumptions) -> float:
     """Memory-bound time of one micro-batch on a rank: its layers' activations streamed through HBM."""
     passes = assumptions.elementwise_passes + (1 if cfg.model.recompute == "full" else 0)
-    layers = sum(rank_chunk_layers(cfg, pp_rank))
+    layers = sum(layout_of(cfg).rank_chunk_layers(pp_rank))
     return passes * layer_activations(cfg, assumptions).full * layers / (cluster.gpu.hbm_gbps * 1e9)
 
 

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 from megasft.config import Config, ModelConfig
 from megasft.planner.assumptions import Assumptions
-from megasft.planner.memory import tp_local_kv_heads
-from megasft.planner.schedule import rank_chunk_layers
+from megasft.layout import kv_partition
+from megasft.planner.pinned import layout_of
 
 
 def layer_matmul_parameters(model: ModelConfig, tp: int = 1) -> int:
     """Weights of one layer's GEMMs on one TP rank (replicated kv heads are computed on each rank)."""
     h, d, f = model.hidden_size, model.head_size, model.intermediate_size
     q_width = model.num_attention_heads // tp * d
-    kv_width = tp_local_kv_heads(model, tp) * d
+    kv_width = kv_partition(model.kv_heads, tp)[0] * d
     return h * (2 * q_width + 2 * kv_width) + 3 * h * (f // tp)
 
 
@@ -57,7 +57,7 @@ def executed_flops_per_micro_batch(cfg: Config, pp_rank: int, assumptions: Assum
     """
     m, p, d = cfg.model, cfg.parallel, cfg.data
     tokens = d.seq_len * d.micro_batch_size
-    layers = sum(rank_chunk_layers(cfg, pp_rank))
+    layers = sum(layout_of(cfg).rank_chunk_layers(pp_rank))
     recompute = cfg.model.recompute
     gemm_passes = 4 if recompute == "full" else 3
     attention_passes = 3 if recompute == "none" else 4

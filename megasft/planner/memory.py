@@ -19,14 +19,14 @@ Training state per local parameter (Micikevicius et al. 2018 mixed precision; Ra
 2020 ZeRO, Sec. 3 "K = 12"), as ``megasft.optim`` allocates it:
 
 * weights in the model dtype (2 B bf16, 4 B fp32), re-pointed into one flat parameter buffer;
-* one flat fp32 gradient buffer (``param.main_grad`` views), 4 B per parameter;
+* one flat fp32 gradient buffer (each parameter's main grad a view of it), 4 B per parameter;
 * optimizer state ``[3, shard]`` fp32 — master weight, Adam m and v — 12 B per owned parameter,
   in fp32 runs too (the master copy is kept regardless of the model dtype).
 
 Each bucket of the flat buffers is padded to a multiple of ``shards * SHARD_ALIGN`` elements
 (shards = dp with the distributed optimizer, else 1) and each DP rank owns an equal 1/shards slice.
 Without ``overlap_grad_reduce`` / ``overlap_param_gather`` there is one bucket, plus a last one for the parameters whose
-gradients the model sums across ranks itself before the DP reduction (``model_grad_sync``: the
+gradients the model sums across ranks itself before the DP reduction (``ParamSpec.model_grad_sync``: the
 pipeline-tied embedding copy, norm weights under SP, kv projections replicated when
 tp > num_kv_heads), so the prediction is exact; with overlap the other parameters are cut into
 ~``bucket_size_mb`` buckets, each adding less than ``shards * SHARD_ALIGN`` elements more.
@@ -37,24 +37,20 @@ import math
 from dataclasses import dataclass
 
 from megasft.config import Config, ModelConfig
+from megasft.layout import kv_partition
 from megasft.optim.grad_buffer import SHARD_ALIGN
-from megasft.planner.schedule import rank_chunk_layers
+from megasft.planner.pinned import layout_of
 
 WEIGHT_BYTES = {"bf16": 2, "fp32": 4}
 GRAD_BYTES = 4  # fp32 main gradients
 OPTIMIZER_BYTES = 12  # fp32 master weight + Adam exp_avg + exp_avg_sq
 
 
-def tp_local_kv_heads(model: ModelConfig, tp: int) -> int:
-    """Key/value heads one TP rank holds: kv/tp when tp divides them, else one replicated head."""
-    return max(model.kv_heads // tp, 1)
-
-
 def tp_layer_parameter_count(model: ModelConfig, tp: int) -> int:
     """Parameters of one decoder layer held by one TP rank (see the module docstring for the split)."""
     h, d, f = model.hidden_size, model.head_size, model.intermediate_size
     q_width = model.num_attention_heads // tp * d
-    kv_width = tp_local_kv_heads(model, tp) * d
+    kv_width = kv_partition(model.kv_heads, tp)[0] * d
     attention = h * q_width + 2 * h * kv_width + q_width * h
     if model.qkv_bias:
         attention += q_width + 2 * kv_width
@@ -85,7 +81,7 @@ def rank_parameters(cfg: Config, pp_rank: int) -> RankParameters:
     m, p = cfg.model, cfg.parallel
     first, last = pp_rank == 0, pp_rank == p.pp - 1
     vocab_rows = m.padded_vocab_size(p.tp) // p.tp
-    layers = sum(rank_chunk_layers(cfg, pp_rank)) * tp_layer_parameter_count(m, p.tp)
+    layers = sum(layout_of(cfg).rank_chunk_layers(pp_rank)) * tp_layer_parameter_count(m, p.tp)
     head_needed = last and (not m.tie_embeddings or p.pp > 1)
     return RankParameters(
         layers=layers,
@@ -110,14 +106,14 @@ def model_synced_parameters(cfg: Config, pp_rank: int) -> int:
     (they sit in a gradient bucket of their own): the pipeline-tied embedding copy (summed over the
     embedding group), RMSNorm weights under SP and kv projections replicated when tp > kv heads
     (summed over their TP ranks, ``megasft.tensor_parallel.layers.mark_replicated``)."""
-    m, p = cfg.model, cfg.parallel
+    m, layout = cfg.model, layout_of(cfg)
     params = rank_parameters(cfg, pp_rank)
-    layers = sum(rank_chunk_layers(cfg, pp_rank))
-    synced = params.embedding + params.lm_head if m.tie_embeddings and p.pp > 1 else 0
-    if p.sequence_parallel and p.tp > 1:
+    layers = sum(layout.rank_chunk_layers(pp_rank))
+    synced = params.embedding + params.lm_head if m.tie_embeddings and layout.pp > 1 else 0
+    if layout.sequence_parallel:
         synced += layers * 2 * m.hidden_size + params.final_norm
-    if p.tp > m.kv_heads:
-        kv_width = tp_local_kv_heads(m, p.tp) * m.head_size
+    if layout.kv_copies > 1:
+        kv_width = layout.kv_heads_per_rank * m.head_size
         synced += layers * 2 * kv_width * (m.hidden_size + (1 if m.qkv_bias else 0))
     return synced
 
@@ -154,7 +150,7 @@ def rank_state_bytes(cfg: Config, pp_rank: int = 0) -> StateBytes:
     """
     params = rank_parameters(cfg, pp_rank)
     n = params.total
-    shards = (cfg.parallel.dp or 1) if cfg.parallel.distributed_optimizer else 1
+    shards = layout_of(cfg).dp if cfg.parallel.distributed_optimizer else 1
     synced = model_synced_parameters(cfg, pp_rank)
     padded = buffer_numel(n - synced, shards) + (buffer_numel(synced, shards) if synced else 0)
     return StateBytes(parameters=n, weights=n * WEIGHT_BYTES[cfg.train.precision],

@@ -1,9 +1,10 @@
 """Human-readable text for plans and search results (memory in GiB = 2^30 bytes)."""
 from __future__ import annotations
 
+from megasft.layout import INTERLEAVED, NO_PIPELINE
 from megasft.planner.estimate import Plan, StageMemory
 from megasft.planner.hardware import GIB
-from megasft.planner.search import layout_of
+from megasft.planner.search import candidate_of
 
 
 def _stage_label(plan: Plan, stage: StageMemory) -> str:
@@ -14,10 +15,7 @@ def _stage_label(plan: Plan, stage: StageMemory) -> str:
 
 def format_layout(plan: Plan) -> str:
     cfg, p = plan.config, plan.config.parallel
-    schedule = plan.schedule + (f", v={p.virtual_pipeline_size}" if p.virtual_pipeline_size > 1 else "")
-    pipeline = f"pp {p.pp} ({schedule})" if plan.schedule != "none" else "pp 1"
-    return (f"tp {p.tp}{' + SP' if p.sequence_parallel and p.tp > 1 else ''} x {pipeline} x dp {p.dp} "
-            f"= {p.tp * p.pp * p.dp} ranks; micro-batch {cfg.data.micro_batch_size} x {cfg.data.seq_len} tokens, "
+    return (f"{plan.layout.describe()}; micro-batch {cfg.data.micro_batch_size} x {cfg.data.seq_len} tokens, "
             f"{plan.micro_batches} micro-batches/step; recompute={cfg.model.recompute}; "
             f"ZeRO-1 {'on' if p.distributed_optimizer else 'off'}; {cfg.train.precision}")
 
@@ -80,9 +78,9 @@ def _stage_sample(plan: Plan) -> list[StageMemory]:
 
 def _bubble_formula(plan: Plan) -> str:
     p, m = plan.config.parallel, plan.micro_batches
-    if plan.schedule == "none":
+    if plan.schedule == NO_PIPELINE:
         return "no pipeline"
-    if plan.schedule == "interleaved":
+    if plan.schedule == INTERLEAVED:
         v = p.virtual_pipeline_size
         return f"(p-1)/(v*m+p-1) = {p.pp - 1}/({v}*{m}+{p.pp - 1})"
     return f"(p-1)/(m+p-1) = {p.pp - 1}/({m}+{p.pp - 1})"
@@ -97,11 +95,11 @@ def format_search(plans: list[Plan]) -> str:
     header = f"{'#':>3}  {'layout':<58} {'GiB':>6} {'tokens/s':>10} {'MFU':>6} {'bubble':>7}"
     rows = [header]
     for i, p in enumerate(plans, 1):
-        rows.append(f"{i:>3}  {layout_of(p.config).describe():<58} {p.worst.total / GIB:6.1f} "
+        rows.append(f"{i:>3}  {candidate_of(p.config).describe():<58} {p.worst.total / GIB:6.1f} "
                     f"{p.tokens_per_second:10,.0f} {p.mfu * 100:5.1f}% {p.bubble * 100:6.1f}%")
     return "\n".join(rows)
 
 
 def format_overrides(plan: Plan) -> str:
     """The ``section.key=value`` overrides that select this plan's layout."""
-    return " ".join(layout_of(plan.config).overrides())
+    return " ".join(candidate_of(plan.config).overrides())

@@ -1,14 +1,12 @@
 """Enumerate layouts (tp, pp, v, dp, micro-batch, recompute) for a cluster and rank the ones that fit.
 
 The global batch, sequence length, model and optimizer come from the config; only the layout
-changes. Rules the search applies on top of ``Config.validate``:
+changes. Every candidate is checked by ``megasft.layout.Layout.resolve``; the search adds:
 
 * tp stays inside a node (TP collectives run every layer; Narayanan et al. 2021 Sec. 3.3 takeaway #1).
 * Sequence parallelism is on whenever tp > 1: it shards norm/dropout activations at the same
   communication volume (Korthikanti et al. 2022 Sec. 4.2.2), so turning it off never helps.
-* Interleaving needs a micro-batch count divisible by pp (megasft's interleaved schedule, like
-  Megatron-LM's, requires it); layers that do not split evenly into pp*v chunks get
-  :func:`balanced_pipeline_layers`.
+* Layers that do not split evenly into pp*v chunks get :func:`megasft.layout.balanced_pipeline_layers`.
 """
 from __future__ import annotations
 
@@ -18,10 +16,11 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from megasft.config import Config, ConfigError
+from megasft.layout import balanced_pipeline_layers
 from megasft.planner.assumptions import Assumptions
 from megasft.planner.estimate import Plan, plan
 from megasft.planner.hardware import Cluster
-from megasft.planner.schedule import balanced_pipeline_layers
+from megasft.planner.pinned import layout_of, pin
 
 RECOMPUTE_ORDER = ("none", "selective", "full")
 MAX_VIRTUAL_STAGES = 8
@@ -29,7 +28,7 @@ MAX_MICRO_BATCH = 8
 
 
 @dataclass(frozen=True)
-class Layout:
+class Candidate:
     """The knobs the search varies."""
 
     tp: int
@@ -57,34 +56,34 @@ class Layout:
                 f"data.micro_batch_size={self.micro_batch_size}", f"model.recompute={self.recompute}"]
 
 
-def layout_of(cfg: Config) -> Layout:
-    """The layout of a validated config."""
-    p = cfg.parallel
+def candidate_of(cfg: Config) -> Candidate:
+    """The search knobs of a pinned config (megasft.planner.pinned)."""
+    p, layout = cfg.parallel, layout_of(cfg)
     layers = tuple(p.pipeline_layers) if p.pipeline_layers else None
-    return Layout(tp=p.tp, pp=p.pp, v=p.virtual_pipeline_size, dp=p.dp or 1,
-                  micro_batch_size=cfg.data.micro_batch_size, recompute=cfg.model.recompute,
-                  sequence_parallel=p.sequence_parallel and p.tp > 1, pipeline_layers=layers)
+    return Candidate(tp=p.tp, pp=p.pp, v=p.virtual_pipeline_size, dp=layout.dp,
+                     micro_batch_size=cfg.data.micro_batch_size, recompute=cfg.model.recompute,
+                     sequence_parallel=layout.sequence_parallel, pipeline_layers=layers)
 
 
-def apply_layout(cfg: Config, layout: Layout, world_size: int) -> Config:
-    """A validated copy of ``cfg`` with ``layout``; raises ConfigError if the layout is invalid."""
+def apply_candidate(cfg: Config, candidate: Candidate, world_size: int) -> Config:
+    """A pinned copy of ``cfg`` with ``candidate``'s knobs; raises ConfigError if the layout is invalid."""
     new = copy.deepcopy(cfg)
     p = new.parallel
-    p.tp, p.pp, p.virtual_pipeline_size, p.dp = layout.tp, layout.pp, layout.v, None
-    p.sequence_parallel = layout.sequence_parallel
-    p.pipeline_layers = list(layout.pipeline_layers) if layout.pipeline_layers else None
+    p.tp, p.pp, p.virtual_pipeline_size, p.dp = candidate.tp, candidate.pp, candidate.v, None
+    p.sequence_parallel = candidate.sequence_parallel
+    p.pipeline_layers = list(candidate.pipeline_layers) if candidate.pipeline_layers else None
     p.pipeline_schedule = "auto"  # v picks 1F1B or interleaved
-    new.data.micro_batch_size = layout.micro_batch_size
-    new.model.recompute = layout.recompute
-    return new.validate(world_size)
+    new.data.micro_batch_size = candidate.micro_batch_size
+    new.model.recompute = candidate.recompute
+    return pin(new, world_size)
 
 
 def _powers_of_two_divisors(n: int, limit: int) -> list[int]:
     return [2**k for k in range(int(math.log2(max(limit, 1))) + 1) if n % 2**k == 0]
 
 
-def candidate_layouts(cfg: Config, cluster: Cluster) -> Iterator[tuple[Layout, Config]]:
-    """Every valid layout for ``cfg`` on ``cluster``, with its validated config."""
+def candidate_layouts(cfg: Config, cluster: Cluster) -> Iterator[tuple[Candidate, Config]]:
+    """Every valid layout for ``cfg`` on ``cluster``, with its pinned config."""
     world, layers = cluster.world_size, cfg.model.num_layers
     rows = cfg.data.rows_per_step()
     for tp in [t for t in range(1, cluster.gpus_per_node + 1) if cluster.gpus_per_node % t == 0]:
@@ -98,14 +97,12 @@ def candidate_layouts(cfg: Config, cluster: Cluster) -> Iterator[tuple[Layout, C
                 if layers % (pp * v) and split is None:
                     continue
                 for mbs in _powers_of_two_divisors(rows // dp, MAX_MICRO_BATCH):
-                    if v > 1 and (rows // (dp * mbs)) % pp:
-                        continue
                     for recompute in RECOMPUTE_ORDER:
-                        layout = Layout(tp, pp, v, dp, mbs, recompute, tp > 1,
-                                        tuple(split) if split else None)
+                        candidate = Candidate(tp, pp, v, dp, mbs, recompute, tp > 1,
+                                              tuple(split) if split else None)
                         try:
-                            yield layout, apply_layout(cfg, layout, world)
-                        except ConfigError:
+                            yield candidate, apply_candidate(cfg, candidate, world)
+                        except ConfigError:   # e.g. interleaving with m not a multiple of pp
                             continue
 
 
@@ -117,7 +114,7 @@ def search(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions
     return fitting[:top] if top else fitting
 
 
-def layout_distance(a: Layout, b: Layout) -> float:
+def layout_distance(a: Candidate, b: Candidate) -> float:
     """How far apart two layouts are: log2 steps of each size knob plus recompute levels."""
     steps = sum(abs(math.log2(x) - math.log2(y)) for x, y in
                 ((a.tp, b.tp), (a.pp, b.pp), (a.v, b.v), (a.micro_batch_size, b.micro_batch_size)))
@@ -128,7 +125,7 @@ def layout_distance(a: Layout, b: Layout) -> float:
 def nearest_fitting(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions(),
                     count: int = 3) -> list[Plan]:
     """The ``count`` fitting layouts closest to cfg's own (ties broken by estimated throughput)."""
-    target = layout_of(copy.deepcopy(cfg).validate(cluster.world_size))
+    target = candidate_of(pin(cfg, cluster.world_size))
     fitting = search(cfg, cluster, assumptions)
-    fitting.sort(key=lambda p: (layout_distance(layout_of(p.config), target), -p.tokens_per_second))
+    fitting.sort(key=lambda p: (layout_distance(candidate_of(p.config), target), -p.tokens_per_second))
     return fitting[:count]

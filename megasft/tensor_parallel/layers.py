@@ -1,21 +1,9 @@
-"""Tensor-parallel layers and the sharding metadata every parameter carries.
-
-Every parameter is a slice of one or more *canonical* tensors (the unsharded Hugging Face
-tensors). ``param.tp_split`` records how: which canonical parts are fused along which dim, and
-which chunk of each this rank holds. Initialisation, HF import/export and checkpoint resharding
-all derive local tensors from canonical ones through this one description, so a model has the
-same weights at every layout.
-
-Two more attributes describe replicated parameters (absent means "sharded, unique"):
-  ``param.tp_copies``        ranks of the TP group holding an identical copy (the global grad
-                             norm counts each distinct parameter once);
-  ``param.grad_sync_group``  group whose ranks hold partial gradients of the same parameter that
-                             must be summed before the optimizer step (norm weights under sequence
-                             parallelism, kv heads replicated when tp > num_kv_heads).
+"""Tensor-parallel layers. Each parameter they create gets its ParamSpec (megasft.tensor_parallel.spec):
+how it is cut from the canonical HF tensor, and — for replicated parameters — its copies and the
+group that sums its partial gradients.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -25,89 +13,17 @@ from torch import nn
 from megasft.parallel_state import group_rank, group_size
 from megasft.tensor_parallel.comm import (Group, copy_to_tp, gather_from_sp, reduce_from_tp,
                                           reduce_scatter_to_sp)
+from megasft.tensor_parallel.spec import Shard, TPSplit, set_spec, spec_of
 
 # The local GEMM of the TP linears, y = x W^T (+ b), as F.linear takes it. The layers do their TP/SP
 # communication around it; megasft.model.fp8 swaps in Transformer Engine's FP8 GEMM here.
 GemmFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Shard:
-    """This rank's chunk of one canonical tensor along the split dim: the canonical size is padded
-    to `padded` (vocab padding), cut into `num` equal chunks, and chunk `index` is held here."""
-
-    size: int
-    num: int = 1
-    index: int = 0
-    padded: Optional[int] = None
-
-    @property
-    def full(self) -> int:
-        return self.padded or self.size
-
-    @property
-    def local(self) -> int:
-        if self.full % self.num:
-            raise ValueError(f"canonical size {self.full} does not split into {self.num} equal chunks")
-        return self.full // self.num
-
-    @property
-    def start(self) -> int:
-        return self.index * self.local
-
-
-@dataclass(frozen=True)
-class TPSplit:
-    """A local parameter = concat over `parts` (canonical tensors, in order) of each part's shard
-    along `dim`."""
-
-    dim: int
-    parts: tuple[Shard, ...]
-
-    def local_from_full(self, fulls: Sequence[torch.Tensor]) -> torch.Tensor:
-        if len(fulls) != len(self.parts):
-            raise ValueError(f"expected {len(self.parts)} canonical tensors, got {len(fulls)}")
-        pieces = []
-        for full, shard in zip(fulls, self.parts):
-            if full.shape[self.dim] != shard.size:
-                raise ValueError(f"canonical tensor has {full.shape[self.dim]} rows along dim {self.dim}, "
-                                 f"expected {shard.size}")
-            if shard.padded and shard.padded > shard.size:
-                pad_shape = list(full.shape)
-                pad_shape[self.dim] = shard.padded - shard.size
-                full = torch.cat([full, full.new_zeros(pad_shape)], dim=self.dim)
-            pieces.append(full.narrow(self.dim, shard.start, shard.local))
-        return torch.cat(pieces, dim=self.dim)
-
-    def pieces(self, local: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
-        """Inverse of local_from_full: (part index, offset in the canonical tensor, piece) for every
-        part, with vocab padding rows dropped (they belong to no canonical tensor)."""
-        out, offset = [], 0
-        for i, shard in enumerate(self.parts):
-            piece = local.narrow(self.dim, offset, shard.local)
-            offset += shard.local
-            keep = max(0, min(shard.local, shard.size - shard.start))
-            if keep:
-                out.append((i, shard.start, piece.narrow(self.dim, 0, keep)))
-        return out
-
-    def full_shapes(self, local_shape: Sequence[int]) -> list[tuple[int, ...]]:
-        shapes = []
-        for shard in self.parts:
-            shape = list(local_shape)
-            shape[self.dim] = shard.size
-            shapes.append(tuple(shape))
-        return shapes
-
-
 def mark_replicated(param: nn.Parameter, copies: int, sync_group: Group) -> nn.Parameter:
-    """Tag a parameter held identically by `copies` TP ranks; `sync_group` (or None) sums its
-    partial gradients."""
-    param.tp_copies = copies
-    param.grad_sync_group = sync_group if group_size(sync_group) > 1 else None
-    # Tells an overlapped DP gradient reduction to wait until sync_replicated_grads has run.
-    param.model_grad_sync = param.grad_sync_group is not None
-    return param
+    """A parameter held identically by `copies` TP ranks; `sync_group` (or None) sums its partial
+    gradients."""
+    return set_spec(param, tp_copies=copies, grad_sync_group=sync_group if group_size(sync_group) > 1 else None)
 
 
 def tp_shards(size: int, group: Group) -> Shard:
@@ -120,9 +36,7 @@ def tp_shards(size: int, group: Group) -> Shard:
 
 def _new_weight(rows: int, cols: int, split: TPSplit, dtype: torch.dtype) -> nn.Parameter:
     # Real values come from megasft.model.init (layout-independent); empty here avoids paying twice.
-    weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype))
-    weight.tp_split = split
-    return weight
+    return set_spec(nn.Parameter(torch.empty(rows, cols, dtype=dtype)), split=split)
 
 
 def enter_tp_region(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
@@ -150,8 +64,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _new_weight(out_local, in_features, split, dtype)   # [out/tp, in]
         self.bias = None
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_local, dtype=dtype))
-            self.bias.tp_split = split
+            self.bias = set_spec(nn.Parameter(torch.empty(out_local, dtype=dtype)), split=split)
         self.gemm: GemmFn = F.linear    # a plain callable: adds no parameters or state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,16 +110,15 @@ class VocabParallelEmbedding(nn.Module):
         return exit_tp_region(emb, self.group, self.sequence_parallel)     # [s(/tp), b, h]
 
 
-def sync_replicated_grads(params: Iterable[nn.Parameter]) -> None:
-    """Sum the partial gradients of replicated parameters over their grad_sync_group, one
-    coalesced all-reduce per group. Uses param.main_grad (fp32 accumulation buffer) when present."""
+def sync_replicated_grads(params: Iterable[nn.Parameter], grad_of: Callable[[nn.Parameter], Optional[torch.Tensor]]) -> None:
+    """Sum the partial gradients of replicated parameters over their spec's grad_sync_group, one
+    coalesced all-reduce per group. ``grad_of(param)`` is the gradient to sum (the fp32 main grad
+    under the optimizer, ``.grad`` without one)."""
     import torch.distributed as dist
 
     by_group: dict = {}
     for p in params:
-        group = getattr(p, "grad_sync_group", None)
-        grad = getattr(p, "main_grad", None)
-        grad = p.grad if grad is None else grad
+        group, grad = spec_of(p).grad_sync_group, grad_of(p)
         if group is not None and grad is not None:
             by_group.setdefault(group, []).append(grad)
     for group, grads in by_group.items():

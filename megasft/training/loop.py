@@ -18,16 +18,14 @@ import torch
 import torch.distributed as dist
 
 from megasft.config import Config
+from megasft.layout import Layout
 from megasft.model.build import build_model
 from megasft.model.fp8 import fp8_autocast
 from megasft.optim.distributed_optimizer import DistributedOptimizer
 from megasft.optim.lr_schedule import WarmupCosine
 from megasft.parallel_state import ParallelState, group_size
 from megasft.pipeline import schedules
-from megasft.pipeline.bubble import bubble_1f1b, bubble_interleaved
-from megasft.pipeline.tied import sync_tied_embedding_grads
 from megasft.tensor_parallel.cross_entropy import IGNORE_INDEX, shift_labels
-from megasft.tensor_parallel.layers import sync_replicated_grads
 from megasft.training import metrics
 from megasft.training.profiler import maybe_profile
 
@@ -76,6 +74,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, ps: ParallelState, log: bool = True, stop: Optional[StopSignal] = None):
         self.cfg, self.ps = cfg, ps
+        self.layout = Layout.resolve(cfg, ps.world_size)
         self.chunks = build_model(cfg, ps)
         self.schedule = WarmupCosine.from_config(cfg.optim, cfg.train.steps)
         named = [(f"chunk{i}.{n}", p) for i, c in enumerate(self.chunks) for n, p in c.named_parameters()]
@@ -86,9 +85,6 @@ class Trainer:
         self.best_eval: Optional[tuple[float, int]] = None
         self.stop = stop or StopSignal()
         self.log = log and ps.rank == 0
-        s = cfg.data.seq_len // ps.tp if cfg.parallel.sequence_parallel and ps.tp > 1 else cfg.data.seq_len
-        self.tensor_shape = (s, cfg.data.micro_batch_size, cfg.model.hidden_size)
-        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.fp8_autocast = fp8_autocast(cfg.train, ps)   # a null context unless train.fp8 is on
 
     # ------------------------------------------------------------------ one step
@@ -116,17 +112,11 @@ class Trainer:
             chunk.train(not forward_only)
         overlap = self.cfg.parallel.overlap_grad_reduce and not forward_only
         result = schedules.forward_backward(
-            self.forward_step(scale), micro_batches, self.ps, num_chunks=len(self.chunks),
-            tensor_shape=self.tensor_shape, dtype=self.dtype, forward_only=forward_only,
-            schedule=self.cfg.parallel.pipeline_schedule,
+            self.forward_step(scale), micro_batches, self.ps, num_chunks=self.layout.v,
+            tensor_shape=self.layout.activation_shape, dtype=self.cfg.train.dtype,
+            forward_only=forward_only, schedule=self.layout.schedule,
             no_sync=self.optimizer.grad_buffer.no_sync if overlap else None)
         return result, global_count
-
-    def bubble_theory(self, num_micro_batches: int) -> float:
-        v = len(self.chunks)
-        if v > 1:
-            return bubble_interleaved(self.ps.pp, num_micro_batches, v)
-        return bubble_1f1b(self.ps.pp, num_micro_batches)
 
     def global_loss_sum(self, stats: dict) -> float:
         """Sum of token losses over the global batch, made known on every rank. Only the last
@@ -140,14 +130,12 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> StepOutput:
         self.optimizer.zero_grad()
         result, global_count = self.run_schedule(micro_batches, forward_only=False)
-        sync_replicated_grads(self.params)
-        sync_tied_embedding_grads(self.chunks, self.ps)
-        step = self.optimizer.step()
+        step = self.optimizer.step()   # every grad sync (TP replicas, tied copies, DP), then AdamW
         loss = self.global_loss_sum(result.stats) / max(global_count, 1)
         self.step += 1
         bubble = None
         if self.ps.pp > 1:   # rank 0 is on the first stage, which measures the pipeline's bubble
-            bubble = (result.bubble_fraction, self.bubble_theory(len(micro_batches)))
+            bubble = (result.bubble_fraction, self.layout.bubble_fraction)
         return StepOutput(loss, global_count, step.grad_norm, step.lr, step.skipped, bubble)
 
     # ------------------------------------------------------------------ eval

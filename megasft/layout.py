@@ -1,0 +1,294 @@
+"""Layout: every fact derived from the parallel configuration, resolved once.
+
+A :class:`Layout` is computed from a validated :class:`~megasft.config.Config` and the world size
+before any process group exists (``Layout.resolve`` raises :class:`ConfigError` with the fix).
+The model, the schedules, the training loop and the capacity planner all read it, so each rule —
+which schedule runs, how layers split over pipeline chunks, how many forwards a stage runs before
+its first backward, how kv heads are cut over TP, the bubble — is written here once.
+
+Pipeline chunks: with pp stages and v model chunks per rank there are pp*v chunks; chunk c holds a
+contiguous run of layers and lives on pipeline rank c % pp (Megatron's round-robin assignment for
+the interleaved schedule, Narayanan et al. 2021, Sec. 2.2). The embedding is on chunk 0, the final
+norm and LM head on chunk pp*v - 1.
+
+Bubbles (Narayanan et al. 2021, Sec. 2.2), as the fraction of a step a stage idles, equal stage
+costs and free communication: 1F1B and GPipe (p-1)/(m+p-1); interleaved (p-1)/(v*m+p-1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from megasft.config import Config, ConfigError, divisors
+
+# The one set of schedule names (ParallelConfig.pipeline_schedule accepts these plus "auto").
+NO_PIPELINE, ONE_F_ONE_B, INTERLEAVED, AFAB = "no_pipeline", "1f1b", "interleaved", "all_forward_all_backward"
+SCHEDULES = (NO_PIPELINE, ONE_F_ONE_B, INTERLEAVED, AFAB)
+
+
+# ------------------------------------------------------------------------------ pure rules
+def resolve_schedule(requested: str, pp: int, v: int) -> str:
+    """The schedule ParallelConfig.pipeline_schedule selects for pp stages and v chunks per rank."""
+    if requested not in ("auto",) + SCHEDULES:
+        raise ConfigError(f"parallel.pipeline_schedule={requested!r} is not one of {['auto', *SCHEDULES]}")
+    if v > 1 and pp == 1:
+        raise ConfigError("parallel.virtual_pipeline_size > 1 needs pp > 1 (interleaving splits pipeline stages)")
+    if pp == 1:
+        return NO_PIPELINE
+    if requested == "auto":
+        return INTERLEAVED if v > 1 else ONE_F_ONE_B
+    if requested == INTERLEAVED and v == 1:
+        raise ConfigError("parallel.pipeline_schedule=interleaved needs virtual_pipeline_size > 1; "
+                          "set parallel.virtual_pipeline_size=2 or use pipeline_schedule=1f1b")
+    if requested != INTERLEAVED and v > 1:
+        raise ConfigError(f"parallel.pipeline_schedule={requested} runs one model chunk per rank, but {v} "
+                          "model chunks per rank (virtual_pipeline_size) need the interleaved schedule; "
+                          "use pipeline_schedule=interleaved (or auto)")
+    return requested
+
+
+def check_micro_batches(schedule: str, m: int, pp: int, fix: Optional[str] = None) -> None:
+    """The interleaved schedule runs micro-batches in groups of pp per model chunk, so it needs m
+    to be a multiple of pp (as Megatron-LM's). `fix` says what to change (default: m itself)."""
+    if schedule == INTERLEAVED and m % pp:
+        lower, upper = max(pp, m // pp * pp), (m // pp + 1) * pp
+        fix = fix or f"use {lower} or {upper} micro-batches per step, or virtual_pipeline_size=1"
+        raise ConfigError(f"interleaved pipelining needs micro-batches per step ({m}) to be a multiple "
+                          f"of pp={pp}; {fix}")
+
+
+def chunk_layer_counts(num_layers: int, chunks: int, explicit: Optional[Sequence[int]] = None) -> list[int]:
+    """Decoder layers of each of the pp*v chunks in model order: the explicit list or an even split."""
+    if explicit is not None:
+        if len(explicit) != chunks or sum(explicit) != num_layers or min(explicit) < 1:
+            raise ConfigError(f"parallel.pipeline_layers={list(explicit)} must list {chunks} positive counts "
+                              f"(pp * virtual_pipeline_size) summing to num_layers={num_layers}")
+        return list(explicit)
+    if num_layers % chunks:
+        suggestion = balanced_pipeline_layers(num_layers, chunks)
+        hint = f" (e.g. {suggestion})" if suggestion else ""
+        raise ConfigError(f"num_layers={num_layers} does not split evenly into pp*virtual_pipeline_size={chunks} "
+                          f"chunks; choose pp*v in {divisors(num_layers)} or give parallel.pipeline_layers "
+                          f"explicitly{hint}")
+    return [num_layers // chunks] * chunks
+
+
+def balanced_pipeline_layers(num_layers: int, chunks: int) -> Optional[list[int]]:
+    """An explicit layer split when ``num_layers`` does not divide into ``chunks``, or None if it does.
+
+    Every chunk gets ceil(L/chunks) layers; the surplus is taken away from the two ends first
+    (first, last, second, second-to-last, ...), because chunk 0 also runs the embedding and the last
+    chunk the LM head and loss. Llama 3 405B's own 126-layer, 16-stage pipeline is balanced the
+    same way (Llama Team 2024, Sec. 3.3.2). None when a chunk would be left empty.
+    """
+    if num_layers % chunks == 0:
+        return None
+    per = -(-num_layers // chunks)
+    surplus = per * chunks - num_layers
+    if per == 1:
+        return None
+    layers = [per] * chunks
+    order = [i for pair in zip(range(chunks), range(chunks - 1, -1, -1)) for i in pair]
+    for index in list(dict.fromkeys(order))[:surplus]:
+        layers[index] -= 1
+    return layers
+
+
+def kv_partition(num_kv_heads: int, tp: int) -> tuple[int, int]:
+    """(kv heads per TP rank, TP ranks holding each copy): kv heads split when tp divides them;
+    with fewer kv heads than TP ranks each rank holds a copy of the one head its queries use."""
+    if num_kv_heads >= tp:
+        return num_kv_heads // tp, 1
+    return 1, tp // num_kv_heads
+
+
+def warmup_forwards(schedule: str, pp: int, pp_rank: int, m: int, v: int = 1) -> int:
+    """Forwards (of (micro-batch, chunk) pairs) stage pp_rank runs before its first backward.
+
+    * no pipeline: none (each micro-batch runs forward then backward).
+    * GPipe (all-forward-all-backward): all m.
+    * 1F1B (PipeDream-Flush, Narayanan et al. 2021 Sec. 2.2.1): p - r - 1, so the last stage starts
+      its first backward as early as possible.
+    * interleaved (Megatron-LM's order, Sec. 2.2.2): the forwards that fit before the first
+      gradient comes back round the ring (2 hops per stage below the last) plus one full round of
+      the other v-1 chunks; with m == p there is no steady phase and all m*v forwards come first.
+    """
+    total = m * v
+    if schedule == NO_PIPELINE:
+        return 0
+    if schedule == AFAB:
+        return total
+    if schedule == INTERLEAVED:
+        return total if m == pp else min(2 * (pp - pp_rank - 1) + (v - 1) * pp, total)
+    return min(pp - pp_rank - 1, m)
+
+
+def in_flight(schedule: str, pp: int, pp_rank: int, m: int, v: int = 1) -> int:
+    """Peak number of (micro-batch, chunk) forwards whose activations stage pp_rank holds: the
+    warm-up forwards plus the one in steady state, at most all m*v of them. Summed over rank 0's
+    interleaved chunks this is Korthikanti et al. 2022's factor (1 + (p-1)/(p v)) (Sec. 4.2.3)."""
+    return min(warmup_forwards(schedule, pp, pp_rank, m, v) + 1, m * v)
+
+
+def bubble_fraction(schedule: str, pp: int, m: int, v: int = 1) -> float:
+    """Idle fraction of a pipeline step (see the module docstring)."""
+    if schedule == NO_PIPELINE or pp == 1:
+        return 0.0
+    return (pp - 1) / ((v if schedule == INTERLEAVED else 1) * m + pp - 1)
+
+
+def bubble_slots(schedule: str, pp: int, v: int = 1) -> float:
+    """Bubble length in units of one micro-batch's work on one rank: (p-1)/v (interleaved) or p-1."""
+    if schedule == NO_PIPELINE or pp == 1:
+        return 0.0
+    return (pp - 1) / v if schedule == INTERLEAVED else float(pp - 1)
+
+
+# ------------------------------------------------------------------------------ the Layout
+@dataclass(frozen=True)
+class Layout:
+    """The resolved parallel layout of one run (the same object on every rank)."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    v: int                               # model chunks per pipeline rank
+    sequence_parallel: bool              # requested and tp > 1
+    schedule: str                        # one of SCHEDULES
+    micro_batches: int                   # per optimizer step on one data-parallel rank (m)
+    micro_batch_size: int                # rows per micro-batch
+    seq_len: int
+    hidden_size: int
+    chunk_layers: tuple[int, ...]        # decoder layers of each of the pp*v chunks, model order
+    kv_heads_per_rank: int
+    kv_copies: int                       # TP ranks holding the same kv head (1 = split)
+
+    @classmethod
+    def resolve(cls, cfg: Config, world_size: int) -> "Layout":
+        """Check every rule that ties the parallel sizes to the model and the batch; raise
+        ConfigError naming the fix. cfg must have passed Config.validate()."""
+        m, p, d = cfg.model, cfg.parallel, cfg.data
+        tp, pp, v = p.tp, p.pp, p.virtual_pipeline_size
+        _check_tp(cfg)
+        if world_size < 1 or world_size % (tp * pp):
+            raise ConfigError(
+                f"world_size={world_size} is not divisible by tp*pp={tp}*{pp}={tp * pp}; "
+                f"run on a multiple of {tp * pp} processes or choose tp*pp in {divisors(world_size)}")
+        dp = world_size // (tp * pp)
+        if p.dp is not None and p.dp != dp:
+            raise ConfigError(f"parallel.dp={p.dp} but world_size={world_size} / (tp={tp} * pp={pp}) = {dp}; "
+                              f"set parallel.dp={dp} or leave it unset")
+        schedule = resolve_schedule(p.pipeline_schedule, pp, v)
+        counts = chunk_layer_counts(m.num_layers, pp * v, p.pipeline_layers)
+        sp = p.sequence_parallel and tp > 1
+        if sp and d.seq_len % tp:
+            raise ConfigError(f"sequence_parallel needs seq_len divisible by tp: seq_len={d.seq_len}, tp={tp}; "
+                              f"use seq_len={math.ceil(d.seq_len / tp) * tp}")
+        rows, per = d.rows_per_step(), dp * d.micro_batch_size
+        if rows % per:
+            raise ConfigError(f"{rows} rows per step (global_batch_tokens/seq_len) do not split into dp={dp} x "
+                              f"micro_batch_size={d.micro_batch_size}; use global_batch_tokens="
+                              f"{max(1, rows // per) * per * d.seq_len}")
+        micro = rows // per
+        good = max(pp, micro // pp * pp) * per * d.seq_len
+        check_micro_batches(schedule, micro, pp, f"use global_batch_tokens={good}")
+        kv_local, kv_copies = kv_partition(m.kv_heads, tp)
+        layout = cls(world_size, tp, pp, dp, v, sp, schedule, micro, d.micro_batch_size, d.seq_len,
+                     m.hidden_size, tuple(counts), kv_local, kv_copies)
+        if cfg.train.fp8 != "off":
+            _check_fp8_gemms(cfg, layout)
+        return layout
+
+    @classmethod
+    def validated(cls, cfg: Config, world_size: int) -> "Layout":
+        """The whole start-up check: Config.validate() (every field), then resolve()."""
+        return cls.resolve(cfg.validate(), world_size)
+
+    # ----------------------------------------------------------------- pipeline chunks
+    def rank_chunk_layers(self, pp_rank: int) -> list[int]:
+        """Layer counts of the v chunks pipeline rank pp_rank owns, in chunk order."""
+        return list(self.chunk_layers[pp_rank::self.pp])
+
+    def rank_chunks(self, pp_rank: int) -> list[list[int]]:
+        """Global layer ids of each model chunk held by pipeline rank pp_rank, in chunk order."""
+        starts = [sum(self.chunk_layers[:c]) for c in range(len(self.chunk_layers))]
+        return [list(range(starts[c], starts[c] + self.chunk_layers[c]))
+                for c in range(pp_rank, self.pp * self.v, self.pp)]
+
+    def chunk_index(self, pp_rank: int, local: int) -> int:
+        """Global chunk number of pipeline rank pp_rank's local chunk `local`."""
+        return local * self.pp + pp_rank
+
+    def holds_embedding(self, pp_rank: int, local: int) -> bool:
+        return self.chunk_index(pp_rank, local) == 0
+
+    def holds_head(self, pp_rank: int, local: int) -> bool:
+        return self.chunk_index(pp_rank, local) == self.pp * self.v - 1
+
+    # ----------------------------------------------------------------- activations, schedule
+    @property
+    def activation_shape(self) -> tuple[int, int, int]:
+        """Shape of the activation passed between stages: [s/tp if SP else s, b, h]."""
+        s = self.seq_len // self.tp if self.sequence_parallel else self.seq_len
+        return (s, self.micro_batch_size, self.hidden_size)
+
+    def warmup(self, pp_rank: int) -> int:
+        return warmup_forwards(self.schedule, self.pp, pp_rank, self.micro_batches, self.v)
+
+    def in_flight(self, pp_rank: int) -> int:
+        return in_flight(self.schedule, self.pp, pp_rank, self.micro_batches, self.v)
+
+    @property
+    def bubble_fraction(self) -> float:
+        return bubble_fraction(self.schedule, self.pp, self.micro_batches, self.v)
+
+    @property
+    def bubble_slots(self) -> float:
+        return bubble_slots(self.schedule, self.pp, self.v)
+
+    def describe(self) -> str:
+        pipeline = f"pp {self.pp} ({self.schedule}{f', v={self.v}' if self.v > 1 else ''})" if self.pp > 1 else "pp 1"
+        return (f"tp {self.tp}{' + SP' if self.sequence_parallel else ''} x {pipeline} x dp {self.dp} "
+                f"= {self.world_size} ranks")
+
+
+def _check_tp(cfg: Config) -> None:
+    """TP must cut query heads, kv heads (split or replicated) and the MLP evenly."""
+    m, tp = cfg.model, cfg.parallel.tp
+    if m.num_attention_heads % tp:
+        raise ConfigError(f"tp={tp} does not divide num_attention_heads={m.num_attention_heads}; "
+                          f"choose tp in {divisors(m.num_attention_heads)}")
+    if m.kv_heads % tp and tp % m.kv_heads:
+        valid = set(divisors(m.kv_heads)) | {k for k in divisors(m.num_attention_heads) if k % m.kv_heads == 0}
+        raise ConfigError(f"tp={tp} and num_kv_heads={m.kv_heads}: one must divide the other so kv heads are "
+                          f"split or replicated evenly; choose tp in {sorted(valid)}")
+    if m.intermediate_size % tp:
+        raise ConfigError(f"tp={tp} does not divide intermediate_size={m.intermediate_size}; choose tp in "
+                          f"{[x for x in divisors(m.num_attention_heads) if m.intermediate_size % x == 0]}")
+
+
+def _check_fp8_gemms(cfg: Config, layout: Layout) -> None:
+    """Every FP8 GEMM dimension (tokens of a micro-batch, each linear's local in/out size) must be a
+    multiple of 16, which Transformer Engine's FP8 GEMMs require."""
+    m, d, fp8, tp = cfg.model, cfg.data, cfg.train.fp8, layout.tp
+
+    def up(n: int, k: int) -> int:
+        return math.ceil(n / k) * k
+
+    d_head = m.head_size
+    head_fix = f"use a head_dim that is a multiple of 16 (Llama: 128; now {d_head})"
+    dims = [("data.seq_len * data.micro_batch_size (tokens per micro-batch)",
+             d.seq_len * d.micro_batch_size, f"use data.seq_len={up(d.seq_len, 16)}"),
+            ("model.hidden_size", m.hidden_size, f"use model.hidden_size={up(m.hidden_size, 16)}"),
+            (f"num_attention_heads * head_dim / tp (this rank's q width, tp={tp})",
+             m.num_attention_heads * d_head // tp, head_fix),
+            (f"2 * kv heads per rank * head_dim (the fused k;v rows, tp={tp})",
+             2 * layout.kv_heads_per_rank * d_head, head_fix),
+            (f"intermediate_size / tp (tp={tp})", m.intermediate_size // tp,
+             f"use model.intermediate_size={up(m.intermediate_size, 16 * tp)}")]
+    for what, size, fix in dims:
+        if size % 16:
+            raise ConfigError(f"train.fp8={fp8}: {what} = {size} is not a multiple of 16, which "
+                              f"Transformer Engine's FP8 GEMMs need; {fix}, or set train.fp8=off")

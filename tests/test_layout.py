@@ -1,0 +1,202 @@
+"""megasft.layout: every schedule, partition and layout rule once, with its error, table-driven.
+
+Expected values are worked by hand from the papers' formulas (Narayanan et al. 2021 for schedules
+and bubbles), not computed with the code under test.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from megasft.config import Config, ConfigError
+from megasft.layout import (Layout, balanced_pipeline_layers, bubble_fraction, bubble_slots,
+                            chunk_layer_counts, in_flight, kv_partition, resolve_schedule,
+                            warmup_forwards)
+
+pytestmark = pytest.mark.quick
+
+
+# ----------------------------------------------------------------------------- schedule choice
+@pytest.mark.parametrize("requested, pp, v, expected", [
+    ("auto", 1, 1, "no_pipeline"),
+    ("1f1b", 1, 1, "no_pipeline"),           # one stage: nothing to pipeline
+    ("auto", 4, 1, "1f1b"),
+    ("auto", 4, 2, "interleaved"),
+    ("interleaved", 4, 2, "interleaved"),
+    ("all_forward_all_backward", 4, 1, "all_forward_all_backward"),
+], ids=lambda x: str(x))
+def test_schedule_choice(requested, pp, v, expected):
+    assert resolve_schedule(requested, pp, v) == expected
+
+
+@pytest.mark.parametrize("requested, pp, v, message", [
+    ("interleaved", 4, 1, "needs virtual_pipeline_size > 1"),
+    ("1f1b", 4, 2, "need the interleaved schedule"),
+    ("all_forward_all_backward", 4, 2, "need the interleaved schedule"),
+    ("gpipe", 4, 1, "not one of"),
+    ("auto", 1, 2, "virtual_pipeline_size > 1 needs pp > 1"),
+], ids=["interleaved-v1", "1f1b-v2", "afab-v2", "unknown", "virtual-without-pp"])
+def test_schedule_choice_errors(requested, pp, v, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_schedule(requested, pp, v)
+
+
+# ---------------------------------------------------------------------------- layer partition
+def test_chunk_layer_counts_even_and_explicit():
+    assert chunk_layer_counts(8, 4) == [2, 2, 2, 2]
+    assert chunk_layer_counts(8, 2, [3, 5]) == [3, 5]
+
+
+@pytest.mark.parametrize("layers, chunks, explicit, message", [
+    (7, 2, None, r"num_layers=7 does not split evenly into pp\*virtual_pipeline_size=2 chunks; choose pp\*v in "
+                 r"\[1, 7\] or give parallel.pipeline_layers explicitly \(e.g. \[3, 4\]\)"),
+    (8, 2, [4, 3], r"pipeline_layers=\[4, 3\] must list 2 positive counts .* summing to num_layers=8"),
+    (8, 2, [8, 0], r"must list 2 positive counts"),
+    (8, 2, [2, 3, 3], r"must list 2 positive counts"),
+], ids=["uneven", "wrong-sum", "empty-chunk", "wrong-length"])
+def test_chunk_layer_counts_errors(layers, chunks, explicit, message):
+    with pytest.raises(ConfigError, match=message):
+        chunk_layer_counts(layers, chunks, explicit)
+
+
+def test_balanced_pipeline_layers_trims_the_ends():
+    assert balanced_pipeline_layers(126, 64) == [1] + [2] * 62 + [1]
+    assert balanced_pipeline_layers(126, 16) == [7] + [8] * 14 + [7]
+    assert balanced_pipeline_layers(32, 8) is None  # even split needs no list
+    assert balanced_pipeline_layers(4, 8) is None   # would leave chunks empty
+
+
+def test_rank_chunks_round_robin():
+    # pp=2, v=2, 8 layers: chunks 0..3 of 2 layers; rank r owns chunks r and r + pp.
+    layout = Layout.validated(_cfg(parallel={"pp": 2, "virtual_pipeline_size": 2}), 2)
+    assert layout.rank_chunks(0) == [[0, 1], [4, 5]]
+    assert layout.rank_chunks(1) == [[2, 3], [6, 7]]
+    assert layout.rank_chunk_layers(1) == [2, 2]
+    assert [layout.holds_embedding(0, i) for i in range(2)] == [True, False]
+    assert [layout.holds_head(1, i) for i in range(2)] == [False, True]
+    assert not layout.holds_head(0, 1)
+
+
+# ------------------------------------------------------------------------------ kv heads over TP
+@pytest.mark.parametrize("kv, tp, expected", [
+    (8, 1, (8, 1)), (8, 4, (2, 1)), (4, 4, (1, 1)), (2, 4, (1, 2)), (1, 8, (1, 8)),
+])
+def test_kv_partition(kv, tp, expected):
+    assert kv_partition(kv, tp) == expected
+
+
+# ------------------------------------------------------------------- warm-up, in-flight, bubbles
+@dataclass(frozen=True)
+class Pipe:
+    """A schedule on p stages with m micro-batches and v chunks, and the hand-worked counts of
+    every rank: forwards before the first backward, and the peak held."""
+    name: str
+    schedule: str
+    p: int
+    m: int
+    v: int
+    warmup: list = field(default_factory=list)
+    held: list = field(default_factory=list)
+
+
+PIPES = [
+    Pipe("none", "no_pipeline", 1, 4, 1, [0], [1]),
+    Pipe("1f1b-p4-m8", "1f1b", 4, 8, 1, [3, 2, 1, 0], [4, 3, 2, 1]),         # p - r - 1, p - r
+    Pipe("1f1b-p4-m2", "1f1b", 4, 2, 1, [2, 2, 1, 0], [2, 2, 2, 1]),         # capped by m
+    Pipe("afab-p2-m3", "all_forward_all_backward", 2, 3, 1, [3, 3], [3, 3]),
+    # 2(p - r - 1) + (v - 1) p: rank 0 of p=2, v=2 runs 2 + 2 = 4 forwards first.
+    Pipe("interleaved-p2-m4-v2", "interleaved", 2, 4, 2, [4, 2], [5, 3]),
+    Pipe("interleaved-p2-m2-v2", "interleaved", 2, 2, 2, [4, 4], [4, 4]),    # m == p: all first
+    Pipe("interleaved-p4-m8-v2", "interleaved", 4, 8, 2, [10, 8, 6, 4], [11, 9, 7, 5]),
+]
+
+
+@pytest.mark.parametrize("pipe", PIPES, ids=lambda c: c.name)
+def test_warmup_and_in_flight(pipe):
+    assert [warmup_forwards(pipe.schedule, pipe.p, r, pipe.m, pipe.v) for r in range(pipe.p)] == pipe.warmup
+    assert [in_flight(pipe.schedule, pipe.p, r, pipe.m, pipe.v) for r in range(pipe.p)] == pipe.held
+
+
+def test_bubble_formulas():
+    # Narayanan et al. 2021 Sec. 2.2: (p-1)/(m+p-1), and (p-1)/(v*m+p-1) interleaved.
+    assert bubble_fraction("1f1b", 4, 8) == pytest.approx(3 / 11)
+    assert bubble_fraction("all_forward_all_backward", 4, 8) == pytest.approx(3 / 11)
+    assert bubble_fraction("interleaved", 4, 8, v=2) == pytest.approx(3 / 19)
+    assert bubble_fraction("no_pipeline", 1, 8) == 0.0
+    assert (bubble_slots("1f1b", 4), bubble_slots("interleaved", 4, 2), bubble_slots("no_pipeline", 1)) == (3.0, 1.5, 0.0)
+
+
+# ------------------------------------------------------------------------------ Layout.resolve
+def _cfg(model: dict | None = None, parallel: dict | None = None, data: dict | None = None,
+         train: dict | None = None) -> Config:
+    return Config.from_dict({
+        "model": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 8, "num_attention_heads": 4,
+                  "num_kv_heads": 2, **(model or {})},
+        "parallel": parallel or {},
+        "data": {"seq_len": 16, "global_batch_tokens": 16 * 8, **(data or {})},
+        "train": train or {},
+    })
+
+
+def test_resolved_layout_holds_every_derived_fact():
+    layout = Layout.validated(_cfg(parallel={"tp": 4, "pp": 2, "sequence_parallel": True},
+                                   data={"micro_batch_size": 2}), 16)
+    assert (layout.tp, layout.pp, layout.dp, layout.v, layout.schedule) == (4, 2, 2, 1, "1f1b")
+    assert layout.micro_batches == 8 // (2 * 2)
+    assert layout.sequence_parallel and layout.activation_shape == (16 // 4, 2, 64)
+    assert (layout.kv_heads_per_rank, layout.kv_copies) == (1, 2)   # 2 kv heads over tp=4
+    assert layout.chunk_layers == (4, 4)
+    assert layout.bubble_fraction == pytest.approx(1 / (2 + 1))
+    assert layout.describe() == "tp 4 + SP x pp 2 (1f1b) x dp 2 = 16 ranks"
+    plain = Layout.validated(_cfg(parallel={"sequence_parallel": True}), 1)
+    assert not plain.sequence_parallel and plain.activation_shape == (16, 1, 64)   # SP needs tp > 1
+    assert plain.schedule == "no_pipeline" and plain.dp == 1 and plain.micro_batches == 8
+
+
+@dataclass(frozen=True)
+class Bad:
+    name: str
+    world: int
+    message: str
+    model: dict = field(default_factory=dict)
+    parallel: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+
+
+BAD = [
+    Bad("world-not-divisible", 6, r"world_size=6 is not divisible by tp\*pp=2\*2=4; run on a multiple of 4 "
+        r"processes or choose tp\*pp in \[1, 2, 3, 6\]", parallel={"tp": 2, "pp": 2}),
+    Bad("dp-mismatch", 4, r"parallel.dp=4 but world_size=4 / \(tp=2 \* pp=1\) = 2; set parallel.dp=2",
+        parallel={"tp": 2, "dp": 4}),
+    Bad("tp-heads", 3, r"tp=3 does not divide num_attention_heads=4; choose tp in \[1, 2, 4\]", parallel={"tp": 3}),
+    Bad("tp-kv-heads", 4, r"tp=4 and num_kv_heads=3: one must divide the other",
+        model={"num_attention_heads": 12, "num_kv_heads": 3, "hidden_size": 96}, parallel={"tp": 4}),
+    Bad("tp-mlp", 2, r"tp=2 does not divide intermediate_size=129", model={"intermediate_size": 129},
+        parallel={"tp": 2}),
+    Bad("sp-seq-len", 4, r"sequence_parallel needs seq_len divisible by tp: seq_len=18, tp=4; use seq_len=20",
+        parallel={"tp": 4, "sequence_parallel": True}, data={"seq_len": 18, "global_batch_tokens": 18 * 8}),
+    Bad("rows-dp", 3, r"8 rows per step \(global_batch_tokens/seq_len\) do not split into dp=3 x "
+        r"micro_batch_size=1; use global_batch_tokens=96", model={"num_attention_heads": 4}),
+    Bad("interleaved-m", 2, r"micro-batches per step \(3\) to be a multiple of pp=2; use global_batch_tokens=32",
+        parallel={"pp": 2, "virtual_pipeline_size": 2}, data={"global_batch_tokens": 16 * 3}),
+    Bad("schedule", 2, r"needs virtual_pipeline_size > 1", parallel={"pp": 2, "pipeline_schedule": "interleaved"}),
+    Bad("uneven-layers", 3, r"num_layers=8 does not split evenly", parallel={"pp": 3},
+        data={"global_batch_tokens": 16 * 3}),
+    Bad("fp8-gemm", 2, r"train.fp8=hybrid: intermediate_size / tp \(tp=2\) = 40 is not a multiple of 16",
+        model={"intermediate_size": 80}, parallel={"tp": 2}, train={"fp8": "hybrid"}),
+]
+
+
+@pytest.mark.parametrize("bad", BAD, ids=lambda b: b.name)
+def test_layout_errors_say_how_to_fix(bad):
+    cfg = _cfg(bad.model, bad.parallel, bad.data, bad.train)
+    with pytest.raises(ConfigError, match=bad.message):
+        Layout.validated(cfg, bad.world)
+
+
+def test_validate_does_not_touch_the_parallel_fields():
+    cfg = _cfg(parallel={"tp": 2})
+    Layout.validated(cfg, 4)
+    assert cfg.parallel.dp is None   # dp lives in the Layout, the config stays as written
