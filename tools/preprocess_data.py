@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megasft.data.formats import FORMATS, DataError
+from megasft.data.formats import FORMATS, UNREADABLE, DataError
 from megasft.data.preprocess import LONG_POLICIES, PreprocessOptions, format_summary, preprocess
 from megasft.data.templates import MASK_MODES, TemplateError
 from megasft.data.tokenizer import TokenizerError
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     try:
         summary = preprocess(opts)
     except (DataError, TemplateError, TokenizerError, ValueError, OSError) as e:   # DatasetError is a ValueError
-        hint = " (use --skip-bad to skip and count such lines)" if isinstance(e, DataError) else ""
+        skippable = isinstance(e, DataError) and e.reason != UNREADABLE and not opts.skip_bad
+        hint = " (use --skip-bad to skip and count such lines)" if skippable else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return 1
     print(format_summary(summary))

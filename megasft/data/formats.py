@@ -37,6 +37,7 @@ SHAREGPT_ROLES = {
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
 BOM = b"\xef\xbb\xbf"
+UNREADABLE = "unreadable file"   # a DataError reason no --skip-bad skips: the rest of the file is lost
 
 
 class DataError(ValueError):
@@ -89,7 +90,7 @@ def _decompressed(raw, path: str) -> tuple:
         try:
             import zstandard
         except ImportError:
-            raise DataError(path, 1, "unreadable file", "zstd-compressed; pip install zstandard") from None
+            raise DataError(path, 1, UNREADABLE, "zstd-compressed; pip install zstandard") from None
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)), errors + (zstandard.ZstdError,)
     return raw, errors
 
@@ -108,7 +109,7 @@ def read_lines(path: str) -> Iterator[tuple[int, bytes, int]]:
                     data = data[len(BOM):]
                 yield line, data, consumed
         except errors as e:
-            raise DataError(path, line + 1, "unreadable file", f"{type(e).__name__}: {e}") from None
+            raise DataError(path, line + 1, UNREADABLE, f"{type(e).__name__}: {e}") from None
 
 
 def detect_format(obj: dict) -> Optional[str]:

@@ -87,7 +87,7 @@ def install_dir(new: Path, dest: Path) -> None:
     files are unlinked, never truncated, so open mmaps stay valid). Between the two renames ``dest``
     is briefly absent: a reader opening then gets "no meta.json", never a half-written dataset."""
     old = None
-    if dest.exists():
+    if dest.is_dir() and any(dest.iterdir()):   # rename() itself replaces an empty directory, atomically
         old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:12]}")
         os.rename(dest, old)
     try:
