@@ -17,6 +17,7 @@ setup(
         "sentencepiece",
         "pyyaml",
         "safetensors",
+        "zstandard",   # .jsonl.zst inputs to tools/preprocess_data.py
     ],
     extras_require={
         "hf": ["transformers>=4.45", "tokenizers", "jinja2"],

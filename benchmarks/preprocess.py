@@ -75,7 +75,7 @@ def transformers_loop(path: Path, tok_dir: Path) -> tuple[int, float, float]:
 def megasft_run(path: Path, tok_dir: Path, out: Path, workers: int) -> tuple[int, float, float]:
     start, cpu = time.perf_counter(), cpu_seconds()
     summary = preprocess(PreprocessOptions(inputs=[str(path)], output=str(out), tokenizer=str(tok_dir),
-                                           template="llama3", workers=workers, progress=False))
+                                           template="llama3", workers=workers, progress=False, overwrite=True))
     return summary.tokens, time.perf_counter() - start, cpu_seconds() - cpu
 
 

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ps = ParallelState.from_env(layout.tp, layout.pp)
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
-    train_loader, eval_loader = build_loaders(cfg.data, cfg.train.seed, ps.dp_rank, ps.dp)
+    train_loader, eval_loader = build_loaders(cfg.data, cfg.train.seed, ps.dp_rank, ps.dp, cfg.model.vocab_size)
     trainer = Trainer(cfg, ps, stop=stop)
     checkpointer = Checkpointer(cfg, ps)
     try:   # before any step: a bad checkpoint fails here, naming the file and what differs

@@ -69,7 +69,7 @@ def test_each_bad_line_names_file_and_line(tmp_path, reason):
 
 def test_skip_bad_counts_every_reason(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [GOOD, *BAD_LINES.values(), GOOD, "", GOOD])
-    summary = preprocess(options(tmp_path, [path], skip_bad=True, workers=2, chunk_lines=2))
+    summary = preprocess(options(tmp_path, [path], skip_bad=True, max_bad_fraction=1.0, workers=2, chunk_lines=2))
     assert summary.read == 8 and summary.kept == 3
     assert summary.dropped == {reason: 1 for reason in BAD_LINES}
     assert any(m.startswith(f"{path}:2: ") for m in summary.bad_examples)
@@ -96,7 +96,7 @@ def test_long_conversations_dropped_or_truncated(tmp_path):
     n = len(ChatEncoder(tok, get_template("llama3")).encode(long["messages"])[0])
     dropped = preprocess(options(tmp_path, [path], seq_len=32))
     assert dropped.kept == 1 and dropped.dropped == {"longer than seq_len=32": 2} and n > 32
-    kept = preprocess(options(tmp_path, [path], seq_len=32, long_policy="truncate"))
+    kept = preprocess(options(tmp_path, [path], seq_len=32, long_policy="truncate", overwrite=True))
     assert kept.kept == 2 and kept.truncated == 2
     assert kept.dropped == {"no trained tokens after truncation": 1}  # `late` loses its only answer
     ds = IndexedDataset(tmp_path / "out")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megasft.data.formats import FORMATS, DataError
+from megasft.data.formats import FORMATS, UNREADABLE, DataError
 from megasft.data.preprocess import LONG_POLICIES, PreprocessOptions, format_summary, preprocess
 from megasft.data.templates import MASK_MODES, TemplateError
 from megasft.data.tokenizer import TokenizerError
@@ -17,8 +17,11 @@ from megasft.data.tokenizer import TokenizerError
 
 def parse_args(argv=None) -> PreprocessOptions:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", nargs="+", required=True, help="JSONL file(s), one conversation per line")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="JSONL file(s), one conversation per line, plain, .gz or .zst; or directories of them")
     p.add_argument("--output", required=True, help="output directory of the indexed dataset")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset at --output (jobs reading it keep the old files)")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model, tokenizer.json, or their directory")
     p.add_argument("--template", default="llama3", help="llama3 | chatml | jinja | path to tokenizer_config.json")
     p.add_argument("--mask-mode", default="completion_eot", choices=MASK_MODES)
@@ -28,6 +31,8 @@ def parse_args(argv=None) -> PreprocessOptions:
     p.add_argument("--long", default="drop", choices=LONG_POLICIES, dest="long_policy",
                    help="what to do with conversations longer than --seq-len")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad lines instead of stopping")
+    p.add_argument("--max-bad-fraction", type=float, default=0.1,
+                   help="with --skip-bad, fail if more than this fraction of the lines are bad (default 0.1)")
     p.add_argument("--workers", type=int, default=0, help="tokenising processes (0 = all cores)")
     p.add_argument("--no-progress", action="store_false", dest="progress")
     args = p.parse_args(argv)
@@ -38,8 +43,9 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     try:
         summary = preprocess(opts)
-    except (DataError, TemplateError, TokenizerError, ValueError, FileNotFoundError) as e:
-        hint = " (use --skip-bad to skip and count such lines)" if isinstance(e, DataError) else ""
+    except (DataError, TemplateError, TokenizerError, ValueError, OSError) as e:   # DatasetError is a ValueError
+        skippable = isinstance(e, DataError) and e.reason != UNREADABLE and not opts.skip_bad
+        hint = " (use --skip-bad to skip and count such lines)" if skippable else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return 1
     print(format_summary(summary))

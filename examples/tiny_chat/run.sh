@@ -12,7 +12,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python examples/tiny_chat/make_data.py --out "$DATA"
 for split in train eval; do
   python tools/preprocess_data.py --input "$DATA/$split.jsonl" --output "$DATA/$split" \
-    --tokenizer "$DATA/tokenizer.model" --template llama3 --seq-len 256
+    --tokenizer "$DATA/tokenizer.model" --template llama3 --seq-len 256 --overwrite
 done
 torchrun --standalone --nproc-per-node "$NPROC" -m megasft.train \
   --config examples/configs/tiny_chat.yaml train.run_dir="$RUN" "$@"

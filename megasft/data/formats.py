@@ -6,12 +6,20 @@ Formats (auto-detected per line from its keys, or forced):
 - ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str, "system": str (optional)}``
 - ``pretokenized``: ``{"input_ids": [int], "labels": [int]}``, labels HF-style (-100 = not trained,
   otherwise equal to input_ids at the same position).
+
+Files are read as users have them: plain, gzip or zstd (told by their first bytes, not their name),
+with or without a UTF-8 byte-order mark; a directory means its ``*.jsonl``, ``*.jsonl.gz`` and
+``*.jsonl.zst`` files in name order.
 """
 from __future__ import annotations
 
+import gzip
+import io
 import json
+import zlib
 from dataclasses import dataclass
-from typing import Optional, Union
+from pathlib import Path
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
@@ -24,6 +32,12 @@ SHAREGPT_ROLES = {
     "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system",
     "tool": "tool", "function": "tool", "observation": "tool", "function_call": "assistant",
 }
+
+
+INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
+BOM = b"\xef\xbb\xbf"
+UNREADABLE = "unreadable file"   # a DataError reason no --skip-bad skips: the rest of the file is lost
 
 
 class DataError(ValueError):
@@ -44,6 +58,58 @@ class Pretokenized:
 
 
 Record = Union[list, Pretokenized]  # a list of {"role", "content"} messages, or ids + mask
+
+
+def input_files(inputs: list[str]) -> list[str]:
+    """The files to read, in order: a file as given, a directory as its INPUT_SUFFIXES files by name."""
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(f) for f in path.iterdir() if f.is_file() and f.name.endswith(INPUT_SUFFIXES))
+            if not found:
+                patterns = " / ".join("*" + s for s in INPUT_SUFFIXES)
+                raise FileNotFoundError(f"input directory {path} holds no {patterns} files; "
+                                        "pass the files themselves or the directory that holds them")
+            files += found
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise FileNotFoundError(f"input {path} does not exist")
+    return files
+
+
+def _decompressed(raw, path: str) -> tuple:
+    """(byte stream, exceptions that mean a broken stream) of a plain, gzip or zstd file, told
+    apart by its magic number."""
+    errors = (OSError, EOFError, zlib.error)
+    magic = raw.peek(4)[:4]
+    if magic.startswith(GZIP_MAGIC):
+        return gzip.GzipFile(fileobj=raw, mode="rb"), errors
+    if magic == ZSTD_MAGIC:
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(path, 1, UNREADABLE, "zstd-compressed; pip install zstandard") from None
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)), errors + (zstandard.ZstdError,)
+    return raw, errors
+
+
+def read_lines(path: str) -> Iterator[tuple[int, bytes, int]]:
+    """(line number, raw line, bytes of the file consumed so far) for every line of a plain, gzip or
+    zstd JSONL file; a UTF-8 BOM before the first line is dropped (json.loads rejects it). A broken
+    compressed stream is a DataError at the line where it broke, never a run of "invalid utf-8"."""
+    line, consumed = 0, 0
+    with open(path, "rb") as raw:
+        stream, errors = _decompressed(raw, path)
+        try:
+            for line, data in enumerate(stream, 1):
+                consumed = raw.tell() if stream is not raw else consumed + len(data)
+                if line == 1 and data.startswith(BOM):
+                    data = data[len(BOM):]
+                yield line, data, consumed
+        except errors as e:
+            raise DataError(path, line + 1, UNREADABLE, f"{type(e).__name__}: {e}") from None
 
 
 def detect_format(obj: dict) -> Optional[str]:

@@ -5,20 +5,34 @@
 - ``loss_mask.bin`` one uint8 per token, 1 = trained (a byte, not a bit: any document slice is then a
                    plain mmap view, and it costs less than the tokens themselves);
 - ``doc_offsets.idx`` int64 [n_docs + 1], document d is tokens[off[d]:off[d+1]] (an ``.npy`` file);
-- ``meta.json``    tokenizer hash, template, mask mode, special ids, counts (incl. dropped reasons).
+- ``meta.json``    tokenizer hash, template, mask mode, special ids, counts (incl. dropped reasons),
+                   the largest token id and a blake2b digest of each of the three data files.
+
+Writing is atomic: the builder writes into a hidden sibling directory and renames it over the output
+only once every file is complete, so a failed run leaves the previous dataset byte-identical. An
+existing dataset is renamed aside and deleted, never opened for writing: a job that has it
+memory-mapped keeps the old inodes and reads the old bytes (rewriting in place truncates the file
+under the mapping, and the reader dies of SIGBUS).
 
 Opening maps the files; nothing is read until a document is sliced, so every rank can open the
 whole dataset and touch only its own rows.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 TOKENS, MASK, OFFSETS, META = "tokens.bin", "loss_mask.bin", "doc_offsets.idx", "meta.json"
+VERIFY_MODES = ("full", "sizes")
+RERUN = "re-run tools/preprocess_data.py to rewrite the dataset"
 
 
 class DatasetError(ValueError):
@@ -34,17 +48,87 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.int64)
 
 
-class IndexedDatasetBuilder:
-    """Append documents in order, then :meth:`finish` with the metadata. Writes stream to disk."""
+def _new_hash():
+    return hashlib.blake2b(digest_size=32)
 
-    def __init__(self, out_dir: str | Path, vocab_size: int) -> None:
-        self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, _new_hash).hexdigest()
+
+
+def check_replaceable(out_dir: Path, overwrite: bool) -> None:
+    """Raise FileExistsError unless out_dir may become the new dataset: absent, an empty directory, or
+    (with overwrite) an indexed dataset. Anything else is never deleted, --overwrite or not."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"output {out_dir} is a file, not a dataset directory; choose another --output")
+    if not any(out_dir.iterdir()):
+        return
+    if not (out_dir / META).is_file():
+        raise FileExistsError(f"output {out_dir} is a non-empty directory without {META}, not an indexed dataset; "
+                              "refusing to replace it (even with --overwrite): choose another --output")
+    if not overwrite:
+        raise FileExistsError(f"output {out_dir} already holds a dataset; pass --overwrite to replace it "
+                              "(jobs reading it keep the old files) or choose another --output")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def install_dir(new: Path, dest: Path) -> None:
+    """Rename ``new`` to ``dest``; an existing ``dest`` is renamed aside first and deleted last (its
+    files are unlinked, never truncated, so open mmaps stay valid). Between the two renames ``dest``
+    is briefly absent: a reader opening then gets "no meta.json", never a half-written dataset."""
+    old = None
+    if dest.is_dir() and any(dest.iterdir()):   # rename() itself replaces an empty directory, atomically
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:12]}")
+        os.rename(dest, old)
+    try:
+        os.rename(new, dest)
+    except OSError:
+        if old is not None:
+            os.rename(old, dest)
+        raise
+    _fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class IndexedDatasetBuilder:
+    """Append documents in order, then :meth:`finish` with the metadata. Writes stream to disk into a
+    hidden sibling of ``out_dir`` (hashed as written), renamed over ``out_dir`` by finish. Used as a
+    context manager, an exception deletes the partial files and leaves ``out_dir`` untouched."""
+
+    def __init__(self, out_dir: str | Path, vocab_size: int, overwrite: bool = False) -> None:
+        self.dir, self.overwrite = Path(out_dir), overwrite
+        target = Path(os.path.abspath(self.dir))
+        check_replaceable(target, overwrite)   # before any work, not after an hour of tokenising
+        self.tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            self.tmp.mkdir(parents=True)
+        except OSError as e:
+            raise OSError(f"cannot create {self.dir}: {e.strerror}; "
+                          "choose an --output in a writable directory") from None
         self.dtype = token_dtype(vocab_size)
         self.vocab_size = vocab_size
-        self._tokens = open(self.dir / TOKENS, "wb")
-        self._mask = open(self.dir / MASK, "wb")
+        self._files = {TOKENS: open(self.tmp / TOKENS, "wb"), MASK: open(self.tmp / MASK, "wb")}
+        self._hashes = {TOKENS: _new_hash(), MASK: _new_hash()}
         self._lengths: list[int] = []
+        self._max_id = -1
+
+    def __enter__(self) -> "IndexedDatasetBuilder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
 
     def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
         """Append one document."""
@@ -54,34 +138,112 @@ class IndexedDatasetBuilder:
         """Append documents given back to back (one write per file for a whole chunk)."""
         if len(ids) != len(mask) or len(ids) != sum(lengths):
             raise ValueError(f"ids ({len(ids)}), mask ({len(mask)}) and sum(lengths) ({sum(lengths)}) must agree")
-        self._tokens.write(np.asarray(ids).astype(self.dtype, copy=False).tobytes())
-        self._mask.write(np.asarray(mask, dtype=np.uint8).tobytes())
+        ids = np.asarray(ids)
+        if len(ids):
+            self._max_id = max(self._max_id, int(ids.max()))   # meta's max_token_id: the vocab check is O(1)
+        for name, data in ((TOKENS, ids.astype(self.dtype, copy=False)), (MASK, np.asarray(mask, dtype=np.uint8))):
+            buf = data.tobytes()
+            self._files[name].write(buf)
+            self._hashes[name].update(buf)
         self._lengths.extend(int(n) for n in lengths)
 
     def finish(self, meta: dict) -> Path:
-        self._tokens.close()
-        self._mask.close()
-        offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
-        np.cumsum(self._lengths, out=offsets[1:])
-        with open(self.dir / OFFSETS, "wb") as f:
-            np.save(f, offsets)
-        meta = {**meta, "token_dtype": self.dtype.name, "vocab_size": self.vocab_size, "num_docs": len(self._lengths),
-                "num_tokens": int(offsets[-1])}
-        (self.dir / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        """Write the index and meta.json, then rename the complete dataset over ``out_dir``."""
+        try:
+            for f in self._files.values():
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
+            np.cumsum(self._lengths, out=offsets[1:])
+            with open(self.tmp / OFFSETS, "wb") as f:
+                np.save(f, offsets)
+                f.flush()
+                os.fsync(f.fileno())
+            digests = {name: h.hexdigest() for name, h in self._hashes.items()}
+            digests[OFFSETS] = file_digest(self.tmp / OFFSETS)
+            meta = {**meta, "token_dtype": self.dtype.name, "vocab_size": self.vocab_size,
+                    "num_docs": len(self._lengths), "num_tokens": int(offsets[-1]),
+                    "max_token_id": self._max_id if self._lengths else None, "blake2b": digests}
+            with open(self.tmp / META, "w", encoding="utf-8") as f:
+                f.write(json.dumps(meta, indent=2) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            target = Path(os.path.abspath(self.dir))
+            check_replaceable(target, self.overwrite)   # again: another run may have written it meanwhile
+            install_dir(self.tmp, target)
+        except BaseException:
+            self.abort()
+            raise
         return self.dir
+
+    def abort(self) -> None:
+        """Drop the partial files; ``out_dir`` is left as it was."""
+        for f in self._files.values():
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _check_sizes(d: Path, meta: dict, offsets: np.ndarray) -> None:
+    """The cheap checks, always run: counts and offsets against meta.json, file sizes against counts."""
+    n_docs, n_tokens = int(meta["num_docs"]), int(meta["num_tokens"])
+    itemsize = np.dtype(meta["token_dtype"]).itemsize
+    recorded = f"{META} records {n_docs} documents, {n_tokens} tokens"
+    if offsets.ndim != 1 or offsets.dtype != np.int64 or len(offsets) != n_docs + 1:
+        raise DatasetError(f"{d / OFFSETS}: {offsets.dtype}{list(offsets.shape)} offsets but {recorded} "
+                           f"(expected int64[{n_docs + 1}]); the files come from different runs: {RERUN}")
+    if int(offsets[0]) != 0 or int(offsets[-1]) != n_tokens or (len(offsets) > 1 and (np.diff(offsets) < 0).any()):
+        raise DatasetError(f"{d / OFFSETS}: offsets run {int(offsets[0])}..{int(offsets[-1])} (or decrease) but "
+                           f"{recorded}; the index is corrupt: {RERUN}")
+    for name, want in ((TOKENS, n_tokens * itemsize), (MASK, n_tokens)):
+        size = (d / name).stat().st_size
+        if size != want:
+            raise DatasetError(f"{d / name}: {size} bytes but {recorded} ({want} bytes); the file is truncated "
+                               f"or from another run: {RERUN}")
+
+
+def _check_digests(d: Path, meta: dict) -> None:
+    """The full check: every file's blake2b against meta.json (datasets written before digests: skipped)."""
+    for name, want in meta.get("blake2b", {}).items():
+        got = file_digest(d / name)
+        if got != want:
+            raise DatasetError(f"{d / name}: blake2b {got[:16]} differs from {want[:16]} recorded in {META}; "
+                               f"the file changed after it was written: {RERUN}")
 
 
 class IndexedDataset:
-    """Read side. ``ds[d]`` -> (ids, mask) numpy views of document d; ``ds.lengths`` int64 [n_docs]."""
+    """Read side. ``ds[d]`` -> (ids, mask) numpy views of document d; ``ds.lengths`` int64 [n_docs].
 
-    def __init__(self, path: str | Path) -> None:
+    Opening verifies that the files agree with meta.json, naming the one that does not.
+    ``verify="sizes"`` checks counts, offsets and file sizes (milliseconds at any size: catches a
+    truncated copy and files of different runs). ``verify="full"`` (default) also hashes every file
+    against the digests recorded at write time, which reads the whole dataset once (about a second
+    per GB on each rank, from the shared page cache): it also catches in-place corruption. Pass
+    ``"sizes"`` when that start-up cost matters more, e.g. for datasets of hundreds of GB.
+    """
+
+    def __init__(self, path: str | Path, verify: str = "full") -> None:
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify={verify!r} is not one of {list(VERIFY_MODES)}")
         self.dir = Path(path)
         meta_file = self.dir / META
         if not meta_file.is_file():
             raise FileNotFoundError(f"{self.dir} is not an indexed dataset (no {META}); "
                                     "write one with tools/preprocess_data.py --output DIR")
-        self.meta: dict = json.loads(meta_file.read_text(encoding="utf-8"))
-        self.offsets = np.load(self.dir / OFFSETS, mmap_mode="r")
+        try:
+            self.meta: dict = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{meta_file}: not valid JSON ({e}): {RERUN}") from None
+        for name in (TOKENS, MASK, OFFSETS):
+            if not (self.dir / name).is_file():
+                raise DatasetError(f"{self.dir / name} is missing; the dataset is incomplete: {RERUN}")
+        try:
+            self.offsets = np.load(self.dir / OFFSETS, mmap_mode="r")
+        except ValueError as e:
+            raise DatasetError(f"{self.dir / OFFSETS}: not an .npy index ({e}): {RERUN}") from None
+        _check_sizes(self.dir, self.meta, self.offsets)
+        if verify == "full":
+            _check_digests(self.dir, self.meta)
         dtype = np.dtype(self.meta["token_dtype"])
         n = int(self.offsets[-1])
         # np.memmap cannot map an empty file; an empty dataset gets empty arrays instead.
@@ -103,3 +265,27 @@ class IndexedDataset:
     def special_id(self, name: str) -> Optional[int]:
         value = self.meta.get(name)
         return None if value is None else int(value)
+
+    @functools.cached_property
+    def max_token_id(self) -> int:
+        """Largest token id (-1 if empty): recorded in meta.json, or one pass over the mmap for
+        datasets written before it was."""
+        if "max_token_id" in self.meta:
+            return -1 if self.meta["max_token_id"] is None else int(self.meta["max_token_id"])
+        return int(self.tokens.max()) if len(self.tokens) else -1
+
+    def check_trainable(self, vocab_size: Optional[int] = None) -> None:
+        """DatasetError unless the dataset has documents and every id is below the model's vocab_size.
+
+        The rule is ``max_token_id < model.vocab_size``: an id past the model's vocabulary reads a
+        padding row (TP=1) or a zero vector (TP>1) or gives an infinite loss — silently. A tokenizer
+        vocabulary larger than the model's is accepted as long as no id in the data reaches past it.
+        """
+        if len(self) == 0:
+            raise DatasetError(f"{self.dir}: the dataset holds no documents, nothing to train on; "
+                               f"{RERUN} (its summary says why every line was dropped)")
+        if vocab_size is not None and self.max_token_id >= vocab_size:
+            raise DatasetError(f"{self.dir}: token id {self.max_token_id} >= model.vocab_size={vocab_size} (the "
+                               f"dataset's tokenizer has {self.meta.get('vocab_size')} tokens); set model.vocab_size "
+                               f"to at least {self.max_token_id + 1} or re-run tools/preprocess_data.py with the "
+                               "model's tokenizer")

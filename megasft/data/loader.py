@@ -141,18 +141,24 @@ def split_documents(num_docs: int, eval_fraction: float, seed: int) -> tuple[np.
     return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
 
 
-def build_loaders(data, seed: int, dp_rank: int = 0, dp_size: int = 1) -> tuple[PackedLoader, Optional[PackedLoader]]:
+def build_loaders(data, seed: int, dp_rank: int = 0, dp_size: int = 1,
+                  vocab_size: Optional[int] = None) -> tuple[PackedLoader, Optional[PackedLoader]]:
     """(train loader, eval loader or None) from a DataConfig: eval from ``eval_path`` if given, else a
-    seeded ``eval_fraction`` of the training documents."""
+    seeded ``eval_fraction`` of the training documents. With ``vocab_size`` (the model's), a dataset
+    holding a token id >= vocab_size is a DatasetError here, before any step (see
+    :meth:`IndexedDataset.check_trainable`); so is an empty one."""
     if data.train_path is None:
         raise ValueError("data.train_path is not set; point it at a directory written by tools/preprocess_data.py")
     train_ds = IndexedDataset(data.train_path)
+    train_ds.check_trainable(vocab_size)
     common = dict(seq_len=data.seq_len, global_batch_tokens=data.global_batch_tokens,
                   micro_batch_size=data.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
     train_docs, eval_docs = split_documents(len(train_ds), 0.0 if data.eval_path else data.eval_fraction, seed)
     train = PackedLoader(train_ds, shuffle=data.shuffle, doc_indices=train_docs, **common)
     if data.eval_path:
-        evalset = PackedLoader(IndexedDataset(data.eval_path), shuffle=False, **common)
+        eval_ds = IndexedDataset(data.eval_path)
+        eval_ds.check_trainable(vocab_size)
+        evalset = PackedLoader(eval_ds, shuffle=False, **common)
     elif len(eval_docs):
         evalset = PackedLoader(train_ds, shuffle=False, doc_indices=eval_docs, **common)
     else:

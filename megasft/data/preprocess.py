@@ -5,7 +5,8 @@ Lines are read as bytes in the main process, parsed + rendered + tokenised in ch
 (each holds its own tokenizer), and written in input order, so the output does not depend on the
 number of workers. Every line ends up in exactly one bucket of the :class:`Summary`: kept, dropped
 by policy (too long, nothing to train) or bad input (an error naming file:line, or a count with
-``skip_bad``).
+``skip_bad``). A run that keeps nothing, or skips more than ``max_bad_fraction`` of its lines as bad,
+is an error, and the output (written atomically, see :mod:`megasft.data.indexed`) is left as it was.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from megasft.data.formats import FORMATS, DataError, Pretokenized, parse_line
-from megasft.data.indexed import IndexedDatasetBuilder, token_dtype
+from megasft.data.formats import FORMATS, DataError, Pretokenized, input_files, parse_line, read_lines
+from megasft.data.indexed import DatasetError, IndexedDatasetBuilder, check_replaceable, token_dtype
 from megasft.data.templates import MASK_MODES, ChatEncoder, get_template
 from megasft.data.tokenizer import load_tokenizer
 
@@ -31,7 +32,7 @@ LONG_POLICIES = ("drop", "truncate")
 @dataclass
 class PreprocessOptions:
     inputs: list[str]
-    """JSONL files, read in order."""
+    """JSONL files (plain, .gz or .zst) or directories of them, read in order."""
     output: str
     """Directory for the indexed dataset."""
     tokenizer: str
@@ -48,8 +49,12 @@ class PreprocessOptions:
     """Longest kept document; longer ones follow ``long_policy``. None keeps everything."""
     long_policy: str = "drop"
     """drop | truncate conversations longer than seq_len."""
+    overwrite: bool = False
+    """Replace an existing dataset at ``output`` (readers keep the old files); without it, refuse."""
     skip_bad: bool = False
     """Skip and count bad lines instead of stopping at the first one."""
+    max_bad_fraction: float = 0.1
+    """With skip_bad, fail if more than this fraction of the lines read are bad (a wrong file, not a few bad lines)."""
     workers: int = 0
     """Tokenising processes; 0 means os.cpu_count(); 1 runs in-process."""
     chunk_lines: int = 128
@@ -62,9 +67,10 @@ class PreprocessOptions:
                                      ("long_policy", self.long_policy, LONG_POLICIES)):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
-        for path in self.inputs:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"input {path} does not exist")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+        input_files(self.inputs)
+        check_replaceable(Path(os.path.abspath(self.output)), self.overwrite)
 
 
 @dataclass
@@ -76,6 +82,8 @@ class Summary:
     trained_tokens: int = 0
     dropped: dict = field(default_factory=dict)
     """reason -> count: policy drops and, with skip_bad, bad lines."""
+    bad: dict = field(default_factory=dict)
+    """reason -> count of the bad lines alone (a subset of ``dropped``)."""
     bad_examples: list = field(default_factory=list)
     """First few skipped bad lines as 'file:line: reason: detail'."""
     histogram: dict = field(default_factory=dict)
@@ -162,17 +170,18 @@ def process_chunk(chunk: list) -> ChunkResult:
 # ---------------------------------------------------------------- main side
 def read_chunks(paths: list[str], chunk_lines: int, progress: Optional["Progress"] = None) -> Iterator[list]:
     chunk: list = []
+    done = 0  # bytes of the files finished
     for path in paths:
-        with open(path, "rb") as f:
-            for line, raw in enumerate(f, 1):
-                if progress is not None:
-                    progress.bytes_read += len(raw)
-                if not raw.strip():
-                    continue  # blank lines are not records
-                chunk.append((path, line, raw))
-                if len(chunk) == chunk_lines:
-                    yield chunk
-                    chunk = []
+        for line, raw, consumed in read_lines(path):
+            if progress is not None:
+                progress.bytes_read = done + consumed
+            if not raw.strip():
+                continue  # blank lines are not records
+            chunk.append((path, line, raw))
+            if len(chunk) == chunk_lines:
+                yield chunk
+                chunk = []
+        done += Path(path).stat().st_size
     if chunk:
         yield chunk
 
@@ -202,17 +211,30 @@ def _histogram_bucket(n: int) -> int:
     return 1 << max(6, (n - 1).bit_length())  # powers of two from 64
 
 
-def preprocess(opts: PreprocessOptions) -> Summary:
-    """Run the whole pipeline; returns the summary (also stored in meta.json)."""
-    opts.validate()
-    tok = load_tokenizer(opts.tokenizer, opts.template)
-    template = get_template(opts.template, tokenizer_config=tok.config)
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
+
+
+def check_kept(s: Summary, opts: PreprocessOptions) -> None:
+    """DatasetError for a run whose output must not replace anything: more bad lines than
+    ``max_bad_fraction`` of those read (the wrong file, or a format misread, skipped line by
+    line), or no document kept at all."""
+    n_bad = sum(s.bad.values())
+    if opts.skip_bad and n_bad > opts.max_bad_fraction * s.read:
+        raise DatasetError(f"{n_bad} of {s.read} lines are bad ({n_bad / max(1, s.read):.1%} > --max-bad-fraction "
+                           f"{opts.max_bad_fraction:g}; {_counts(s.bad)}), first {s.bad_examples[0]}; fix the input "
+                           "or raise --max-bad-fraction")
+    if s.kept == 0:
+        dropped = f" ({_counts(s.dropped)})" if s.dropped else ""
+        raise DatasetError(f"no conversation kept of {s.read} read{dropped}: the dataset would be empty; "
+                           "check the input, --format, --mask-mode and --seq-len")
+
+
+def _tokenize_into(builder: IndexedDatasetBuilder, files: list[str], opts: PreprocessOptions,
+                   summary: Summary, hist: Counter) -> None:
+    progress = Progress(sum(Path(p).stat().st_size for p in files), opts.progress)
+    chunks = read_chunks(files, opts.chunk_lines, progress)
     workers = opts.workers or os.cpu_count() or 1
-    builder = IndexedDatasetBuilder(opts.output, tok.vocab_size)
-    summary, hist = Summary(), Counter()
-    progress = Progress(sum(Path(p).stat().st_size for p in opts.inputs), opts.progress)
-    chunks = read_chunks(opts.inputs, opts.chunk_lines, progress)
-    start = time.perf_counter()
     if workers == 1:
         _init_worker(opts)
         results = map(process_chunk, chunks)
@@ -233,23 +255,39 @@ def preprocess(opts: PreprocessOptions) -> Summary:
             summary.trained_tokens += int(res.mask.sum())
             for reason, message in res.dropped:
                 summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
-                if message is not None and len(summary.bad_examples) < 10:
-                    summary.bad_examples.append(message)
+                if message is not None:   # a bad line, not a policy drop
+                    summary.bad[reason] = summary.bad.get(reason, 0) + 1
+                    if len(summary.bad_examples) < 10:
+                        summary.bad_examples.append(message)
             progress.update(summary)
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
     progress.update(summary, force=True)
-    summary.seconds = time.perf_counter() - start
-    summary.histogram = {k: hist[k] for k in sorted(hist)}
-    builder.finish({
-        "tokenizer": str(opts.tokenizer), "tokenizer_sha256": tok.sha256, "template": template.name,
-        "mask_mode": opts.mask_mode, "last_turn_only": opts.last_turn_only, "input_format": opts.input_format,
-        "seq_len": opts.seq_len, "long_policy": opts.long_policy, "inputs": [str(p) for p in opts.inputs],
-        "bos_id": tok.bos_id, "eos_id": tok.eos_id, "eot_id": tok.eot_id, "pad_id": tok.pad_id,
-        "summary": {**asdict(summary), "trained_fraction": summary.trained_fraction},
-    })
+
+
+def preprocess(opts: PreprocessOptions) -> Summary:
+    """Run the whole pipeline; returns the summary (also stored in meta.json). On any error the
+    output directory is left exactly as it was."""
+    opts.validate()
+    files = input_files(opts.inputs)
+    tok = load_tokenizer(opts.tokenizer, opts.template)
+    template = get_template(opts.template, tokenizer_config=tok.config)
+    summary, hist = Summary(), Counter()
+    start = time.perf_counter()
+    with IndexedDatasetBuilder(opts.output, tok.vocab_size, overwrite=opts.overwrite) as builder:
+        _tokenize_into(builder, files, opts, summary, hist)
+        summary.seconds = time.perf_counter() - start
+        summary.histogram = {k: hist[k] for k in sorted(hist)}
+        check_kept(summary, opts)
+        builder.finish({
+            "tokenizer": str(opts.tokenizer), "tokenizer_sha256": tok.sha256, "template": template.name,
+            "mask_mode": opts.mask_mode, "last_turn_only": opts.last_turn_only, "input_format": opts.input_format,
+            "seq_len": opts.seq_len, "long_policy": opts.long_policy, "inputs": files,
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "eot_id": tok.eot_id, "pad_id": tok.pad_id,
+            "summary": {**asdict(summary), "trained_fraction": summary.trained_fraction},
+        })
     return summary
 
 
