@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from megasft.config import Config
+from megasft.data.batch import MicroBatch
 from megasft.data.packing import build_micro_batch, pack_best_fit
 
 IGNORE = -100
@@ -95,9 +96,17 @@ def padded_micro_batches(docs: Sequence[Document], doc_ids: Sequence[int], per_m
     return out
 
 
-def trained_tokens(micro_batches: Sequence[dict]) -> int:
+def hf_inputs(mb: MicroBatch | dict) -> dict:
+    """transformers keyword arguments of a packed MicroBatch (position_ids carry the document
+    boundaries) or of a padded batch dict (attention_mask does)."""
+    if isinstance(mb, MicroBatch):
+        return {"input_ids": mb.input_ids, "labels": mb.labels, "position_ids": mb.position_ids}
+    return mb
+
+
+def trained_tokens(micro_batches: Sequence[MicroBatch | dict]) -> int:
     """Targets after the next-token shift (labels[:, 1:] that are not ignored)."""
-    return sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
+    return sum(int((hf_inputs(mb)["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
 
 
 # ----------------------------------------------------------------------------- models
@@ -181,7 +190,7 @@ def hf_optimizer(model, cfg: Config):
     return opt, sched
 
 
-def hf_train_step(model, opt, sched, micro_batches: Sequence[dict], clip: float) -> float:
+def hf_train_step(model, opt, sched, micro_batches: Sequence[MicroBatch | dict], clip: float) -> float:
     """The seed's plain loop on a transformers model: forward with labels, backward, clip, AdamW,
     zero_grad. ``num_items_in_batch`` (transformers' own gradient-accumulation fix) makes the loss
     the global-token mean, the same objective megasft optimises. ``use_cache=False`` as in any
@@ -192,8 +201,7 @@ def hf_train_step(model, opt, sched, micro_batches: Sequence[dict], clip: float)
     count = trained_tokens(micro_batches)
     total = 0.0
     for mb in micro_batches:
-        inputs = {k: mb[k] for k in ("input_ids", "labels", "position_ids", "attention_mask") if k in mb}
-        loss = model(**inputs, num_items_in_batch=count, use_cache=False).loss
+        loss = model(**hf_inputs(mb), num_items_in_batch=count, use_cache=False).loss
         loss.backward()
         total += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

@@ -150,7 +150,7 @@ def measure(cfg: Config, args, steps: list[list[dict]], peak_tflops: float, toke
     flops = np.mean([step_model_flops(cfg.model, tokens, sum_sq_segment_lens(steps[i % len(steps)]))
                      for i in range(args.warmup, args.warmup + args.steps)])
     t = median(times)
-    trained = np.mean([sum(int(mb["num_valid_tokens"]) for mb in s) for s in steps])
+    trained = np.mean([sum(mb.trained_tokens for mb in s) for s in steps])
     tflops = flops / t / 1e12
     print(f"device: {torch.cuda.get_device_name()}, attention backend "
           f"{resolve_backend(cfg.model.attention_backend, ps.device)}, torch {torch.__version__}")

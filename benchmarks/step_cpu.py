@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from common import (add_model_args, bench_config, describe_model, format_table, hf_optimizer,
-                    hf_train_step, interleaved_times, load_hf_twin, lognormal_lengths, median, set_threads,
+                    hf_inputs, hf_train_step, interleaved_times, load_hf_twin, lognormal_lengths, median, set_threads,
                     pack_steps, packed_micro_batches, padded_micro_batches, sft_documents, spread,
                     trained_tokens, write_hf_twin)
 from megasft.parallel_state import ParallelState
@@ -114,7 +114,7 @@ def step_tokens(args, steps, sides) -> dict[str, tuple[float, float, float]]:
     timed = [steps[i % len(steps)] for i in range(args.warmup, args.warmup + args.steps)]
 
     def slots(mbs):
-        return sum(mb["input_ids"].numel() for mb in mbs)
+        return sum(hf_inputs(mb)["input_ids"].numel() for mb in mbs)
 
     useful = np.mean([sum(int(mb["attention_mask"].sum()) for mb in padded) for _, padded, _ in timed])
     trained = np.mean([trained_tokens(packed) for packed, _, _ in timed])

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (add_model_args, bench_config, describe_model, format_table, load_hf_twin,
+from common import (add_model_args, bench_config, describe_model, format_table, hf_inputs, load_hf_twin,
                     lognormal_lengths, median, pack_steps, packed_micro_batches, set_threads, sft_documents,
                     spread, trained_tokens, write_hf_twin)
 from megasft.parallel_state import ParallelState
@@ -147,8 +147,7 @@ def eval_loss(model, micro_batches) -> float:
     model.eval()
     total, count = 0.0, trained_tokens(micro_batches)
     for mb in micro_batches:
-        out = model(input_ids=mb["input_ids"], labels=mb["labels"], position_ids=mb["position_ids"],
-                    num_items_in_batch=count, use_cache=False)
+        out = model(**hf_inputs(mb), num_items_in_batch=count, use_cache=False)
         total += float(out.loss)
     return total
 

@@ -17,6 +17,7 @@ import torch
 
 from megasft.checkpoint.hf_io import load_hf_into, model_fields_from_hf, read_hf_config
 from megasft.config import ModelConfig
+from megasft.data.batch import MicroBatch
 from megasft.model.llama import LlamaStage
 from megasft.parallel_state import ParallelState
 
@@ -34,8 +35,8 @@ def greedy(model: LlamaStage, prompt: list[int], stop_ids: set[int], max_new_tok
     ids = list(prompt)
     for _ in range(max_new_tokens):
         n = len(ids)
-        batch = {"input_ids": torch.tensor([ids]), "position_ids": torch.arange(n).unsqueeze(0),
-                 "cu_seqlens": torch.tensor([0, n], dtype=torch.int32), "max_seqlen": n}
+        batch = MicroBatch(input_ids=torch.tensor([ids]), position_ids=torch.arange(n).unsqueeze(0),
+                           cu_seqlens=torch.tensor([0, n], dtype=torch.int32), max_seqlen=n)
         logits = model(batch)[-1, 0, :model.cfg.vocab_size]                # [V] at the last position
         token = int(logits.argmax())
         ids.append(token)

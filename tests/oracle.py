@@ -2,7 +2,8 @@
 and packed batches whose per-document reference is computed by that model on each document alone.
 
 Nothing here uses megasft's model code, so a test comparing megasft against these numbers compares
-against an independent implementation.
+against an independent implementation; model_batch / select_rows only hand the same rows to
+megasft as its input type (megasft.data.batch.MicroBatch).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from megasft.data.batch import MicroBatch
 
 IGNORE = -100
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -96,20 +99,21 @@ def reference_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list
     return loss_sum, torch.tensor(count), logits_per_doc
 
 
-def model_batch(batch: dict) -> dict:
-    """The tensors megasft's model consumes (the test-only 'docs' entry removed)."""
-    return {k: v for k, v in batch.items() if k != "docs"}
+def model_batch(batch: dict) -> MicroBatch:
+    """The micro-batch megasft's model consumes (without the reference's 'docs' entry)."""
+    return MicroBatch(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                      cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"], labels=batch["labels"])
 
 
-def select_rows(batch: dict, rows: list[int]) -> dict:
+def select_rows(batch: dict, rows: list[int]) -> MicroBatch:
     """A micro-batch made of some rows of `batch`; cu_seqlens recomputed (a segment starts wherever
     position_ids is 0)."""
-    out = {k: batch[k][rows] for k in ("input_ids", "labels", "position_ids")}
-    flat = out["position_ids"].reshape(-1)
+    position_ids = batch["position_ids"][rows]
+    flat = position_ids.reshape(-1)
     starts = torch.nonzero(flat == 0).flatten().tolist() + [flat.numel()]
-    out["cu_seqlens"] = torch.tensor(starts, dtype=torch.int32)
-    out["max_seqlen"] = max(b - a for a, b in zip(starts, starts[1:]))
-    return out
+    return MicroBatch(input_ids=batch["input_ids"][rows], position_ids=position_ids,
+                      cu_seqlens=torch.tensor(starts, dtype=torch.int32),
+                      max_seqlen=max(b - a for a, b in zip(starts, starts[1:])), labels=batch["labels"][rows])
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:

@@ -49,7 +49,7 @@ def _check_case(tp: int, sp: bool, overrides: dict) -> None:
     load_hf_state_dict(stage, hf.state_dict())
 
     with torch.no_grad():   # logits and packing isolation: every document as if alone
-        logits = gather_last_dim(stage(model_batch({**batch, "labels": None})), ps.tp_group)
+        logits = gather_last_dim(stage(model_batch(batch).without_labels()), ps.tp_group)
         for (r, start, n), ref in zip(batch["docs"], ref_logits):
             got = logits[start:start + n, r, :fields["vocab_size"]]
             assert (got - ref).abs().max() < 1e-4, f"logits differ for document at row {r}+{start}"

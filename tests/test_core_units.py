@@ -9,7 +9,8 @@ import torch
 from megasft.config import Config, ConfigError
 from megasft.layout import Layout
 from megasft.parallel_state import rank_grid
-from megasft.tensor_parallel.cross_entropy import shift_labels, vocab_parallel_cross_entropy
+from megasft.data.batch import shift_labels
+from megasft.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megasft.tensor_parallel.spec import Shard, TPSplit
 
 

@@ -24,7 +24,7 @@ def make_dataset(path, n_docs=60, seed=0):
 
 
 def docs_in(batch):
-    ids, cu = batch["input_ids"].reshape(-1), batch["cu_seqlens"].tolist()
+    ids, cu = batch.input_ids.reshape(-1), batch.cu_seqlens.tolist()
     return [int(ids[a]) - 1 for a, e in zip(cu[:-1], cu[1:]) if ids[a] != 0]
 
 
@@ -39,14 +39,14 @@ def test_micro_batch_contract(tmp_path):
     mbs = loader.next_global_batch()
     assert len(mbs) == 1
     b = mbs[0]
-    assert b["input_ids"].shape == b["labels"].shape == b["position_ids"].shape == (2, SEQ)
-    cu = b["cu_seqlens"]
+    assert b.input_ids.shape == b.labels.shape == b.position_ids.shape == (2, SEQ)
+    cu = b.cu_seqlens
     assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == 2 * SEQ
-    assert b["max_seqlen"] == int((cu[1:] - cu[:-1]).max())
-    trained = b["labels"] != -100
-    assert torch.equal(b["labels"][trained], b["input_ids"][trained])
+    assert b.max_seqlen == int((cu[1:] - cu[:-1]).max())
+    trained = b.labels != -100
+    assert torch.equal(b.labels[trained], b.input_ids[trained])
     starts = cu[:-1].long()
-    assert (b["labels"].reshape(-1)[starts] == -100).all()  # first token of each segment untrained
+    assert (b.labels.reshape(-1)[starts] == -100).all()  # first token of each segment untrained
 
 
 def test_each_epoch_covers_every_document_once_across_ranks(tmp_path):
@@ -99,7 +99,7 @@ def test_resumed_loader_yields_the_same_rows(tmp_path, stop):
         assert len(got) == len(want)
         for g, w in zip(got, want):
             for key in ("input_ids", "labels", "position_ids", "cu_seqlens"):
-                assert torch.equal(g[key], w[key])
+                assert torch.equal(getattr(g, key), getattr(w, key))
 
 
 def test_resume_with_other_dp_size_sees_same_global_rows(tmp_path):

@@ -68,14 +68,14 @@ def test_micro_batch_tensors():
     docs = [(np.array([10, 11, 12]), np.array([0, 1, 1])), (np.array([20, 21]), np.array([1, 1])),
             (np.array([30, 31, 32, 33, 34, 35, 36, 37]), np.array([0, 0, 0, 1, 1, 1, 1, 1]))]
     b = build_micro_batch([[docs[0], docs[1]], [docs[2]]], 8, pad_id=0)
-    assert b["input_ids"].tolist() == [[10, 11, 12, 20, 21, 0, 0, 0], [30, 31, 32, 33, 34, 35, 36, 37]]
+    assert b.input_ids.tolist() == [[10, 11, 12, 20, 21, 0, 0, 0], [30, 31, 32, 33, 34, 35, 36, 37]]
     # First token of each document never trained; padding -100; trained labels equal the input ids.
-    assert b["labels"].tolist() == [[-100, 11, 12, -100, 21, -100, -100, -100], [-100, -100, -100, 33, 34, 35, 36, 37]]
-    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], list(range(8))]
-    assert b["cu_seqlens"].tolist() == [0, 3, 5, 8, 16] and b["cu_seqlens"].dtype == torch.int32
-    assert b["max_seqlen"] == 8 and isinstance(b["max_seqlen"], int)
-    assert b["num_valid_tokens"] == 8
-    assert b["input_ids"].dtype == b["labels"].dtype == b["position_ids"].dtype == torch.int64
+    assert b.labels.tolist() == [[-100, 11, 12, -100, 21, -100, -100, -100], [-100, -100, -100, 33, 34, 35, 36, 37]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], list(range(8))]
+    assert b.cu_seqlens.tolist() == [0, 3, 5, 8, 16] and b.cu_seqlens.dtype == torch.int32
+    assert b.max_seqlen == 8 and isinstance(b.max_seqlen, int)
+    assert b.trained_tokens == 8
+    assert b.input_ids.dtype == b.labels.dtype == b.position_ids.dtype == torch.int64
 
 
 def test_every_token_appears_once_in_packed_rows():
@@ -83,10 +83,10 @@ def test_every_token_appears_once_in_packed_rows():
     docs = [(rng.integers(1, 1000, n), rng.integers(0, 2, n)) for n in rng.integers(1, 64, 200)]
     rows = pack_best_fit([len(d[0]) for d in docs], 64)
     b = build_micro_batch([[docs[d] for d in row] for row in rows], 64, pad_id=0)
-    ids, cu = b["input_ids"].reshape(-1), b["cu_seqlens"].tolist()
+    ids, cu = b.input_ids.reshape(-1), b.cu_seqlens.tolist()
     segments = [ids[a:e].tolist() for a, e in zip(cu[:-1], cu[1:])]
     expected = [docs[d][0].tolist() for row in rows for d in row]
     assert [s for s in segments if any(s)] == expected  # padding segments are all pad (0)
-    positions = b["position_ids"].reshape(-1)
+    positions = b.position_ids.reshape(-1)
     for a, e in zip(cu[:-1], cu[1:]):
         assert positions[a:e].tolist() == list(range(e - a))

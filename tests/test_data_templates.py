@@ -132,8 +132,8 @@ def test_label_invariant_against_whole_text_tokenisation(template):
         ids, mask = enc.encode(msgs)
         batch = build_micro_batch([[(ids, mask)]], len(ids), tok.pad_id)
         ref_ids, ref_labels = reference_labels(hf_tokenizer_dir(), template, msgs, eot)
-        assert batch["input_ids"][0].tolist() == ref_ids  # per-segment ids == whole-text ids
-        assert batch["labels"][0].tolist() == ref_labels
+        assert batch.input_ids[0].tolist() == ref_ids  # per-segment ids == whole-text ids
+        assert batch.labels[0].tolist() == ref_labels
 
 
 def test_sentencepiece_llama3_masks():

@@ -19,6 +19,7 @@ from megasft.checkpoint.convert import hf_to_megasft, megasft_to_hf
 from megasft.checkpoint.hf_io import load_hf_into
 from megasft.checkpoint.sharded import Checkpointer
 from megasft.config import Config
+from megasft.data.batch import MicroBatch
 from megasft.model.llama import LlamaStage
 from megasft.parallel_state import ParallelState
 from megasft.training.loop import Trainer
@@ -38,8 +39,8 @@ def megasft_config(fields: dict, tmp: Path, load: str) -> Config:
 def logits_of(chunk: LlamaStage, ids: torch.Tensor, vocab: int) -> torch.Tensor:
     """megasft logits [b, s, V] for one document per row."""
     b, s = ids.shape
-    batch = {"input_ids": ids, "position_ids": torch.arange(s).repeat(b, 1),
-             "cu_seqlens": torch.arange(0, b * s + 1, s, dtype=torch.int32), "max_seqlen": s}
+    batch = MicroBatch(input_ids=ids, position_ids=torch.arange(s).repeat(b, 1),
+                       cu_seqlens=torch.arange(0, b * s + 1, s, dtype=torch.int32), max_seqlen=s)
     chunk.eval()
     with torch.no_grad():
         return chunk(batch)[:, :, :vocab].transpose(0, 1)             # [s, b, V_pad] -> [b, s, V]

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megasft.config import Config, ConfigError
+from megasft.data.batch import MicroBatch
 from megasft.planner import (Assumptions, PlanError, candidate_of, check_fits, forward_flops_per_token,
                              make_cluster, model_flops_per_step, pin, plan, rank_state_bytes, search)
 from megasft.planner.activations import in_flight_layers, layer_activations
@@ -154,8 +155,8 @@ def test_forward_flops_equal_torch_flop_counter_on_the_model():
     s = 64
     cfg = _cfg({"preset": "tiny-qkv-bias", "vocab_size": 300}, data={"seq_len": s, "global_batch_tokens": s})
     (stage,) = build_model(cfg, ParallelState.single())
-    batch = {"input_ids": torch.randint(0, 300, (1, s)), "position_ids": torch.arange(s)[None],
-             "cu_seqlens": torch.tensor([0, s], dtype=torch.int32), "max_seqlen": s}
+    batch = MicroBatch(input_ids=torch.randint(0, 300, (1, s)), position_ids=torch.arange(s)[None],
+                       cu_seqlens=torch.tensor([0, s], dtype=torch.int32), max_seqlen=s)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math: counted bmm
         stage(batch)
     expected = forward_flops_per_token(cfg.model, s, vocab_size=cfg.model.padded_vocab_size(1)) * s

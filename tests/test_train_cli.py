@@ -54,13 +54,14 @@ def test_train_cli_tp2_pp2_export_and_generate(tiny_data, tmp_path):
     # The export loads in transformers and gives megasft's logits.
     from transformers import AutoModelForCausalLM
 
+    from megasft.data.batch import MicroBatch
     from megasft.generate import load_single_process_model
 
     hf = AutoModelForCausalLM.from_pretrained(run / "hf").float().eval()
     ours = load_single_process_model(run / "hf")
     ids = torch.randint(0, 512, (1, 20))
-    batch = {"input_ids": ids, "position_ids": torch.arange(20)[None], "max_seqlen": 20,
-             "cu_seqlens": torch.tensor([0, 20], dtype=torch.int32)}
+    batch = MicroBatch(input_ids=ids, position_ids=torch.arange(20)[None], max_seqlen=20,
+                       cu_seqlens=torch.tensor([0, 20], dtype=torch.int32))
     with torch.no_grad():
         diff = (hf(input_ids=ids).logits[0] - ours(batch)[:, 0, :512]).abs().max()
     assert diff < 1e-4

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 from megasft.data.indexed import IndexedDataset
+from megasft.data.batch import IGNORE_INDEX
 from megasft.data.packing import build_micro_batch
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
@@ -26,16 +27,16 @@ def format_document(dataset: IndexedDataset, doc: int, tokenizer=None, color: bo
     ids, mask = dataset[doc]
     n = len(ids)
     batch = build_micro_batch([[(ids, mask)]], n, dataset.pad_id)
-    input_ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
-    trained = sum(lab != -100 for lab in labels)
+    input_ids, labels = batch.input_ids[0].tolist(), batch.labels[0].tolist()
+    trained = sum(lab != IGNORE_INDEX for lab in labels)
     lines = [f"document {doc}: {n} tokens, {trained} trained ({trained / max(1, n):.1%})",
              f"{'pos':>5} | {'id':>7} | {'token':<24} | {'label':>7}"]
     for t, (tok_id, label) in enumerate(zip(input_ids, labels)):
         if max_tokens is not None and t >= max_tokens:
             lines.append(f"  ... {n - t} more tokens")
             break
-        row = f"{t:>5} | {tok_id:>7} | {token_text(tokenizer, tok_id):<24.24} | {label if label != -100 else '-100':>7}"
-        if label != -100:
+        row = f"{t:>5} | {tok_id:>7} | {token_text(tokenizer, tok_id):<24.24} | {label if label != IGNORE_INDEX else '-100':>7}"
+        if label != IGNORE_INDEX:
             row = f"{GREEN}{row}  <- trained{RESET}" if color else f"{row}  <- trained"
         lines.append(row)
     return "\n".join(lines)

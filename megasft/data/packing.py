@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megasft.data.batch import IGNORE_INDEX, MicroBatch
+
 
 class CapacityTree:
     """Counts of open rows per free capacity, with 'smallest capacity >= x that has a row' queries."""
@@ -80,17 +82,17 @@ def packing_efficiency(lengths: Sequence[int], rows: Sequence[Sequence[int]], se
 
 
 def build_micro_batch(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], seq_len: int,
-                      pad_id: int) -> dict:
-    """Tensors of one micro-batch from rows of (ids, loss_mask) documents.
+                      pad_id: int) -> MicroBatch:
+    """One micro-batch from rows of (ids, loss_mask) documents.
 
-    labels[r, t] = input_ids[r, t] where trained else -100 (HF convention, the loss shifts); the first
-    token of every document is -100, so the shifted loss never predicts across a document boundary.
-    Padding tails are their own segment (positions 0..) with label -100. cu_seqlens runs over the
+    labels[r, t] = input_ids[r, t] where trained else IGNORE_INDEX (HF convention, the loss shifts);
+    the first token of every document is IGNORE_INDEX, so the shifted loss never predicts across a
+    document boundary. Padding tails are their own segment (positions 0..), untrained. cu_seqlens runs over the
     flattened [b * s] tokens, row r occupying r*s .. (r+1)*s.
     """
     b = len(rows)
     input_ids = np.full((b, seq_len), pad_id, dtype=np.int64)   # [b, s]
-    labels = np.full((b, seq_len), -100, dtype=np.int64)         # [b, s]
+    labels = np.full((b, seq_len), IGNORE_INDEX, dtype=np.int64)  # [b, s]
     position_ids = np.zeros((b, seq_len), dtype=np.int64)        # [b, s]
     arange = np.arange(seq_len, dtype=np.int64)
     cu = [0]
@@ -101,8 +103,8 @@ def build_micro_batch(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], s
             if pos + n > seq_len:
                 raise ValueError(f"row {r} holds {pos + n} tokens > seq_len={seq_len}")
             input_ids[r, pos:pos + n] = ids
-            labels[r, pos:pos + n] = np.where(np.asarray(mask, dtype=bool), input_ids[r, pos:pos + n], -100)
-            labels[r, pos] = -100
+            labels[r, pos:pos + n] = np.where(np.asarray(mask, dtype=bool), input_ids[r, pos:pos + n], IGNORE_INDEX)
+            labels[r, pos] = IGNORE_INDEX
             position_ids[r, pos:pos + n] = arange[:n]
             pos += n
             cu.append(r * seq_len + pos)
@@ -110,11 +112,6 @@ def build_micro_batch(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], s
             position_ids[r, pos:] = arange[:seq_len - pos]
             cu.append((r + 1) * seq_len)
     cu_seqlens = np.asarray(cu, dtype=np.int32)
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(position_ids),
-        "cu_seqlens": torch.from_numpy(cu_seqlens),
-        "max_seqlen": int(np.diff(cu_seqlens).max()) if b else 0,
-        "num_valid_tokens": int((labels != -100).sum()),
-    }
+    return MicroBatch(input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(position_ids),
+                      cu_seqlens=torch.from_numpy(cu_seqlens), max_seqlen=int(np.diff(cu_seqlens).max()) if b else 0,
+                      labels=torch.from_numpy(labels))

@@ -11,6 +11,7 @@ sequence collectives act on a contiguous leading dim. Inputs are packed rows: ``
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -19,13 +20,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megasft.config import ModelConfig
+from megasft.data.batch import MicroBatch, shift_labels
 from megasft.layout import kv_partition
 from megasft.model.attention import attention, resolve_backend
 from megasft.model.fused import norm_kernel, resolve_norm_backend, swiglu_kernel
 from megasft.parallel_state import ParallelState
 from megasft.tensor_parallel.comm import scatter_to_sp
-from megasft.tensor_parallel.cross_entropy import (lm_head_cross_entropy, shift_labels,
-                                                   vocab_parallel_cross_entropy)
+from megasft.tensor_parallel.cross_entropy import lm_head_cross_entropy, vocab_parallel_cross_entropy
 from megasft.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                             VocabParallelEmbedding, enter_tp_region,
                                             mark_replicated, tp_shards)
@@ -158,10 +159,10 @@ class LlamaStage(nn.Module):
     """The layers of one pipeline chunk; ``pre_process`` adds the embedding, ``post_process`` the
     final norm, LM head and loss.
 
-    forward(batch, hidden_states) takes the micro-batch dict (input_ids, position_ids,
-    cu_seqlens, max_seqlen, and labels for the loss) and, on non-first chunks, the incoming
-    activation. It returns the activation [s(/tp), b, h], or on the last chunk the vocab-parallel
-    logits [s, b, V/tp] — or ``(loss_sum, valid_count)`` when the batch carries labels.
+    forward(batch, hidden_states) takes the MicroBatch (megasft.data.batch) and, on non-first
+    chunks, the incoming activation. It returns the activation [s(/tp), b, h], or on the last chunk
+    the vocab-parallel logits [s, b, V/tp] — or ``(loss_sum, valid_count)`` when the batch carries
+    labels.
     """
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, layer_ids: list[int], pre_process: bool,
@@ -184,19 +185,19 @@ class LlamaStage(nn.Module):
         if post_process:
             self.norm = _norm(cfg, ps, self.sequence_parallel)
             vocab = Shard(cfg.vocab_size, ps.tp, ps.tp_rank, padded=padded_vocab)
-            self.vocab_start = vocab.start
-            self.vocab_valid = max(0, min(vocab.local, cfg.vocab_size - vocab.start))
+            self.output = VocabOutput(vocab.start, max(0, min(vocab.local, cfg.vocab_size - vocab.start)),
+                                      ps.tp_group, cfg.loss_chunk_tokens)
             if not (cfg.tie_embeddings and pre_process):
                 # With pipelining a tied head is a second copy of the embedding, kept equal by
                 # all-reducing both copies' gradients over the embedding group (pipeline.tied).
-                self.lm_head = LMHead(cfg.hidden_size, [vocab])                   # [V/tp, h]
+                self.lm_head = LMHead(cfg.hidden_size, vocab, self.output)        # [V/tp, h]
         self._inv_freq = rope_inv_freq(cfg)
 
-    def forward(self, batch: dict, hidden_states: Optional[torch.Tensor] = None):
+    def forward(self, batch: MicroBatch, hidden_states: Optional[torch.Tensor] = None):
         if self.pre_process:
             hidden_states = self._embed(batch)
-        cos, sin = rope_cos_sin(self._inv_freq, batch["position_ids"], hidden_states.dtype)
-        cu_seqlens, max_seqlen = batch["cu_seqlens"], int(batch["max_seqlen"])
+        cos, sin = rope_cos_sin(self._inv_freq, batch.position_ids, hidden_states.dtype)
+        cu_seqlens, max_seqlen = batch.cu_seqlens, int(batch.max_seqlen)
         for layer in self.layers.values():
             if self.recompute_layers and self.training:
                 hidden_states = checkpoint(layer, hidden_states, cos, sin, cu_seqlens, max_seqlen,
@@ -206,23 +207,14 @@ class LlamaStage(nn.Module):
         if not self.post_process:
             return hidden_states
         x = enter_tp_region(self.norm(hidden_states), self.group, self.sequence_parallel)   # [s, b, h]
+        target = None if batch.labels is None else shift_labels(batch.labels).t()          # [s, b]
         if hasattr(self, "lm_head"):
-            return self.lm_head(x, batch, self._output)
-        return self._output(x, batch, self.embedding.weight)
+            return self.lm_head(x, target)
+        # Tied without pipelining: the embedding's own weight, which its forward already waited for.
+        return self.output(x, self.embedding.weight, target)
 
-    def _output(self, x: torch.Tensor, batch: dict, weight: torch.Tensor):
-        """Vocab-parallel logits [s, b, V/tp] of x [s, b, h], or (loss_sum, count) with labels."""
-        if batch.get("labels") is None:
-            return F.linear(x, weight)
-        target = shift_labels(batch["labels"]).t()                          # [s, b]
-        if self.cfg.loss_chunk_tokens:
-            return lm_head_cross_entropy(x, weight, target, self.vocab_start, self.vocab_valid,
-                                         self.group, self.cfg.loss_chunk_tokens)
-        logits = F.linear(x, weight)
-        return vocab_parallel_cross_entropy(logits, target, self.vocab_start, self.vocab_valid, self.group)
-
-    def _embed(self, batch: dict) -> torch.Tensor:
-        emb = self.embedding(batch["input_ids"])                            # [s(/tp), b, h]
+    def _embed(self, batch: MicroBatch) -> torch.Tensor:
+        emb = self.embedding(batch.input_ids)                               # [s(/tp), b, h]
         alpha = self.cfg.neftune_alpha
         if self.training and alpha > 0:
             emb = emb + neftune_noise(batch, emb, alpha, self.neftune_generator, self.group,
@@ -230,24 +222,48 @@ class LlamaStage(nn.Module):
         return emb
 
 
+@dataclass(frozen=True)
+class VocabOutput:
+    """The output projection onto this rank's vocabulary slice and, given targets, the masked
+    vocab-parallel cross-entropy — fused over token chunks when chunk_tokens > 0, so the full
+    [tokens, V/tp] logits never exist."""
+
+    vocab_start: int
+    vocab_valid: int        # rows of the slice that are real tokens (the rest is padding)
+    group: object           # the TP group
+    chunk_tokens: int = 0
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, target: Optional[torch.Tensor]):
+        """Logits [s, b, V/tp] of x [s, b, h], or (loss_sum, count) against target [s, b]."""
+        if target is None:
+            return F.linear(x, weight)
+        if self.chunk_tokens:
+            return lm_head_cross_entropy(x, weight, target, self.vocab_start, self.vocab_valid,
+                                         self.group, self.chunk_tokens)
+        return vocab_parallel_cross_entropy(F.linear(x, weight), target, self.vocab_start,
+                                            self.vocab_valid, self.group)
+
+
 class LMHead(ColumnParallelLinear):
-    """The untied output layer. The stage's loss code uses its weight through a call of this
-    module, so forward pre-hooks (the overlapped ZeRO-1 parameter all-gather waits in one) run
-    before the weight is read."""
+    """The untied output layer and its loss. Its weight is read only inside its own forward, so
+    forward pre-hooks (the overlapped ZeRO-1 parameter all-gather waits in one) run first."""
 
-    def forward(self, x: torch.Tensor, batch: dict, output):
-        return output(x, batch, self.weight)
+    def __init__(self, hidden_size: int, vocab: Shard, output: VocabOutput):
+        super().__init__(hidden_size, [vocab])
+        self.output = output
+
+    def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None):
+        return self.output(x, self.weight, target)
 
 
-def neftune_noise(batch: dict, emb: torch.Tensor, alpha: float, generator: torch.Generator,
+def neftune_noise(batch: MicroBatch, emb: torch.Tensor, alpha: float, generator: torch.Generator,
                   group, sequence_parallel: bool) -> torch.Tensor:
     """NEFTune (Jain et al. 2023): uniform noise in +-alpha/sqrt(L*d), L the length of the token's
     own document (so packing does not change the noise a document gets). Drawn for the full
     [s, b, h] on every TP rank from the same generator, then sliced under SP, so all TP ranks agree."""
-    b, s = batch["input_ids"].shape
+    b, s = batch.input_ids.shape
     d = emb.shape[-1]
-    cu = batch["cu_seqlens"].long().cpu()
-    lengths = cu[1:] - cu[:-1]
+    lengths = batch.segment_lengths.cpu()
     doc_len = torch.repeat_interleave(lengths, lengths).view(b, s).t().unsqueeze(-1)   # [s, b, 1]
     noise = torch.rand((s, b, d), generator=generator).mul_(2).sub_(1)
     noise = noise * (alpha / torch.sqrt(doc_len.float() * d))

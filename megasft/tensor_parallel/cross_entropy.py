@@ -15,17 +15,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megasft.data.batch import IGNORE_INDEX
 from megasft.parallel_state import group_size
 from megasft.tensor_parallel.comm import Group, all_reduce
-
-IGNORE_INDEX = -100
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """HF convention -> next-token targets: target[t] = labels[t + 1]; the last position gets
-    IGNORE_INDEX. [b, s] -> [b, s]."""
-    pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
-    return torch.cat([labels[:, 1:], pad], dim=1)
 
 
 def _mask_padding_(z: torch.Tensor, vocab_valid: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from megasft.optim.distributed_optimizer import DistributedOptimizer
 from megasft.optim.lr_schedule import WarmupCosine
 from megasft.parallel_state import ParallelState, group_size
 from megasft.pipeline import schedules
-from megasft.tensor_parallel.cross_entropy import IGNORE_INDEX, shift_labels
+from megasft.data.batch import MicroBatch
 from megasft.training import metrics
 from megasft.training.profiler import maybe_profile
 
@@ -60,15 +60,6 @@ class StepOutput:
     bubble: Optional[tuple[float, float]] = None   # (measured, theory) with pipelining
 
 
-def count_trained_tokens(micro_batches: list[dict]) -> int:
-    """Tokens that contribute to the loss (after the next-token shift) in these micro-batches."""
-    return sum(int((shift_labels(mb["labels"]) != IGNORE_INDEX).sum()) for mb in micro_batches)
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 class Trainer:
     """Owns this rank's model chunks, optimizer and data; `fit()` runs the configured steps."""
 
@@ -89,7 +80,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def forward_step(self, loss_scale: float):
-        def step(chunk_index: int, batch: dict, input_tensor: Optional[torch.Tensor]):
+        def step(chunk_index: int, batch: MicroBatch, input_tensor: Optional[torch.Tensor]):
             chunk = self.chunks[chunk_index]
             with self.fp8_autocast():   # one FP8 region per chunk forward; backward runs outside
                 out = chunk(batch, input_tensor)
@@ -99,10 +90,10 @@ class Trainer:
             return loss_sum * loss_scale, {"loss_sum": loss_sum.detach(), "tokens": count}
         return step
 
-    def run_schedule(self, micro_batches: list[dict], forward_only: bool):
+    def run_schedule(self, micro_batches: list[MicroBatch], forward_only: bool):
         """Count the global trained tokens, run the pipeline schedule; returns (result, count)."""
-        micro_batches = [_to_device(mb, self.ps.device) for mb in micro_batches]
-        count = torch.tensor([count_trained_tokens(micro_batches)], dtype=torch.float64)
+        micro_batches = [mb.to(self.ps.device) for mb in micro_batches]
+        count = torch.tensor([sum(mb.trained_tokens for mb in micro_batches)], dtype=torch.float64)
         if group_size(self.ps.dp_group) > 1:
             dist.all_reduce(count, group=self.ps.dp_group)
         global_count = int(count.item())
@@ -127,7 +118,7 @@ class Trainer:
             dist.all_reduce(value, group=self.ps.world_group)
         return float(value.item())
 
-    def train_step(self, micro_batches: list[dict]) -> StepOutput:
+    def train_step(self, micro_batches: list[MicroBatch]) -> StepOutput:
         self.optimizer.zero_grad()
         result, global_count = self.run_schedule(micro_batches, forward_only=False)
         step = self.optimizer.step()   # every grad sync (TP replicas, tied copies, DP), then AdamW
@@ -188,7 +179,7 @@ class Trainer:
         self.optimizer.finish_param_sync()   # the caller may read the final weights
         return outputs
 
-    def _step_flops(self, micro_batches: list[dict]) -> float:
+    def _step_flops(self, micro_batches: list[MicroBatch]) -> float:
         """Model FLOPs of this step over all ranks (document lengths summed over DP; TP/PP copies
         of a micro-batch are the same work)."""
         sq = torch.tensor([metrics.sum_sq_segment_lens(micro_batches)], dtype=torch.float64)

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from megasft.config import ModelConfig
+from megasft.data.batch import MicroBatch
 from megasft.planner.flops import forward_flops_per_token
 
 
@@ -27,13 +28,9 @@ def step_model_flops(model: ModelConfig, tokens: int, sum_sq_doc_lens: int) -> f
     return gemm + attention
 
 
-def sum_sq_segment_lens(micro_batches: list[dict]) -> int:
-    """sum over documents (and padding segments excluded where labelled) of length^2."""
-    total = 0
-    for mb in micro_batches:
-        lens = (mb["cu_seqlens"][1:] - mb["cu_seqlens"][:-1]).long()
-        total += int((lens * lens).sum())
-    return total
+def sum_sq_segment_lens(micro_batches: list[MicroBatch]) -> int:
+    """Sum over the segments (documents and padding tails) of length^2: attention's work."""
+    return sum(int(mb.segment_lengths.square().sum()) for mb in micro_batches)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
