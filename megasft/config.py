@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 import yaml
+
+from megasft.config_fields import field_problem
 
 
 class ConfigError(ValueError):
@@ -116,6 +119,11 @@ class ParallelConfig:
     only when the next forward first uses it (needs distributed_optimizer)."""
     bucket_size_mb: float = 40.0
     """Bucket size (of fp32 grads) for the overlapped data-parallel reduce-scatter / all-gather."""
+    timeout_s: float = 120.0
+    """Seconds any collective may wait for a peer before the job fails, naming the rank that
+    stopped answering. gloo (CPU) raises on the waiting ranks after this; NCCL aborts the
+    communicator after it (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default). Raise it when one rank
+    legitimately works alone for longer (e.g. a slow first-step compile or a huge checkpoint load)."""
 
 
 @dataclass
@@ -138,6 +146,9 @@ class DataConfig:
     """Tokenizer file or directory (sentencepiece .model or HF tokenizer.json) for generation/eval."""
     template: str = "llama3"
     """Chat template name (llama3 | chatml) or path to a tokenizer_config.json with a chat_template."""
+    reset_order_on_resume: bool = False
+    """On resume, ignore the data position saved in the checkpoint and start the data order
+    afresh (epoch 0); needed when the training data, seq_len or seed changed since the save."""
 
     def rows_per_step(self) -> int:
         return self.global_batch_tokens // self.seq_len
@@ -164,7 +175,7 @@ class OptimConfig:
     clip_grad: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
     max_consecutive_skips: int = 5
-    """Abort after this many consecutive steps with a non-finite gradient norm."""
+    """Abort after this many consecutive skipped steps (non-finite gradient norm or loss)."""
     adamw_kernel: str = "auto"
     """auto | fused | reference. fused is torch's fused AdamW kernel (CUDA, CPU); auto uses it
     wherever torch has it for the device; reference is plain PyTorch ops (megasft.optim.adamw)."""
@@ -281,8 +292,16 @@ class Config:
     def load(cls, path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> "Config":
         raw: dict = {}
         if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"no config file at {path}; pass an existing YAML file to --config")
             with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
+                try:
+                    raw = yaml.safe_load(f) or {}
+                except yaml.YAMLError as err:
+                    raise ConfigError(_yaml_message(path, err)) from err
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path} holds a {type(raw).__name__}, not a mapping of sections; "
+                                  f"start it with sections such as 'model:' and 'train:'")
         for item in overrides:
             apply_override(raw, item)
         return cls.from_dict(raw)
@@ -297,7 +316,9 @@ class Config:
 
     # ------------------------------------------------------------- validation
     def validate(self, world_size: Optional[int] = None) -> "Config":
-        """Check every cross-field rule; resolve parallel.dp from world_size. Returns self."""
+        """Check every field's type and range, then every cross-field rule; resolve parallel.dp
+        from world_size. Returns self."""
+        check_fields(self)
         m, p, d, o, t = self.model, self.parallel, self.data, self.optim, self.train
         for (section, key), choices in CHOICES.items():
             value = getattr(getattr(self, section), key)
@@ -397,7 +418,42 @@ class Config:
             raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
         if t.fp8 != "off":
             _check_fp8(m, p, d, t)
+        _warn_long_sequences(m, d)
         return self
+
+
+def check_fields(cfg: Config) -> None:
+    """Each numeric field against its range in megasft.config_fields (raises the first problem)."""
+    for name, typ in SECTIONS.items():
+        section, default = getattr(cfg, name), typ()
+        for f in fields(typ):
+            problem = field_problem(f"{name}.{f.name}", getattr(section, f.name), getattr(default, f.name))
+            if problem:
+                raise ConfigError(problem)
+
+
+def _warn_long_sequences(m: ModelConfig, d: DataConfig) -> None:
+    """Rows longer than the model's position range train RoPE on positions it has not seen."""
+    if d.seq_len <= m.max_position_embeddings:
+        return
+    scaling = m.rope_scaling or {}
+    if scaling:
+        context = (f"rope_scaling ({scaling.get('rope_type', scaling.get('type'))}, factor "
+                   f"{scaling.get('factor')}, original_max_position_embeddings "
+                   f"{scaling.get('original_max_position_embeddings')}) was calibrated for "
+                   f"{m.max_position_embeddings} positions")
+    else:
+        context = "no model.rope_scaling is set, so RoPE extrapolates past the pre-trained length"
+    warnings.warn(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}: "
+                  f"{context}; lower data.seq_len, or raise model.max_position_embeddings together with "
+                  "a matching rope_scaling", stacklevel=3)
+
+
+def _yaml_message(path: str, err: Exception) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"YAML syntax error ({problem}) at {where}; fix that line of the config file"
 
 
 def _check_fp8(m: ModelConfig, p: ParallelConfig, d: DataConfig, t: TrainConfig) -> None:
@@ -462,11 +518,12 @@ def _coerce(where: str, hint: Any, value: Any) -> Any:
         hint = next(a for a in get_args(hint) if a is not type(None))
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if hint is float and isinstance(value, str):
+    if hint is float:
+        # YAML reads 1e-5 (no dot) as a string; anything float() cannot read is not a number.
         try:
-            return float(value)
+            return float(value) if isinstance(value, str) else _not_a_number(where, value)
         except ValueError:
-            pass
+            _not_a_number(where, value)
     base = get_origin(hint) or hint
     if base is str and isinstance(value, bool) and where == "train.progress_bar":
         # YAML 1.1 reads a bare on/off as a boolean.
@@ -478,6 +535,10 @@ def _coerce(where: str, hint: Any, value: Any) -> Any:
     if base in (str, dict, list) and not isinstance(value, base):
         raise ConfigError(f"{where} must be a {base.__name__}, got {value!r}")
     return value
+
+
+def _not_a_number(where: str, value: Any):
+    raise ConfigError(f"{where} must be a number, got {value!r}; write a number such as 0.001 or 1e-3")
 
 
 def apply_override(raw: dict, item: str) -> None:
