@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, get_args, get_origin, get_type_hints
@@ -418,7 +417,6 @@ class Config:
             raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
         if t.fp8 != "off":
             _check_fp8(m, p, d, t)
-        _warn_long_sequences(m, d)
         return self
 
 
@@ -432,10 +430,13 @@ def check_fields(cfg: Config) -> None:
                 raise ConfigError(problem)
 
 
-def _warn_long_sequences(m: ModelConfig, d: DataConfig) -> None:
-    """Rows longer than the model's position range train RoPE on positions it has not seen."""
+def long_sequence_warning(cfg: Config) -> Optional[str]:
+    """A warning when training rows are longer than the model's position range (RoPE is then
+    trained on positions the model has not seen); None otherwise. Only a training run has rows,
+    so megasft.train prints it, not validate() (converters validate a default data section)."""
+    m, d = cfg.model, cfg.data
     if d.seq_len <= m.max_position_embeddings:
-        return
+        return None
     scaling = m.rope_scaling or {}
     if scaling:
         context = (f"rope_scaling ({scaling.get('rope_type', scaling.get('type'))}, factor "
@@ -444,9 +445,9 @@ def _warn_long_sequences(m: ModelConfig, d: DataConfig) -> None:
                    f"{m.max_position_embeddings} positions")
     else:
         context = "no model.rope_scaling is set, so RoPE extrapolates past the pre-trained length"
-    warnings.warn(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}: "
-                  f"{context}; lower data.seq_len, or raise model.max_position_embeddings together with "
-                  "a matching rope_scaling", stacklevel=3)
+    return (f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}: "
+            f"{context}; lower data.seq_len, or raise model.max_position_embeddings together with a "
+            "matching rope_scaling")
 
 
 def _yaml_message(path: str, err: Exception) -> str:

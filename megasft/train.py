@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megasft.config import Config, ConfigError
+from megasft.config import Config, ConfigError, long_sequence_warning
 from megasft.parallel_state import ParallelState, destroy
 
 
@@ -105,6 +105,9 @@ def main(argv=None) -> int:
         check_inputs(cfg)
     except (StartupError, CheckpointError, DatasetError) as err:
         return report(str(err), EXIT_STARTUP)
+    warning = long_sequence_warning(cfg)
+    if warning:
+        report(f"warning: {warning}", 0)
     from megasft.data.loader import build_loaders
     from megasft.optim.distributed_optimizer import TooManySkippedSteps
     from megasft.training.loop import NonFiniteWeights, StopSignal, Trainer

@@ -119,6 +119,14 @@ def test_startup_failures_are_one_line_what_where_fix(main, data, tmp_path):
     assert err[0].startswith(f"megasft.train: {run / 'checkpoints' / 'latest'} names 'garbage', but")
 
 
+def test_long_rows_warn_once_with_the_rope_context(main, data, tmp_path):
+    rc, err = main(_args(data, tmp_path / "run", "train.steps=1", "model.max_position_embeddings=8"))
+    assert (rc, err) == (0, ["megasft.train: warning: data.seq_len=16 exceeds model.max_position_embeddings=8: "
+                             "no model.rope_scaling is set, so RoPE extrapolates past the pre-trained length; "
+                             "lower data.seq_len, or raise model.max_position_embeddings together with a "
+                             "matching rope_scaling"])
+
+
 def test_only_rank_0_prints_and_no_traceback(data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"}
     env.pop("MEGASFT_FAULT", None)
