@@ -233,3 +233,33 @@ def test_sigstopped_rank_fails_the_job_within_the_timeout_naming_it(data, tmp_pa
     # torchrun SIGTERMs the frozen rank, waits its fixed 30 s grace, then SIGKILLs it.
     assert end - t_msg < 30 + 10, text
     assert "[rank0]: Traceback" not in text, text   # the survivor reports, it does not crash
+
+
+def test_usr1_to_a_bare_torchrun_leaves_no_orphan_ranks(data, tmp_path):
+    """torchrun dies of SIGUSR1 (it does not forward it); its ranks get SIGTERM from Linux
+    (PR_SET_PDEATHSIG), stop at the next step boundary with a checkpoint, and exit."""
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("MEGASFT_FAULT", None)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "megasft.train", *_args(data, run, "train.steps=100000", "train.log_interval=20")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        for line in proc.stdout:   # training has started on both ranks
+            if line.startswith("step "):
+                break
+        ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                text=True).stdout.split()]
+        assert len(ranks) == 2
+        os.kill(proc.pid, signal.SIGUSR1)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in ranks)
+    finally:
+        proc.kill()
+    saved = (run / "checkpoints" / "latest").read_text().strip()
+    assert saved.startswith("step_") and int(saved[5:]) >= 20
