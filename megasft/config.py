@@ -17,6 +17,8 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
+from megasft.config_fields import field_problem
+
 
 class ConfigError(ValueError):
     """A configuration value or combination that cannot work; the message says how to fix it."""
@@ -118,6 +120,11 @@ class ParallelConfig:
     only when the next forward first uses it (needs distributed_optimizer)."""
     bucket_size_mb: float = 40.0
     """Bucket size (of fp32 grads) for the overlapped data-parallel reduce-scatter / all-gather."""
+    timeout_s: float = 120.0
+    """Seconds any collective may wait for a peer before the job fails, naming the rank that
+    stopped answering. gloo (CPU) raises on the waiting ranks after this; NCCL aborts the
+    communicator after it (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default). Raise it when one rank
+    legitimately works alone for longer (e.g. a slow first-step compile or a huge checkpoint load)."""
 
 
 @dataclass
@@ -140,6 +147,9 @@ class DataConfig:
     """Tokenizer file or directory (sentencepiece .model or HF tokenizer.json) for generation/eval."""
     template: str = "llama3"
     """Chat template name (llama3 | chatml) or path to a tokenizer_config.json with a chat_template."""
+    reset_order_on_resume: bool = False
+    """On resume, ignore the data position saved in the checkpoint and start the data order
+    afresh (epoch 0); needed when the training data, seq_len or seed changed since the save."""
 
     def rows_per_step(self) -> int:
         return self.global_batch_tokens // self.seq_len
@@ -166,7 +176,7 @@ class OptimConfig:
     clip_grad: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
     max_consecutive_skips: int = 5
-    """Abort after this many consecutive steps with a non-finite gradient norm."""
+    """Abort after this many consecutive skipped steps (non-finite gradient norm or loss)."""
     adamw_kernel: str = "auto"
     """auto | fused | reference. fused is torch's fused AdamW kernel (CUDA, CPU); auto uses it
     wherever torch has it for the device; reference is plain PyTorch ops (megasft.optim.adamw)."""
@@ -290,8 +300,16 @@ class Config:
     def load(cls, path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> "Config":
         raw: dict = {}
         if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"no config file at {path}; pass an existing YAML file to --config")
             with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
+                try:
+                    raw = yaml.safe_load(f) or {}
+                except yaml.YAMLError as err:
+                    raise ConfigError(_yaml_message(path, err)) from err
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path} holds a {type(raw).__name__}, not a mapping of sections; "
+                                  f"start it with sections such as 'model:' and 'train:'")
         for item in overrides:
             apply_override(raw, item)
         return cls.from_dict(raw)
@@ -306,17 +324,15 @@ class Config:
 
     # ------------------------------------------------------------- validation
     def validate(self) -> "Config":
-        """Check every field and the rules inside one section; returns self. The rules that tie
-        the parallel sizes to the model, the batch and the world size are megasft.layout's
-        (Layout.resolve)."""
+        """Check every field's type and range, then the rules inside one section; returns self.
+        The rules that tie the parallel sizes to the model, the batch and the world size are
+        megasft.layout's (Layout.resolve)."""
+        check_fields(self)
         m, p, d, o, t = self.model, self.parallel, self.data, self.optim, self.train
         for (section, key), choices in CHOICES.items():
             value = getattr(getattr(self, section), key)
             if value not in choices:
                 raise ConfigError(f"{section}.{key}={value!r} is not one of {list(choices)}")
-        for name in ("tp", "pp", "virtual_pipeline_size"):
-            if getattr(p, name) < 1:
-                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
         if m.head_dim is None and m.hidden_size % m.num_attention_heads:
             raise ConfigError(
                 f"hidden_size={m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}; "
@@ -326,10 +342,6 @@ class Config:
             raise ConfigError(
                 f"num_attention_heads={m.num_attention_heads} is not a multiple of num_kv_heads={m.kv_heads}; "
                 f"choose num_kv_heads in {divisors(m.num_attention_heads)}")
-        if m.dropout < 0 or m.dropout >= 1:
-            raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
-        if m.neftune_alpha < 0:
-            raise ConfigError(f"model.neftune_alpha={m.neftune_alpha} must be >= 0 (0 disables NEFTune)")
         if p.overlap_param_gather and not p.distributed_optimizer:
             raise ConfigError("parallel.overlap_param_gather overlaps the ZeRO-1 parameter all-gather, "
                               "which only exists with parallel.distributed_optimizer=true; enable it or "
@@ -338,17 +350,48 @@ class Config:
             raise ConfigError(
                 f"data.global_batch_tokens={d.global_batch_tokens} is not a multiple of seq_len={d.seq_len}; "
                 f"use {max(1, round(d.global_batch_tokens / d.seq_len)) * d.seq_len}")
-        if not 0 <= o.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
         if o.warmup_steps is not None and o.warmup_steps > t.steps:
             raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
-        if t.steps < 1:
-            raise ConfigError(f"train.steps={t.steps} must be >= 1")
-        if not 0 <= d.eval_fraction < 1:
-            raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
         if t.fp8 != "off":
             _check_fp8(m, t)
         return self
+
+
+def check_fields(cfg: Config) -> None:
+    """Each numeric field against its range in megasft.config_fields (raises the first problem)."""
+    for name, typ in SECTIONS.items():
+        section, default = getattr(cfg, name), typ()
+        for f in fields(typ):
+            problem = field_problem(f"{name}.{f.name}", getattr(section, f.name), getattr(default, f.name))
+            if problem:
+                raise ConfigError(problem)
+
+
+def long_sequence_warning(cfg: Config) -> Optional[str]:
+    """A warning when training rows are longer than the model's position range (RoPE is then
+    trained on positions the model has not seen); None otherwise. Only a training run has rows,
+    so megasft.train prints it, not validate() (converters validate a default data section)."""
+    m, d = cfg.model, cfg.data
+    if d.seq_len <= m.max_position_embeddings:
+        return None
+    scaling = m.rope_scaling or {}
+    if scaling:
+        context = (f"rope_scaling ({scaling.get('rope_type', scaling.get('type'))}, factor "
+                   f"{scaling.get('factor')}, original_max_position_embeddings "
+                   f"{scaling.get('original_max_position_embeddings')}) was calibrated for "
+                   f"{m.max_position_embeddings} positions")
+    else:
+        context = "no model.rope_scaling is set, so RoPE extrapolates past the pre-trained length"
+    return (f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}: "
+            f"{context}; lower data.seq_len, or raise model.max_position_embeddings together with a "
+            "matching rope_scaling")
+
+
+def _yaml_message(path: str, err: Exception) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"YAML syntax error ({problem}) at {where}; fix that line of the config file"
 
 
 def _check_fp8(m: ModelConfig, t: TrainConfig) -> None:
@@ -363,8 +406,6 @@ def _check_fp8(m: ModelConfig, t: TrainConfig) -> None:
         raise ConfigError(f"train.fp8={t.fp8} does not support model.recompute=full (the recomputed "
                           "forward would not run in FP8); use model.recompute=selective (attention "
                           "core only, no GEMMs) or none, or train.fp8=off")
-    if t.fp8_amax_history_len < 1:
-        raise ConfigError(f"train.fp8_amax_history_len={t.fp8_amax_history_len} must be >= 1")
 
 
 def _unknown_message(kind: str, name: str, valid) -> str:
@@ -394,11 +435,12 @@ def _coerce(where: str, hint: Any, value: Any) -> Any:
         hint = next(a for a in get_args(hint) if a is not type(None))
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if hint is float and isinstance(value, str):
+    if hint is float:
+        # YAML reads 1e-5 (no dot) as a string; anything float() cannot read is not a number.
         try:
-            return float(value)
+            return float(value) if isinstance(value, str) else _not_a_number(where, value)
         except ValueError:
-            pass
+            _not_a_number(where, value)
     base = get_origin(hint) or hint
     if base is str and isinstance(value, bool) and where == "train.progress_bar":
         # YAML 1.1 reads a bare on/off as a boolean.
@@ -410,6 +452,10 @@ def _coerce(where: str, hint: Any, value: Any) -> Any:
     if base in (str, dict, list) and not isinstance(value, base):
         raise ConfigError(f"{where} must be a {base.__name__}, got {value!r}")
     return value
+
+
+def _not_a_number(where: str, value: Any):
+    raise ConfigError(f"{where} must be a number, got {value!r}; write a number such as 0.001 or 1e-3")
 
 
 def apply_override(raw: dict, item: str) -> None:

@@ -14,11 +14,18 @@ Worked example, 16 ranks with tp=2, pp=4 (so dp=2):
 
 The state is built once from torchrun's environment and passed explicitly to every layer and
 function that communicates; there are no module-level group accessors.
+
+A hung rank: every group waits at most ``parallel.timeout_s`` in a collective, then raises on
+the waiting ranks. To name the rank that stopped answering, each rank of a torchrun job runs a
+:class:`Heartbeat` (a daemon thread bumping a counter in the job's TCP store); after the timeout
+the survivors see whose counter stood still (a SIGSTOPped or frozen process) or who lags a step.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -73,6 +80,7 @@ class ParallelState:
     layout_ranks: list[int] = field(default_factory=lambda: [0])
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _subgroups: dict = field(default_factory=dict, repr=False)
+    heartbeat: Optional["Heartbeat"] = field(default=None, repr=False)   # torchrun jobs only
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -82,9 +90,10 @@ class ParallelState:
                    device=torch.device(device))
 
     @classmethod
-    def from_env(cls, tp: int = 1, pp: int = 1, timeout_s: float = 600.0) -> "ParallelState":
+    def from_env(cls, tp: int = 1, pp: int = 1, timeout_s: float = 120.0) -> "ParallelState":
         """Initialise torch.distributed from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
-        MASTER_ADDR/PORT) and build the groups. NCCL on CUDA, gloo on CPU."""
+        MASTER_ADDR/PORT) and build the groups, every one with `timeout_s` (parallel.timeout_s),
+        and start this rank's heartbeat. NCCL on CUDA, gloo on CPU."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         # Validate before the rendezvous so a wrong layout fails at once on every rank, not as a hang.
@@ -99,20 +108,25 @@ class ParallelState:
             state = cls.single(device)
             state.tp, state.pp = tp, pp
             return state
+        timeout = datetime.timedelta(seconds=timeout_s)
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
-        return cls.build(tp, pp, device)
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
+        state = cls.build(tp, pp, device, timeout=timeout)
+        state.heartbeat = Heartbeat(dist.distributed_c10d._get_default_store(), rank, world_size,
+                                    interval_s=min(5.0, max(0.2, timeout_s / 5)))
+        return state
 
     @classmethod
     def build(cls, tp: int, pp: int, device: torch.device | str = "cpu",
-              ranks: Optional[list[int]] = None) -> Optional["ParallelState"]:
+              ranks: Optional[list[int]] = None,
+              timeout: Optional[datetime.timedelta] = None) -> Optional["ParallelState"]:
         """Build the groups on an already initialised default process group.
 
         `ranks` lays the grid over a subset of the default group (tests check several layouts in
         one spawned world); every process must call this, and those outside the subset get None.
         ``rank``/``world_size`` are then positions within the subset; p2p peers and
-        ``layout_ranks`` stay global ranks.
+        ``layout_ranks`` stay global ranks. `timeout` bounds every collective of the new groups
+        (None: torch's default for new groups, 30 minutes on gloo, not the default group's).
         """
         ranks = list(range(dist.get_world_size())) if ranks is None else list(ranks)
         me = dist.get_rank()
@@ -129,7 +143,7 @@ class ParallelState:
         for kind in ["world", "tp", "dp", "pp", "embedding"] + stage + [f"tp{d}" for d in sub_sizes]:
             for local in grid[kind]:
                 members = [ranks[i] for i in local]
-                group = dist.new_group(members) if len(members) > 1 else None
+                group = dist.new_group(members, timeout=timeout) if len(members) > 1 else None
                 if me in members:
                     groups[kind] = (group, members)
         if me not in ranks:
@@ -174,9 +188,85 @@ class ParallelState:
     def next_rank(self) -> Optional[int]:
         return None if self.is_last_stage else self.pp_ranks[self.pp_rank + 1]
 
+    def diagnose_hang(self, err: Exception, timeout_s: float) -> tuple[str, bool]:
+        """After a collective timed out: (one-line message naming the rank that stopped
+        answering, whether this rank should print it — the lowest rank still answering)."""
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        if self.heartbeat is None:
+            return f"a collective failed after parallel.timeout_s={timeout_s:g} s ({first})", self.rank == 0
+        try:
+            silent, waiting = self.heartbeat.unresponsive()
+        except Exception as store_err:  # noqa: BLE001 - the store itself may be gone with its host
+            return (f"a collective timed out after parallel.timeout_s={timeout_s:g} s and the job's store "
+                    f"did not answer either ({type(store_err).__name__}); rank 0 (its host under a plain "
+                    "launch) or the torchrun agent likely stopped"), True
+        me = self.heartbeat.rank
+        alive = [r for r in range(self.heartbeat.world_size) if r not in silent]
+        reporter = bool(alive) and me == alive[0]
+        if silent:
+            return (f"rank {', '.join(map(str, silent))} stopped answering in step {self.heartbeat.step}: no heartbeat for {self.heartbeat.wait_s:.1f} s after a "
+                    f"collective waited parallel.timeout_s={timeout_s:g} s for it; check that rank's host "
+                    "and log (stopped, swapping, a hung device) or raise parallel.timeout_s if it is only "
+                    "slow"), reporter
+        stuck = [r for r in alive if r not in waiting]
+        if stuck:
+            return (f"rank {', '.join(map(str, stuck))} is alive but never reached the collective the others "
+                    f"waited parallel.timeout_s={timeout_s:g} s in (step {self.heartbeat.step}): a hang "
+                    "in its data, compute or I/O; check that rank's log"), reporter
+        return (f"a collective timed out after parallel.timeout_s={timeout_s:g} s with every rank alive and "
+                f"waiting in one: ranks issued different collectives, or one collective needs longer than "
+                f"the timeout — raise parallel.timeout_s ({first})"), reporter
+
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp} "
                 f"pp {self.pp_rank}/{self.pp} dp {self.dp_rank}/{self.dp} on {self.device}")
+
+
+class Heartbeat:
+    """A daemon thread that bumps a counter under ``megasft/beat/<rank>`` in the job's store every
+    `interval_s`; a frozen process's counter stands still. `step` is set by the trainer (the
+    optimizer step this rank is working on) for the messages."""
+
+    PREFIX = "megasft/beat/"
+
+    def __init__(self, store, rank: int, world_size: int, interval_s: float) -> None:
+        self.store, self.rank, self.world_size, self.interval_s = store, rank, world_size, interval_s
+        self.step = 0
+        self._beat()   # the key exists before training starts
+        threading.Thread(target=self._run, name="megasft-heartbeat", daemon=True).start()
+
+    @property
+    def wait_s(self) -> float:
+        """How long `unresponsive` watches: a live rank beats at least twice in it."""
+        return 2.5 * self.interval_s
+
+    def _beat(self, count: int = 0) -> None:
+        self.store.set(f"{self.PREFIX}{self.rank}", str(count))
+
+    def _run(self) -> None:
+        count = 0
+        while True:
+            time.sleep(self.interval_s)
+            count += 1
+            try:
+                self._beat(count)
+            except Exception:  # noqa: BLE001 - a store gone at shutdown; the main thread reports
+                return
+
+    def _read(self) -> dict[int, int]:
+        keys = {r: f"{self.PREFIX}{r}" for r in range(self.world_size)}
+        return {r: int(self.store.get(k)) for r, k in keys.items() if self.store.check([k])}
+
+    def unresponsive(self) -> tuple[list[int], set[int]]:
+        """Called by each rank whose collective timed out: (ranks whose heartbeat stood still over
+        wait_s, ranks that also report a timed-out collective)."""
+        self.store.set(f"{self.PREFIX}timed_out/{self.rank}", "1")
+        before = self._read()
+        time.sleep(self.wait_s)
+        after = self._read()
+        silent = [r for r in range(self.world_size) if r not in after or before.get(r) == after[r]]
+        waiting = {r for r in range(self.world_size) if self.store.check([f"{self.PREFIX}timed_out/{r}"])}
+        return silent, waiting
 
 
 def group_size(group: Optional[dist.ProcessGroup]) -> int:

@@ -7,13 +7,17 @@ checkpoint.export_hf) writes the final weights as a Hugging Face directory.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import signal
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from megasft.config import Config, ConfigError
+from megasft.config import Config, ConfigError, long_sequence_warning
 from megasft.layout import Layout
 from megasft.parallel_state import ParallelState, destroy
 
@@ -51,32 +55,83 @@ def describe_start(cfg: Config, ps: ParallelState, trainer) -> str:
     ])
 
 
+EXIT_STARTUP, EXIT_CHECKPOINT, EXIT_DIVERGED, EXIT_HUNG = 2, 3, 4, 5
+
+
+def report(message: str, code: int, rank: Optional[int] = None) -> int:
+    """Print ``megasft.train: <message>`` once for the job — on rank 0 (from RANK when no group
+    exists yet), every rank reaching the same error — and return the exit code."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"megasft.train: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def check_inputs(cfg: Config) -> None:
+    """The start-up failures each rank can see on its own filesystem, before any process group:
+    missing datasets, a missing init_from_hf directory, a `latest` naming no checkpoint."""
+    from megasft.checkpoint.files import find_resume_path
+    from megasft.data.indexed import META
+
+    d = cfg.data
+    if d.train_path is None:
+        raise StartupError("no training data: data.train_path is not set; point it at a directory "
+                           "written by tools/preprocess_data.py")
+    for key, path in (("data.train_path", d.train_path), ("data.eval_path", d.eval_path)):
+        if path is not None and not (Path(path) / META).is_file():
+            raise StartupError(f"no indexed dataset at {path} ({key}; {Path(path) / META} is missing); "
+                               f"write one with tools/preprocess_data.py --output {path}")
+    hf = cfg.model.init_from_hf
+    if hf is not None and not (Path(hf) / "config.json").is_file():
+        raise StartupError(f"no Hugging Face model at {hf} (model.init_from_hf; no config.json there); "
+                           "point it at a directory written by save_pretrained")
+    find_resume_path(cfg)   # CheckpointError for a garbage or dangling `latest`
+
+
+class StartupError(RuntimeError):
+    """An input the run needs is missing; the message says what, where, and how to fix it."""
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megasft.checkpoint.sharded import Checkpointer, CheckpointError, CheckpointMismatch
+    from megasft.data.indexed import DatasetError
+
     try:
         cfg = Config.load(args.config, args.overrides).validate()
         layout = Layout.resolve(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"megasft.train: configuration error: {err}", file=sys.stderr)
-        return 2
-    from megasft.checkpoint.sharded import Checkpointer, CheckpointError, CheckpointMismatch
+    except ConfigError as err:
+        return report(f"configuration error: {err}", EXIT_STARTUP)
+    try:
+        check_inputs(cfg)
+    except (StartupError, CheckpointError, DatasetError) as err:
+        return report(str(err), EXIT_STARTUP)
+    warning = long_sequence_warning(cfg)
+    if warning:
+        report(f"warning: {warning}", 0)
     from megasft.data.loader import build_loaders
-    from megasft.training.loop import StopSignal, Trainer
+    from megasft.optim.distributed_optimizer import TooManySkippedSteps
+    from megasft.training.loop import NonFiniteWeights, StopSignal, Trainer
     from megasft.training.metrics import MetricsWriter
 
     stop = StopSignal().install()   # before the (possibly long) model build and weight loading
-    ps = ParallelState.from_env(layout.tp, layout.pp)
+    stop_with_launcher()
+    ps = ParallelState.from_env(layout.tp, layout.pp, timeout_s=cfg.parallel.timeout_s)
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
-    train_loader, eval_loader = build_loaders(cfg.data, cfg.train.seed, ps.dp_rank, ps.dp, cfg.model.vocab_size)
-    trainer = Trainer(cfg, ps, stop=stop)
-    checkpointer = Checkpointer(cfg, ps)
-    try:   # before any step: a bad checkpoint fails here, naming the file and what differs
+    try:   # before any step: bad data or a bad checkpoint fails here, naming the file and what differs
+        train_loader, eval_loader = build_loaders(cfg.data, cfg.train.seed, ps.dp_rank, ps.dp,
+                                                  cfg.model.vocab_size)
+        trainer = Trainer(cfg, ps, stop=stop)
+        checkpointer = Checkpointer(cfg, ps)
         resumed = checkpointer.resume(trainer, train_loader)
-    except (CheckpointError, CheckpointMismatch) as err:
-        print(f"megasft.train: checkpoint error: {err}", file=sys.stderr)
+    except DatasetError as err:
         destroy()
-        return 3
+        return report(str(err), EXIT_STARTUP, ps.rank)
+    except (CheckpointError, CheckpointMismatch) as err:
+        destroy()
+        return report(f"checkpoint error: {err}", EXIT_CHECKPOINT, ps.rank)
     writer = None
     if ps.rank == 0:
         cfg.save(run_dir / "config.yaml")
@@ -84,7 +139,17 @@ def main(argv=None) -> int:
         if resumed is not None:
             print(f"megasft: resumed from {resumed} at step {trainer.step}", flush=True)
         writer = MetricsWriter(run_dir, cfg.train.steps, cfg.train.progress_bar)
-    trainer.fit(train_loader, eval_loader, writer, checkpointer=checkpointer)
+    try:
+        trainer.fit(train_loader, eval_loader, writer, checkpointer=checkpointer)
+    except (TooManySkippedSteps, NonFiniteWeights) as err:   # every rank raises it at the same step
+        destroy()
+        return report(f"training stopped: {err}", EXIT_DIVERGED, ps.rank)
+    except RuntimeError as err:
+        if not collective_failed(err):
+            raise
+        message, reporter = ps.diagnose_hang(err, cfg.parallel.timeout_s)
+        report(message, EXIT_HUNG, 0 if reporter else 1)
+        os._exit(EXIT_HUNG)   # the group is broken: no destroy(), no atexit work that could wait on it
     checkpointer.close()
     if cfg.checkpoint.export_hf and trainer.step >= cfg.train.steps:
         export_final(cfg, ps, run_dir / "hf")
@@ -99,11 +164,30 @@ def main(argv=None) -> int:
     return 0
 
 
+def collective_failed(err: RuntimeError) -> bool:
+    """A collective that timed out (parallel.timeout_s) or lost its peer. gloo raises a plain
+    RuntimeError ("... Timed out waiting 5000ms for recv operation to complete"), NCCL a DistError."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        marker in text for marker in ("Timed out waiting", "Connection closed by peer", "Connection reset by peer"))
+
+
+def stop_with_launcher() -> None:
+    """Under torchrun, get SIGTERM (a stop at the next step boundary) if the launcher dies. A bare
+    torchrun does not forward SIGUSR1 — it dies of it — and its ranks would train on as orphans;
+    launch with ``torchrun --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1`` to have
+    USR1 forwarded as a stop request instead. Linux only (prctl PR_SET_PDEATHSIG)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))   # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:   # the launcher died before prctl: nobody will send the signal
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def export_final(cfg: Config, ps: ParallelState, out: Path) -> None:
     """Convert the final checkpoint (saved by the checkpointer at the end of fit) into a Hugging
     Face directory on rank 0 — the same streaming path as tools/convert_checkpoint.py."""
-    import torch.distributed as dist
-
     from megasft.checkpoint.convert import megasft_to_hf
     from megasft.checkpoint.files import checkpoint_root
 

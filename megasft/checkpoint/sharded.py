@@ -247,7 +247,7 @@ class Checkpointer:
             reset_main_params(opt)
         trainer.step = int(meta["step"])
         trainer.best_eval = meta.get("best_eval")
-        if loader is not None and meta.get("loader") is not None:
+        if loader is not None and meta.get("loader") is not None and not self.cfg.data.reset_order_on_resume:
             loader.load_state_dict(meta["loader"])
         if same_layout:
             set_rng_state(trainer.chunks, state[rng_key])

@@ -25,7 +25,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from megasft.data.indexed import IndexedDataset
+from megasft.data.indexed import DatasetError, IndexedDataset
 from megasft.data.packing import build_micro_batch, pack_best_fit
 
 
@@ -127,8 +127,9 @@ class PackedLoader:
         """Restore (epoch, rows consumed). The plan must be the same one: same seed, seq_len, documents."""
         for key, mine in (("seed", self.seed), ("seq_len", self.seq_len), ("num_docs", len(self.doc_indices))):
             if state.get(key, mine) != mine:
-                raise ValueError(f"data state was saved with {key}={state[key]} but this loader has {key}={mine}; "
-                                 "resume with the same data, seq_len and seed or start the data order afresh")
+                raise DatasetError(f"data state was saved with {key}={state[key]} but this loader has {key}={mine}; "
+                                   "resume with the same data, seq_len and seed, or set "
+                                   "data.reset_order_on_resume=true to start the data order afresh")
         self.state = LoaderState(int(state["epoch"]), int(state["rows_consumed"]))
 
 

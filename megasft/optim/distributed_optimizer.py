@@ -18,7 +18,10 @@ all-reduced and every DP rank keeps (and updates) the full state.
 The update is torch.optim.AdamW's (Loshchilov & Hutter 2019), decoupled decay (wd = 0 for 1-D
 params) followed by the Adam step of megasft.optim.adamw (torch's fused kernel or the reference ops).
 
-A non-finite global norm skips the step: params, moments and the step count stay untouched.
+A non-finite global norm (or a non-finite loss, which the trainer passes in) skips the step:
+params, moments and the step count stay untouched. After an update, ``max_abs_main_param`` is
+the trainer's cheap check (one max-reduction over this rank's fp32 shard) that no weight became
+non-finite.
 
 Wiring in a trainer:
 
@@ -53,7 +56,8 @@ MAIN, EXP_AVG, EXP_AVG_SQ = 0, 1, 2  # rows of shard_state
 
 
 class TooManySkippedSteps(RuntimeError):
-    """Raised after OptimConfig.max_consecutive_skips steps in a row had a non-finite grad norm."""
+    """Raised after OptimConfig.max_consecutive_skips steps in a row were skipped (non-finite
+    gradient norm or loss)."""
 
 
 @dataclass(frozen=True)
@@ -106,14 +110,15 @@ class DistributedOptimizer:
         """Zero the fp32 gradient buffer (call before the first micro-batch of a step)."""
         self.grad_buffer.zero_()
 
-    def step(self) -> StepResult:
+    def step(self, loss_finite: bool = True) -> StepResult:
         """Reduce grads over DP, clip, update this rank's shard, all-gather params.
-        Collective over TP, PP and DP: every rank calls it every step."""
+        Collective over TP, PP and DP: every rank calls it every step. ``loss_finite=False`` (the
+        global loss was NaN/inf; the same on every rank) skips the step like a non-finite norm."""
         self.sync_grads()
         norm = self.grad_norm()
         lr = self.schedule(self.step_count)
-        if not math.isfinite(norm):
-            return self._skip(norm, lr)
+        if not math.isfinite(norm) or not loss_finite:
+            return self._skip(norm, lr, "gradient norm" if not math.isfinite(norm) else "loss")
         self.consecutive_skips = 0
         coef = clip_coefficient(norm, self.optim.clip_grad)
         self.step_count += 1
@@ -137,13 +142,13 @@ class DistributedOptimizer:
                   for b in self.grad_buffer.buckets for r in b.runs)
         return global_norm(weighted_sq_sum(pieces, self.shard_state.device), self.norm_groups)
 
-    def _skip(self, norm: float, lr: float) -> StepResult:
+    def _skip(self, norm: float, lr: float, what: str) -> StepResult:
         self.consecutive_skips += 1
         self.skipped_total += 1
         if self.consecutive_skips >= self.optim.max_consecutive_skips:
             raise TooManySkippedSteps(
-                f"{self.consecutive_skips} consecutive optimizer steps had a non-finite gradient norm "
-                f"(last: {norm}) and were skipped; optim.max_consecutive_skips="
+                f"{self.consecutive_skips} consecutive optimizer steps were skipped (the last for a "
+                f"non-finite {what}; grad norm {norm}); optim.max_consecutive_skips="
                 f"{self.optim.max_consecutive_skips}. The loss or data likely diverged: lower optim.lr, "
                 "check the batch for empty or corrupt samples, or resume from an earlier checkpoint")
         return StepResult(norm, True, lr, 1.0, self.consecutive_skips)
@@ -166,6 +171,11 @@ class DistributedOptimizer:
             o = self.optim
             shards = [(r[MAIN], g, r[EXP_AVG], r[EXP_AVG_SQ]) for r, g in zip(rows, grads)]
             reference_update(shards, step=self.step_count, lr=lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps)
+
+    def max_abs_main_param(self) -> float:
+        """Largest |fp32 main param| of this rank's shard; NaN or inf when some weight is not
+        finite (amax propagates NaN, and unlike a sum of squares it cannot overflow)."""
+        return float(torch.linalg.vector_norm(self.shard_state[MAIN], ord=math.inf))
 
     def main_params_from_model(self) -> None:
         """Set this rank's fp32 main params from the model params (after loading model weights

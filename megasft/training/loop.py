@@ -27,7 +27,12 @@ from megasft.parallel_state import ParallelState, group_size
 from megasft.pipeline import schedules
 from megasft.data.batch import MicroBatch
 from megasft.training import metrics
+from megasft.training.faults import Faults
 from megasft.training.profiler import maybe_profile
+
+
+class NonFiniteWeights(RuntimeError):
+    """An update left a NaN/inf in the fp32 main params; the run stops without saving them."""
 
 
 class StopSignal:
@@ -77,6 +82,8 @@ class Trainer:
         self.stop = stop or StopSignal()
         self.log = log and ps.rank == 0
         self.fp8_autocast = fp8_autocast(cfg.train, ps)   # a null context unless train.fp8 is on
+        # Testing aid (MEGASFT_FAULT): None in a normal run, so each hook costs one test per step.
+        self.faults = Faults.from_env(ps.layout_ranks[ps.rank])
 
     # ------------------------------------------------------------------ one step
     def forward_step(self, loss_scale: float):
@@ -119,10 +126,22 @@ class Trainer:
         return float(value.item())
 
     def train_step(self, micro_batches: list[MicroBatch]) -> StepOutput:
+        faults, n = self.faults, self.step + 1
+        if self.ps.heartbeat is not None:
+            self.ps.heartbeat.step = n
+        if faults is not None:
+            faults.at_step_start(n)
         self.optimizer.zero_grad()
         result, global_count = self.run_schedule(micro_batches, forward_only=False)
-        step = self.optimizer.step()   # every grad sync (TP replicas, tied copies, DP), then AdamW
+        # The loss is the same number on every rank, so a non-finite one skips the step everywhere.
         loss = self.global_loss_sum(result.stats) / max(global_count, 1)
+        if faults is not None:
+            loss = faults.loss(n, loss)
+            faults.before_update(n, self.optimizer.grad_buffer.grad_data)
+        # Every grad sync (TP replicas, tied copies, DP), then AdamW.
+        step = self.optimizer.step(loss_finite=math.isfinite(loss))
+        if faults is not None:
+            faults.after_update(n, self.optimizer.shard_state[0])
         self.step += 1
         bubble = None
         if self.ps.pp > 1:   # rank 0 is on the first stage, which measures the pipeline's bubble
@@ -171,7 +190,12 @@ class Trainer:
                     window.restart()   # evaluation time is not training throughput
                 if on_step is not None:
                     on_step(self)
-                stop = self._should_stop()
+                stop, weights_finite = self._should_stop(out.skipped)
+                if not weights_finite:   # before the checkpointer: a non-finite state is never saved
+                    raise NonFiniteWeights(
+                        f"step {self.step}: the update left a NaN/inf in the fp32 weights (grad norm "
+                        f"{out.grad_norm:.4g}, lr {out.lr:.3g}); the run stops without saving it. "
+                        "Resume from the last checkpoint with a lower optim.lr or a tighter optim.clip_grad")
                 if checkpointer is not None:
                     checkpointer.after_step(self, train_loader, last=stop or self.step >= t.steps)
                 if stop:
@@ -197,11 +221,14 @@ class Trainer:
             self.cfg.train.peak_tflops, metrics.peak_memory_bytes(self.ps.device),
             self.optimizer.skipped_total, extra))
 
-    def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+    def _should_stop(self, skipped: bool) -> tuple[bool, bool]:
+        """(stop requested on some rank, weights finite on every rank) in one MAX all-reduce: the
+        weight check rides on the stop flag's reduction (a skipped step changed no weight)."""
+        bad = not skipped and not math.isfinite(self.optimizer.max_abs_main_param())
+        flags = torch.tensor([1.0 if self.stop_requested else 0.0, 1.0 if bad else 0.0])
         if self.ps.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ps.world_group)   # stop together
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.ps.world_group)   # stop together
+        return bool(flags[0].item()), not bool(flags[1].item())
 
     def _eval_and_log(self, eval_loader, writer) -> None:
         loss, tokens = self.evaluate(eval_loader)
