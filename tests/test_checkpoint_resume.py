@@ -23,8 +23,8 @@ import torch
 from torch.testing import assert_close
 
 from megasft.checkpoint.convert import hf_to_megasft, megasft_to_hf
-from megasft.checkpoint.hf import assemble_canonical, canonical_pieces
-from megasft.checkpoint.hf_io import hf_tensor_reader
+from megasft.hf.names import assemble_canonical, canonical_pieces
+from megasft.hf.io import hf_tensor_reader
 from megasft.checkpoint.sharded import LATEST, Checkpointer, read_meta, step_name
 from megasft.config import Config
 from megasft.data.indexed import IndexedDatasetBuilder

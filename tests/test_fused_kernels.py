@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megasft.checkpoint.hf import load_hf_state_dict
+from megasft.hf.names import load_hf_state_dict
 from megasft.config import Config, ConfigError, ModelConfig
 from megasft.model import fused
 from megasft.model.fused import norm_kernel, resolve_norm_backend, rms_norm, swiglu, swiglu_kernel

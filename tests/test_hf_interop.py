@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megasft.checkpoint.convert import hf_to_megasft, megasft_to_hf
-from megasft.checkpoint.hf_io import load_hf_into
+from megasft.hf.io import load_hf_into
 from megasft.checkpoint.sharded import Checkpointer
 from megasft.config import Config
 from megasft.model.llama import LlamaStage

@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from megasft.checkpoint.hf import canonical_names, full_shapes
+from megasft.hf.names import canonical_names, full_shapes
 
 MODEL_PREFIX = "model/"
 OPTIM_ROWS = ("main", "exp_avg", "exp_avg_sq")  # rows of DistributedOptimizer.shard_state
@@ -47,7 +47,7 @@ class Block:
 @dataclass
 class TensorPieces:
     """This rank's blocks of one canonical tensor of shape `size` (a DCP state-dict value, handled
-    by megasft.checkpoint.planner)."""
+    by megasft.checkpoint.resharding)."""
 
     size: tuple[int, ...]
     dtype: torch.dtype
