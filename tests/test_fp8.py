@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megasft.hf.names import load_hf_state_dict
 from megasft.config import Config, ConfigError, ModelConfig, TrainConfig
+from megasft.hf.names import load_hf_state_dict
 from megasft.model import fp8
 from megasft.model.build import build_model
 from megasft.model.llama import LlamaStage

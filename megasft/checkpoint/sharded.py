@@ -157,8 +157,9 @@ class Checkpointer:
         group = self._save_group()
         writer = ChecksummedWriter(str(tmp))
         if self.cfg.checkpoint.async_save:
-            future = dcp.async_save(stage_copy(state), storage_writer=writer, planner=PiecesSavePlanner(),
-                                    process_group=group, no_dist=self._no_dist, async_stager=PreStaged())
+            with quiet_single_process():
+                future = dcp.async_save(stage_copy(state), storage_writer=writer, planner=PiecesSavePlanner(),
+                                        process_group=group, no_dist=self._no_dist, async_stager=PreStaged())
             self._pending = (future, tmp, final)
         else:
             with quiet_single_process():

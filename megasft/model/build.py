@@ -6,8 +6,8 @@ import zlib
 import torch
 from torch import nn
 
-from megasft.hf.names import load_canonical
 from megasft.config import Config
+from megasft.hf.names import load_canonical
 from megasft.model.fp8 import check_fp8_available, use_fp8_gemms
 from megasft.model.llama import LlamaStage
 from megasft.parallel_state import ParallelState
