@@ -13,6 +13,7 @@ import pytest
 
 from megasft.checkpoint.errors import CheckpointError
 from megasft.checkpoint.manifest import MANIFEST
+from megasft.checkpoint.meta import upgrade
 from megasft.checkpoint.sharded import LATEST, Checkpointer, step_name
 from megasft.config import Config
 from megasft.data.indexed import IndexedDatasetBuilder
@@ -154,3 +155,15 @@ def test_finished_async_save_is_published_at_the_next_start(tmp_path, capsys):
     assert f"published {step_name(6)}" in capsys.readouterr().err
     assert (root / LATEST).read_text().strip() == step_name(6)
     assert listing(root) == [LATEST, step_name(5), step_name(6)]
+
+
+def test_format_1_meta_is_read_in_the_current_shape():
+    """Checkpoints saved before format 2 kept the trainer's fields at the top of meta and called
+    the optimizer's step "step_count"."""
+    old = {"format": 1, "step": 7, "best_eval": (2.5, 6), "consumed_tokens": 224,
+           "optimizer": {"step_count": 6, "consecutive_skips": 1, "skipped_total": 1}}
+    new = upgrade(old)
+    assert new["trainer"] == {"step": 7, "best_eval": (2.5, 6)}
+    assert new["optimizer"] == {"step": 6, "consecutive_skips": 1, "skipped_total": 1}
+    assert old["optimizer"] == {"step_count": 6, "consecutive_skips": 1, "skipped_total": 1}   # not modified
+    assert upgrade(new) is new

@@ -34,7 +34,7 @@ def upgrade(meta: dict) -> dict:
     current shape, so checkpoints saved before format 2 still resume."""
     if meta.get("format", 1) >= 2:
         return meta
-    meta = dict(meta, trainer={"step": meta["step"], "best_eval": meta.get("best_eval")})
+    meta = dict(meta, format=FORMAT_VERSION, trainer={"step": meta["step"], "best_eval": meta.get("best_eval")})
     if meta.get("optimizer") is not None:
         counters = {k: v for k, v in meta["optimizer"].items() if k != "step_count"}
         meta["optimizer"] = dict(counters, step=meta["optimizer"]["step_count"])

@@ -209,6 +209,8 @@ class Checkpointer:
         return path
 
     def _publish_finished_save(self) -> None:
+        """Publish the newest ``.tmp-`` save newer than ``latest`` that finished writing (it has its
+        manifest and all its files): an async save whose job died before the next save."""
         if self.ps.rank == 0:
             for tmp in reversed(unpublished(self.root)):   # the newest that has all its files
                 problem = completeness_problem(tmp)
