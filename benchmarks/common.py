@@ -156,7 +156,7 @@ def write_hf_twin(cfg: Config, directory: Path, seed: int):
     `directory` and named in cfg.model.init_from_hf, so megasft builds the same weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megasft.checkpoint.hf_io import hf_config_from_model
+    from megasft.hf.config import hf_config_from_model
 
     fields = hf_config_from_model(cfg.model, "float32")
     fields.pop("architectures"), fields.pop("model_type"), fields.pop("torch_dtype")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from common import (add_model_args, bench_config, format_table, interleaved_times, lognormal_lengths,
                     median, pack_steps, packed_micro_batches, sft_documents, spread)
-from megasft.checkpoint.hf import canonical_pieces
+from megasft.hf.names import canonical_pieces
 from megasft.parallel_state import ParallelState
 from megasft.training.loop import Trainer
 

@@ -40,7 +40,8 @@ def build_hf(out: Path, args) -> dict:
     """A random fp32 HF Llama directory; returns tensor sizes."""
     import torch
 
-    from megasft.checkpoint.hf_io import hf_config_from_model, save_hf_tensors
+    from megasft.hf.config import hf_config_from_model
+    from megasft.hf.io import save_hf_tensors
     from megasft.checkpoint.convert import canonical_tensors
     from megasft.config import ModelConfig
 

@@ -154,7 +154,7 @@ def eval_loss(model, micro_batches) -> float:
 
 def megasft_as_hf(trainer: Trainer, hf_dir: Path):
     """megasft's trained weights in a transformers model (the export path users take)."""
-    from megasft.checkpoint.hf import gather_hf_state
+    from megasft.hf.names import gather_hf_state
 
     model = load_hf_twin(hf_dir)
     model.load_state_dict(gather_hf_state(trainer.chunks, trainer.ps, torch.float32), strict=True)

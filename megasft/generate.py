@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from megasft.checkpoint.hf_io import load_hf_into, model_fields_from_hf, read_hf_config
 from megasft.config import ModelConfig
 from megasft.data.batch import MicroBatch
+from megasft.hf.config import model_fields_from_hf, read_hf_config
+from megasft.hf.io import load_hf_into
 from megasft.model.llama import LlamaStage
 from megasft.parallel_state import ParallelState
 

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
-from megasft.checkpoint.hf import canonical_pieces
 from megasft.config import Config
+from megasft.hf.names import canonical_pieces
 from megasft.optim import grad_buffer
 from megasft.training.loop import Trainer
 from tests.oracle import select_rows

@@ -18,7 +18,7 @@ from torch import nn
 
 from megasft.checkpoint.convert import hf_to_megasft
 from megasft.checkpoint.pieces import flat_blocks
-from megasft.checkpoint.planner import CheckpointMismatch
+from megasft.checkpoint.errors import CheckpointMismatch
 from megasft.checkpoint.sharded import LATEST, Checkpointer, CheckpointError, resolve_checkpoint, step_name
 from megasft.config import Config
 from megasft.data.indexed import IndexedDatasetBuilder
@@ -186,7 +186,7 @@ def test_train_entry_resumes_and_reports_bad_checkpoints(tmp_path, capsys, monke
 # ------------------------------------------------------------------ SIGKILL during a save
 CHILD = textwrap.dedent("""
     import sys, time
-    from megasft.checkpoint import planner
+    from megasft.checkpoint import resharding as planner
     from megasft.checkpoint.sharded import Checkpointer
     from megasft.config import Config
     from megasft.parallel_state import ParallelState

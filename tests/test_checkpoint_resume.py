@@ -13,9 +13,13 @@ resharding is an uninterrupted run of the same config that saved along the way:
           replicated (non-ZeRO) optimizer close
   hf      HF checkpoints (tied, untied) converted with hf-to-megasft --tp 2 --pp 2, loaded at
           TP2xPP2, saved from there, exported with megasft-to-hf -> bit-identical tensors
+  corrupt a copy of ref/step_4 with one byte flipped in the file rank 3 verifies
+                                                             -> every rank refuses it, naming that file
 """
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +27,20 @@ import torch
 from torch.testing import assert_close
 
 from megasft.checkpoint.convert import hf_to_megasft, megasft_to_hf
-from megasft.checkpoint.hf import assemble_canonical, canonical_pieces
-from megasft.checkpoint.hf_io import hf_tensor_reader
+from megasft.checkpoint.errors import CheckpointError
+from megasft.checkpoint.manifest import MANIFEST
 from megasft.checkpoint.sharded import LATEST, Checkpointer, read_meta, step_name
 from megasft.config import Config
 from megasft.layout import Layout
 from megasft.data.indexed import IndexedDatasetBuilder
 from megasft.data.loader import PackedLoader
+from megasft.hf.io import hf_tensor_reader
+from megasft.hf.names import assemble_canonical, canonical_pieces
 from megasft.parallel_state import ParallelState
 from megasft.training.loop import Trainer
 from tests.multiproc import run_ranks
 from tests.oracle import hf_model, tiny_fields
+from tests.test_checkpoint_verify import flip_byte
 
 SEQ, ROWS, STEPS = 16, 8, 6
 FIELDS = tiny_fields(num_attention_heads=8, num_kv_heads=2)   # tp=4 splits 8 heads, copies 2 kv heads
@@ -116,6 +123,18 @@ def _rank_main(tmp: str) -> dict:
                                       checkpoint={"load": f"{tmp}/imported_{tied}"})
         ckpt.save(trainer, loader)
         ckpt.close()
+    # Each rank hashes every 4th file of the manifest (sorted): the 4th one is rank 3's alone.
+    bad = Path(f"{tmp}/corrupt/{step_name(4)}")
+    if torch.distributed.get_rank() == 0:
+        shutil.copytree(f"{ref}/{step_name(4)}", bad)
+        flip_byte(bad, bad / sorted(json.loads((bad / MANIFEST).read_text())["files"])[3])
+    torch.distributed.barrier()
+    try:
+        setup(tmp, "corrupt", 2, 2, checkpoint={"load": str(bad)})
+        refused = "loaded"
+    except CheckpointError as err:
+        refused = str(err)
+    out["corrupt"] = ([refused], [])   # (the message as this rank's "losses", no weights)
     return out
 
 
@@ -175,3 +194,7 @@ def test_resume_reshard_and_hf_round_trip(tmp_path):
                 continue
             assert torch.equal(get(name, None), tensor), name
         assert Path(out / "config.json").exists()
+    # The flipped byte was in a file only rank 3 hashed; every rank refused the load, naming it.
+    bad = tmp_path / "corrupt" / step_name(4)
+    file = bad / sorted(json.loads((bad / MANIFEST).read_text())["files"])[3]
+    assert losses["corrupt"][0].startswith(f"{file} is corrupt: its sha256 is ")

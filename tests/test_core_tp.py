@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from megasft.checkpoint.hf import canonical_pieces, load_hf_state_dict
 from megasft.config import ConfigError, ModelConfig
+from megasft.hf.names import canonical_pieces, load_hf_state_dict
 from megasft.model.llama import LlamaStage
 from megasft.parallel_state import ParallelState
 from megasft.tensor_parallel.comm import gather_last_dim

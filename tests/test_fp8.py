@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megasft.checkpoint.hf import load_hf_state_dict
 from megasft.config import Config, ConfigError, ModelConfig, TrainConfig
+from megasft.hf.names import load_hf_state_dict
 from megasft.layout import Layout
 from megasft.model import fp8
 from megasft.model.build import build_model

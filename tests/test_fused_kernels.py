@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megasft.checkpoint.hf import load_hf_state_dict
 from megasft.config import Config, ConfigError, ModelConfig
+from megasft.hf.names import load_hf_state_dict
 from megasft.model import fused
 from megasft.model.fused import norm_kernel, resolve_norm_backend, rms_norm, swiglu, swiglu_kernel
 from megasft.model.llama import LlamaStage

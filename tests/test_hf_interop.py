@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from megasft.checkpoint.convert import hf_to_megasft, megasft_to_hf
-from megasft.checkpoint.hf_io import load_hf_into
 from megasft.checkpoint.sharded import Checkpointer
 from megasft.config import Config
 from megasft.data.batch import MicroBatch
+from megasft.hf.io import load_hf_into
 from megasft.model.llama import LlamaStage
 from megasft.parallel_state import ParallelState
 from megasft.training.loop import Trainer

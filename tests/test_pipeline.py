@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
-from megasft.checkpoint.hf import canonical_pieces, load_hf_state_dict
 from megasft.config import Config, ModelConfig, ParallelConfig, TrainConfig
+from megasft.hf.names import canonical_pieces, load_hf_state_dict
 from megasft.model.build import build_model
 from megasft.parallel_state import ParallelState
 from megasft.layout import in_flight

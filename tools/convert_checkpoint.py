@@ -15,8 +15,7 @@ import argparse
 import sys
 
 from megasft.checkpoint.convert import DTYPES, hf_to_megasft, megasft_to_hf
-from megasft.checkpoint.planner import CheckpointMismatch
-from megasft.checkpoint.files import CheckpointError
+from megasft.checkpoint.errors import CheckpointError, CheckpointMismatch
 from megasft.config import ConfigError
 
 

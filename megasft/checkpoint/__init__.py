@@ -1,1 +1,1 @@
-"""Sharded resumable checkpoints and Hugging Face weight mapping."""
+"""Sharded, verified, resumable checkpoints and the HF <-> megasft checkpoint converter."""

@@ -2,7 +2,7 @@
 
 hf_to_megasft: every canonical tensor the megasft model needs is checked against the HF files
 (name and shape) and written to a DCP checkpoint as one whole-tensor chunk, read from safetensors
-only when DCP's writer asks for it (planner.LazyBlock). A megasft checkpoint does not depend on
+only when DCP's writer asks for it (resharding.LazyBlock). A megasft checkpoint does not depend on
 the layout (see megasft.checkpoint.pieces), so the result loads at the requested tp/pp — which
 is validated here against the model — and at any other.
 
@@ -20,16 +20,19 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader
 
-from megasft.checkpoint.hf import canonical_names, full_shapes
-from megasft.checkpoint.files import (TMP_PREFIX, check_files, load_dcp, quiet_single_process, read_meta,
-                                      resolve_checkpoint, step_name, write_latest)
-from megasft.checkpoint.hf_io import HFTensors, hf_config_from_model, model_fields_from_hf, read_hf_config
+from megasft.checkpoint.errors import CheckpointError, CheckpointMismatch
+from megasft.checkpoint.files import (TMP_PREFIX, load_dcp, quiet_single_process, read_meta, resolve_checkpoint,
+                                      publish, step_name, verification_problem)
+from megasft.checkpoint.manifest import ChecksummedWriter
+from megasft.checkpoint.meta import FORMAT_VERSION, model_shape
 from megasft.checkpoint.pieces import MODEL_PREFIX, Block, TensorPieces
-from megasft.checkpoint.planner import CheckpointMismatch, LazyBlock, PiecesLoadPlanner, PiecesSavePlanner
-from megasft.checkpoint.sharded import FORMAT_VERSION, model_shape
+from megasft.checkpoint.resharding import LazyBlock, PiecesLoadPlanner, PiecesSavePlanner
 from megasft.config import Config, ModelConfig
+from megasft.hf.config import hf_config_from_model, model_fields_from_hf, read_hf_config
+from megasft.hf.io import HFTensors, save_hf_tensors
+from megasft.hf.names import canonical_names, full_shapes
 from megasft.layout import Layout
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -76,7 +79,7 @@ def hf_to_megasft(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1)
         lazy = LazyBlock(shape, partial(tensors.raw, name))
         state[MODEL_PREFIX + name] = TensorPieces(shape, tensors.dtype(name), [Block((0,) * len(shape), lazy)])
     state["meta"] = {"format": FORMAT_VERSION, "step": 0, "consumed_tokens": 0, "loader": None,
-                     "best_eval": None, "model": model_shape(cfg.model), "hf_config": hf_config,
+                     "model": model_shape(cfg.model), "hf_config": hf_config,
                      "layout": {"tp": tp, "pp": pp, "converted_from": str(hf_dir)}, "config": cfg.to_dict()}
     name = step_name(0)
     tmp, final = out / (TMP_PREFIX + name), out / name
@@ -85,13 +88,10 @@ def hf_to_megasft(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1)
     cfg.save(tmp / "config.yaml")
     # One file per tensor: DCP's writer keeps every tensor of a file alive until the file is
     # closed, so the default one-file-per-rank would hold the whole model in memory.
-    writer = FileSystemWriter(str(tmp), single_file_per_rank=False)
+    writer = ChecksummedWriter(str(tmp), single_file_per_rank=False)
     with quiet_single_process():
         dcp.save(state, storage_writer=writer, planner=PiecesSavePlanner(), no_dist=True)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    write_latest(out, name)
+    publish(tmp, final, keep_last=0)
     return final
 
 
@@ -139,12 +139,12 @@ def megasft_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", tokeni
                   max_shard_bytes: int = 5 * 2 ** 30) -> Path:
     """Write the model of checkpoint `ckpt` (a checkpoint or a root with ``latest``) as a HF
     directory: config.json, generation_config.json, sharded safetensors + index, tokenizer files."""
-    from megasft.checkpoint.hf_io import save_hf_tensors
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     path = resolve_checkpoint(ckpt)
-    check_files(path)
+    problem = verification_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{problem}; nothing was exported")
     meta = read_meta(path)
     cfg = Config.from_dict(meta["config"])
     tokenizer = tokenizer or cfg.data.tokenizer

@@ -1,32 +1,35 @@
-"""A checkpoint directory on disk: step directories, the ``latest`` pointer, validation, reading.
+"""A checkpoint directory on disk: step directories, the ``latest`` pointer, checks, reading, publishing.
 
-    <checkpoint.dir>/latest            text: the name of the newest complete checkpoint
-    <checkpoint.dir>/step_00000200/    one DCP checkpoint (.metadata + *.distcp, config.yaml)
-    <checkpoint.dir>/.tmp-step_.../    a save in progress or killed: never read, pruned later
+    <checkpoint.dir>/latest            text: the name of the newest published checkpoint
+    <checkpoint.dir>/step_00000200/    one DCP checkpoint (.metadata + *.distcp, manifest.json, config.yaml)
+    <checkpoint.dir>/.tmp-step_.../    a save in progress, killed, or finished but not yet published:
+                                       never read; published at the next start when its
+                                       manifest.json is there (the save finished writing), else pruned
 
-Everything here works without a process group (each rank, or a converter, reads on its own).
+Everything here works without a process group (each rank, or a converter, reads on its own);
+hashing the files is in megasft.checkpoint.manifest.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from megasft.checkpoint.planner import CheckpointMismatch, PiecesLoadPlanner
+from megasft.checkpoint.errors import CheckpointError, CheckpointMismatch
+from megasft.checkpoint.manifest import MANIFEST, digest_problem, read_manifest, share, size_problem
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or unreadable; the message names the file."""
+_STEP = re.compile(r"step_(\d+)$")
 
 
 @contextlib.contextmanager
@@ -41,7 +44,17 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(name: str) -> Optional[int]:
+    """The step of a directory named like step_name() (with or without TMP_PREFIX), else None."""
+    match = _STEP.search(name)
+    return int(match.group(1)) if match else None
+
+
 # ----------------------------------------------------------------------------- paths
+def checkpoint_root(cfg) -> Path:
+    return cfg.checkpoint.root(cfg.train.run_dir)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from `path`: the checkpoint itself (has .metadata) or a checkpoint
     root whose ``latest`` names one."""
@@ -63,26 +76,62 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: no such checkpoint directory")
 
 
-def find_resume_path(cfg) -> Optional[Path]:
-    """The checkpoint ``checkpoint.load`` asks for: None for a fresh start (load unset, or auto
-    with no checkpoint saved yet)."""
-    load = cfg.checkpoint.load
-    if not load:
-        return None
-    if load == "auto":
-        root = checkpoint_root(cfg)
-        complete = root.is_dir() and any((p / ".metadata").exists() for p in root.glob("step_*"))
-        if not (root / LATEST).exists() and not complete:
-            return None   # nothing saved yet (a first save killed midway leaves only .tmp-*)
-        return resolve_checkpoint(root)
-    return resolve_checkpoint(load)
+def _steps(root: Path, prefix: str = "") -> list[Path]:
+    """Directories prefix + step_N under root, oldest first."""
+    found = [p for p in root.glob(prefix + "step_*") if p.is_dir() and step_of(p.name) is not None]
+    return sorted(found, key=lambda p: step_of(p.name))
 
 
-def checkpoint_root(cfg) -> Path:
-    return cfg.checkpoint.root(cfg.train.run_dir)
+def latest_step(root: Path) -> Optional[int]:
+    latest = root / LATEST
+    return step_of(latest.read_text().strip()) if latest.exists() else None
 
 
-# ----------------------------------------------------------------------------- reading
+def history(root: Path) -> list[Path]:
+    """What checkpoint.load=auto may resume from, best first: the checkpoint ``latest`` names, then
+    the older step directories, newest first (newer ones belong to a run that was rewound). Empty
+    when nothing was saved yet; saves without ``latest`` are an error (which one is meant?)."""
+    if not root.is_dir():
+        return []
+    newest = latest_step(root)
+    if newest is None:
+        if any((p / ".metadata").exists() for p in _steps(root)):
+            resolve_checkpoint(root)   # raises, listing the complete checkpoints
+        return []
+    older = [p for p in _steps(root) if step_of(p.name) < newest]
+    return [root / step_name(newest)] + older[::-1]
+
+
+def unpublished(root: Path) -> list[Path]:
+    """Temporary directories of saves that finished writing (manifest.json is written last) after
+    the checkpoint ``latest`` names: a job that died before publishing them."""
+    if not root.is_dir():
+        return []
+    newest = latest_step(root)
+    return [p for p in _steps(root, TMP_PREFIX) if (p / MANIFEST).exists()
+            and (newest is None or step_of(p.name) > newest)]
+
+
+# ----------------------------------------------------------------------------- checks and reading
+def completeness_problem(path: Path) -> Optional[str]:
+    """Why `path` is not a complete checkpoint (None: it is): .metadata missing or unreadable, a
+    data file missing or short of what .metadata needs, manifest.json unreadable, a listed file of
+    another size. Reads no data (a checkpoint saved before checksums has no manifest to check)."""
+    try:
+        check_files(path)
+    except CheckpointError as err:
+        return str(err)
+    manifest, problem = read_manifest(path)
+    return problem or (size_problem(path, manifest) if manifest is not None else None)
+
+
+def verification_problem(path: Path, rank: int = 0, world: int = 1) -> Optional[str]:
+    """completeness_problem, then the sha256 of share(rank, world) of the files (all by default)."""
+    problem = completeness_problem(path)
+    manifest = read_manifest(path)[0] if problem is None else None
+    return problem or (digest_problem(path, manifest, share(manifest, rank, world)) if manifest else None)
+
+
 def check_files(path: Path):
     """Read .metadata and check every data file it references is there and long enough (a
     truncated or missing file is named before anything is loaded). Returns the DCP Metadata."""
@@ -109,7 +158,8 @@ def read_meta(path: str | Path) -> dict:
     """The ``meta`` record of a checkpoint (no process group needed)."""
     path = Path(path)
     state = {"meta": None}
-    load_dcp(state, path, PiecesLoadPlanner(str(path)), None, no_dist=True)
+    load_dcp(state, path, DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False), None,
+             no_dist=True)
     return state["meta"]
 
 
@@ -131,6 +181,7 @@ def load_dcp(state: dict, path: Path, planner, group, no_dist: bool) -> None:
                               "a data file is probably corrupt") from err
 
 
+# ----------------------------------------------------------------------------- publishing
 def write_latest(root: Path, name: str) -> None:
     """Point ``latest`` at `name` atomically (write a temp file, fsync, os.replace)."""
     tmp = root / (LATEST + ".tmp")
@@ -146,14 +197,35 @@ def write_latest(root: Path, name: str) -> None:
         os.close(fd)
 
 
-def prune(root: Path, keep_last: int, keep: str) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (keep_last <= 0 keeps all) and
-    leftover temporary directories; never the one named `keep`."""
+def publish(tmp: Path, final: Path, keep_last: int, bad: Iterable[Path] = ()) -> None:
+    """Rename a finished save into place, point ``latest`` at it, prune. One process (rank 0)."""
+    root = final.parent
+    if final.exists():
+        # Re-saving a step (a resumed run stopped at once): the old copy goes first. Only a kill
+        # between these two renames could leave latest naming a missing directory, which
+        # resolve_checkpoint reports (the old copy is in .tmp-old-<name>).
+        old = root / (TMP_PREFIX + "old-" + final.name)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    write_latest(root, final.name)
+    prune(root, keep_last, keep=final, bad=bad)
+
+
+def prune(root: Path, keep_last: int, keep: Path, bad: Iterable[Path] = ()) -> None:
+    """Delete leftover temporary directories, and step directories up to `keep` (just published)
+    except the newest `keep_last` good ones: complete (completeness_problem) and not in `bad`
+    (failed verification in this process). A damaged checkpoint never takes a good one's place,
+    so the last good one is never deleted for it. Directories newer than `keep` (the abandoned
+    future of a run resumed from an older step) are left alone. keep_last <= 0 keeps all."""
     for tmp in root.glob(TMP_PREFIX + "*"):
         shutil.rmtree(tmp, ignore_errors=True)
     if keep_last <= 0:
         return
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in done[:-keep_last]:
-        if old.name != keep:
+    bad = {Path(p) for p in bad}
+    upto = [p for p in _steps(root) if step_of(p.name) <= step_of(keep.name)]
+    good = [p for p in upto if p == keep or (p not in bad and completeness_problem(p) is None)]
+    kept = set(good[-keep_last:])   # keep is the newest of them
+    for old in upto:
+        if old not in kept:
             shutil.rmtree(old, ignore_errors=True)

@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from megasft.checkpoint.hf import canonical_names, full_shapes
+from megasft.hf.names import canonical_names, full_shapes
 from megasft.tensor_parallel.spec import spec_of
 
 MODEL_PREFIX = "model/"
@@ -48,7 +48,7 @@ class Block:
 @dataclass
 class TensorPieces:
     """This rank's blocks of one canonical tensor of shape `size` (a DCP state-dict value, handled
-    by megasft.checkpoint.planner)."""
+    by megasft.checkpoint.resharding)."""
 
     size: tuple[int, ...]
     dtype: torch.dtype

@@ -1,87 +1,57 @@
-"""Sharded, atomic, resumable checkpoints with torch.distributed.checkpoint (DCP).
+"""Sharded, atomic, verified, resumable checkpoints with torch.distributed.checkpoint (DCP).
 
 On disk (a shared filesystem)::
 
     <checkpoint.dir>/
-      latest                    text: the name of the newest complete checkpoint
+      latest                    text: the name of the newest published checkpoint
       step_00000200/            one DCP checkpoint: .metadata + __<rank>_<i>.distcp files
+        manifest.json           size and sha256 of every file (megasft.checkpoint.manifest)
         config.yaml             the resolved run config (for people; the same dict is in "meta")
-      .tmp-step_00000300/       a save in progress (or killed): never read
+      .tmp-step_00000300/       a save in progress (or killed, or finished and not yet published)
 
 What one checkpoint holds (DCP keys):
   model/<hf name>              model weights in the model dtype, canonical (HF) names and shapes
   optim/{main,exp_avg,exp_avg_sq}/<hf name>   ZeRO-1 fp32 state in the same canonical coordinates
-  meta                         step, optimizer step count (the LR schedule is a function of it),
-                               consumed tokens, data-loader state, layout, resolved config
+  meta                         step, the trainer's, optimizer's and data loader's state_dict()
+                               (without tensors), layout, resolved config (megasft.checkpoint.meta)
   rng/<rank>                   each rank's RNG states (torch, CUDA, numpy, python, NEFTune)
 Every rank writes only the canonical blocks it owns (megasft.checkpoint.pieces), so the files do
 not depend on the layout and a checkpoint loads at any tp/pp/dp. RNG states are restored only at
 the layout that saved them (other layouts draw different streams anyway).
 
-Atomicity: every rank writes into ``.tmp-<name>``; DCP's coordinator writes ``.metadata`` after
-all ranks finished; then rank 0 renames the directory, rewrites ``latest`` with os.replace, and
-prunes to ``keep_last``. A process killed at any point leaves ``latest`` naming the previous
-complete checkpoint. With ``async_save`` the tensors are copied to CPU at the save step and DCP
+Atomicity: every rank writes into ``.tmp-<name>`` and hashes what it wrote; DCP's coordinator
+writes ``.metadata`` after all ranks finished, then ``manifest.json``; then rank 0 checks the
+files are all there, renames the directory, rewrites ``latest`` with os.replace, and prunes to
+``keep_last`` good checkpoints. A process killed at any point leaves ``latest`` naming the
+previous checkpoint. With ``async_save`` the tensors are copied to CPU at the save step and DCP
 writes them in a background thread over a dedicated gloo group; the rename happens at the next
-save (or at the end), after every rank's write finished.
+save (or at the end), after every rank's write finished — or, when the job died before that, at
+the next start (a ``.tmp-`` directory with its manifest finished writing).
+
+Verification: loading hashes every file once, split across the ranks, against manifest.json
+before anything is read into the model; a mismatch names the file. checkpoint.load=auto walks
+back from ``latest`` to the newest checkpoint that verifies, saying which it skipped and why.
 """
 from __future__ import annotations
 
-import os
 import pickle
-import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from megasft.checkpoint.files import (LATEST, TMP_PREFIX, CheckpointError, check_files, checkpoint_root,
-                                      find_resume_path,
-                                      load_dcp, prune, quiet_single_process, read_meta, resolve_checkpoint,
-                                      step_name, write_latest)
-from megasft.checkpoint.pieces import (MODEL_PREFIX, Block, TensorPieces, model_state, optimizer_state,
-                                       reset_main_params)
-from megasft.checkpoint.planner import CheckpointMismatch, PiecesLoadPlanner, PiecesSavePlanner, PreStaged
-
-FORMAT_VERSION = 1
-# ModelConfig fields that fix the tensors' shapes and meaning; a checkpoint must agree on all.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
-                "kv_heads", "head_size", "tie_embeddings", "qkv_bias")
-
-
-def model_differences(saved: dict, model_cfg) -> list[str]:
-    """'field: checkpoint X, config Y' for every shape-defining field that differs."""
-    return [f"{f}: checkpoint {saved.get(f)!r}, config {getattr(model_cfg, f)!r}"
-            for f in SHAPE_FIELDS if saved.get(f) != getattr(model_cfg, f)]
-
-
-def model_shape(model_cfg) -> dict:
-    return {f: getattr(model_cfg, f) for f in SHAPE_FIELDS}
-
-
-# ----------------------------------------------------------------------------- RNG
-def rng_state(chunks) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-             "neftune": [c.neftune_generator.get_state() if hasattr(c, "neftune_generator") else None
-                         for c in chunks]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(chunks, state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    for chunk, gen in zip(chunks, state["neftune"]):
-        if gen is not None and hasattr(chunk, "neftune_generator"):
-            chunk.neftune_generator.set_state(gen)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+from megasft.checkpoint.errors import CheckpointError, CheckpointMismatch
+from megasft.checkpoint.files import (LATEST, TMP_PREFIX, check_files, checkpoint_root, completeness_problem,
+                                      history, load_dcp, publish, quiet_single_process, read_meta,
+                                      resolve_checkpoint, step_name, unpublished, verification_problem)
+from megasft.checkpoint.manifest import MANIFEST, ChecksummedWriter
+from megasft.checkpoint.meta import (FORMAT_VERSION, model_differences, model_shape, rng_state, set_rng_state,
+                                     upgrade)
+from megasft.checkpoint.pieces import Block, TensorPieces, model_state, optimizer_state, reset_main_params
+from megasft.checkpoint.resharding import PiecesLoadPlanner, PiecesSavePlanner, PreStaged
 
 
 # ----------------------------------------------------------------------------- the checkpointer
@@ -101,6 +71,8 @@ class Checkpointer:
         self._pending = None          # (future, tmp dir, final dir) of an async save
         self._async_group = None
         self._resumed = (0, 0)        # (step, consumed tokens) of the checkpoint resumed from
+        self.skipped: list[tuple[Path, str]] = []   # (checkpoint, why) that load=auto passed over
+        self._bad: set[Path] = set()  # failed verification: prune does not count them as kept
 
     # ------------------------------------------------------------------ collectives
     @property
@@ -110,6 +82,18 @@ class Checkpointer:
     def _barrier(self) -> None:
         if not self._no_dist:
             dist.barrier(group=self.ps.world_group)
+
+    def _agree(self, problem: Optional[str]) -> Optional[str]:
+        """The first problem any rank found, on every rank (each checks a different part)."""
+        if self._no_dist:
+            return problem
+        problems = [None] * self.ps.world_size
+        dist.all_gather_object(problems, problem, group=self.ps.world_group)
+        return next((p for p in problems if p is not None), None)
+
+    def _say(self, message: str) -> None:
+        if self.ps.rank == 0:
+            print(f"megasft: {message}", file=sys.stderr, flush=True)
 
     def _save_group(self):
         if self._no_dist:
@@ -128,14 +112,14 @@ class Checkpointer:
         return tokens + (trainer.step - step) * self.cfg.data.global_batch_tokens
 
     def state_dict(self, trainer, loader) -> dict:
-        """The DCP state dict of this rank: live views of weights and optimizer state."""
+        """The DCP state dict of this rank: live views of weights and optimizer state, and each
+        object's own state_dict() (its tensors are the views)."""
         opt = trainer.optimizer
         meta = {"format": FORMAT_VERSION, "step": trainer.step, "consumed_tokens": self.consumed_tokens(trainer),
-                "optimizer": {"step_count": opt.step_count, "consecutive_skips": opt.consecutive_skips,
-                              "skipped_total": opt.skipped_total},
+                "trainer": trainer.state_dict(),
+                "optimizer": {k: v for k, v in opt.state_dict().items() if k != "shard_state"},
                 "loader": loader.state_dict() if loader is not None else None,
-                "best_eval": trainer.best_eval, "model": model_shape(self.cfg.model),
-                "layout": self._layout(), "config": self.cfg.to_dict()}
+                "model": model_shape(self.cfg.model), "layout": self._layout(), "config": self.cfg.to_dict()}
         state: dict = {"meta": meta, f"rng/{self.ps.rank}": rng_state(trainer.chunks)}
         state.update(model_state(trainer.chunks, self.ps))
         state.update(optimizer_state(opt, trainer.chunks, self.ps))
@@ -171,13 +155,15 @@ class Checkpointer:
         self._barrier()
         state = self.state_dict(trainer, loader)
         group = self._save_group()
+        writer = ChecksummedWriter(str(tmp))
         if self.cfg.checkpoint.async_save:
-            future = dcp.async_save(stage_copy(state), checkpoint_id=str(tmp), planner=PiecesSavePlanner(),
-                                    process_group=group, no_dist=self._no_dist, async_stager=PreStaged())
+            with quiet_single_process():
+                future = dcp.async_save(stage_copy(state), storage_writer=writer, planner=PiecesSavePlanner(),
+                                        process_group=group, no_dist=self._no_dist, async_stager=PreStaged())
             self._pending = (future, tmp, final)
         else:
             with quiet_single_process():
-                dcp.save(state, checkpoint_id=str(tmp), planner=PiecesSavePlanner(), process_group=group,
+                dcp.save(state, storage_writer=writer, planner=PiecesSavePlanner(), process_group=group,
                          no_dist=self._no_dist)
             self._publish(tmp, final)
         return final
@@ -191,19 +177,14 @@ class Checkpointer:
         self._publish(tmp, final)
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        """Every rank's files are written (DCP returned everywhere): rename, point latest, prune."""
-        self._barrier()
+        """Every rank's files are written (DCP returned everywhere): check they are all there,
+        rename, point latest, prune. A save whose files are not all there is not published."""
+        problem = self._agree(completeness_problem(tmp) if self.ps.rank == 0 else None)
+        if problem is not None:
+            raise CheckpointError(f"saving {final.name} failed: {problem}; it was not published and "
+                                  f"{self.root / LATEST} still names the previous checkpoint")
         if self.ps.rank == 0:
-            if final.exists():
-                # Re-saving a step (a resumed run stopped at once): the old copy goes first. Only a
-                # kill between these two renames could leave latest naming a missing directory,
-                # which resolve_checkpoint reports (the old copy is in .tmp-old-<name>).
-                old = self.root / (TMP_PREFIX + "old-" + final.name)
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            write_latest(self.root, final.name)
-            prune(self.root, self.cfg.checkpoint.keep_last, keep=final.name)
+            publish(tmp, final, self.cfg.checkpoint.keep_last, bad=self._bad)
         self._barrier()
 
     def close(self) -> None:
@@ -212,41 +193,96 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ loading
     def resume(self, trainer, loader) -> Optional[Path]:
-        """Load what ``checkpoint.load`` names into trainer and loader; None for a fresh start."""
-        path = find_resume_path(self.cfg)
-        if path is not None:
+        """Load what ``checkpoint.load`` names into trainer and loader; None for a fresh start.
+        First publishes a save that finished writing but was not published before the job ended."""
+        self._publish_finished_save()
+        load = self.cfg.checkpoint.load
+        if not load:
+            return None
+        if load != "auto":
+            path = resolve_checkpoint(load)
             self.load(path, trainer, loader)
+            return path
+        path = self._newest_verified()
+        if path is not None:
+            self._load(path, trainer, loader)
         return path
+
+    def _publish_finished_save(self) -> None:
+        """Publish the newest ``.tmp-`` save newer than ``latest`` that finished writing (it has its
+        manifest and all its files): an async save whose job died before the next save."""
+        if self.ps.rank == 0:
+            for tmp in reversed(unpublished(self.root)):   # the newest that has all its files
+                problem = completeness_problem(tmp)
+                if problem is None:
+                    publish(tmp, self.root / tmp.name[len(TMP_PREFIX):], self.cfg.checkpoint.keep_last,
+                            bad=self._bad)
+                    self._say(f"published {tmp.name[len(TMP_PREFIX):]}: its save finished writing, but the job "
+                              "ended before publishing it")
+                    break
+                self._say(f"not publishing {tmp}: {problem}")
+        self._barrier()
+
+    def _newest_verified(self) -> Optional[Path]:
+        """checkpoint.load=auto: the newest checkpoint from ``latest`` back that verifies; None
+        when nothing was saved yet."""
+        for path in history(self.root):
+            problem = self.verify(path)
+            if problem is None:
+                return path
+            self.skipped.append((path, problem))
+            self._say(f"checkpoint.load=auto: skipping {path.name}: {problem}")
+        if self.skipped:
+            why = "; ".join(f"{p.name}: {problem}" for p, problem in self.skipped)
+            raise CheckpointError(f"checkpoint.load=auto: no checkpoint in {self.root} verifies ({why}); "
+                                  "restore the files, or set checkpoint.load to null to start afresh")
+        return None
+
+    def verify(self, path: Path) -> Optional[str]:
+        """Why checkpoint `path` cannot be loaded (None: every file in its manifest has the recorded
+        size and sha256). Rank r hashes share r of the files. A checkpoint saved before checksums
+        (no manifest.json) gets the size checks only, and says so."""
+        path = Path(path)
+        problem = self._agree(verification_problem(path, self.ps.rank, self.ps.world_size))
+        if problem is not None:
+            self._bad.add(path)
+        elif not (path / MANIFEST).exists():
+            self._say(f"{path} has no {MANIFEST} (saved before checksums): loading it unverified")
+        return problem
 
     def load(self, path: str | Path, trainer, loader) -> dict:
         """Restore weights, optimizer state (when saved), step, loader and RNG from `path` (at any
-        layout). Checks files and model shape first; raises CheckpointError / CheckpointMismatch.
-        Returns the checkpoint's meta record."""
+        layout). Verifies the files and checks the model shape first; raises CheckpointError /
+        CheckpointMismatch. Returns the checkpoint's meta record."""
         path = resolve_checkpoint(path)
+        problem = self.verify(path)
+        if problem is not None:
+            raise CheckpointError(f"{problem}; nothing was loaded — point checkpoint.load at another checkpoint")
+        return self._load(path, trainer, loader)
+
+    def _load(self, path: Path, trainer, loader) -> dict:
         metadata = check_files(path)
-        meta = read_meta(path)
+        meta = upgrade(read_meta(path))
         diffs = model_differences(meta.get("model", {}), self.cfg.model)
         if diffs:
             raise CheckpointMismatch(f"{path} was saved from a different model: " + "; ".join(diffs))
+        opt = trainer.optimizer
         state: dict = dict(model_state(trainer.chunks, self.ps))
         has_optim = any(k.startswith("optim/") for k in metadata.state_dict_metadata)
         if has_optim:
-            state.update(optimizer_state(trainer.optimizer, trainer.chunks, self.ps))
+            state.update(optimizer_state(opt, trainer.chunks, self.ps))
         rng_key = f"rng/{self.ps.rank}"
         same_layout = meta.get("layout") == self._layout() and rng_key in metadata.state_dict_metadata
         if same_layout:
             state[rng_key] = None
         load_dcp(state, path, PiecesLoadPlanner(str(path)), None if self._no_dist else self.ps.world_group,
-              self._no_dist)
-        opt = trainer.optimizer
-        if has_optim:
-            o = meta["optimizer"]
-            opt.step_count, opt.consecutive_skips = int(o["step_count"]), int(o["consecutive_skips"])
-            opt.skipped_total = int(o.get("skipped_total", 0))
+                 self._no_dist)
+        if has_optim:   # shard_state was filled in place through the canonical views above
+            opt.load_state_dict(dict(opt.state_dict(), **meta["optimizer"]))
         else:
             reset_main_params(opt)
-        trainer.step = int(meta["step"])
-        trainer.best_eval = meta.get("best_eval")
+        if "trainer" in meta:   # a checkpoint converted from Hugging Face has no training progress
+            trainer.load_state_dict(meta["trainer"])
         if loader is not None and meta.get("loader") is not None and not self.cfg.data.reset_order_on_resume:
             loader.load_state_dict(meta["loader"])
         if same_layout:
@@ -268,5 +304,5 @@ def stage_copy(state: dict) -> dict:
 
 
 # Re-exported: the names callers need next to the Checkpointer (directory handling is in files.py).
-__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatch", "LATEST", "MODEL_PREFIX", "check_files",
-           "read_meta", "resolve_checkpoint", "step_name"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatch", "LATEST", "check_files", "read_meta",
+           "resolve_checkpoint", "step_name"]

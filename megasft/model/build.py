@@ -6,8 +6,8 @@ import zlib
 import torch
 from torch import nn
 
-from megasft.checkpoint.hf import load_canonical
 from megasft.config import Config
+from megasft.hf.names import load_canonical
 from megasft.model.fp8 import check_fp8_available, use_fp8_gemms
 from megasft.model.llama import LlamaStage
 from megasft.layout import Layout
@@ -30,7 +30,7 @@ def build_model(cfg: Config, ps: ParallelState) -> list[LlamaStage]:
                                  sequence_parallel=layout.sequence_parallel, neftune_seed=cfg.train.seed))
     for chunk in chunks:
         if m.init_from_hf:
-            from megasft.checkpoint.hf_io import load_hf_into
+            from megasft.hf.io import load_hf_into
             load_hf_into(chunk, m.init_from_hf)
         else:
             init_weights(chunk, cfg.train.seed, m.init_std)

@@ -226,22 +226,26 @@ class DistributedOptimizer:
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        """{"step": applied steps, "shard_state": the [3, S] fp32 tensor (not a copy),
-        "consecutive_skips": int}. Map columns back to parameters with param_shards()."""
-        return {"step": self.step_count, "shard_state": self.shard_state,
-                "consecutive_skips": self.consecutive_skips}
+        """{"step": applied steps, "consecutive_skips", "skipped_total": the skip counters,
+        "shard_state": the [3, S] fp32 tensor (not a copy)}. Map columns back to parameters with
+        param_shards() (megasft.checkpoint stores them per canonical tensor that way)."""
+        return {"step": self.step_count, "consecutive_skips": self.consecutive_skips,
+                "skipped_total": self.skipped_total, "shard_state": self.shard_state}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a state_dict of the same layout, then rebuild the model params from the fp32
-        main params (a DP collective)."""
+        """Restore a state_dict of the same layout (its shard_state may be this optimizer's own,
+        already filled in place through param_state() views), then rebuild the model params from
+        the fp32 main params (a DP collective)."""
         loaded = state_dict["shard_state"]
         if tuple(loaded.shape) != tuple(self.shard_state.shape):
             raise ValueError(f"optimizer shard_state has shape {tuple(loaded.shape)} but this rank's "
                              f"layout needs {tuple(self.shard_state.shape)}; the parallel layout or the "
                              "model changed — load per parameter through param_shards() instead")
-        self.shard_state.copy_(loaded)
+        if loaded is not self.shard_state:
+            self.shard_state.copy_(loaded)
         self.step_count = int(state_dict["step"])
         self.consecutive_skips = int(state_dict.get("consecutive_skips", 0))
+        self.skipped_total = int(state_dict.get("skipped_total", 0))
         self.publish_params()
 
     def describe(self) -> str:

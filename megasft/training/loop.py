@@ -203,6 +203,16 @@ class Trainer:
         self.optimizer.finish_param_sync()   # the caller may read the final weights
         return outputs
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The training progress a checkpoint restores (weights and optimizer state are saved per
+        canonical tensor by megasft.checkpoint, RNG per rank)."""
+        return {"step": self.step, "best_eval": self.best_eval}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.best_eval = state.get("best_eval")
+
     def _step_flops(self, micro_batches: list[MicroBatch]) -> float:
         """Model FLOPs of this step over all ranks (document lengths summed over DP; TP/PP copies
         of a micro-batch are the same work)."""

@@ -45,7 +45,7 @@ def canonical_names(name: str, param: nn.Parameter | None = None) -> tuple[str, 
             if param is not None and spec_of(param).tied:
                 return ("model.embed_tokens.weight",)
             return tuple(n.format(*match.groups()) for n in names)
-    raise KeyError(f"parameter {name!r} has no Hugging Face name in megasft.checkpoint.hf.NAME_TABLE")
+    raise KeyError(f"parameter {name!r} has no Hugging Face name in megasft.hf.names.NAME_TABLE")
 
 
 def full_shapes(param: nn.Parameter) -> list[tuple[int, ...]]:

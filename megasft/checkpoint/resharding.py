@@ -1,4 +1,5 @@
-"""torch.distributed.checkpoint planners for TensorPieces (blocks of canonical tensors).
+"""Resharding: the torch.distributed.checkpoint (DCP) save/load planners for TensorPieces (blocks
+of canonical tensors). Not to be confused with megasft.planner, the capacity planner.
 
 DCP's extension point for custom sharding is the planner: the save planner turns each rank's
 blocks into SHARD write items (chunk offsets + sizes in the canonical tensor), the load planner
@@ -23,11 +24,8 @@ from torch.distributed.checkpoint.planner import (SavePlan, TensorWriteData, Wri
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.staging import AsyncStager
 
+from megasft.checkpoint.errors import CheckpointMismatch
 from megasft.checkpoint.pieces import TensorPieces
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint does not fit the model/optimizer it is loaded into; the message says how."""
 
 
 @dataclasses.dataclass

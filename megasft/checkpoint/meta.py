@@ -1,0 +1,62 @@
+"""The ``meta`` record of a checkpoint and the per-rank RNG states saved beside it.
+
+    meta = {"format": 2, "step": the step it was saved after, "consumed_tokens": int,
+            "trainer": Trainer.state_dict(), "optimizer": DistributedOptimizer.state_dict()
+            without its shard_state (that is stored per canonical tensor, see pieces),
+            "loader": PackedLoader.state_dict() | None, "model": model_shape(),
+            "layout": {...}, "config": Config.to_dict()}
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 2
+# ModelConfig fields that fix the tensors' shapes and meaning; a checkpoint must agree on all.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
+                "kv_heads", "head_size", "tie_embeddings", "qkv_bias")
+
+
+def model_shape(model_cfg) -> dict:
+    return {f: getattr(model_cfg, f) for f in SHAPE_FIELDS}
+
+
+def model_differences(saved: dict, model_cfg) -> list[str]:
+    """'field: checkpoint X, config Y' for every shape-defining field that differs."""
+    return [f"{f}: checkpoint {saved.get(f)!r}, config {getattr(model_cfg, f)!r}"
+            for f in SHAPE_FIELDS if saved.get(f) != getattr(model_cfg, f)]
+
+
+def upgrade(meta: dict) -> dict:
+    """A format-1 record (trainer fields at the top, the optimizer's step as "step_count") in the
+    current shape, so checkpoints saved before format 2 still resume."""
+    if meta.get("format", 1) >= 2:
+        return meta
+    meta = dict(meta, format=FORMAT_VERSION, trainer={"step": meta["step"], "best_eval": meta.get("best_eval")})
+    if meta.get("optimizer") is not None:
+        counters = {k: v for k, v in meta["optimizer"].items() if k != "step_count"}
+        meta["optimizer"] = dict(counters, step=meta["optimizer"]["step_count"])
+    return meta
+
+
+# ----------------------------------------------------------------------------- RNG
+def rng_state(chunks) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "neftune": [c.neftune_generator.get_state() if hasattr(c, "neftune_generator") else None
+                         for c in chunks]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(chunks, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    for chunk, gen in zip(chunks, state["neftune"]):
+        if gen is not None and hasattr(chunk, "neftune_generator"):
+            chunk.neftune_generator.set_state(gen)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
