@@ -40,7 +40,7 @@ def checkpointer(tmp: Path, load=None, **checkpoint):
     cfg = Config.from_dict({"model": tiny_fields(),
                             "data": {"seq_len": 16, "global_batch_tokens": 32, "micro_batch_size": 2},
                             "train": {"steps": 9, "precision": "fp32", "run_dir": str(tmp)},
-                            "checkpoint": {"load": load, **checkpoint}}).validate(1)
+                            "checkpoint": {"load": load, **checkpoint}}).validate()
     ps = ParallelState.single()
     return Trainer(cfg, ps, log=False), Checkpointer(cfg, ps)
 
