@@ -71,7 +71,7 @@ def report(message: str, code: int, rank: Optional[int] = None) -> int:
 def check_inputs(cfg: Config) -> None:
     """The start-up failures each rank can see on its own filesystem, before any process group:
     missing datasets, a missing init_from_hf directory, a `latest` naming no checkpoint."""
-    from megasft.checkpoint.files import find_resume_path
+    from megasft.checkpoint.files import check_resume_target
     from megasft.data.indexed import META
 
     d = cfg.data
@@ -86,7 +86,7 @@ def check_inputs(cfg: Config) -> None:
     if hf is not None and not (Path(hf) / "config.json").is_file():
         raise StartupError(f"no Hugging Face model at {hf} (model.init_from_hf; no config.json there); "
                            "point it at a directory written by save_pretrained")
-    find_resume_path(cfg)   # CheckpointError for a garbage or dangling `latest`
+    check_resume_target(cfg)   # CheckpointError for a missing checkpoint or a garbage `latest`
 
 
 class StartupError(RuntimeError):

@@ -170,7 +170,7 @@ def test_nonfinite_loss_and_grad_are_counted_skips(main, data, tmp_path):
     assert np.isnan(records[2]["loss"]) and np.isfinite(records[2]["grad_norm"])   # the loss alone skipped it
     assert np.isnan(records[3]["grad_norm"]) and np.isfinite(records[3]["loss"])
     meta = read_meta(run / "checkpoints" / "step_00000004")
-    assert meta["optimizer"]["step_count"] == 2 and meta["optimizer"]["skipped_total"] == 2
+    assert meta["optimizer"]["step"] == 2 and meta["optimizer"]["skipped_total"] == 2   # applied, skipped
 
 
 def test_nonfinite_weights_stop_the_run_before_any_save(main, data, tmp_path):

@@ -63,7 +63,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     latest = path / LATEST
     if latest.exists():
-        target = path / latest.read_text().strip()
+        target = path / latest.read_text(errors="replace").strip()
         if not (target / ".metadata").exists():
             raise CheckpointError(f"{latest} names {target.name!r}, but {target / '.metadata'} does not exist; "
                                   "the checkpoint was deleted or is incomplete — point checkpoint.load at an "
@@ -76,6 +76,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: no such checkpoint directory")
 
 
+def check_resume_target(cfg) -> None:
+    """The start-up check of checkpoint.load, before any process group: an explicit path must name
+    a checkpoint, and with auto a ``latest`` that names no step directory (a hand edit, a broken
+    copy) is an error rather than a silent fresh start. Raises CheckpointError."""
+    load = cfg.checkpoint.load
+    if not load:
+        return
+    if load != "auto":
+        resolve_checkpoint(load)
+        return
+    root = checkpoint_root(cfg)
+    latest = root / LATEST
+    if latest.exists() and step_of(latest.read_text(errors="replace").strip()) is None:
+        resolve_checkpoint(root)   # raises, naming what `latest` holds
+
+
 def _steps(root: Path, prefix: str = "") -> list[Path]:
     """Directories prefix + step_N under root, oldest first."""
     found = [p for p in root.glob(prefix + "step_*") if p.is_dir() and step_of(p.name) is not None]
@@ -84,7 +100,7 @@ def _steps(root: Path, prefix: str = "") -> list[Path]:
 
 def latest_step(root: Path) -> Optional[int]:
     latest = root / LATEST
-    return step_of(latest.read_text().strip()) if latest.exists() else None
+    return step_of(latest.read_text(errors="replace").strip()) if latest.exists() else None
 
 
 def history(root: Path) -> list[Path]:
