@@ -19,6 +19,7 @@ resharding is an uninterrupted run of the same config that saved along the way:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -31,12 +32,13 @@ from megasft.checkpoint.errors import CheckpointError
 from megasft.checkpoint.manifest import MANIFEST
 from megasft.checkpoint.sharded import LATEST, Checkpointer, read_meta, step_name
 from megasft.config import Config
-from megasft.layout import Layout
 from megasft.data.indexed import IndexedDatasetBuilder
 from megasft.data.loader import PackedLoader
 from megasft.hf.io import hf_tensor_reader
 from megasft.hf.names import assemble_canonical, canonical_pieces
+from megasft.layout import Layout
 from megasft.parallel_state import ParallelState
+from megasft.training import faults
 from megasft.training.loop import Trainer
 from tests.multiproc import run_ranks
 from tests.oracle import hf_model, tiny_fields
@@ -88,13 +90,13 @@ def setup(tmp: str, name: str, tp: int, pp: int, **overrides):
 def run(tmp: str, name: str, tp: int, pp: int, stop_after: int = 0, **overrides):
     """Train one layout to the end (or a stop request after step `stop_after`); returns (losses of
     the steps run, this rank's canonical weight pieces)."""
-    trainer, loader, ckpt = setup(tmp, name, tp, pp, **overrides)
-
-    def on_step(t):
-        if t.step == stop_after:
-            t.stop.requested = True   # what the SIGUSR1/SIGTERM handler sets
-
-    outputs = trainer.fit(loader, checkpointer=ckpt, on_step=on_step)
+    if stop_after:   # a real SIGUSR1 during that step, as Slurm sends before the time limit
+        os.environ[faults.ENV] = f"usr1@{stop_after}"
+    try:
+        trainer, loader, ckpt = setup(tmp, name, tp, pp, **overrides)
+    finally:
+        os.environ.pop(faults.ENV, None)
+    outputs = trainer.fit(loader, checkpointer=ckpt)
     pieces = [(n, d, o, p.clone()) for c in trainer.chunks for n, d, o, p in canonical_pieces(c)]
     return [o.loss for o in outputs], pieces
 

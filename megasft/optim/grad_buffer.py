@@ -45,11 +45,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megasft.tensor_parallel.comm import all_gather_single, reduce_scatter_single
 from megasft.tensor_parallel.spec import spec_of
 
-# torch >= 2.12 names the single-tensor collectives *_single; older releases only have *_tensor.
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# Module attributes (not direct calls) so tests can make the all-gather land late (tests/layouts.py).
+_reduce_scatter, _all_gather = reduce_scatter_single, all_gather_single
 
 # Shard slices are multiples of this many elements so views stay aligned for vectorised kernels.
 SHARD_ALIGN = 64

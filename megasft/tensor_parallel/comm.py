@@ -25,9 +25,11 @@ from megasft.parallel_state import group_rank, group_size
 
 Group = Optional[dist.ProcessGroup]
 
-# torch >= 2.13 renamed the tensor-in/tensor-out collectives; keep both working.
-_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# The tensor-in/tensor-out collectives, under the names newer torch gives them (*_single; 2.13
+# has both spellings) and older releases' names otherwise. The one shim: the TP/SP operators here
+# and the DP grad buffer (megasft.optim.grad_buffer) both use it.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -42,7 +44,7 @@ def all_gather_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_tensor(out, x, group=group)
+    all_gather_single(out, x, group=group)
     return out
 
 
@@ -54,7 +56,7 @@ def reduce_scatter_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:
         raise ValueError(f"cannot reduce-scatter dim 0 of size {x.shape[0]} over {world} ranks")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_tensor(out, x, group=group)
+    reduce_scatter_single(out, x, group=group)
     return out
 
 

@@ -35,7 +35,8 @@ def tp_shards(size: int, group: Group) -> Shard:
 
 
 def _new_weight(rows: int, cols: int, split: TPSplit, dtype: torch.dtype) -> nn.Parameter:
-    # Real values come from megasft.model.init (layout-independent); empty here avoids paying twice.
+    # Real values come from megasft.model.build.init_weights or the HF import (layout-independent);
+    # empty here avoids paying twice.
     return set_spec(nn.Parameter(torch.empty(rows, cols, dtype=dtype)), split=split)
 
 

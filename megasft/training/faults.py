@@ -8,6 +8,8 @@ optimizer step, ``_rankR`` limits the fault to global rank R (default: every ran
     nan_weight@4      a NaN in the fp32 main params after step 4's update: the run stops, unsaved
     stop_rank1@2      rank 1 SIGSTOPs itself as step 2 starts (a frozen host)
     sleep_rank1@2     rank 1 sleeps an hour as step 2 starts (alive but stuck)
+    usr1@4            SIGUSR1 arrives during step 4 (Slurm's pre-timeout warning): the run saves
+                      and stops after that step
 
 The tests of megasft's reliability guarantees use it (tests/test_reliability_runtime.py). Unset, the
 trainer holds None and each hook is one ``is not None`` test per step.
@@ -24,7 +26,7 @@ from typing import Optional
 import torch
 
 ENV = "MEGASFT_FAULT"
-KINDS = ("nan_loss", "nan_grad", "nan_weight", "stop", "sleep")
+KINDS = ("nan_loss", "nan_grad", "nan_weight", "stop", "sleep", "usr1")
 _ITEM = re.compile(r"^(?P<kind>[a-z_]+?)(?:_rank(?P<rank>\d+))?@(?P<step>\d+)$")
 
 
@@ -56,6 +58,8 @@ class Faults:
             os.kill(os.getpid(), signal.SIGSTOP)
         if self.due("sleep", step):
             time.sleep(3600)
+        if self.due("usr1", step):
+            os.kill(os.getpid(), signal.SIGUSR1)
 
     def loss(self, step: int, loss: float) -> float:
         return float("nan") if self.due("nan_loss", step) else loss

@@ -168,7 +168,7 @@ class Trainer:
         return self.stop.requested
 
     def fit(self, train_loader, eval_loader=None, writer: Optional[metrics.MetricsWriter] = None,
-            on_step=None, checkpointer=None) -> list[StepOutput]:
+            checkpointer=None) -> list[StepOutput]:
         """Train to cfg.train.steps (or a stop signal). `checkpointer` (a
         megasft.checkpoint.sharded.Checkpointer) saves on its cadence, at the end and on a stop."""
         t = self.cfg.train
@@ -188,8 +188,6 @@ class Trainer:
                                                                      or self.step == t.steps):
                     self._eval_and_log(eval_loader, writer)
                     window.restart()   # evaluation time is not training throughput
-                if on_step is not None:
-                    on_step(self)
                 stop, weights_finite = self._should_stop(out.skipped)
                 if not weights_finite:   # before the checkpointer: a non-finite state is never saved
                     raise NonFiniteWeights(
@@ -222,14 +220,14 @@ class Trainer:
         return metrics.step_model_flops(self.cfg.model, self.cfg.data.global_batch_tokens, int(sq.item()))
 
     def _log_train(self, out: StepOutput, window: "metrics.ThroughputWindow", writer) -> None:
-        elapsed, tokens, trained, flops = window.close()
+        totals = window.close()
         if writer is None:
             return
-        extra = {"bubble": out.bubble[0], "bubble_theory": out.bubble[1]} if out.bubble is not None else None
-        writer.write(metrics.throughput_record(
-            self.step, out.lr, out.loss, out.grad_norm, elapsed, tokens, trained, flops, self.ps.world_size,
-            self.cfg.train.peak_tflops, metrics.peak_memory_bytes(self.ps.device),
-            self.optimizer.skipped_total, extra))
+        writer.write(metrics.TrainRecord(
+            step=self.step, lr=out.lr, loss=out.loss, grad_norm=out.grad_norm, window=totals,
+            world_size=self.ps.world_size, peak_tflops=self.cfg.train.peak_tflops,
+            peak_mem=metrics.peak_memory_bytes(self.ps.device), skipped=self.optimizer.skipped_total,
+            bubble=out.bubble).as_dict())
 
     def _should_stop(self, skipped: bool) -> tuple[bool, bool]:
         """(stop requested on some rank, weights finite on every rank) in one MAX all-reduce: the

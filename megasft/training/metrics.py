@@ -11,6 +11,7 @@ import json
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -65,12 +66,51 @@ class ThroughputWindow:
         self.trained += trained
         self.flops += flops
 
-    def close(self) -> tuple[float, int, int, float]:
-        """(elapsed s, tokens, trained tokens, FLOPs) of the window; starts the next one."""
+    def close(self) -> "WindowTotals":
+        """What the window held; starts the next one."""
         self._sync()
-        result = (time.perf_counter() - self.start, self.tokens, self.trained, self.flops)
+        result = WindowTotals(time.perf_counter() - self.start, self.tokens, self.trained, self.flops)
         self._reset()   # the device is already synchronised: one sync per log point
         return result
+
+
+@dataclass(frozen=True)
+class WindowTotals:
+    """Wall time and work of the steps since the last log point."""
+
+    elapsed_s: float
+    tokens: int            # token slots of the global batches
+    trained: int           # tokens that contributed to the loss
+    flops: float           # model FLOPs over all ranks
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """One train log point: the last step's numbers and the throughput of the window."""
+
+    step: int
+    lr: float
+    loss: float
+    grad_norm: float
+    window: WindowTotals
+    world_size: int
+    peak_tflops: float     # per device, for MFU
+    peak_mem: int          # bytes
+    skipped: int           # optimizer steps skipped so far
+    bubble: Optional[tuple[float, float]] = None   # (measured, theory) with pipelining
+
+    def as_dict(self) -> dict:
+        w = self.window
+        elapsed = max(w.elapsed_s, 1e-9)
+        tflops = w.flops / elapsed / self.world_size / 1e12
+        record = {"kind": "train", "step": self.step, "lr": self.lr, "loss": self.loss,
+                  "grad_norm": self.grad_norm, "step_time_s": w.elapsed_s, "tokens_per_s": w.tokens / elapsed,
+                  "trained_tokens_per_s": w.trained / elapsed, "tflops_per_device": tflops,
+                  "mfu": tflops / self.peak_tflops, "peak_mem_gb": self.peak_mem / 1e9,
+                  "skipped_steps": self.skipped}
+        if self.bubble is not None:
+            record.update(bubble=self.bubble[0], bubble_theory=self.bubble[1])
+        return record
 
 
 class MetricsWriter:
@@ -122,18 +162,6 @@ class MetricsWriter:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
-
-
-def throughput_record(step: int, lr: float, loss: float, grad_norm: float, elapsed: float, tokens: int,
-                      trained: int, flops: float, world_size: int, peak_tflops: float,
-                      peak_mem: int, skipped: int, extra: Optional[dict] = None) -> dict:
-    tflops = flops / max(elapsed, 1e-9) / world_size / 1e12
-    record = {"kind": "train", "step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm,
-              "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
-              "trained_tokens_per_s": trained / elapsed, "tflops_per_device": tflops,
-              "mfu": tflops / peak_tflops, "peak_mem_gb": peak_mem / 1e9, "skipped_steps": skipped}
-    record.update(extra or {})
-    return record
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
