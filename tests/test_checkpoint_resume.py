@@ -42,7 +42,7 @@ from megasft.training import faults
 from megasft.training.loop import Trainer
 from tests.multiproc import run_ranks
 from tests.oracle import hf_model, tiny_fields
-from tests.test_checkpoint_verify import flip_byte
+from tests.corrupt import flip_byte
 
 SEQ, ROWS, STEPS = 16, 8, 6
 FIELDS = tiny_fields(num_attention_heads=8, num_kv_heads=2)   # tp=4 splits 8 heads, copies 2 kv heads

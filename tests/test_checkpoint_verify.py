@@ -19,17 +19,8 @@ from megasft.config import Config
 from megasft.data.indexed import IndexedDatasetBuilder
 from megasft.parallel_state import ParallelState
 from megasft.training.loop import Trainer
+from tests.corrupt import flip_byte
 from tests.oracle import tiny_fields
-
-
-def flip_byte(root: Path, data: Path | None = None) -> Path:
-    """Invert one byte in the middle of `data` (default: the largest data file under `root`);
-    the size stays the same."""
-    data = data or max(root.glob("*.distcp"), key=lambda f: f.stat().st_size)
-    raw = bytearray(data.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    data.write_bytes(bytes(raw))
-    return data
 
 
 def listing(root: Path) -> list[str]:

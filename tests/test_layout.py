@@ -13,8 +13,7 @@ from megasft.config import Config, ConfigError
 from megasft.layout import (Layout, balanced_pipeline_layers, bubble_fraction, bubble_slots,
                             chunk_layer_counts, in_flight, kv_partition, resolve_schedule,
                             warmup_forwards)
-
-pytestmark = pytest.mark.quick
+from megasft.parallel_state import rank_grid
 
 
 # ----------------------------------------------------------------------------- schedule choice
@@ -200,3 +199,17 @@ def test_validate_does_not_touch_the_parallel_fields():
     cfg = _cfg(parallel={"tp": 2})
     Layout.validated(cfg, 4)
     assert cfg.parallel.dp is None   # dp lives in the Layout, the config stays as written
+
+
+# ------------------------------------------------------------------------------ rank grid
+def test_rank_grid_matches_megatron_worked_example():
+    grid = rank_grid(16, tp=2, pp=4)
+    assert grid["tp"][:3] == [[0, 1], [2, 3], [4, 5]]
+    assert grid["dp"][:4] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert grid["pp"] == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
+    assert grid["embedding"] == [[0, 12], [1, 13], [2, 14], [3, 15]]
+
+
+def test_invalid_world_size_names_the_fix():
+    with pytest.raises(ConfigError, match=r"world_size=4 is not divisible by tp\*pp=3\*1=3"):
+        rank_grid(4, tp=3, pp=1)

@@ -1,0 +1,19 @@
+"""Test tiers. ``python -m pytest tests -m quick`` runs the single-process unit tests (no spawned
+ranks, no torchrun, no compilation; under a minute on 2 cores) — the loop to run while editing.
+The full suite (README's command, what CI runs) adds the multi-rank equivalence tests, the CLI and
+launcher tests and the kernels."""
+from __future__ import annotations
+
+import pytest
+
+QUICK_MODULES = {
+    "test_config", "test_layout", "test_tensor_parallel_units", "test_optim_single", "test_optim_lr_schedule",
+    "test_presets", "test_planner", "test_data_packing", "test_data_templates", "test_data_loader",
+    "test_data_preprocess", "test_data_reliability", "test_checkpoint_verify", "test_attention_backends",
+}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in QUICK_MODULES:
+            item.add_marker(pytest.mark.quick)
