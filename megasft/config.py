@@ -18,10 +18,7 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 import yaml
 
 from megasft.config_fields import field_problem
-
-
-class ConfigError(ValueError):
-    """A configuration value or combination that cannot work; the message says how to fix it."""
+from megasft.errors import ConfigError
 
 
 def divisors(n: int) -> list[int]:

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import copy
 
-from megasft.config import ConfigError, ModelConfig
+from typing import TYPE_CHECKING
+
+from megasft.errors import ConfigError
+
+if TYPE_CHECKING:   # annotations only: config.py reads the presets at load time
+    from megasft.config import ModelConfig
 
 # Llama-3.1 extends the 8192-token pre-training context to 128K by rescaling RoPE frequencies
 # ("llama3" rope_type, as in Hugging Face's modeling_rope_utils); all three sizes share it.
