@@ -193,7 +193,16 @@ class TrainConfig:
     seed: int = 1234
     """Seed for init, data order, dropout and NEFTune."""
     run_dir: str = "runs/default"
-    """Where the resolved config, logs, metrics and checkpoints go."""
+    """Where the resolved config, logs, metrics and checkpoints go: one run per folder
+    (megasft.training.run_dir)."""
+    overwrite: bool = False
+    """Start afresh in a run_dir that holds a previous run: its files are moved to
+    <run_dir>.old-<time>/ first (nothing is deleted). Without it such a start is refused unless
+    checkpoint.load=auto resumes the run."""
+    replan_schedule: bool = False
+    """Resume a checkpoint trained with another LR schedule (train.steps, optim.lr, warm-up, floor)
+    on this run's schedule, with a printed note of the jump in learning rate; without it the
+    resume is refused rather than re-spreading the schedule silently."""
     log_interval: int = 1
     """Steps between log lines."""
     eval_interval: int = 0

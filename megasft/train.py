@@ -72,6 +72,7 @@ def check_inputs(cfg: Config) -> None:
     """The start-up failures each rank can see on its own filesystem, before any process group:
     missing datasets, a missing init_from_hf directory, a `latest` naming no checkpoint."""
     from megasft.checkpoint.files import check_resume_target
+    from megasft.training.run_dir import check_run_dir
     from megasft.data.indexed import META
 
     d = cfg.data
@@ -87,6 +88,7 @@ def check_inputs(cfg: Config) -> None:
         raise StartupError(f"no Hugging Face model at {hf} (model.init_from_hf; no config.json there); "
                            "point it at a directory written by save_pretrained")
     check_resume_target(cfg)   # CheckpointError for a missing checkpoint or a garbage `latest`
+    check_run_dir(cfg)         # ConfigError: a previous run in train.run_dir, neither resumed nor overwritten
 
 
 class StartupError(RuntimeError):
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
         return report(f"configuration error: {err}", EXIT_STARTUP)
     try:
         check_inputs(cfg)
-    except (StartupError, CheckpointError, DatasetError) as err:
+    except (StartupError, CheckpointError, DatasetError, ConfigError) as err:
         return report(str(err), EXIT_STARTUP)
     warning = long_sequence_warning(cfg)
     if warning:
@@ -114,10 +116,14 @@ def main(argv=None) -> int:
     from megasft.optim.distributed_optimizer import TooManySkippedSteps
     from megasft.training.loop import NonFiniteWeights, StopSignal, Trainer
     from megasft.training.metrics import MetricsWriter
+    from megasft.training.run_dir import REWOUND, archive_previous_run, resumes_this_run, rewind_metrics
 
     stop = StopSignal().install()   # before the (possibly long) model build and weight loading
     stop_with_launcher()
     ps = ParallelState.from_env(layout.tp, layout.pp, timeout_s=cfg.parallel.timeout_s)
+    archived = archive_previous_run(cfg) if ps.rank == 0 else None   # train.overwrite=true
+    if ps.world_size > 1:
+        dist.barrier(group=ps.world_group)   # no rank reads the run folder before it is moved
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
     try:   # before any step: bad data or a bad checkpoint fails here, naming the file and what differs
@@ -134,10 +140,16 @@ def main(argv=None) -> int:
         return report(f"checkpoint error: {err}", EXIT_CHECKPOINT, ps.rank)
     writer = None
     if ps.rank == 0:
+        if archived is not None:
+            print(f"megasft: train.overwrite: moved the previous run to {archived}", flush=True)
+        rewound = rewind_metrics(run_dir, trainer.step) if resumes_this_run(cfg) else 0
         cfg.save(run_dir / "config.yaml")
         print(describe_start(cfg, ps, trainer), flush=True)
         if resumed is not None:
             print(f"megasft: resumed from {resumed} at step {trainer.step}", flush=True)
+        if rewound:
+            print(f"megasft: {rewound} metrics records of steps after {trainer.step} (run again now) moved to "
+                  f"{run_dir / REWOUND}", flush=True)
         writer = MetricsWriter(run_dir, cfg.train.steps, cfg.train.progress_bar)
     try:
         trainer.fit(train_loader, eval_loader, writer, checkpointer=checkpointer)

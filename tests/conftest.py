@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.runs import tiny_dataset
+
 QUICK_MODULES = {
     "test_config", "test_layout", "test_tensor_parallel_units", "test_optim_single", "test_optim_lr_schedule",
     "test_presets", "test_planner", "test_data_packing", "test_data_templates", "test_data_loader",
@@ -17,3 +19,26 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in QUICK_MODULES:
             item.add_marker(pytest.mark.quick)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny indexed dataset (tests.runs.tiny_dataset), one per test module."""
+    return tiny_dataset(tmp_path_factory.mktemp("runs") / "data")
+
+
+@pytest.fixture
+def main(monkeypatch, capsys):
+    """megasft.train.main in this process (no launcher variables); returns (rc, stderr lines).
+    ``fault`` sets MEGASFT_FAULT for the run (megasft.training.faults)."""
+    from megasft.train import main as train_main
+
+    for var in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MEGASFT_FAULT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+
+    def run(args: list[str], fault: str = "") -> tuple[int, list[str]]:
+        monkeypatch.setenv("MEGASFT_FAULT", fault)
+        capsys.readouterr()
+        rc = train_main(args)
+        return rc, capsys.readouterr().err.splitlines()
+    return run

@@ -174,7 +174,7 @@ def test_train_entry_resumes_and_reports_bad_checkpoints(tmp_path, capsys, monke
                       "checkpoint.save_interval=2", "checkpoint.load=auto"]
     assert main(common + ["train.steps=2"]) == 0
     assert (tmp_path / "run" / "checkpoints" / LATEST).read_text().strip() == step_name(2)
-    assert main(common + ["train.steps=4"]) == 0
+    assert main(common + ["train.steps=4", "train.replan_schedule=true"]) == 0   # 2 more steps, new schedule
     assert "resumed from" in capsys.readouterr().out
     assert (tmp_path / "run" / "checkpoints" / LATEST).read_text().strip() == step_name(4)
     bad = [c for c in common if not c.startswith("model.hidden_size")] + ["model.hidden_size=48", "train.steps=6"]
@@ -193,7 +193,7 @@ CHILD = textwrap.dedent("""
     from megasft.training.loop import Trainer
     from tests.oracle import tiny_fields
 
-    cfg = Config.from_dict({"model": tiny_fields(), "train": {"steps": 9, "precision": "fp32", "run_dir": sys.argv[1]},
+    cfg = Config.from_dict({"model": tiny_fields(), "train": {"steps": 2, "precision": "fp32", "run_dir": sys.argv[1]},
                             "data": {"seq_len": 16, "global_batch_tokens": 32}}).validate()
     ps = ParallelState.single()
     trainer = Trainer(cfg, ps, log=False)

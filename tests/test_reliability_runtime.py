@@ -17,50 +17,10 @@ import pytest
 
 from megasft.config import SECTIONS
 from megasft.config_fields import RANGES
-from megasft.data.indexed import IndexedDatasetBuilder
 from megasft.training.faults import Fault, parse
+from tests.runs import tiny_dataset, train_args
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = {"vocab_size": 1003, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
-         "num_attention_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 256,
-         "make_vocab_size_divisible_by": 8}
-
-
-def _dataset(path: Path, docs: int = 40) -> Path:
-    rng = np.random.default_rng(0)
-    builder = IndexedDatasetBuilder(path, vocab_size=1003)
-    for _ in range(docs):
-        n = int(rng.integers(2, 17))
-        builder.add(rng.integers(1, 1003, n), (rng.random(n) < 0.5).astype(np.uint8))
-    builder.finish({"pad_id": 0})
-    return path
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return _dataset(tmp_path_factory.mktemp("reliability") / "data")
-
-
-def _args(data: Path, run: Path, *extra: str) -> list[str]:
-    model = [f"model.{k}={v}" for k, v in MODEL.items()]
-    return model + [f"data.train_path={data}", "data.seq_len=16", "data.global_batch_tokens=64",
-                    "train.precision=fp32", f"train.run_dir={run}", 'train.progress_bar="off"', *extra]
-
-
-@pytest.fixture
-def main(monkeypatch, capsys):
-    """megasft.train.main in this process (no launcher variables); returns (rc, stderr lines)."""
-    from megasft.train import main as train_main
-
-    for var in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MEGASFT_FAULT", "TORCHELASTIC_RUN_ID"):
-        monkeypatch.delenv(var, raising=False)
-
-    def run(args: list[str], fault: str = "") -> tuple[int, list[str]]:
-        monkeypatch.setenv("MEGASFT_FAULT", fault)
-        capsys.readouterr()
-        rc = train_main(args)
-        return rc, capsys.readouterr().err.splitlines()
-    return run
 
 
 # ------------------------------------------------------------------ item 5: configuration errors
@@ -89,19 +49,19 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("override,message", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
 def test_bad_value_is_one_line_and_exit_2(main, data, tmp_path, override, message):
-    rc, err = main(_args(data, tmp_path / "run", override))
+    rc, err = main(train_args(data, tmp_path / "run", override))
     assert (rc, err) == (2, [f"megasft.train: configuration error: {message}"])
 
 
 def test_startup_failures_are_one_line_what_where_fix(main, data, tmp_path):
     run = tmp_path / "run"
-    rc, err = main(_args(tmp_path / "nope", run))
+    rc, err = main(train_args(tmp_path / "nope", run))
     assert (rc, err) == (2, [f"megasft.train: no indexed dataset at {tmp_path / 'nope'} (data.train_path; "
                              f"{tmp_path / 'nope' / 'meta.json'} is missing); write one with "
                              f"tools/preprocess_data.py --output {tmp_path / 'nope'}"])
-    rc, err = main(_args(data, run, f"data.eval_path={tmp_path / 'ev'}"))
+    rc, err = main(train_args(data, run, f"data.eval_path={tmp_path / 'ev'}"))
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"megasft.train: no indexed dataset at {tmp_path / 'ev'}")
-    rc, err = main(_args(data, run, f"model.init_from_hf={tmp_path / 'hf'}"))
+    rc, err = main(train_args(data, run, f"model.init_from_hf={tmp_path / 'hf'}"))
     assert (rc, err) == (2, [f"megasft.train: no Hugging Face model at {tmp_path / 'hf'} (model.init_from_hf; "
                              "no config.json there); point it at a directory written by save_pretrained"])
     bad_yaml = tmp_path / "bad.yaml"
@@ -114,13 +74,13 @@ def test_startup_failures_are_one_line_what_where_fix(main, data, tmp_path):
                              "pass an existing YAML file to --config"])
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("garbage\n")
-    rc, err = main(_args(data, run, "checkpoint.load=auto"))
+    rc, err = main(train_args(data, run, "checkpoint.load=auto"))
     assert rc == 2 and len(err) == 1
     assert err[0].startswith(f"megasft.train: {run / 'checkpoints' / 'latest'} names 'garbage', but")
 
 
 def test_long_rows_warn_once_with_the_rope_context(main, data, tmp_path):
-    rc, err = main(_args(data, tmp_path / "run", "train.steps=1", "model.max_position_embeddings=8"))
+    rc, err = main(train_args(data, tmp_path / "run", "train.steps=1", "model.max_position_embeddings=8"))
     assert (rc, err) == (0, ["megasft.train: warning: data.seq_len=16 exceeds model.max_position_embeddings=8: "
                              "no model.rope_scaling is set, so RoPE extrapolates past the pre-trained length; "
                              "lower data.seq_len, or raise model.max_position_embeddings together with a "
@@ -130,7 +90,7 @@ def test_long_rows_warn_once_with_the_rope_context(main, data, tmp_path):
 def test_only_rank_0_prints_and_no_traceback(data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"}
     env.pop("MEGASFT_FAULT", None)
-    cmd = [sys.executable, "-m", "megasft.train", *_args(data, tmp_path, "optim.lr=abc")]
+    cmd = [sys.executable, "-m", "megasft.train", *train_args(data, tmp_path, "optim.lr=abc")]
     outs = [subprocess.run(cmd, env={**env, "RANK": rank}, capture_output=True, text=True, timeout=120)
             for rank in ("0", "1")]
     assert [o.returncode for o in outs] == [2, 2]
@@ -142,13 +102,13 @@ def test_only_rank_0_prints_and_no_traceback(data, tmp_path):
 def test_resume_with_other_data_names_the_reset_setting(main, data, tmp_path):
     run = tmp_path / "run"
     common = ["checkpoint.load=auto", "checkpoint.save_interval=2"]
-    assert main(_args(data, run, "train.steps=2", *common))[0] == 0
-    other = _dataset(tmp_path / "other", docs=30)
-    rc, err = main(_args(other, run, "train.steps=4", *common))
+    assert main(train_args(data, run, "train.steps=4", *common), fault="usr1@2")[0] == 0   # stopped, saved at 2
+    other = tiny_dataset(tmp_path / "other", docs=30)
+    rc, err = main(train_args(other, run, "train.steps=4", *common))
     assert (rc, err) == (2, ["megasft.train: data state was saved with num_docs=40 but this loader has num_docs=30; "
                              "resume with the same data, seq_len and seed, or set "
                              "data.reset_order_on_resume=true to start the data order afresh"])
-    assert main(_args(other, run, "train.steps=4", "data.reset_order_on_resume=true", *common))[0] == 0
+    assert main(train_args(other, run, "train.steps=4", "data.reset_order_on_resume=true", *common))[0] == 0
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
 
 
@@ -163,7 +123,7 @@ def test_nonfinite_loss_and_grad_are_counted_skips(main, data, tmp_path):
     from megasft.checkpoint.files import read_meta
 
     run = tmp_path / "run"
-    rc, err = main(_args(data, run, "train.steps=4"), fault="nan_loss@2,nan_grad@3")
+    rc, err = main(train_args(data, run, "train.steps=4"), fault="nan_loss@2,nan_grad@3")
     assert (rc, err) == (0, [])
     records = _train_records(run)
     assert [records[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 2, 2]
@@ -175,7 +135,7 @@ def test_nonfinite_loss_and_grad_are_counted_skips(main, data, tmp_path):
 
 def test_nonfinite_weights_stop_the_run_before_any_save(main, data, tmp_path):
     run = tmp_path / "run"
-    rc, err = main(_args(data, run, "train.steps=5", "checkpoint.save_interval=1"), fault="nan_weight@3")
+    rc, err = main(train_args(data, run, "train.steps=5", "checkpoint.save_interval=1"), fault="nan_weight@3")
     assert rc == 4 and len(err) == 1
     assert err[0].startswith("megasft.train: training stopped: step 3: the update left a NaN/inf in the fp32 "
                              "weights (grad norm ")
@@ -188,7 +148,7 @@ def test_nonfinite_weights_stop_the_run_before_any_save(main, data, tmp_path):
 
 def test_too_many_skips_stop_with_one_line_and_latest_unchanged(main, data, tmp_path):
     run = tmp_path / "run"
-    rc, err = main(_args(data, run, "train.steps=5", "checkpoint.save_interval=1", "optim.max_consecutive_skips=2"),
+    rc, err = main(train_args(data, run, "train.steps=5", "checkpoint.save_interval=1", "optim.max_consecutive_skips=2"),
                    fault="nan_loss@2,nan_loss@3")
     assert rc == 4 and len(err) == 1
     assert err[0].startswith("megasft.train: training stopped: 2 consecutive optimizer steps were skipped "
@@ -210,7 +170,7 @@ TIMEOUT_S = 5
 def test_sigstopped_rank_fails_the_job_within_the_timeout_naming_it(data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MEGASFT_FAULT": "stop_rank1@3"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "megasft.train", *_args(data, tmp_path / "run", "train.steps=6", f"parallel.timeout_s={TIMEOUT_S}")]
+           "-m", "megasft.train", *train_args(data, tmp_path / "run", "train.steps=6", f"parallel.timeout_s={TIMEOUT_S}")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     lines: list[tuple[float, str]] = []
     reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), line) for line in proc.stdout))
@@ -244,7 +204,7 @@ def test_usr1_to_a_bare_torchrun_leaves_no_orphan_ranks(data, tmp_path):
     env.pop("MEGASFT_FAULT", None)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "megasft.train", *_args(data, run, "train.steps=100000", "train.log_interval=20")]
+           "-m", "megasft.train", *train_args(data, run, "train.steps=100000", "train.log_interval=20")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:
         for line in proc.stdout:   # training has started on both ranks

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The tiny chat example end to end on CPU: synthetic chats + tokenizer, preprocessing, training on
-# 4 gloo processes (TP2 x PP2), then greedy answers to held-out prompts.
+# 4 gloo processes (TP2 x PP2), then greedy answers to held-out prompts. A re-run moves the previous
+# run aside (train.overwrite=true: runs/tiny_chat.old-<time>).
 # Extra arguments are config overrides, e.g.  bash examples/tiny_chat/run.sh train.steps=50
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,6 +16,6 @@ for split in train eval; do
     --tokenizer "$DATA/tokenizer.model" --template llama3 --seq-len 256 --overwrite
 done
 torchrun --standalone --nproc-per-node "$NPROC" -m megasft.train \
-  --config examples/configs/tiny_chat.yaml train.run_dir="$RUN" "$@"
+  --config examples/configs/tiny_chat.yaml train.run_dir="$RUN" train.overwrite=true "$@"
 python -m megasft.generate --model "$RUN/hf" --tokenizer "$DATA/tokenizer.model" --template llama3 \
   --prompts "$DATA/eval.jsonl" -n 40

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import random
+from typing import Optional
 
 import numpy as np
 import torch
@@ -60,3 +61,18 @@ def set_rng_state(chunks, state: dict) -> None:
             chunk.neftune_generator.set_state(gen)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# The config fields that shape the LR schedule (megasft.optim.lr_schedule): a resume continues it.
+SCHEDULE_FIELDS = (("train", "steps"), ("optim", "lr"), ("optim", "min_lr_ratio"), ("optim", "warmup_ratio"),
+                   ("optim", "warmup_steps"))
+
+
+def schedule_change(saved: dict, cfg) -> Optional[str]:
+    """How the LR schedule of this run differs from the one a checkpoint was trained with (its
+    config dict), or None when they are the same."""
+    now = cfg.to_dict()
+    diffs = [f"{section}.{key}={saved[section][key]!r} -> {now[section][key]!r}"
+             for section, key in SCHEDULE_FIELDS
+             if section in saved and key in saved[section] and saved[section][key] != now[section][key]]
+    return "; ".join(diffs) or None

@@ -48,10 +48,12 @@ from megasft.checkpoint.files import (LATEST, TMP_PREFIX, check_files, checkpoin
                                       history, load_dcp, publish, quiet_single_process, read_meta,
                                       resolve_checkpoint, step_name, unpublished, verification_problem)
 from megasft.checkpoint.manifest import MANIFEST, ChecksummedWriter
-from megasft.checkpoint.meta import (FORMAT_VERSION, model_differences, model_shape, rng_state, set_rng_state,
-                                     upgrade)
+from megasft.checkpoint.meta import (FORMAT_VERSION, model_differences, model_shape, rng_state, schedule_change,
+                                     set_rng_state, upgrade)
 from megasft.checkpoint.pieces import Block, TensorPieces, model_state, optimizer_state, reset_main_params
 from megasft.checkpoint.resharding import PiecesLoadPlanner, PiecesSavePlanner, PreStaged
+from megasft.config import OptimConfig
+from megasft.optim.lr_schedule import WarmupCosine
 
 
 # ----------------------------------------------------------------------------- the checkpointer
@@ -260,12 +262,31 @@ class Checkpointer:
             raise CheckpointError(f"{problem}; nothing was loaded — point checkpoint.load at another checkpoint")
         return self._load(path, trainer, loader)
 
+    def _check_schedule(self, path: Path, meta: dict) -> None:
+        """A resume continues the LR schedule it was trained with (megasft.training.run_dir); a
+        checkpoint converted from HF has no schedule to continue."""
+        saved = meta.get("config")
+        change = schedule_change(saved, self.cfg) if saved and "trainer" in meta else None
+        if change is None:
+            return
+        if not self.cfg.train.replan_schedule:
+            raise CheckpointMismatch(
+                f"{path} was trained with another LR schedule ({change}); resuming would re-spread warm-up "
+                "and cosine over the new settings — set them back to continue that run, or "
+                "train.replan_schedule=true to continue on this run's schedule")
+        step = int(meta["optimizer"]["step"]) if meta.get("optimizer") else int(meta["step"])
+        before = _lr_at(saved["optim"], saved["train"]["steps"], step)
+        after = _lr_at(self.cfg.to_dict()["optim"], self.cfg.train.steps, step)
+        self._say(f"train.replan_schedule: continuing {path.name} on a new LR schedule ({change}); "
+                  f"the learning rate at step {step} goes from {before:.3e} to {after:.3e}")
+
     def _load(self, path: Path, trainer, loader) -> dict:
         metadata = check_files(path)
         meta = upgrade(read_meta(path))
         diffs = model_differences(meta.get("model", {}), self.cfg.model)
         if diffs:
             raise CheckpointMismatch(f"{path} was saved from a different model: " + "; ".join(diffs))
+        self._check_schedule(path, meta)
         opt = trainer.optimizer
         state: dict = dict(model_state(trainer.chunks, self.ps))
         has_optim = any(k.startswith("optim/") for k in metadata.state_dict_metadata)
@@ -289,6 +310,10 @@ class Checkpointer:
             set_rng_state(trainer.chunks, state[rng_key])
         self._resumed = (trainer.step, int(meta.get("consumed_tokens", 0)))
         return meta
+
+
+def _lr_at(optim: dict, steps: int, step: int) -> float:
+    return WarmupCosine.from_config(OptimConfig(**optim), steps)(step)
 
 
 def stage_copy(state: dict) -> dict:

@@ -27,7 +27,7 @@ import torch
 
 ENV = "MEGASFT_FAULT"
 KINDS = ("nan_loss", "nan_grad", "nan_weight", "stop", "sleep", "usr1")
-_ITEM = re.compile(r"^(?P<kind>[a-z_]+?)(?:_rank(?P<rank>\d+))?@(?P<step>\d+)$")
+_ITEM = re.compile(r"^(?P<kind>[a-z][a-z0-9_]*?)(?:_rank(?P<rank>\d+))?@(?P<step>\d+)$")
 
 
 @dataclass(frozen=True)
