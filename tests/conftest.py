@@ -10,7 +10,7 @@ from tests.runs import tiny_dataset
 
 QUICK_MODULES = {
     "test_config", "test_layout", "test_tensor_parallel_units", "test_optim_single", "test_optim_lr_schedule",
-    "test_presets", "test_planner", "test_data_packing", "test_data_templates", "test_data_loader",
+    "test_presets", "test_planner", "test_model_init", "test_data_packing", "test_data_templates", "test_data_loader",
     "test_data_preprocess", "test_data_reliability", "test_checkpoint_verify", "test_attention_backends",
 }
 

@@ -12,7 +12,6 @@ from megasft.model.fp8 import check_fp8_available, use_fp8_gemms
 from megasft.model.llama import LlamaStage
 from megasft.layout import Layout
 from megasft.parallel_state import ParallelState
-from megasft.pipeline.tied import mark_tied_embeddings
 
 
 def build_model(cfg: Config, ps: ParallelState) -> list[LlamaStage]:
@@ -37,7 +36,6 @@ def build_model(cfg: Config, ps: ParallelState) -> list[LlamaStage]:
         chunk.to(device=ps.device, dtype=cfg.train.dtype)
         if cfg.train.fp8 != "off":
             use_fp8_gemms(chunk)
-    mark_tied_embeddings(chunks)   # before the optimizer sees them: grad norm and DP-sync tags
     return chunks
 
 

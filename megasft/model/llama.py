@@ -30,7 +30,7 @@ from megasft.tensor_parallel.cross_entropy import lm_head_cross_entropy, vocab_p
 from megasft.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                             VocabParallelEmbedding, enter_tp_region,
                                             mark_replicated, tp_shards)
-from megasft.tensor_parallel.spec import Shard
+from megasft.tensor_parallel.spec import Shard, set_spec
 
 
 class RMSNorm(nn.Module):
@@ -188,9 +188,13 @@ class LlamaStage(nn.Module):
             self.output = VocabOutput(vocab.start, max(0, min(vocab.local, cfg.vocab_size - vocab.start)),
                                       ps.tp_group, cfg.loss_chunk_tokens)
             if not (cfg.tie_embeddings and pre_process):
-                # With pipelining a tied head is a second copy of the embedding, kept equal by
-                # all-reducing both copies' gradients over the embedding group (pipeline.tied).
                 self.lm_head = LMHead(cfg.hidden_size, vocab, self.output)        # [V/tp, h]
+        if cfg.tie_embeddings and pre_process != post_process:
+            # With pipelining a tied head is a second copy of the embedding (same canonical tensor,
+            # so the same init and HF name), kept equal by all-reducing both copies' gradients over
+            # the embedding group (megasft.pipeline.tied). Set before any weight is drawn or loaded.
+            copy = self.embedding.weight if pre_process else self.lm_head.weight
+            set_spec(copy, tied=True, pp_copies=2)
         self._inv_freq = rope_inv_freq(cfg)
 
     def forward(self, batch: MicroBatch, hidden_states: Optional[torch.Tensor] = None):

@@ -5,7 +5,8 @@ stage and the head on the last, so each holds a copy of the one canonical tensor
 ``model.embed_tokens.weight`` (initialised identically from it). The copies stay identical because
 their gradients are summed over ``ps.embedding_group`` (first + last stage of the pipeline) before
 every optimizer step: both then see the gradient of the tied parameter and take the same update
-(Megatron-LM does the same with its embedding group).
+(Megatron-LM does the same with its embedding group). The model marks the copies in their
+ParamSpec (``tied``, ``pp_copies=2``) when it builds the stage.
 """
 from __future__ import annotations
 
@@ -15,25 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megasft.tensor_parallel.spec import set_spec, spec_of
-
-
-def mark_tied_embeddings(chunks: Iterable[nn.Module]) -> list[nn.Parameter]:
-    """Give this rank's copies of a pipeline-tied embedding — the LM head of a tying model on the
-    last stage, the embedding of a tying model whose head lives on another stage — their spec
-    (tied, two pipeline copies) before the optimizer is built. Returns the copies."""
-    copies = []
-    for chunk in chunks:
-        if not chunk.cfg.tie_embeddings:
-            continue
-        head = getattr(chunk, "lm_head", None)
-        if head is not None:
-            copies.append(head.weight)
-        if getattr(chunk, "embedding", None) is not None and not chunk.post_process:
-            copies.append(chunk.embedding.weight)
-    for param in copies:
-        set_spec(param, tied=True, pp_copies=2)
-    return copies
+from megasft.tensor_parallel.spec import spec_of
 
 
 def tied_copies(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
