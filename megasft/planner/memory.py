@@ -54,6 +54,8 @@ def tp_layer_parameter_count(model: ModelConfig, tp: int) -> int:
     attention = h * q_width + 2 * h * kv_width + q_width * h
     if model.qkv_bias:
         attention += q_width + 2 * kv_width
+    if model.qk_norm:
+        attention += 2 * d  # q/k norm weights, replicated
     mlp = 3 * h * (f // tp)
     return attention + mlp + 2 * h  # the two RMSNorm weights are replicated
 
@@ -112,6 +114,8 @@ def model_synced_parameters(cfg: Config, pp_rank: int) -> int:
     synced = params.embedding + params.lm_head if m.tie_embeddings and layout.pp > 1 else 0
     if layout.sequence_parallel:
         synced += layers * 2 * m.hidden_size + params.final_norm
+    if m.qk_norm and layout.tp > 1:
+        synced += layers * 2 * m.head_size   # q/k norm weights: partial over TP at every tp > 1
     if layout.kv_copies > 1:
         kv_width = layout.kv_heads_per_rank * m.head_size
         synced += layers * 2 * kv_width * (m.hidden_size + (1 if m.qkv_bias else 0))
