@@ -107,7 +107,8 @@ def model_synced_parameters(cfg: Config, pp_rank: int) -> int:
     """Elements on this stage whose gradients the model sums across ranks before the DP reduction
     (they sit in a gradient bucket of their own): the pipeline-tied embedding copy (summed over the
     embedding group), RMSNorm weights under SP and kv projections replicated when tp > kv heads
-    (summed over their TP ranks, ``megasft.tensor_parallel.layers.mark_replicated``)."""
+    (summed over their TP ranks, ``megasft.tensor_parallel.layers.mark_replicated``), and Qwen3's q/k
+    norm weights at tp > 1 (each TP rank sees only its own heads)."""
     m, layout = cfg.model, layout_of(cfg)
     params = rank_parameters(cfg, pp_rank)
     layers = sum(layout.rank_chunk_layers(pp_rank))
