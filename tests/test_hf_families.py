@@ -49,6 +49,10 @@ REFUSED = [
                  "config.json: field quantization_config={'quant_method': 'fp8'} is not understood by "
                  "megasft's llama family and may change the model's math; megasft refuses rather than "
                  "convert silently (remove it only if it is known not to matter)", id="unknown-field"),
+    pytest.param("llama", dict(sliding_window=4096),
+                 "config.json: field sliding_window=4096 is not understood by megasft's llama family and may "
+                 "change the model's math; megasft refuses rather than convert silently (remove it only if "
+                 "it is known not to matter)", id="llama-sliding-window"),
     pytest.param("llama", dict(hidden_act="gelu"),
                  "config.json: hidden_act='gelu' is not supported for model_type llama; megasft implements "
                  "hidden_act='silu'", id="hidden-act"),

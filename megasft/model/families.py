@@ -44,7 +44,7 @@ class Family:
 
     @property
     def known_keys(self) -> frozenset[str]:
-        return MODEL_KEYS | NEUTRAL_KEYS | frozenset(self.fixed) | self.keys | {"sliding_window"}
+        return MODEL_KEYS | NEUTRAL_KEYS | frozenset(self.fixed) | self.keys
 
 
 _SILU = {"hidden_act": "silu", "attention_dropout": 0.0}
@@ -55,10 +55,12 @@ _QWEN = {**_SILU, "use_sliding_window": False}
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", "LlamaForCausalLM", fixed={**_SILU, "attention_bias": False, "mlp_bias": False},
            keys=frozenset({"pretraining_tp"})),
-    Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, fixed=_QWEN, keys=frozenset({"max_window_layers"})),
+    # Qwen's sliding_window is inert while use_sliding_window is false (which fixed enforces).
+    Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, fixed=_QWEN,
+           keys=frozenset({"max_window_layers", "sliding_window"})),
     Family("qwen3", "Qwen3ForCausalLM", qk_norm=True, fixed={**_QWEN, "attention_bias": False},
-           keys=frozenset({"max_window_layers"})),
-    Family("mistral", "MistralForCausalLM", sliding_window=True, fixed=_SILU),
+           keys=frozenset({"max_window_layers", "sliding_window"})),
+    Family("mistral", "MistralForCausalLM", sliding_window=True, fixed=_SILU, keys=frozenset({"sliding_window"})),
 )}
 
 
