@@ -19,6 +19,7 @@ import yaml
 
 from megasft.config_fields import field_problem
 from megasft.errors import ConfigError
+from megasft.model.families import FAMILIES, family_problem
 
 
 def divisors(n: int) -> list[int]:
@@ -30,6 +31,9 @@ def divisors(n: int) -> list[int]:
 class ModelConfig:
     preset: Optional[str] = None
     """Name from megasft.model.presets (e.g. 'llama3.1-8b'); explicit fields override it."""
+    family: str = "llama"
+    """llama | qwen2 | qwen3 | mistral: the Hugging Face model_type (megasft.model.families). With
+    model.init_from_hf it comes from config.json, as every architecture field does."""
     vocab_size: int = 32000
     """Tokenizer vocabulary size (the embedding is padded beyond it; padded rows are never predicted)."""
     hidden_size: int = 4096
@@ -57,6 +61,11 @@ class ModelConfig:
     """Share the input embedding and the LM head (small Llamas do)."""
     qkv_bias: bool = False
     """Bias on the q/k/v projections (Qwen2-style)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on q and k before RoPE (Qwen3), one [head_dim] weight each per layer."""
+    sliding_window: Optional[int] = None
+    """Each token attends to at most this many tokens of its own document, itself included
+    (Mistral's sliding window, on every layer); None = full causal attention."""
     make_vocab_size_divisible_by: int = 128
     """The embedding rows are padded to a multiple of this times tp (GEMM-friendly shapes)."""
     attention_backend: str = "auto"
@@ -68,7 +77,11 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the normal init of weight matrices (random init only)."""
     init_from_hf: Optional[str] = None
-    """Hugging Face Llama directory to load weights from before training."""
+    """Hugging Face model directory to start from: its config.json sets family and every
+    architecture field (a differing explicit value is an error), its safetensors the weights."""
+    hf_config: Optional[dict] = None
+    """The config.json the model came from (set by init_from_hf / hf-to-megasft, not by hand): the
+    HF export writes it back with megasft's architecture fields over it, so it round-trips."""
     dropout: float = 0.0
     """Dropout on attention and MLP outputs (training only)."""
     recompute: str = "none"
@@ -265,6 +278,7 @@ SECTIONS = {
 }
 
 CHOICES = {
+    ("model", "family"): tuple(FAMILIES),
     ("model", "attention_backend"): ("auto", "sdpa", "torch_varlen", "flash_attn"),
     ("model", "norm_backend"): ("auto", "torch", "compile", "apex", "te"),
     ("model", "recompute"): ("none", "selective", "full"),
@@ -298,6 +312,10 @@ class Config:
             from megasft.model.presets import preset_fields
 
             model_raw = {**preset_fields(model_raw["preset"]), **model_raw}
+        if model_raw.get("init_from_hf"):
+            from megasft.hf.config import merge_hf_architecture
+
+            model_raw = merge_hf_architecture(model_raw)
         raw["model"] = model_raw
         sections = {name: _build_section(name, typ, raw.get(name) or {}) for name, typ in SECTIONS.items()}
         return cls(**sections)
@@ -348,6 +366,9 @@ class Config:
             raise ConfigError(
                 f"num_attention_heads={m.num_attention_heads} is not a multiple of num_kv_heads={m.kv_heads}; "
                 f"choose num_kv_heads in {divisors(m.num_attention_heads)}")
+        problem = family_problem(m.family, m.qkv_bias, m.qk_norm, m.sliding_window)
+        if problem:
+            raise ConfigError(problem)
         if p.overlap_param_gather and not p.distributed_optimizer:
             raise ConfigError("parallel.overlap_param_gather overlaps the ZeRO-1 parameter all-gather, "
                               "which only exists with parallel.distributed_optimizer=true; enable it or "

@@ -54,6 +54,7 @@ RANGES: dict[str, Range] = {
     "model.rms_norm_eps": POSITIVE,
     "model.rope_theta": POSITIVE,
     "model.max_position_embeddings": AT_LEAST_1,
+    "model.sliding_window": AT_LEAST_1,
     "model.make_vocab_size_divisible_by": AT_LEAST_1,
     "model.init_std": NON_NEGATIVE,
     "model.dropout": HALF_OPEN_UNIT,

@@ -1,5 +1,5 @@
-"""Driving megasft at a layout for the train-step equivalence tests (the references they compare
-against live in tests/oracle.py and use no megasft code)."""
+"""Driving megasft at a layout for the equivalence tests (the references they compare against live
+in tests/oracle.py and use no megasft code)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,13 +10,16 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
-from megasft.config import Config
-from megasft.hf.names import canonical_pieces
+from megasft.config import Config, ModelConfig
+from megasft.hf.names import canonical_pieces, load_hf_state_dict
+from megasft.model.llama import LlamaStage
 from megasft.optim import grad_buffer
 from megasft.parallel_state import ParallelState
 from megasft.pipeline.tied import tied_copies
+from megasft.tensor_parallel.comm import gather_last_dim
+from megasft.tensor_parallel.layers import sync_replicated_grads
 from megasft.training.loop import Trainer
-from tests.oracle import select_rows
+from tests.oracle import hf_model, model_batch, packed_batch, reference_loss, select_rows
 
 
 # The performance options the equivalence tests must also pass with: overlapped bucketed grad
@@ -185,3 +188,38 @@ def assert_pieces_match(pieces: list[tuple], reference: dict, layout: str, run: 
 def assert_losses_match(losses: list[float], reference: list[float], layout: str) -> None:
     assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=1e-6,
                  msg=lambda m: f"{layout}: losses {losses} vs {reference}: {m}")
+
+
+def check_tp_equivalence(tp: int, sp: bool, fields: dict, rows: list[list[int]], seq: int) -> None:
+    """megasft at tp (+SP) on packed `rows` vs the transformers model of `fields` run on each
+    document alone: every document's logits (max abs diff < 1e-4), the masked loss sum and count,
+    and every parameter's gradient. Called on every rank of a world of at least tp ranks."""
+    ps = ParallelState.build(tp, 1)
+    hf = hf_model(fields, seed=1)
+    batch = packed_batch(rows, seq, fields["vocab_size"], seed=2)
+    ref_sum, ref_count, ref_logits = reference_loss(hf, batch)
+    (ref_sum / ref_count).backward()
+
+    stage = LlamaStage(ModelConfig(**fields), ps, list(range(fields["num_layers"])), True, True,
+                       sequence_parallel=sp)
+    load_hf_state_dict(stage, hf.state_dict())
+
+    with torch.no_grad():   # logits and packing isolation: every document as if alone
+        logits = gather_last_dim(stage(model_batch(batch).without_labels()), ps.tp_group)
+        for (r, start, n), ref in zip(batch["docs"], ref_logits):
+            got = logits[start:start + n, r, :fields["vocab_size"]]
+            assert (got - ref).abs().max() < 1e-4, f"logits differ for document at row {r}+{start}"
+
+    loss_sum, count = stage(model_batch(batch))
+    assert int(count) == int(ref_count)
+    assert_close(loss_sum, ref_sum.detach(), rtol=1e-5, atol=1e-5)
+    (loss_sum / count).backward()
+    sync_replicated_grads(stage.parameters(), lambda p: p.grad)
+    ref_grads = dict(hf.named_parameters())
+    seen = set()
+    for name, dim, offset, piece in canonical_pieces(stage, grads=True):
+        ref = ref_grads[name].grad
+        ref = ref if dim < 0 else ref.narrow(dim, offset, piece.shape[dim])
+        assert_close(piece, ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad of {name}: {m}")
+        seen.add(name)
+    assert seen == set(ref_grads), f"gradients not checked: {set(ref_grads) - seen}"

@@ -29,32 +29,58 @@ def tiny_fields(**overrides) -> dict:
     return fields
 
 
-def hf_model(fields: dict, seed: int = 0):
-    """transformers LlamaForCausalLM with the same architecture as megasft `fields`, random weights.
-    With qkv_bias it is a Qwen2ForCausalLM (bias on q/k/v only; Llama's attention_bias would also
-    put one on o_proj)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+def family_fields(family: str, **overrides) -> dict:
+    """megasft ModelConfig fields of a tiny model of `family` with its features on: Qwen2 q/k/v
+    biases and tied embeddings, Qwen3 q/k norms, a Mistral sliding window (3 tokens) shorter than
+    most documents of the test batches."""
+    features = {"llama": {}, "qwen2": dict(qkv_bias=True, tie_embeddings=True), "qwen3": dict(qk_norm=True),
+                "mistral": dict(sliding_window=3)}[family]
+    fields = tiny_fields(family=family, vocab_size=300, hidden_size=64, intermediate_size=96,
+                         num_attention_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                         rope_scaling=None, **features)
+    fields.update(overrides)
+    return fields
 
-    qwen = fields.get("qkv_bias", False)
-    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if qwen else (LlamaConfig, LlamaForCausalLM)
-    extra = {} if qwen else {"attention_bias": False}
-    config = config_cls(
+
+# megasft family -> (transformers config class, model class, extra config kwargs)
+_HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": False}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"attention_bias": False}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+}
+
+
+def hf_model(fields: dict, seed: int = 0):
+    """The transformers model of megasft `fields` (its family's class; a Llama with qkv_bias is a
+    Qwen2ForCausalLM: bias on q/k/v only, where Llama's attention_bias would also put one on
+    o_proj), random weights — biases and norm weights too, so their mapping is tested."""
+    import transformers
+
+    family = fields.get("family", "llama")
+    if family == "llama" and fields.get("qkv_bias"):
+        family = "qwen2"
+    config_name, model_name, extra = _HF_CLASSES[family]
+    if family == "mistral":
+        extra = {"sliding_window": fields.get("sliding_window")}
+    config = getattr(transformers, config_name)(
         vocab_size=fields["vocab_size"], hidden_size=fields["hidden_size"],
         intermediate_size=fields["intermediate_size"], num_hidden_layers=fields["num_layers"],
         num_attention_heads=fields["num_attention_heads"],
         num_key_value_heads=fields.get("num_kv_heads") or fields["num_attention_heads"],
+        head_dim=fields.get("head_dim") or fields["hidden_size"] // fields["num_attention_heads"],
         rope_theta=fields["rope_theta"], rope_scaling=fields.get("rope_scaling"),
         max_position_embeddings=fields["max_position_embeddings"], rms_norm_eps=fields["rms_norm_eps"],
         tie_word_embeddings=fields.get("tie_embeddings", False),
         attn_implementation="eager", **extra)
     torch.manual_seed(seed)
-    model = model_cls(config).float()
-    if fields.get("qkv_bias"):
-        # transformers' bias init is zeros; make biases non-trivial so their mapping is tested.
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith(".bias"):
-                    p.normal_(0, 0.02)
+    model = getattr(transformers, model_name)(config).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):       # transformers inits biases to zero
+                p.normal_(0, 0.02)
+            elif family != "llama" and name.endswith("norm.weight"):   # and norm weights to one
+                p.normal_(1.0, 0.1)
     return model
 
 

@@ -10,16 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from megasft.config import ConfigError, ModelConfig
-from megasft.hf.names import canonical_pieces, load_hf_state_dict
-from megasft.model.llama import LlamaStage
+from megasft.config import ConfigError
 from megasft.parallel_state import ParallelState
-from megasft.tensor_parallel.comm import gather_last_dim
 from megasft.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
-from megasft.tensor_parallel.layers import sync_replicated_grads
 from megasft.tensor_parallel.spec import Shard
+from tests.layouts import check_tp_equivalence
 from tests.multiproc import run_ranks
-from tests.oracle import hf_model, model_batch, packed_batch, reference_loss, tiny_fields
+from tests.oracle import tiny_fields
 
 CASES = [
     # (name, tp, sequence_parallel, model field overrides)
@@ -34,39 +31,6 @@ CASES = [
 ]
 ROWS = [[5, 7, 4], [9, 3]]      # two packed rows of 16 tokens; the second ends in padding
 SEQ = 16
-
-
-def _check_case(tp: int, sp: bool, overrides: dict) -> None:
-    fields = tiny_fields(**overrides)
-    ps = ParallelState.build(tp, 1)
-    hf = hf_model(fields, seed=1)
-    batch = packed_batch(ROWS, SEQ, fields["vocab_size"], seed=2)
-    ref_sum, ref_count, ref_logits = reference_loss(hf, batch)
-    (ref_sum / ref_count).backward()
-
-    stage = LlamaStage(ModelConfig(**fields), ps, list(range(fields["num_layers"])), True, True,
-                       sequence_parallel=sp)
-    load_hf_state_dict(stage, hf.state_dict())
-
-    with torch.no_grad():   # logits and packing isolation: every document as if alone
-        logits = gather_last_dim(stage(model_batch(batch).without_labels()), ps.tp_group)
-        for (r, start, n), ref in zip(batch["docs"], ref_logits):
-            got = logits[start:start + n, r, :fields["vocab_size"]]
-            assert (got - ref).abs().max() < 1e-4, f"logits differ for document at row {r}+{start}"
-
-    loss_sum, count = stage(model_batch(batch))
-    assert int(count) == int(ref_count)
-    assert_close(loss_sum, ref_sum.detach(), rtol=1e-5, atol=1e-5)
-    (loss_sum / count).backward()
-    sync_replicated_grads(stage.parameters(), lambda p: p.grad)
-    ref_grads = dict(hf.named_parameters())
-    seen = set()
-    for name, dim, offset, piece in canonical_pieces(stage, grads=True):
-        ref = ref_grads[name].grad
-        ref = ref if dim < 0 else ref.narrow(dim, offset, piece.shape[dim])
-        assert_close(piece, ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad of {name}: {m}")
-        seen.add(name)
-    assert seen == set(ref_grads), f"gradients not checked: {set(ref_grads) - seen}"
 
 
 def _cross_entropy_cases() -> None:
@@ -98,7 +62,7 @@ def _rank_main() -> list[str]:
     done = []
     for name, tp, sp, overrides in CASES:
         try:
-            _check_case(tp, sp, overrides)
+            check_tp_equivalence(tp, sp, tiny_fields(**overrides), ROWS, SEQ)
         except AssertionError as err:
             raise AssertionError(f"case {name}: {err}") from err
         done.append(name)

@@ -1,4 +1,5 @@
-"""Convert between Hugging Face Llama directories and megasft checkpoints (one process, CPU only).
+"""Convert between Hugging Face directories (Llama, Qwen2/2.5, Qwen3, Mistral; config.json decides, an
+unsupported architecture is refused by name) and megasft checkpoints (one process, CPU only).
 
 Examples:
     python tools/convert_checkpoint.py hf-to-megasft --hf meta-llama/Llama-3.1-8B --out ckpt --tp 8 --pp 1
@@ -24,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("hf-to-megasft", help="HF directory -> megasft checkpoint")
-    imp.add_argument("--hf", required=True, help="HF Llama directory (config.json + safetensors)")
+    imp.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     imp.add_argument("--out", required=True, help="checkpoint root to create (gets step_00000000 and latest)")
     imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size the model must split into")
     imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size the model must split into")

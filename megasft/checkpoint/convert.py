@@ -65,7 +65,8 @@ def hf_to_megasft(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1)
 
     hf_dir, out = Path(hf_dir), Path(out)
     hf_config = read_hf_config(hf_dir)
-    cfg = Config.from_dict({"model": model_fields_from_hf(hf_config), "parallel": {"tp": tp, "pp": pp}})
+    fields = model_fields_from_hf(hf_config, str(hf_dir / "config.json"))
+    cfg = Config.from_dict({"model": {**fields, "hf_config": hf_config}, "parallel": {"tp": tp, "pp": pp}})
     Layout.resolve(cfg.validate(), tp * pp)
     tensors = HFTensors(hf_dir)
     state: dict = {}
@@ -151,11 +152,14 @@ def megasft_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", tokeni
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_hf_tensors(stream_model_tensors(path, DTYPES[dtype]), out, max_shard_bytes=max_shard_bytes)
-    bos, eos = special_token_ids(tokenizer, cfg.data.template, meta.get("hf_config"))
+    # Without a tokenizer the source config.json's ids stay as they were (ModelConfig.hf_config);
+    # checkpoints from before it was kept fall back to the meta's copy.
+    bos, eos = special_token_ids(tokenizer, cfg.data.template, None if cfg.model.hf_config else meta.get("hf_config"))
     torch_dtype = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
     config = hf_config_from_model(cfg.model, torch_dtype, eos_token_id=eos, bos_token_id=bos)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    generation = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id"),
+                  "do_sample": True, "temperature": 0.6, "top_p": 0.9}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer:
         copy_tokenizer_files(Path(tokenizer), out)

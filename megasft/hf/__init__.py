@@ -1,2 +1,2 @@
-"""Hugging Face Llama interop: the parameter name/split table (names), config.json <-> ModelConfig
+"""Hugging Face interop for every family (megasft.model.families): the parameter name/split table (names), config.json <-> ModelConfig
 (config), and safetensors directories on disk (io)."""

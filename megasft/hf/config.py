@@ -1,51 +1,164 @@
-"""config.json of a Hugging Face Llama / Qwen2 directory <-> megasft ModelConfig."""
+"""config.json of a Hugging Face model directory <-> megasft ModelConfig, through the family specs
+of megasft.model.families.
+
+Import refuses, by name, an architecture megasft does not implement: an unknown ``model_type`` or
+``architectures``, a config key the family does not know (it might change the math), a fixed
+key with another value (``hidden_act``, ``attention_bias``, ...), an unsupported ``rope_type``.
+Export writes the source config.json back (kept in ModelConfig.hf_config) with megasft's
+architecture fields over it, so HF -> megasft -> HF gives the same config.json.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
-from megasft.config import ModelConfig
+from megasft.errors import ConfigError
+from megasft.model.families import FAMILIES, Family
+
+if TYPE_CHECKING:   # annotations only: megasft.config reads config.json through this module
+    from megasft.config import ModelConfig
+
+ROPE_TYPES = ("default", "llama3")   # what megasft.model.llama.rope_inv_freq implements
 
 
-def model_fields_from_hf(config: dict) -> dict:
-    """ModelConfig fields from a HF LlamaConfig / Qwen2Config dict."""
-    rope = config.get("rope_scaling") or config.get("rope_parameters")
+def family_of_hf(config: dict, where: str = "config.json") -> Family:
+    """The family of a HF config dict; ConfigError naming model_type / architectures otherwise."""
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ConfigError(f"{where}: model_type={model_type!r} is not supported by megasft; supported "
+                          f"model types: {sorted(FAMILIES)}")
+    family = FAMILIES[model_type]
+    archs = config.get("architectures") or [family.architecture]
+    if list(archs) != [family.architecture]:
+        raise ConfigError(f"{where}: architectures={list(archs)} is not supported for model_type "
+                          f"{model_type}; megasft trains {family.architecture} only")
+    return family
+
+
+def _check_keys(config: dict, family: Family, where: str) -> None:
+    unknown = sorted(set(config) - family.known_keys)
+    if unknown:
+        raise ConfigError(f"{where}: field {unknown[0]}={config[unknown[0]]!r} is not understood by megasft's "
+                          f"{family.name} family and may change the model's math; megasft refuses rather "
+                          "than convert silently (remove it only if it is known not to matter)")
+    for key, value in family.fixed.items():
+        if key in config and config[key] != value:
+            raise ConfigError(f"{where}: {key}={config[key]!r} is not supported for model_type {family.name}; "
+                              f"megasft implements {key}={value!r}")
+    layer_types = config.get("layer_types") or []
+    other = [(i, t) for i, t in enumerate(layer_types) if t != "full_attention"]
+    if other:
+        raise ConfigError(f"{where}: layer_types[{other[0][0]}]={other[0][1]!r} is not supported for "
+                          f"model_type {family.name}; megasft implements full_attention layers only")
+
+
+def _rope(config: dict, where: str) -> tuple[float, Optional[dict]]:
+    """(rope_theta, rope_scaling or None) from either transformers form: rope_parameters (5.x,
+    theta inside) or rope_theta + rope_scaling (4.x)."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling")
     theta = config.get("rope_theta") or (rope or {}).get("rope_theta", 10000.0)
-    if rope is not None:
-        rope = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if rope.get("rope_type", rope.get("type")) in (None, "default"):
-            rope = None
+    if rope is None:
+        return float(theta), None
+    rope = {k: v for k, v in rope.items() if k != "rope_theta"}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"{where}: rope_type={kind!r} is not supported by megasft; supported: {list(ROPE_TYPES)}")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"{where}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported; "
+                          "megasft rotates the whole head (1.0)")
+    return float(theta), (None if kind == "default" else rope)
+
+
+def model_fields_from_hf(config: dict, where: str = "config.json") -> dict:
+    """The ModelConfig architecture fields of a HF config dict (ConfigError when megasft cannot
+    train that architecture exactly)."""
+    family = family_of_hf(config, where)
+    _check_keys(config, family, where)
+    theta, scaling = _rope(config, where)
     heads = config["num_attention_heads"]
     return dict(
-        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+        family=family.name, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"],
         num_attention_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
         head_dim=config.get("head_dim"), rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta), rope_scaling=rope,
+        rope_theta=theta, rope_scaling=scaling,
         max_position_embeddings=config.get("max_position_embeddings", 4096),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)))
+        qkv_bias=family.qkv_bias, qk_norm=family.qk_norm,
+        sliding_window=config.get("sliding_window") if family.sliding_window else None)
+
+
+def merge_hf_architecture(model_raw: dict) -> dict:
+    """Raw ``model:`` fields with the architecture of ``init_from_hf``'s config.json filled in.
+    A field the YAML (or its preset) sets to another value is a ConfigError naming both; without
+    a config.json nothing changes (megasft.train reports the missing directory)."""
+    file = Path(model_raw["init_from_hf"]) / "config.json"
+    if not file.is_file():
+        return model_raw
+    config = json.loads(file.read_text())
+    fields = model_fields_from_hf(config, str(file))
+    for key, value in fields.items():
+        given = model_raw.get(key)
+        if given is not None and given != value:
+            raise ConfigError(f"model.{key}={given!r} conflicts with {value!r} from {file} (model.init_from_hf); "
+                              f"drop model.{key} (the checkpoint's architecture is used) or point "
+                              "init_from_hf at a matching model")
+    return {**model_raw, **fields, "hf_config": config}
+
+
+def _installed_rope_form() -> str:
+    """'rope_parameters' with transformers >= 5 installed (or none), else 'rope_scaling'."""
+    try:
+        import transformers
+    except ImportError:
+        return "rope_parameters"
+    return "rope_parameters" if int(transformers.__version__.split(".")[0]) >= 5 else "rope_scaling"
+
+
+def _architecture_keys(m: ModelConfig, family: Family, rope_form: str) -> dict:
+    """config.json keys that fix the architecture of `m`, in the given rope form."""
+    keys = {
+        "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size,
+        "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.kv_heads, "head_dim": m.head_size, "rms_norm_eps": m.rms_norm_eps,
+        "max_position_embeddings": m.max_position_embeddings, "tie_word_embeddings": m.tie_embeddings,
+        **family.fixed,
+    }
+    if rope_form == "rope_parameters":
+        keys["rope_parameters"] = {"rope_theta": m.rope_theta, **(m.rope_scaling or {"rope_type": "default"})}
+    else:
+        keys.update(rope_theta=m.rope_theta, rope_scaling=m.rope_scaling)
+    if family.sliding_window:
+        keys["sliding_window"] = m.sliding_window
+    return keys
+
+
+def export_family(m: ModelConfig) -> Family:
+    """The family an export is written as: Llama with q/k/v biases is the Qwen2 architecture."""
+    return FAMILIES["qwen2" if m.family == "llama" and m.qkv_bias else m.family]
 
 
 def hf_config_from_model(m: ModelConfig, dtype: str = "bfloat16", eos_token_id=None, bos_token_id=None) -> dict:
-    """A config.json for transformers (LlamaForCausalLM; Qwen2ForCausalLM when qkv_bias)."""
-    qwen = m.qkv_bias
-    config = {
-        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen else "llama",
-        "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
-        "intermediate_size": m.intermediate_size, "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.kv_heads,
-        "head_dim": m.head_size, "hidden_act": "silu", "rms_norm_eps": m.rms_norm_eps,
-        "rope_theta": m.rope_theta, "rope_scaling": m.rope_scaling,
-        "max_position_embeddings": m.max_position_embeddings,
-        "tie_word_embeddings": m.tie_embeddings, "torch_dtype": dtype,
-        "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
-    }
-    if not qwen:
-        config.update(attention_bias=False, mlp_bias=False)
+    """A config.json transformers loads as `m`'s family. With m.hf_config (the source config) it is
+    that config with the architecture keys overwritten (only keys it had, unless one it lacked is
+    needed to say the same model); ids given here replace the source's."""
+    family = export_family(m)
+    source = m.hf_config if m.hf_config and m.hf_config.get("model_type") == family.name else None
+    if source is None:
+        config = {"architectures": [family.architecture], "model_type": family.name,
+                  **_architecture_keys(m, family, _installed_rope_form())}
+        config.update(bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     else:
-        config.update(use_sliding_window=False)
+        form = "rope_parameters" if "rope_parameters" in source else "rope_scaling"
+        wanted = _architecture_keys(m, family, form)
+        config = {**source, **{k: v for k, v in wanted.items() if k in source}}
+        if model_fields_from_hf(config) != model_fields_from_hf({**config, **wanted}):
+            config.update(wanted)
+        for key, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)):
+            if value is not None:
+                config[key] = value
+    config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
     return config
 
 

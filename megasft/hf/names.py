@@ -1,4 +1,4 @@
-"""The one table between megasft parameter names and Hugging Face Llama tensor names.
+"""The one table between megasft parameter names and Hugging Face tensor names (every family).
 
 A megasft parameter may fuse several HF tensors (kv_proj = [k_proj; v_proj], gate_up =
 [gate_proj; up_proj]) and hold only this rank's shard of each; the ParamSpec split (see
@@ -28,6 +28,8 @@ NAME_TABLE: list[tuple[str, tuple[str, ...]]] = [
     (r"layers\.(\d+)\.attention\.kv_proj\.bias",
      (_LAYER + "self_attn.k_proj.bias", _LAYER + "self_attn.v_proj.bias")),
     (r"layers\.(\d+)\.attention\.o_proj\.weight", (_LAYER + "self_attn.o_proj.weight",)),
+    (r"layers\.(\d+)\.attention\.q_norm\.weight", (_LAYER + "self_attn.q_norm.weight",)),
+    (r"layers\.(\d+)\.attention\.k_norm\.weight", (_LAYER + "self_attn.k_norm.weight",)),
     (r"layers\.(\d+)\.mlp_norm\.weight", (_LAYER + "post_attention_layernorm.weight",)),
     (r"layers\.(\d+)\.mlp\.gate_up\.weight", (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight")),
     (r"layers\.(\d+)\.mlp\.down\.weight", (_LAYER + "mlp.down_proj.weight",)),

@@ -3,7 +3,9 @@
 All backends take the same inputs: q [s, b, nq, d], k and v [s, b, nkv, d] (grouped-query when
 nkv < nq) and ``cu_seqlens`` — int32 segment boundaries over the b*s tokens flattened row-major —
 and return [s, b, nq, d]. A token attends to earlier tokens of its own segment only, so every
-document of a packed row sees exactly what it would see alone.
+document of a packed row sees exactly what it would see alone. With a sliding ``window`` W it sees
+at most the last W tokens of its segment, itself included (key j > query i - W, as transformers'
+sliding_window_overlay); every backend applies it inside the segment, so packing changes nothing.
 
   sdpa          pure torch, any device: scaled_dot_product_attention with a block-diagonal causal mask
   torch_varlen  torch.nn.attention.varlen.varlen_attn (CUDA)
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,17 +61,20 @@ def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
 
 
-def block_causal_mask(cu_seqlens: torch.Tensor, b: int, s: int) -> torch.Tensor:
-    """Boolean mask [b, 1, s, s]: True where query i may attend to key j."""
+def block_causal_mask(cu_seqlens: torch.Tensor, b: int, s: int, window: Optional[int] = None) -> torch.Tensor:
+    """Boolean mask [b, 1, s, s]: True where query i may attend to key j (same segment, j <= i,
+    and i - j < window when a window is given)."""
     seg = segment_ids(cu_seqlens, b * s).view(b, s)
     same = seg.unsqueeze(2) == seg.unsqueeze(1)                      # [b, s, s]
     causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril_()
+    if window is not None:
+        causal = causal.triu_(-(window - 1))                        # keep i - window < j <= i
     return (same & causal).unsqueeze(1)
 
 
-def _sdpa(q, k, v, cu_seqlens, max_seqlen):
+def _sdpa(q, k, v, cu_seqlens, max_seqlen, window):
     s, b = q.shape[:2]
-    mask = block_causal_mask(cu_seqlens, b, s)
+    mask = block_causal_mask(cu_seqlens, b, s, window)
     qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))         # [b, heads, s, d]
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
                                          enable_gqa=kh.shape[1] != qh.shape[1])
@@ -79,25 +85,29 @@ def _flatten(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).reshape(-1, *t.shape[2:])              # [s, b, n, d] -> [b*s, n, d]
 
 
-def _varlen(q, k, v, cu_seqlens, max_seqlen, backend):
+def _varlen(q, k, v, cu_seqlens, max_seqlen, backend, window):
     s, b = q.shape[:2]
     qf, kf, vf = _flatten(q), _flatten(k), _flatten(v)
     cu = cu_seqlens.to(torch.int32)
+    # (left, right) keys beside the query, per segment; (W - 1, 0) is a causal window of W tokens.
+    left = -1 if window is None else window - 1
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
-        out = flash_attn_varlen_func(qf, kf, vf, cu, cu, max_seqlen, max_seqlen, causal=True)
+        out = flash_attn_varlen_func(qf, kf, vf, cu, cu, max_seqlen, max_seqlen, causal=True,
+                                     window_size=(left, 0))
     else:
         from torch.nn.attention.varlen import varlen_attn
 
-        out = varlen_attn(qf, kf, vf, cu, cu, max_seqlen, max_seqlen, window_size=(-1, 0),
+        out = varlen_attn(qf, kf, vf, cu, cu, max_seqlen, max_seqlen, window_size=(left, 0),
                           enable_gqa=kf.shape[1] != qf.shape[1])
     return out.view(b, s, *out.shape[1:]).transpose(0, 1)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-              max_seqlen: int, backend: str) -> torch.Tensor:
-    """Block-diagonal causal attention; `backend` must already be resolved (see resolve_backend)."""
+              max_seqlen: int, backend: str, window: Optional[int] = None) -> torch.Tensor:
+    """Block-diagonal causal attention, optionally within a sliding `window` of tokens; `backend`
+    must already be resolved (see resolve_backend)."""
     if backend == "sdpa":
-        return _sdpa(q, k, v, cu_seqlens, max_seqlen)
-    return _varlen(q, k, v, cu_seqlens, max_seqlen, backend)
+        return _sdpa(q, k, v, cu_seqlens, max_seqlen, window)
+    return _varlen(q, k, v, cu_seqlens, max_seqlen, backend, window)

@@ -101,18 +101,23 @@ class Attention(nn.Module):
             for p in self.kv_proj.parameters():
                 mark_replicated(p, copies, ps.tp_subgroup(copies))
         self.o_proj = RowParallelLinear(nq * d, cfg.hidden_size, ps.tp_group, sequence_parallel)
+        self.window = cfg.sliding_window
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = _head_norm(cfg, ps), _head_norm(cfg, ps)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
         x = enter_tp_region(x, self.group, self.sequence_parallel)          # [s, b, h]
         s, b = x.shape[:2]
         q = self.q_proj(x).view(s, b, self.local_q, self.head_dim)
         k, v = self.kv_proj(x).view(s, b, 2, self.local_kv, self.head_dim).unbind(2)
+        if hasattr(self, "q_norm"):     # Qwen3: RMSNorm over each head's d, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.recompute_core and self.training:
-            core = checkpoint(attention, q, k, v, cu_seqlens, max_seqlen, self.backend,
+            core = checkpoint(attention, q, k, v, cu_seqlens, max_seqlen, self.backend, self.window,
                               use_reentrant=False)
         else:
-            core = attention(q, k, v, cu_seqlens, max_seqlen, self.backend)  # [s, b, nq/tp, d]
+            core = attention(q, k, v, cu_seqlens, max_seqlen, self.backend, self.window)  # [s, b, nq/tp, d]
         return self.o_proj(core.reshape(s, b, -1))                          # [s(/tp), b, h]
 
 
@@ -137,6 +142,15 @@ def _norm(cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool) -> RMSNo
     # Replicated on every TP rank; under SP each rank sees a different slice of the sequence, so
     # its gradient is partial and must be summed over TP.
     mark_replicated(norm.weight, ps.tp, ps.tp_group if sequence_parallel else None)
+    return norm
+
+
+def _head_norm(cfg: ModelConfig, ps: ParallelState) -> RMSNorm:
+    norm = RMSNorm(cfg.head_size, cfg.rms_norm_eps, resolve_norm_backend(cfg.norm_backend, ps.device))
+    # One [d] weight shared by every head, replicated on every TP rank; each rank sees only its own
+    # heads, so its gradient is partial and summed over TP (with or without SP; replicated kv
+    # heads each see only their own queries' share, so the sum over all of TP is still exact).
+    mark_replicated(norm.weight, ps.tp, ps.tp_group)
     return norm
 
 

@@ -1,4 +1,5 @@
-"""Named model shapes (Llama-3.1 8B/70B/405B and tiny test models) and exact parameter counts.
+"""Named model shapes (Llama-3.1 8B/70B/405B, Qwen2.5 0.5B/72B, Qwen3-8B, Mistral-7B-v0.1, tiny test
+models) and exact parameter counts.
 
 A preset is a dict of :class:`megasft.config.ModelConfig` field values. ``Config.from_dict`` merges
 it under the user's explicit ``model:`` keys, so ``model: {preset: llama3.1-8b, recompute: full}``
@@ -51,6 +52,9 @@ _TINY_COMMON = {
     "max_position_embeddings": 2048,
 }
 
+# One released size per further family, numbers from its config.json on the Hugging Face Hub.
+_QWEN_COMMON = {"rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None, "qkv_bias": False}
+
 PRESETS: dict[str, dict] = {
     "llama3.1-8b": {**_LLAMA31_COMMON, "hidden_size": 4096, "intermediate_size": 14336,
                     "num_layers": 32, "num_attention_heads": 32},
@@ -58,6 +62,24 @@ PRESETS: dict[str, dict] = {
                      "num_layers": 80, "num_attention_heads": 64},
     "llama3.1-405b": {**_LLAMA31_COMMON, "hidden_size": 16384, "intermediate_size": 53248,
                       "num_layers": 126, "num_attention_heads": 128},
+    "qwen2.5-0.5b": {**_QWEN_COMMON, "family": "qwen2", "qkv_bias": True, "vocab_size": 151936,
+                     "hidden_size": 896, "intermediate_size": 4864, "num_layers": 24,
+                     "num_attention_heads": 14, "num_kv_heads": 2, "max_position_embeddings": 32768,
+                     "tie_embeddings": True},
+    "qwen2.5-72b": {**_QWEN_COMMON, "family": "qwen2", "qkv_bias": True, "vocab_size": 152064,
+                    "hidden_size": 8192, "intermediate_size": 29568, "num_layers": 80,
+                    "num_attention_heads": 64, "num_kv_heads": 8, "max_position_embeddings": 32768,
+                    "tie_embeddings": False},
+    "qwen3-8b": {**_QWEN_COMMON, "family": "qwen3", "qk_norm": True, "vocab_size": 151936,
+                 "hidden_size": 4096, "intermediate_size": 12288, "num_layers": 36,
+                 "num_attention_heads": 32, "num_kv_heads": 8, "head_dim": 128,
+                 "max_position_embeddings": 40960, "tie_embeddings": False},
+    # Mistral-7B-v0.1: the release with a 4096-token sliding window on every layer.
+    "mistral-7b-v0.1": {"family": "mistral", "vocab_size": 32000, "hidden_size": 4096,
+                        "intermediate_size": 14336, "num_layers": 32, "num_attention_heads": 32,
+                        "num_kv_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None,
+                        "max_position_embeddings": 32768, "sliding_window": 4096,
+                        "tie_embeddings": False, "qkv_bias": False},
     # Test/example shapes: GQA (2 kv heads for 4 query heads) so tp=2 splits kv heads and tp=4
     # replicates them; the variants cover tied embeddings and Qwen2-style q/k/v biases.
     "tiny": {**_TINY_COMMON, "tie_embeddings": False, "qkv_bias": False},
@@ -74,12 +96,15 @@ def preset_fields(name: str) -> dict:
 
 
 def layer_parameter_count(model: ModelConfig) -> int:
-    """Parameters of one decoder layer: GQA attention, SwiGLU MLP and the two RMSNorm weights."""
+    """Parameters of one decoder layer: GQA attention (with q/k/v biases and q/k norms when the
+    family has them), SwiGLU MLP and the two RMSNorm weights."""
     h, d, f = model.hidden_size, model.head_size, model.intermediate_size
     q_width, kv_width = model.num_attention_heads * d, model.kv_heads * d
     attention = h * q_width + 2 * h * kv_width + q_width * h  # q, k, v, o projections
     if model.qkv_bias:
         attention += q_width + 2 * kv_width
+    if model.qk_norm:
+        attention += 2 * d  # one [d] RMSNorm weight each for q and k (Qwen3)
     mlp = 3 * h * f  # gate, up (h -> f) and down (f -> h)
     return attention + mlp + 2 * h
 

@@ -54,6 +54,8 @@ def tp_layer_parameter_count(model: ModelConfig, tp: int) -> int:
     attention = h * q_width + 2 * h * kv_width + q_width * h
     if model.qkv_bias:
         attention += q_width + 2 * kv_width
+    if model.qk_norm:
+        attention += 2 * d  # q/k norm weights, replicated
     mlp = 3 * h * (f // tp)
     return attention + mlp + 2 * h  # the two RMSNorm weights are replicated
 
@@ -105,13 +107,16 @@ def model_synced_parameters(cfg: Config, pp_rank: int) -> int:
     """Elements on this stage whose gradients the model sums across ranks before the DP reduction
     (they sit in a gradient bucket of their own): the pipeline-tied embedding copy (summed over the
     embedding group), RMSNorm weights under SP and kv projections replicated when tp > kv heads
-    (summed over their TP ranks, ``megasft.tensor_parallel.layers.mark_replicated``)."""
+    (summed over their TP ranks, ``megasft.tensor_parallel.layers.mark_replicated``), and Qwen3's q/k
+    norm weights at tp > 1 (each TP rank sees only its own heads)."""
     m, layout = cfg.model, layout_of(cfg)
     params = rank_parameters(cfg, pp_rank)
     layers = sum(layout.rank_chunk_layers(pp_rank))
     synced = params.embedding + params.lm_head if m.tie_embeddings and layout.pp > 1 else 0
     if layout.sequence_parallel:
         synced += layers * 2 * m.hidden_size + params.final_norm
+    if m.qk_norm and layout.tp > 1:
+        synced += layers * 2 * m.head_size   # q/k norm weights: partial over TP at every tp > 1
     if layout.kv_copies > 1:
         kv_width = layout.kv_heads_per_rank * m.head_size
         synced += layers * 2 * kv_width * (m.hidden_size + (1 if m.qkv_bias else 0))

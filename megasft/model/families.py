@@ -1,0 +1,91 @@
+"""Model families: small declarative specs over the one decoder (megasft.model.llama).
+
+A family is what a Hugging Face ``model_type`` adds to the Llama decoder — biases on q/k/v
+(Qwen2), a per-head RMSNorm on q and k (Qwen3), a sliding attention window (Mistral) — and which
+``config.json`` keys it reads. The decoder reads only ModelConfig flags (``qkv_bias``, ``qk_norm``,
+``sliding_window``); megasft.hf.config turns config.json into those flags through the spec here
+and back, and refuses any key it does not know, so an architecture megasft does not implement
+is an error naming it, never a silent conversion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# config.json keys every family reads (mapped onto ModelConfig by megasft.hf.config) ...
+MODEL_KEYS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+    "max_position_embeddings", "tie_word_embeddings", "layer_types",
+})
+# ... and the keys that do not change the model's math (generation ids, bookkeeping, HF defaults).
+NEUTRAL_KEYS = frozenset({
+    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "bos_token_id",
+    "eos_token_id", "pad_token_id", "use_cache", "initializer_range", "_name_or_path",
+    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
+    "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class",
+})
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one HF model_type is, over the Llama decoder."""
+
+    name: str                       # ModelConfig.family and config.json model_type
+    architecture: str               # config.json architectures[0]
+    qkv_bias: bool = False          # q/k/v projections carry biases (o_proj never does)
+    qk_norm: bool = False           # per-head RMSNorm on q and k before RoPE (Qwen3)
+    sliding_window: bool = False    # config.json sliding_window applies to every layer (Mistral)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    """config.json keys whose value megasft implements and no other (checked on import, written on
+    export): e.g. hidden_act must be 'silu'."""
+    keys: frozenset[str] = frozenset()
+    """Further config.json keys the family reads beyond MODEL_KEYS / NEUTRAL_KEYS / fixed."""
+
+    @property
+    def known_keys(self) -> frozenset[str]:
+        return MODEL_KEYS | NEUTRAL_KEYS | frozenset(self.fixed) | self.keys
+
+
+_SILU = {"hidden_act": "silu", "attention_dropout": 0.0}
+# Qwen's windows apply only to layers >= max_window_layers and only with use_sliding_window:
+# megasft implements one window for every layer, so it reads Qwen configs with windows off.
+_QWEN = {**_SILU, "use_sliding_window": False}
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("llama", "LlamaForCausalLM", fixed={**_SILU, "attention_bias": False, "mlp_bias": False},
+           keys=frozenset({"pretraining_tp"})),
+    # Qwen's sliding_window is inert while use_sliding_window is false (which fixed enforces).
+    Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, fixed=_QWEN,
+           keys=frozenset({"max_window_layers", "sliding_window"})),
+    Family("qwen3", "Qwen3ForCausalLM", qk_norm=True, fixed={**_QWEN, "attention_bias": False},
+           keys=frozenset({"max_window_layers", "sliding_window"})),
+    Family("mistral", "MistralForCausalLM", sliding_window=True, fixed=_SILU, keys=frozenset({"sliding_window"})),
+)}
+
+
+def family_of(name: str) -> Family:
+    from megasft.config import ConfigError
+
+    if name not in FAMILIES:
+        raise ConfigError(f"model.family={name!r} is not one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_problem(family: str, qkv_bias: bool, qk_norm: bool, sliding_window) -> str | None:
+    """Why these ModelConfig flags are not a model of `family` (its export would be another model),
+    or None. Llama with qkv_bias is accepted as the Qwen2 shape it always was (exported as qwen2)."""
+    f = family_of(family)
+    if qk_norm != f.qk_norm:
+        owner = [n for n, g in FAMILIES.items() if g.qk_norm] if qk_norm else [family]
+        return (f"model.qk_norm={qk_norm} is not a {family} model; per-head q/k norms belong to "
+                f"family {owner[0]} (set model.family={owner[0]}) or set model.qk_norm={f.qk_norm}")
+    if f.qkv_bias and not qkv_bias:
+        return f"model.family={family} has q/k/v biases; set model.qkv_bias=true"
+    if qkv_bias and family not in ("llama", "qwen2"):
+        return f"model.qkv_bias=true is not a {family} model; use model.family=qwen2 or qkv_bias=false"
+    if sliding_window is not None and not f.sliding_window:
+        return (f"model.sliding_window={sliding_window} is not supported for family {family} "
+                "(megasft applies one window to every layer, as Mistral); use model.family=mistral "
+                "or leave sliding_window unset")
+    return None

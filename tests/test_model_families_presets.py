@@ -1,0 +1,42 @@
+"""Family presets: parameter counts equal transformers' meta-device models, built from the
+config.json megasft would export for the preset (so the export describes the same model)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megasft.config import Config
+from megasft.hf.config import hf_config_from_model
+from megasft.model.presets import count_parameters
+from megasft.planner.memory import rank_parameters
+
+transformers = pytest.importorskip("transformers")
+
+# preset -> the parameter count of the released checkpoint (sum of numel, tied counted once)
+PUBLISHED = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-72b": 72_706_203_648, "qwen3-8b": 8_190_735_360,
+             "mistral-7b-v0.1": 7_241_732_096}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_family_preset_counts_equal_transformers(preset):
+    m = Config.from_dict({"model": {"preset": preset}}).validate().model
+    config = transformers.AutoConfig.for_model(**hf_config_from_model(m, "bfloat16"))
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    assert type(hf).__name__ == hf_config_from_model(m)["architectures"][0]
+    assert count_parameters(m) == sum(p.numel() for p in hf.parameters()) == PUBLISHED[preset]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("preset, tp", [("qwen3-8b", 2), ("qwen2.5-72b", 8)])
+def test_planner_counts_the_family_parameters(preset, tp):
+    """At pp=1 the planner's per-rank layers are the model's split: replicated norms (and Qwen3's
+    q/k norms) whole, everything else / tp."""
+    cfg = Config.from_dict({"model": {"preset": preset}, "parallel": {"tp": tp, "dp": 1}}).validate()
+    m = cfg.model
+    d, h = m.head_size, m.hidden_size
+    per_layer = (h * (m.num_attention_heads + 2 * m.kv_heads) * d + m.num_attention_heads * d * h
+                 + 3 * h * m.intermediate_size) // tp + 2 * h
+    per_layer += ((m.num_attention_heads + 2 * m.kv_heads) * d // tp) if m.qkv_bias else 0
+    per_layer += 2 * d if m.qk_norm else 0
+    assert rank_parameters(cfg, 0).layers == m.num_layers * per_layer
