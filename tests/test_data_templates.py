@@ -44,7 +44,7 @@ def test_jinja_template_matches_builtin_segments_and_transformers(name, tmp_path
         assert jinja.render_text(msgs) == ref.apply_chat_template(msgs, tokenize=False)
         # Same labelled spans, modulo how literal text is grouped into segments.
         def labelled(segs):
-            return [(s.text, s.kind, s.turn) for s in segs if s.kind or s.text]
+            return [(s.text, s.kind, s.turn) for s in segs if s.text]
         def merged(segs):
             out = []
             for text, kind, turn in labelled(segs):
@@ -56,11 +56,12 @@ def test_jinja_template_matches_builtin_segments_and_transformers(name, tmp_path
         assert merged(jinja.render(msgs)) == merged(builtin.render(msgs))
 
 
-def test_jinja_template_that_rewrites_content_is_rejected(tmp_path):
+def test_jinja_template_that_rewrites_content_is_masked(tmp_path):
+    """Was "content is transformed by the template beyond trim": the span is now what the template wrote."""
     config = write_tokenizer_config(tmp_path, "{% for m in messages %}{{ m['content'] | upper }}<|im_end|>{% endfor %}",
                                     eos_token="<|im_end|>")
-    with pytest.raises(TemplateError, match="transformed"):
-        get_template(str(config)).render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    segs = get_template(str(config)).render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    assert [(s.text, s.kind) for s in segs] == [("HI<|im_end|>", 0), ("YO", 1), ("<|im_end|>", 2)]
 
 
 def test_jinja_raise_exception_becomes_template_error(tmp_path):
@@ -76,7 +77,7 @@ def expected_trained_text(msgs, mode, last_turn_only, template):
     assistant = [m["content"].strip() if template == "llama3" else m["content"] for m in msgs if m["role"] == "assistant"]
     if last_turn_only:
         assistant = assistant[-1:]
-    eot = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}[template]
+    eot = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>\n"}[template]  # chatml's turn ends with a newline
     return "".join(a + (eot if mode == "completion_eot" else "") for a in assistant)
 
 
@@ -119,7 +120,10 @@ def reference_labels(tok_dir, template_name, msgs, eot):
     for t, (tid, (a, b)) in enumerate(zip(enc.ids, enc.offsets)):
         inside = any(s <= a and b <= e and a < b for s, e in spans)
         closes = tid == rust.token_to_id(eot) and any(e == a for s, e in spans)
-        labels.append(tid if (inside or closes) and t > 0 else -100)
+        # chatml: the newline right after the closing <|im_end|> completes the turn
+        newline = template_name == "chatml" and text[a:b] == "\n" and t > 0 and labels[-1] != -100 and \
+            enc.ids[t - 1] == rust.token_to_id(eot)
+        labels.append(tid if (inside or closes or newline) and t > 0 else -100)
     return enc.ids, labels
 
 

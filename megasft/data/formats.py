@@ -1,7 +1,8 @@
 """Input-format readers: one JSONL line -> a validated record, or a :class:`DataError` naming file:line.
 
 Formats (auto-detected per line from its keys, or forced):
-- ``messages``: ``{"messages": [{"role": "system|user|assistant|tool", "content": str}, ...]}``
+- ``messages``: ``{"messages": [{"role": ..., "content": ...}, ...], "tools": [...]}``, OpenAI-style, with
+  tool calls, tool replies, reasoning and per-turn train flags: see :mod:`megasft.data.chat.schema`
 - ``sharegpt``: ``{"conversations": [{"from": "human|gpt|system|tool|...", "value": str}, ...]}``
 - ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str, "system": str (optional)}``
 - ``pretokenized``: ``{"input_ids": [int], "labels": [int]}``, labels HF-style (-100 = not trained,
@@ -23,7 +24,7 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from megasft.data.templates import ROLES
+from megasft.data.chat.schema import Conversation, SchemaError, normalize_record
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "pretokenized")
 
@@ -57,7 +58,7 @@ class Pretokenized:
     loss_mask: np.ndarray  # uint8
 
 
-Record = Union[list, Pretokenized]  # a list of {"role", "content"} messages, or ids + mask
+Record = Union[list, Pretokenized]  # a list of messages (a Conversation for the messages format), or ids + mask
 
 
 def input_files(inputs: list[str]) -> list[str]:
@@ -161,16 +162,11 @@ def _check_content(content, path: str, line: int, turn: int) -> str:
     return content
 
 
-def _messages(obj: dict, path: str, line: int) -> list:
-    out = []
-    for i, m in enumerate(_message_list(obj, "messages", path, line)):
-        if not isinstance(m, dict):
-            raise DataError(path, line, "malformed record", f"turn {i} is not an object")
-        role = m.get("role")
-        if role not in ROLES:
-            raise DataError(path, line, "unknown role", f"turn {i} role {role!r}; valid: {list(ROLES)}")
-        out.append({"role": role, "content": _check_content(m.get("content"), path, line, i)})
-    return out
+def _messages(obj: dict, path: str, line: int) -> Conversation:
+    try:
+        return normalize_record(obj)
+    except SchemaError as e:
+        raise DataError(path, line, e.reason, e.detail) from None
 
 
 def _sharegpt(obj: dict, path: str, line: int) -> list:

@@ -16,18 +16,21 @@ template additionally injects a dated system header: use its tokenizer_config.js
 from __future__ import annotations
 
 import itertools
-import json
-import re
-from dataclasses import dataclass
-from pathlib import Path
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-ROLES = ("system", "user", "assistant", "tool")
 MASK_MODES = ("all", "completion", "completion_eot")
+REASONING_POLICIES = ("all", "last", "none")
 
-OTHER, CONTENT, EOT = 0, 1, 2  # segment kinds
+# Segment kinds. The parts of an assistant turn: the lead (text the template puts between the generation
+# prompt and the content, which the model produces at inference: Mistral's space, Qwen3's empty <think>),
+# its reasoning, content, tool calls, and the end-of-turn marker closing it.
+OTHER, CONTENT, EOT, REASONING, TOOL_CALL, LEAD = 0, 1, 2, 3, 4, 5
+PART_NAMES = {OTHER: "other", CONTENT: "content", EOT: "end-of-turn", REASONING: "reasoning",
+              TOOL_CALL: "tool call", LEAD: "lead"}
 
 # The chat_template of Meta-Llama-3-8B-Instruct's tokenizer_config.json, which Llama3Template reproduces
 # without Jinja (benchmarks compare against transformers rendering it).
@@ -44,8 +47,8 @@ class TemplateError(ValueError):
 
 class Segment(NamedTuple):
     text: str
-    kind: int  # OTHER | CONTENT (assistant content) | EOT (the end-of-turn token after it)
-    turn: int  # index of the assistant turn for CONTENT/EOT, -1 otherwise
+    kind: int  # OTHER, or the assistant part it belongs to (CONTENT, REASONING, TOOL_CALL, LEAD, EOT)
+    turn: int  # index of the assistant turn for its parts, -1 otherwise
 
 
 @dataclass
@@ -58,11 +61,26 @@ class ChatTemplate:
     eot_token: str
     required_tokens: tuple[str, ...]
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[Segment]:
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+               notes: Optional[Counter] = None) -> list[Segment]:
+        """Segments of the rendered conversation; ``notes`` counts fields the template did not render."""
         raise NotImplementedError
 
     def render_text(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         return "".join(s.text for s in self.render(messages, add_generation_prompt))
+
+
+def check_plain(name: str, messages) -> None:
+    """The built-in templates render role + text only: anything else in a record is refused, never dropped."""
+    if getattr(messages, "tools", None):
+        raise TemplateError(f"template {name!r} does not render the record's 'tools'; use the model's own chat "
+                            "template (--template jinja or a template path)")
+    for i, m in enumerate(messages):
+        extra = [k for k in ("tool_calls", "reasoning_content") if m.get(k)]
+        if extra or m.get("content") is None:
+            what = extra[0] if extra else "content null"
+            raise TemplateError(f"template {name!r} renders plain text turns only; message {i} has {what}: use the "
+                                "model's own chat template (--template jinja or a template path)")
 
 
 class Llama3Template(ChatTemplate):
@@ -73,7 +91,8 @@ class Llama3Template(ChatTemplate):
         super().__init__("llama3", "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>",
                          ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
 
-    def render(self, messages, add_generation_prompt=False):
+    def render(self, messages, add_generation_prompt=False, notes=None):
+        check_plain(self.name, messages)
         segs = [Segment(self.bos_token, OTHER, -1)]
         turn = 0
         for m in messages:
@@ -96,149 +115,35 @@ class ChatMLTemplate(ChatTemplate):
     def __init__(self) -> None:
         super().__init__("chatml", None, None, "<|im_end|>", ("<|im_start|>", "<|im_end|>"))
 
-    def render(self, messages, add_generation_prompt=False):
+    def render(self, messages, add_generation_prompt=False, notes=None):
+        check_plain(self.name, messages)
         segs = []
         turn = 0
         for m in messages:
             segs.append(Segment(f"<|im_start|>{m['role']}\n", OTHER, -1))
             if m["role"] == "assistant":
-                segs += [Segment(m["content"], CONTENT, turn), Segment("<|im_end|>", EOT, turn)]
+                # The newline after <|im_end|> completes the turn: trained with it, as the Jinja path and
+                # the Qwen training templates do.
+                segs += [Segment(m["content"], CONTENT, turn), Segment("<|im_end|>\n", EOT, turn)]
                 turn += 1
             else:
-                segs += [Segment(m["content"], OTHER, -1), Segment("<|im_end|>", OTHER, -1)]
-            segs.append(Segment("\n", OTHER, -1))
+                segs += [Segment(m["content"], OTHER, -1), Segment("<|im_end|>\n", OTHER, -1)]
         if add_generation_prompt:
             segs.append(Segment("<|im_start|>assistant\n", OTHER, -1))
         return segs
 
 
-_SENTINEL = re.compile("\x00(\\d+)\x00")
-
-
-class JinjaTemplate(ChatTemplate):
-    """Any HF ``chat_template``, rendered with jinja2 in the same sandboxed environment transformers uses.
-
-    Spans are found in linear time: the template is rendered once with each message's content replaced
-    by a sentinel (which marks where every message sits) and once with the real contents; the two are
-    aligned piece by piece, allowing for the ``| trim`` many templates apply to content.
-    """
-
-    def __init__(self, source: str, name: str, tokenizer_config: dict) -> None:
-        tokens = {k: _token_str(v) for k, v in tokenizer_config.items() if k.endswith("_token")}
-        self.variables = {k: v for k, v in tokens.items() if v is not None}
-        eot = next((t for t in ("<|eot_id|>", "<|im_end|>", "<end_of_turn>") if t in source), None)
-        eot = eot or self.variables.get("eos_token")
-        if eot is None:
-            raise TemplateError(f"{name}: cannot tell the end-of-turn token; set eos_token in the tokenizer_config.json")
-        bos = self.variables.get("bos_token") if "bos_token" in source else None
-        super().__init__(name, bos, self.variables.get("eos_token"), eot, tuple(t for t in (bos, eot) if t))
-        self.compiled = _jinja_env().from_string(source)
-
-    def _render(self, messages, add_generation_prompt: bool) -> str:
-        import jinja2
-
-        try:
-            return self.compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                        **self.variables)
-        except jinja2.TemplateError as e:  # e.g. the template's own raise_exception("roles must alternate")
-            raise TemplateError(f"{self.name}: {e}") from None
-
-    def render(self, messages, add_generation_prompt=False):
-        marked = [{**m, "content": f"\x00{i}\x00"} for i, m in enumerate(messages)]
-        parts = _SENTINEL.split(self._render(marked, add_generation_prompt))
-        text = self._render(messages, add_generation_prompt)
-        segs: list[Segment] = []
-        pos, turn, after_assistant = 0, 0, False
-        for k in range(0, len(parts), 2):
-            literal = parts[k]
-            if not text.startswith(literal, pos):
-                raise TemplateError(f"{self.name}: template output does not align with its messages near char {pos}")
-            if after_assistant and literal.startswith(self.eot_token):
-                segs.append(Segment(self.eot_token, EOT, turn - 1))
-                segs.append(Segment(literal[len(self.eot_token):], OTHER, -1))
-            else:
-                segs.append(Segment(literal, OTHER, -1))
-            pos += len(literal)
-            after_assistant = False
-            if k + 1 == len(parts):
-                break
-            m = messages[int(parts[k + 1])]
-            nxt = parts[k + 2]
-            content = next((c for c in (m["content"], m["content"].strip())
-                            if text.startswith(c, pos) and text.startswith(nxt, pos + len(c))), None)
-            if content is None:
-                raise TemplateError(
-                    f"{self.name}: message {parts[k + 1]} content is transformed by the template beyond trim; "
-                    "masks need the content verbatim — use a built-in template or simplify the chat_template")
-            if m["role"] == "assistant":
-                segs.append(Segment(content, CONTENT, turn))
-                turn, after_assistant = turn + 1, True
-            else:
-                segs.append(Segment(content, OTHER, -1))
-            pos += len(content)
-        if pos != len(text):
-            raise TemplateError(f"{self.name}: rendered text has {len(text) - pos} unaligned trailing chars")
-        return segs
-
-
-def _token_str(value) -> Optional[str]:
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _jinja_env():
-    """The environment transformers compiles chat templates in (sandboxed, trim/lstrip blocks)."""
-    import jinja2
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationTag(Extension):
-        """Accept ``{% generation %}`` blocks (HF assistant-mask markers); we find spans ourselves."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    return env
-
-
 def get_template(name: str, tokenizer_config: Optional[dict] = None) -> ChatTemplate:
-    """``llama3`` | ``chatml`` | ``jinja`` (the chat_template of ``tokenizer_config``) | a path to a
-    tokenizer_config.json (or its directory) holding a ``chat_template``."""
+    """``llama3`` | ``chatml`` | ``jinja`` (the tokenizer's own template) | a path: a tokenizer directory, its
+    tokenizer_config.json, or a ``.jinja`` file. See :func:`megasft.data.chat.sources.read_template`."""
     if name == "llama3":
         return Llama3Template()
     if name == "chatml":
         return ChatMLTemplate()
-    if name == "jinja":
-        config, where = tokenizer_config or {}, "the tokenizer's tokenizer_config.json"
-    else:
-        path = Path(name)
-        path = path / "tokenizer_config.json" if path.is_dir() else path
-        if not path.is_file():
-            raise TemplateError(f"template {name!r} is not one of llama3, chatml, jinja, nor a tokenizer_config.json path")
-        config, where = json.loads(path.read_text(encoding="utf-8")), str(path)
-    source = config.get("chat_template")
-    if isinstance(source, list):  # HF allows a list of named templates; "default" is the one used
-        source = next((t["template"] for t in source if t.get("name") == "default"), None)
-    if not isinstance(source, str):
-        raise TemplateError(f"{where} has no chat_template string")
+    from megasft.data.chat.jinja import JinjaTemplate
+    from megasft.data.chat.sources import read_template
+
+    source, config = read_template(name, tokenizer_config)
     return JinjaTemplate(source, name, config)
 
 
@@ -255,44 +160,63 @@ class ChatEncoder:
     whole_text: Optional[bool] = None
     """Tokenise whole conversations and place tokens by character offset (default when the tokenizer
     can: HF ``encode_joined``) or segment by segment (False; sentencepiece)."""
+    train_reasoning: str = "all"
+    """Which assistant turns' reasoning is trained: all (every turn whose reasoning the template renders,
+    i.e. the template's own history policy: Qwen3 renders it only after the last user query) | last | none."""
+    notes: Counter = field(default_factory=Counter)
+    """Fields the template did not render (e.g. "reasoning not rendered by the template"), counted."""
 
     def __post_init__(self) -> None:
         self._cache: dict[str, list[int]] = {}
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode={self.mask_mode!r} is not one of {MASK_MODES}")
+        if self.train_reasoning not in REASONING_POLICIES:
+            raise ValueError(f"train_reasoning={self.train_reasoning!r} is not one of {REASONING_POLICIES}")
 
-    def _trained(self, seg: Segment, last_turn: int) -> bool:
-        if self.mask_mode == "all":
-            return True
-        if seg.kind == OTHER or (seg.kind == EOT and self.mask_mode == "completion"):
+    def _trained(self, seg: Segment, last_turn: int, flag: Optional[bool]) -> bool:
+        """The mask policy for one segment; ``flag`` is the turn's own train / weight (None: not given)."""
+        if seg.kind == OTHER:
+            return self.mask_mode == "all"
+        if flag is False:
             return False
-        return not self.last_turn_only or seg.turn == last_turn
+        if seg.kind == REASONING and (self.train_reasoning == "none" or
+                                      (self.train_reasoning == "last" and seg.turn != last_turn)):
+            return False
+        if flag is None and self.mask_mode != "all" and self.last_turn_only and seg.turn != last_turn:
+            return False
+        return not (seg.kind == EOT and self.mask_mode == "completion")
+
+    def render(self, conversation) -> tuple[list[Segment], list[Optional[bool]]]:
+        """Segments and the train flag of each assistant turn."""
+        flags = getattr(conversation, "train", None) or [None] * len(conversation)
+        turn_flags = [f for f, m in zip(flags, conversation) if m["role"] == "assistant"]
+        return self.template.render(conversation, notes=self.notes), turn_flags
 
     def encode_many(self, conversations: Sequence[Sequence[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Encode a batch with one tokenizer call; returns (ids int64, mask uint8) per conversation."""
+        return [(ids, mask) for ids, mask, _ in self.encode_parts(conversations)]
+
+    def encode_parts(self, conversations: Sequence[Sequence[dict]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(ids, mask, part kind per token) per conversation: the kinds let an audit count trained tokens
+        per part (content, reasoning, tool call, lead, end-of-turn, other)."""
+        rendered = [self.render(c) for c in conversations]
         out = []
-        for ids, mask in self._encode_rendered([self.template.render(c) for c in conversations]):
+        for (segs, turn_flags), (ids, counts) in zip(rendered, self._encode_rendered([segs for segs, _ in rendered])):
+            last_turn = max((s.turn for s in segs), default=-1)
+            flags = [self._trained(s, last_turn, turn_flags[s.turn] if s.turn >= 0 else None) for s in segs]
+            mask = np.repeat(np.array(flags, dtype=np.uint8), counts)
             if len(mask):
-                mask[0] = 0
-            out.append((ids, mask))
+                mask[0] = 0  # nothing predicts a document's first token
+            out.append((ids, mask, np.repeat(np.array([s.kind for s in segs], dtype=np.uint8), counts)))
         return out
 
     def _encode_rendered(self, rendered: list[list[Segment]]):
+        """(ids, tokens per segment) per conversation."""
         whole = self.whole_text if self.whole_text is not None else hasattr(self.tokenizer, "encode_joined")
-        return self._encode_whole(rendered) if whole else self._encode_segmented(rendered)
-
-    def _flags(self, segs: list[Segment]) -> np.ndarray:
-        last_turn = max((s.turn for s in segs), default=-1)
-        return np.array([self._trained(s, last_turn) for s in segs], dtype=np.uint8)
-
-    def _encode_whole(self, rendered: list[list[Segment]]):
-        """Tokenise each conversation's text once (HF); the tokenizer reports tokens per segment."""
-        joined = self.tokenizer.encode_joined([[s.text for s in segs] for segs in rendered])
-        for segs, (ids, counts) in zip(rendered, joined):
-            yield ids, np.repeat(self._flags(segs), counts)
-
-    def _encode_segmented(self, rendered: list[list[Segment]]):
-        """Tokenise segment by segment (backends without offsets, e.g. sentencepiece)."""
+        if whole:  # tokenise each conversation's text once (HF); the tokenizer reports tokens per segment
+            yield from self.tokenizer.encode_joined([[s.text for s in segs] for segs in rendered])
+            return
+        # Segment by segment (backends without offsets, e.g. sentencepiece).
         pieces = self._encode_segments([s.text for segs in rendered for s in segs])
         k = 0
         for segs in rendered:
@@ -300,7 +224,7 @@ class ChatEncoder:
             k += len(segs)
             lengths = [len(p) for p in mine]
             ids = np.fromiter(itertools.chain.from_iterable(mine), dtype=np.int64, count=sum(lengths))
-            yield ids, np.repeat(self._flags(segs), lengths)
+            yield ids, np.array(lengths, dtype=np.int64)
 
     def _encode_segments(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text. Short texts are cached: role headers, end-of-turn markers and repeated

@@ -317,6 +317,12 @@ def find_tokenizer_files(path: str | Path) -> tuple[Path, dict]:
         raise TokenizerError(f"tokenizer path {p} does not exist")
     config_file = p.parent / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    # Current transformers (and megasft's HF export) save the template as chat_template.jinja, not in the config.
+    from megasft.data.chat.sources import templates_in_dir
+
+    templates = templates_in_dir(p.parent, config)
+    if templates:
+        config["chat_template"] = [{"name": k, "template": v} for k, v in templates.items()]
     return p, config
 
 

@@ -1,0 +1,332 @@
+"""Any HF Jinja chat template, compiled into labelled spans without ``{% generation %}`` tags.
+
+The method (linear in the conversation: a fixed number of full renders, never one per prefix):
+
+1. Render the conversation ``F`` exactly as ``transformers.apply_chat_template`` does.
+2. Render it again with every assistant turn replaced by a bare sentinel ``"\\0k\\0"`` (no reasoning, no
+   tool calls). Whatever the template does to an assistant turn's content, reasoning or tool calls
+   happens inside the turn; the text between two sentinels is the template's own text for the
+   messages in between (they did not change). Splitting at the sentinels gives those literals, and
+   finding them in ``F`` in order gives each turn's span: everything between the turn's header and the
+   literal that follows it is what the assistant produced.
+3. The header is the generation prompt (``add_generation_prompt`` minus the prompt): text at the end of
+   the literal before a turn that the sentinel render adds after it (Mistral's leading space, Qwen3's
+   empty ``<think></think>`` on the last turn) is the turn's *lead*, produced by the model at inference.
+4. Reasoning and tool calls are told apart from content the same way: render once with all reasoning
+   (then all tool calls) removed and take, per turn, the difference of the two spans. A field whose
+   removal changes nothing was not rendered: tool calls are then an error, reasoning a counted skip
+   (Qwen3 drops reasoning from turns before the last user query by design).
+5. The end-of-turn part is the end marker that closes the turn, the newlines after it, and an eos
+   the template appends after a final assistant turn (Phi-3).
+
+When the template carries ``{% generation %}`` tags their spans are checked against these (an error
+names the turn and both spans if they disagree); they may also cover header text, as some twins do.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from datetime import datetime
+from typing import Optional, Sequence
+
+from megasft.data.templates import CONTENT, EOT, LEAD, OTHER, REASONING, TOOL_CALL, ChatTemplate, Segment, \
+    TemplateError
+
+# Strings that end a turn in the families we know, longest first where one prefixes another; the tokenizer's
+# eos is added per template.
+END_MARKERS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|return|>", "<|call|>",
+               "<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>")
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_SENTINEL = re.compile("\x00(\\d+)\x00")
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # binary search on the first difference: slices compare in C
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_suffix(a: str, b: str) -> int:
+    return _common_prefix(a[::-1], b[::-1])
+
+
+class JinjaTemplate(ChatTemplate):
+    """Any HF ``chat_template``, rendered with jinja2 in the environment transformers uses."""
+
+    def __init__(self, source: str, name: str, tokenizer_config: dict) -> None:
+        tokens = {k: _token_str(v) for k, v in tokenizer_config.items() if k.endswith("_token")}
+        self.variables = {k: v for k, v in tokens.items() if v is not None}
+        eos = self.variables.get("eos_token")
+        eot = next((t for t in END_MARKERS if t in source), None) or eos
+        if eot is None:
+            raise TemplateError(f"{name}: cannot tell the end-of-turn token; set eos_token in the tokenizer_config.json")
+        bos = self.variables.get("bos_token") if "bos_token" in source else None
+        super().__init__(name, bos, eos, eot, tuple(t for t in (bos, eot) if t))
+        self.source = source
+        self.end_markers = tuple(sorted({*(m for m in END_MARKERS if m in source), *([eos] if eos else [])},
+                                        key=len, reverse=True))
+        self.has_generation_tags = bool(GENERATION_TAG.search(source))
+        self.env, self.compiled = _compile(source)
+
+    # ------------------------------------------------------------------ rendering
+    def _render(self, messages, add_generation_prompt: bool, tools=None, spans: Optional[list] = None) -> str:
+        import jinja2
+
+        kwargs = dict(messages=list(messages), tools=tools, documents=None, add_generation_prompt=add_generation_prompt,
+                      **self.variables)
+        try:
+            if spans is None:
+                return self.compiled.render(**kwargs)
+            blocks: list[str] = []
+            self.env.generation_tracker = (blocks, spans)
+            try:
+                for block in self.compiled.generate(**kwargs):
+                    blocks.append(block)
+            finally:
+                self.env.generation_tracker = None
+            return "".join(blocks)
+        except (jinja2.TemplateError, TypeError) as e:  # raise_exception(...), or str + dict in the template
+            raise TemplateError(f"{self.name}: {type(e).__name__}: {e}") from None
+
+    def render_text(self, messages, add_generation_prompt=False) -> str:
+        return self._render(messages, add_generation_prompt, getattr(messages, "tools", None))
+
+    def render(self, messages, add_generation_prompt=False, notes: Optional[Counter] = None) -> list[Segment]:
+        tools = getattr(messages, "tools", None)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        tag_spans: Optional[list] = [] if self.has_generation_tags and not add_generation_prompt else None
+        text = self._render(messages, add_generation_prompt, tools, tag_spans)
+        if tools and text == self._render(messages, add_generation_prompt, None):
+            raise TemplateError(f"{self.name}: the record has a 'tools' list but this template does not render "
+                                "tools; use the model's tool-use template (chat_template named 'tool_use') or drop 'tools'")
+        if not turns:
+            return [Segment(text, OTHER, -1)]
+        header = self._generation_header(messages, turns[0], tools)
+        literals = self._literals(messages, turns, add_generation_prompt, tools)
+        spans = self._align(text, literals, header, messages, turns, tools)
+        parts = {k: [] for k in range(len(turns))}   # turn -> [(start, end, kind)]
+        for key, kind in (("reasoning_content", REASONING), ("tool_calls", TOOL_CALL)):
+            having = [k for k, i in enumerate(turns) if messages[i].get(key)]
+            if not having:
+                continue
+            marked = list(messages)
+            for k in having:
+                marked[turns[k]] = _marked(messages[turns[k]], key, f"\x01{k}\x01")
+            other = self._render(_replace(messages, marked), add_generation_prompt, tools)
+            # The sentinel literals are those of `messages`: every assistant turn is replaced there anyway.
+            other_spans = self._align(other, literals, header, marked, turns, tools)
+            for k in having:
+                (h, _, b), (h2, _, b2) = spans[k], other_spans[k]
+                p = _common_prefix(text[h:b], other[h2:b2])
+                s = min(_common_suffix(text[h:b], other[h2:b2]), b - h - p, b2 - h2 - p)
+                if kind == REASONING and f"\x01{k}\x01" not in other[h2:b2]:
+                    if notes is not None:
+                        notes["reasoning not rendered by the template"] += 1
+                elif b - s <= h + p:
+                    raise TemplateError(f"{self.name}: message {turns[k]} has tool_calls but the template does "
+                                        "not render them; use the model's tool-use chat template")
+                else:
+                    parts[k].append((h + p, b - s, kind))
+        segs = self._segments(text, spans, parts)
+        if tag_spans is not None:
+            self._check_generation_tags(text, segs, tag_spans, header, messages, turns, tools)
+        return segs
+
+    def _generation_header(self, messages, first_turn: int, tools) -> str:
+        """The text add_generation_prompt appends: the assistant header the model is prompted with."""
+        prefix = messages[:first_turn]
+        with_prompt = self._render(prefix, True, tools)
+        without = self._render(prefix, False, tools)
+        return with_prompt[len(without):] if with_prompt.startswith(without) else ""
+
+    def _literals(self, messages, turns, add_generation_prompt, tools) -> list[str]:
+        marked = list(messages)
+        for k, i in enumerate(turns):
+            marked[i] = {"role": "assistant", "content": f"\x00{k}\x00"}
+        try:
+            parts = _SENTINEL.split(self._render(marked, add_generation_prompt, tools))
+        except TemplateError as e:
+            raise TemplateError(f"{e} — raised only with each assistant turn replaced by plain text, which this "
+                                "template refuses (its role checks branch on tool_calls, as Mistral's do): masks of "
+                                "this conversation cannot be compiled; drop its tool calls or use a template without "
+                                "that check") from None
+        if parts[1::2] != [str(k) for k in range(len(turns))]:
+            raise TemplateError(f"{self.name}: the template does not render every assistant turn once, in order "
+                                f"(turns {parts[1::2]} of {len(turns)}); masks cannot be placed")
+        return parts[0::2]
+
+    def _align(self, text, literals, header, messages, turns, tools) -> list[tuple[int, int, int]]:
+        """(header end, body start, body end) of each assistant turn in ``text``.
+
+        Each literal before a turn is split where that turn's header starts: the part before it (the
+        previous turn's end and the messages in between) must appear verbatim; the header and lead after
+        it are matched as far as the real rendering agrees (a template may render the header differently
+        for a turn with tool calls, as DeepSeek-V3's does for every call after the first)."""
+        cuts = [self._header_start(lit, header, messages[:i], tools) for lit, i in zip(literals[:-1], turns)]
+        out, pos = [], 0
+        for k, (lit, (j, header_len)) in enumerate(zip(literals, cuts)):
+            stable = lit[:j]
+            if not text.startswith(stable, pos):
+                raise TemplateError(f"{self.name}: rendered text does not align with the template's text before "
+                                    f"assistant message {turns[k]} (char {pos}); masks cannot be placed")
+            start = pos + len(stable)
+            c = _common_prefix(text[start:start + len(lit) - j], lit[j:])
+            h, a = start + min(c, header_len), start + c
+            if k + 1 < len(cuts):
+                b = text.find(literals[k + 1][:cuts[k + 1][0]], a)
+                if b < 0:
+                    raise TemplateError(f"{self.name}: cannot find where assistant message {turns[k]} ends")
+            else:
+                b = len(text) - min(_common_suffix(text[a:], literals[-1]), len(text) - a)
+            out.append((h, a, b))
+            pos = b
+        return out
+
+    def _header_start(self, literal: str, header: str, prefix, tools) -> tuple[int, int]:
+        """(where the turn's header starts in ``literal``, its length)."""
+        if header:
+            for n in range(len(header), 2, -1):  # the whole generation prompt, or the longest leading part of it
+                j = literal.rfind(header[:n], max(0, len(literal) - len(header) - 64))
+                if j >= 0:
+                    return j, n
+            return len(literal), 0
+        # No generation prompt (Mistral): the turn starts where the messages before it end.
+        rendered = self._render(prefix, False, tools)
+        for n in (64, 32, 16, 8):
+            tail = rendered[-n:]
+            if tail and (j := literal.rfind(tail)) >= 0:
+                return j + len(tail), 0
+        return len(literal), 0
+
+    def _segments(self, text, spans, parts) -> list[Segment]:
+        segs, pos = [], 0
+        for k, (h, a, b) in enumerate(spans):
+            segs.append(Segment(text[pos:h], OTHER, -1))
+            segs.append(Segment(text[h:a], LEAD, k))
+            cur = a
+            for start, end, kind in sorted(parts[k]):
+                start = max(start, cur)
+                if start > cur:
+                    segs.append(Segment(text[cur:start], CONTENT, k))
+                if end > start:
+                    segs.append(Segment(text[start:end], kind, k))
+                cur = max(cur, end)
+            segs.append(Segment(text[cur:b], CONTENT, k))
+            end = self._end_of_turn(text, b)
+            segs.append(Segment(text[b:end], EOT, k))
+            pos = end
+        segs.append(Segment(text[pos:], OTHER, -1))
+        return [s for s in segs if s.text]
+
+    def _end_of_turn(self, text: str, b: int) -> int:
+        marker = next((m for m in self.end_markers if text.startswith(m, b)), None)
+        if marker is None:
+            return b
+        end = b + len(marker)
+        while end < len(text) and text[end] == "\n":
+            end += 1
+        eos = self.eos_token
+        if eos and eos != marker and text.endswith(eos) and end == len(text) - len(eos):
+            end = len(text)  # an eos the template appends after a final assistant turn
+        return end
+
+    def _check_generation_tags(self, text, segs, tag_spans, header, messages, turns, tools) -> None:
+        merged: list[list[int]] = []
+        for s, e in tag_spans:
+            if merged and merged[-1][1] == s:
+                merged[-1][1] = e
+            elif e > s:
+                merged.append([s, e])
+        ours, pos = {}, 0
+        for seg in segs:
+            if seg.turn >= 0:
+                lo, hi = ours.get(seg.turn, (pos, pos))
+                ours[seg.turn] = (min(lo, pos), pos + len(seg.text))
+            pos += len(seg.text)
+        mine = [ours[k] for k in sorted(ours)]
+
+        def header_text(k: int, extra: str) -> bool:
+            """Tag spans may also cover prompt text: the generation prompt, or what the prompt before this
+            turn ends with (DeepSeek-V3's twin trains the <｜tool▁outputs▁end｜> that opens a turn after tools)."""
+            return extra in header or self._render(messages[:turns[k]], True, tools).endswith(extra)
+
+        ok = len(merged) == len(mine) and all(
+            e == hi and s <= lo and header_text(k, text[s:lo]) for k, ((s, e), (lo, hi)) in enumerate(zip(merged, mine)))
+        if not ok:
+            raise TemplateError(f"{self.name}: its {{% generation %}} spans {[tuple(m) for m in merged]} disagree with "
+                                f"the compiled assistant spans {mine} (a tag span may only add prompt text such as "
+                                f"{header!r}); fix the tags or remove them")
+
+
+def _replace(messages, new: list):
+    """``new`` messages with the record-level tools of ``messages`` (a Conversation or a plain list)."""
+    from megasft.data.chat.schema import Conversation
+
+    return Conversation(new, getattr(messages, "tools", None))
+
+
+def _marked(message: dict, key: str, sentinel: str) -> dict:
+    """``message`` with its reasoning replaced by ``sentinel`` (the rendered reasoning is then exactly where
+    the two renders differ), or its tool calls dropped and ``sentinel`` appended to its content (the calls'
+    whole rendering, tags included, is where they differ; the sentinel keeps the boundary unambiguous)."""
+    out = dict(message)
+    if key == "reasoning_content":
+        out["reasoning_content"] = out["thinking"] = sentinel
+    else:
+        del out["tool_calls"]
+        out["content"] = (out.get("content") or "") + sentinel
+    return out
+
+
+def _token_str(value) -> Optional[str]:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _compile(source: str):
+    """The environment transformers compiles chat templates in (sandboxed, trim/lstrip blocks, its
+    tojson / raise_exception / strftime_now), with ``{% generation %}`` spans recorded on request."""
+    import jinja2
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            out = caller()
+            tracker = getattr(self.environment, "generation_tracker", None)
+            if tracker is not None:  # as transformers does: the span starts at the text generated so far
+                blocks, spans = tracker
+                start = len("".join(blocks))
+                spans.append((start, start + len(out)))
+            return out
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.generation_tracker = None
+    return env, env.from_string(source)
