@@ -15,13 +15,15 @@ import json
 import os
 import random
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from megasft.data.preprocess import PreprocessOptions, preprocess
-from megasft.data.templates import LLAMA3_HF_CHAT_TEMPLATE
-from megasft.data.tokenizer import train_bpe_tokenizer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megasft.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
+from megasft.data.templates import LLAMA3_HF_CHAT_TEMPLATE  # noqa: E402
+from tests.data_fixtures import train_bpe_tokenizer  # noqa: E402  (a real BPE tokenizer made locally)
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>"]
 

@@ -13,13 +13,16 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
 from megasft.config_fields import field_problem
 from megasft.errors import ConfigError
 from megasft.model.families import FAMILIES, family_problem
+
+if TYPE_CHECKING:   # config stays importable without torch for the tools that only read it
+    import torch
 
 
 def divisors(n: int) -> list[int]:

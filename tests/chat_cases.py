@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from megasft.data.chat.schema import normalize_record
-from megasft.data.tokenizer import train_bpe_tokenizer
+from tests.data_fixtures import train_bpe_tokenizer
 
 TEMPLATES_ENV = "MEGASFT_CHAT_TEMPLATES"
 

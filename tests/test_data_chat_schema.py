@@ -9,7 +9,7 @@ import pytest
 
 from megasft.data.chat.schema import normalize_record
 from megasft.data.formats import DataError, parse_line
-from megasft.data.templates import CONTENT, EOT, LEAD, OTHER, REASONING, TOOL_CALL, ChatEncoder, TemplateError, \
+from megasft.data.templates import CONTENT, EOT, OTHER, REASONING, TOOL_CALL, ChatEncoder, TemplateError, \
     get_template
 from megasft.data.tokenizer import load_tokenizer
 from tests.chat_cases import family_tokenizer_dir

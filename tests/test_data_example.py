@@ -8,7 +8,7 @@ import sys
 from megasft.data.indexed import IndexedDataset
 from megasft.data.preprocess import PreprocessOptions, preprocess
 from megasft.data.tokenizer import load_tokenizer
-from tests.test_data_fixtures import REPO
+from tests.data_fixtures import REPO
 from tools import inspect_data
 
 

@@ -12,7 +12,7 @@ from megasft.data.indexed import IndexedDataset
 from megasft.data.preprocess import PreprocessOptions, format_summary, preprocess
 from megasft.data.templates import ChatEncoder, get_template
 from megasft.data.tokenizer import load_tokenizer
-from tests.test_data_fixtures import conversations, hf_tokenizer_dir, write_jsonl
+from tests.data_fixtures import conversations, hf_tokenizer_dir, write_jsonl
 from tools import preprocess_data
 
 GOOD = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}

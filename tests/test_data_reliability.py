@@ -18,7 +18,7 @@ from megasft.data.indexed import DatasetError, IndexedDataset, IndexedDatasetBui
 from megasft.data.loader import build_loaders
 from megasft.data.preprocess import preprocess
 from megasft.data.tokenizer import load_tokenizer
-from tests.test_data_fixtures import conversations, hf_tokenizer_dir, write_jsonl
+from tests.data_fixtures import conversations, hf_tokenizer_dir, write_jsonl
 from tests.test_data_preprocess import GOOD, options
 from tools import preprocess_data
 

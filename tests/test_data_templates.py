@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.test_data_fixtures import CHATML_JINJA, LLAMA3_JINJA, conversations, hf_tokenizer_dir, sp_model_path, \
+from tests.data_fixtures import CHATML_JINJA, LLAMA3_JINJA, conversations, hf_tokenizer_dir, sp_model_path, \
     write_tokenizer_config
 from tokenizers import Tokenizer as RustTokenizer
 

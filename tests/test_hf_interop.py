@@ -78,7 +78,8 @@ def test_export_gives_transformers_the_same_logits(tmp_path, tied):
 
 def test_cli_round_trip_writes_generation_config_and_tokenizer(tmp_path):
     """tools/convert_checkpoint.py both ways as subprocesses; bf16 export; eos includes <|eot_id|>."""
-    from megasft.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+    from megasft.data.tokenizer import load_tokenizer
+    from tests.data_fixtures import train_bpe_tokenizer
 
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     tok_dir = train_bpe_tokenizer(["hello world, a tiny corpus"] * 20, specials, 300, tmp_path / "tok",

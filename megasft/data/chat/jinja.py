@@ -28,7 +28,7 @@ import json
 import re
 from collections import Counter
 from datetime import datetime
-from typing import Optional, Sequence
+from typing import Optional
 
 from megasft.data.templates import CONTENT, EOT, LEAD, OTHER, REASONING, TOOL_CALL, ChatTemplate, Segment, \
     TemplateError

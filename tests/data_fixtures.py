@@ -10,8 +10,8 @@ import json
 import random
 import tempfile
 from pathlib import Path
+from typing import Iterable, Optional, Sequence
 
-from megasft.data.tokenizer import train_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,13 +91,31 @@ def write_jsonl(path: Path, lines: list) -> Path:
     return path
 
 
-def test_fixture_tokenizers_round_trip():
-    from megasft.data.tokenizer import load_tokenizer
+# Llama-3's pre-tokenizer split pattern (tiktoken cl100k-style): used by train_bpe_tokenizer.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-    hf = load_tokenizer(hf_tokenizer_dir(), "llama3")
-    sp = load_tokenizer(sp_model_path(), "llama3")
-    for tok in (hf, sp):
-        text = "<|begin_of_text|>What is 3 plus 4?<|eot_id|>"
-        ids = tok.encode(text)
-        assert ids[0] == tok.bos_id and ids[-1] == tok.eot_id
-        assert tok.decode(ids) == text
+
+def train_bpe_tokenizer(corpus: Iterable[str], special_tokens: Sequence[str], vocab_size: int, out_dir: str | Path,
+                        tokenizer_config: Optional[dict] = None) -> Path:
+    """Train a byte-level BPE ``tokenizer.json`` with Llama-3's pre-tokenizer on ``corpus`` (for tests,
+    benchmarks and toy tasks: a real tokenizer made locally). ``special_tokens`` become single ids;
+    ``tokenizer_config`` (bos_token, eos_token, chat_template, ...) is written next to it. Returns the dir."""
+    from tokenizers import Regex
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = RustTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    if tokenizer_config is not None:
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
+    return out
