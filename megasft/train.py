@@ -122,7 +122,9 @@ def main(argv=None) -> int:
     run_dir = Path(cfg.train.run_dir)
     try:   # before any step: bad data or a bad checkpoint fails here, naming the file and what differs
         train_loader, eval_loader = build_loaders(cfg.data, cfg.train.seed, ps.dp_rank, ps.dp,
-                                                  cfg.model.vocab_size)
+                                                  cfg.model.vocab_size, epochs=cfg.train.epochs)
+        if train_loader.total_steps is not None:   # train.epochs: the schedule's length is the data's
+            cfg.train.steps = train_loader.total_steps
         trainer = Trainer(cfg, ps, stop=stop)
         checkpointer = Checkpointer(cfg, ps)
         resumed = checkpointer.resume(trainer, train_loader)
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
     if ps.rank == 0:
         cfg.save(run_dir / "config.yaml")
         print(describe_start(cfg, ps, trainer), flush=True)
+        print(train_loader.describe_plan(), flush=True)
         if resumed is not None:
             print(f"megasft: resumed from {resumed} at step {trainer.step}", flush=True)
         writer = MetricsWriter(run_dir, cfg.train.steps, cfg.train.progress_bar)
