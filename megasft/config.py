@@ -160,6 +160,9 @@ class DataConfig:
     """Tokenizer file or directory (sentencepiece .model or HF tokenizer.json) for generation/eval."""
     template: str = "llama3"
     """Chat template name (llama3 | chatml) or path to a tokenizer_config.json with a chat_template."""
+    epoch_tail: str = "fill"
+    """The last, partial step of an epoch: fill (with the next epoch's rows, deferring any that hold
+    a document already in the step) | drop (its rows are not trained that epoch)."""
     reset_order_on_resume: bool = False
     """On resume, ignore the data position saved in the checkpoint and start the data order
     afresh (epoch 0); needed when the training data, seq_len or seed changed since the save."""
@@ -203,7 +206,10 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    """Optimizer steps to run."""
+    """Optimizer steps to run (replaced by the derived count when train.epochs is set)."""
+    epochs: Optional[int] = None
+    """Passes over the training data instead of train.steps: the steps are derived from the packed
+    rows of every epoch's plan and data.epoch_tail, and printed at start-up."""
     precision: str = "bf16"
     """bf16 (bf16 params/compute, fp32 main params and grads) | fp32."""
     seed: int = 1234
@@ -287,6 +293,7 @@ CHOICES = {
     ("model", "recompute"): ("none", "selective", "full"),
     ("optim", "adamw_kernel"): ("auto", "fused", "reference"),
     ("parallel", "pipeline_schedule"): ("auto", "1f1b", "interleaved", "all_forward_all_backward"),
+    ("data", "epoch_tail"): ("fill", "drop"),
     ("train", "precision"): ("bf16", "fp32"),
     ("train", "progress_bar"): ("auto", "on", "off"),
     ("train", "fp8"): ("off", "hybrid", "e4m3"),
@@ -380,7 +387,7 @@ class Config:
             raise ConfigError(
                 f"data.global_batch_tokens={d.global_batch_tokens} is not a multiple of seq_len={d.seq_len}; "
                 f"use {max(1, round(d.global_batch_tokens / d.seq_len)) * d.seq_len}")
-        if o.warmup_steps is not None and o.warmup_steps > t.steps:
+        if o.warmup_steps is not None and t.epochs is None and o.warmup_steps > t.steps:
             raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
         if t.fp8 != "off":
             _check_fp8(m, t)

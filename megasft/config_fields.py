@@ -81,6 +81,7 @@ RANGES: dict[str, Range] = {
     "optim.clip_grad": NON_NEGATIVE,          # 0 disables clipping
     "optim.max_consecutive_skips": AT_LEAST_1,
     "train.steps": AT_LEAST_1,
+    "train.epochs": AT_LEAST_1,
     "train.seed": NON_NEGATIVE,               # numpy's generators refuse negative seeds
     "train.log_interval": AT_LEAST_1,         # a step counter modulo this
     "train.eval_interval": NON_NEGATIVE,      # 0 disables evaluation

@@ -128,7 +128,9 @@ def main(argv=None) -> int:
     run_dir = Path(cfg.train.run_dir)
     try:   # before any step: bad data or a bad checkpoint fails here, naming the file and what differs
         train_loader, eval_loader = build_loaders(cfg.data, cfg.train.seed, ps.dp_rank, ps.dp,
-                                                  cfg.model.vocab_size)
+                                                  cfg.model.vocab_size, epochs=cfg.train.epochs)
+        if train_loader.total_steps is not None:   # train.epochs: the schedule's length is the data's
+            cfg.train.steps = train_loader.total_steps
         trainer = Trainer(cfg, ps, stop=stop)
         checkpointer = Checkpointer(cfg, ps)
         resumed = checkpointer.resume(trainer, train_loader)
@@ -145,6 +147,7 @@ def main(argv=None) -> int:
         rewound = rewind_metrics(run_dir, trainer.step) if resumes_this_run(cfg) else 0
         cfg.save(run_dir / "config.yaml")
         print(describe_start(cfg, ps, trainer), flush=True)
+        print(train_loader.describe_plan(), flush=True)
         if resumed is not None:
             print(f"megasft: resumed from {resumed} at step {trainer.step}", flush=True)
         if rewound:

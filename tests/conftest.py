@@ -10,8 +10,9 @@ from tests.runs import tiny_dataset
 
 QUICK_MODULES = {
     "test_config", "test_layout", "test_tensor_parallel_units", "test_optim_single", "test_optim_lr_schedule",
-    "test_presets", "test_planner", "test_model_init", "test_data_packing", "test_data_templates", "test_data_loader",
-    "test_data_preprocess", "test_data_reliability", "test_data_chat_schema", "test_data_chat_templates", "test_checkpoint_verify", "test_attention_backends",
+    "test_presets", "test_planner", "test_data_packing", "test_data_templates", "test_data_loader",
+    "test_data_preprocess", "test_data_reliability", "test_data_chat_schema", "test_data_chat_templates",
+    "test_data_epochs", "test_model_init", "test_checkpoint_verify", "test_attention_backends",
 }
 
 
@@ -29,8 +30,8 @@ def data(tmp_path_factory):
 
 @pytest.fixture
 def main(monkeypatch, capsys):
-    """megasft.train.main in this process (no launcher variables); returns (rc, stderr lines).
-    ``fault`` sets MEGASFT_FAULT for the run (megasft.training.faults)."""
+    """megasft.train.main in this process (no launcher variables); returns (rc, stderr lines), and
+    keeps the run's stdout in ``run.out``. ``fault`` sets MEGASFT_FAULT (megasft.training.faults)."""
     from megasft.train import main as train_main
 
     for var in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MEGASFT_FAULT", "TORCHELASTIC_RUN_ID"):
@@ -40,5 +41,7 @@ def main(monkeypatch, capsys):
         monkeypatch.setenv("MEGASFT_FAULT", fault)
         capsys.readouterr()
         rc = train_main(args)
-        return rc, capsys.readouterr().err.splitlines()
+        captured = capsys.readouterr()
+        run.out = captured.out
+        return rc, captured.err.splitlines()
     return run

@@ -181,6 +181,9 @@ class Trainer:
                 out = self.train_step(micro_batches)
                 prof.step()
                 outputs.append(out)
+                for line in train_loader.drain_tail_log():   # an epoch's last step filled / dropped
+                    if self.log:
+                        print(f"megasft: step {self.step}: {line}", flush=True)
                 window.add(self.cfg.data.global_batch_tokens, out.trained_tokens, self._step_flops(micro_batches))
                 if self.step % t.log_interval == 0 or self.step == t.steps:
                     self._log_train(out, window, writer)
