@@ -25,6 +25,21 @@ if TYPE_CHECKING:   # config stays importable without torch for the tools that o
     import torch
 
 
+def split_rows(global_batch_tokens: int, seq_len: int, dp: int = 1, micro_batch_size: int = 1) -> int:
+    """Micro-batches per DP rank of a step (m): the global batch cut into rows of seq_len tokens,
+    the rows into dp x micro_batch_size. ConfigError with the nearest valid global_batch_tokens."""
+    if global_batch_tokens % seq_len:
+        raise ConfigError(
+            f"data.global_batch_tokens={global_batch_tokens} is not a multiple of seq_len={seq_len}; "
+            f"use {max(1, round(global_batch_tokens / seq_len)) * seq_len}")
+    rows, per = global_batch_tokens // seq_len, dp * micro_batch_size
+    if rows % per:
+        raise ConfigError(f"{rows} rows per step (global_batch_tokens/seq_len) do not split into dp={dp} x "
+                          f"micro_batch_size={micro_batch_size}; use global_batch_tokens="
+                          f"{max(1, rows // per) * per * seq_len}")
+    return rows // per
+
+
 def divisors(n: int) -> list[int]:
     """The divisors of n, ascending (the valid choices an error message offers)."""
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -383,10 +398,7 @@ class Config:
             raise ConfigError("parallel.overlap_param_gather overlaps the ZeRO-1 parameter all-gather, "
                               "which only exists with parallel.distributed_optimizer=true; enable it or "
                               "set overlap_param_gather=false")
-        if d.global_batch_tokens % d.seq_len:
-            raise ConfigError(
-                f"data.global_batch_tokens={d.global_batch_tokens} is not a multiple of seq_len={d.seq_len}; "
-                f"use {max(1, round(d.global_batch_tokens / d.seq_len)) * d.seq_len}")
+        split_rows(d.global_batch_tokens, d.seq_len)   # rows of seq_len; the DP split is the Layout's
         if o.warmup_steps is not None and t.epochs is None and o.warmup_steps > t.steps:
             raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
         if t.fp8 != "off":

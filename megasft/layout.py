@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from megasft.config import Config, ConfigError, divisors
+from megasft.config import Config, ConfigError, divisors, split_rows
 
 # The one set of schedule names (ParallelConfig.pipeline_schedule accepts these plus "auto").
 NO_PIPELINE, ONE_F_ONE_B, INTERLEAVED, AFAB = "no_pipeline", "1f1b", "interleaved", "all_forward_all_backward"
@@ -186,12 +186,8 @@ class Layout:
         if sp and d.seq_len % tp:
             raise ConfigError(f"sequence_parallel needs seq_len divisible by tp: seq_len={d.seq_len}, tp={tp}; "
                               f"use seq_len={math.ceil(d.seq_len / tp) * tp}")
-        rows, per = d.rows_per_step(), dp * d.micro_batch_size
-        if rows % per:
-            raise ConfigError(f"{rows} rows per step (global_batch_tokens/seq_len) do not split into dp={dp} x "
-                              f"micro_batch_size={d.micro_batch_size}; use global_batch_tokens="
-                              f"{max(1, rows // per) * per * d.seq_len}")
-        micro = rows // per
+        micro = split_rows(d.global_batch_tokens, d.seq_len, dp, d.micro_batch_size)
+        per = dp * d.micro_batch_size
         good = max(pp, micro // pp * pp) * per * d.seq_len
         check_micro_batches(schedule, micro, pp, f"use global_batch_tokens={good}")
         kv_local, kv_copies = kv_partition(m.kv_heads, tp)

@@ -143,7 +143,7 @@ def test_bad_batch_geometry_is_an_error(tmp_path):
     ds = make_dataset(tmp_path)
     with pytest.raises(ValueError, match="multiple of seq_len"):
         PackedLoader(ds, SEQ, 100, 1)
-    with pytest.raises(ValueError, match="dp_size=3"):
+    with pytest.raises(ValueError, match="do not split into dp=3"):
         PackedLoader(ds, SEQ, 4 * SEQ, 1, dp_size=3)
     with pytest.raises(ValueError, match="--seq-len 16"):
         PackedLoader(ds, 16, 16 * 4, 1)

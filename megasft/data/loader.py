@@ -32,6 +32,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from megasft.config import split_rows
 from megasft.data.batch import MicroBatch
 from megasft.data.indexed import DatasetError, IndexedDataset
 from megasft.data.packing import build_micro_batch, pack_best_fit
@@ -60,12 +61,8 @@ class PackedLoader:
                  shuffle: bool = True, doc_indices: Optional[Sequence[int]] = None,
                  epochs: Optional[int] = None, epoch_tail: str = "fill") -> None:
         self.dataset = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
-        if global_batch_tokens % seq_len:
-            raise ValueError(f"global_batch_tokens={global_batch_tokens} is not a multiple of seq_len={seq_len}")
+        split_rows(global_batch_tokens, seq_len, dp_size, micro_batch_size)   # the config's rule, its message
         self.rows_per_step = global_batch_tokens // seq_len
-        if self.rows_per_step % (dp_size * micro_batch_size):
-            raise ValueError(f"{self.rows_per_step} rows per step do not split into dp_size={dp_size} x "
-                             f"micro_batch_size={micro_batch_size}")
         if epoch_tail not in EPOCH_TAILS:
             raise ValueError(f"epoch_tail={epoch_tail!r} is not one of {list(EPOCH_TAILS)}")
         if epochs is not None and epochs < 1:
