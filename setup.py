@@ -20,7 +20,7 @@ setup(
         "zstandard",   # .jsonl.zst inputs to tools/preprocess_data.py
     ],
     extras_require={
-        "hf": ["transformers>=4.45", "tokenizers", "jinja2"],
+        "hf": ["transformers>=4.45", "tokenizers", "jinja2", "matplotlib"],   # matplotlib: tools/plot_metrics.py
         # Optional accelerators, never required: every code path has a pure-torch fallback.
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
         "test": ["pytest", "transformers>=4.45", "tokenizers", "jinja2", "matplotlib"],

@@ -282,7 +282,8 @@ def preprocess(opts: PreprocessOptions) -> Summary:
         summary.histogram = {k: hist[k] for k in sorted(hist)}
         check_kept(summary, opts)
         builder.finish({
-            "tokenizer": str(opts.tokenizer), "tokenizer_sha256": tok.sha256, "template": template.name,
+            "tokenizer": str(Path(opts.tokenizer).resolve()) if opts.tokenizer else None,
+            "tokenizer_sha256": tok.sha256, "template": template.name,
             "mask_mode": opts.mask_mode, "last_turn_only": opts.last_turn_only, "input_format": opts.input_format,
             "seq_len": opts.seq_len, "long_policy": opts.long_policy, "inputs": files,
             "bos_id": tok.bos_id, "eos_id": tok.eos_id, "eot_id": tok.eot_id, "pad_id": tok.pad_id,

@@ -179,7 +179,10 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
 
 def plot_metrics(path: str | Path, out: str | Path) -> Path:
     """Draw loss (train and eval), learning rate and pre-clip grad norm against step to a PNG."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib (or pip install -e \".[hf]\")") from None
 
     matplotlib.use("Agg")   # files only, no display
     import matplotlib.pyplot as plt
