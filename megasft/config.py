@@ -9,15 +9,15 @@ created and raise :class:`ConfigError` with a message that says what to change.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Optional
 
 import yaml
 
 from megasft.config_fields import field_problem
+from megasft.config_read import build_section, unknown_message, yaml_message
 from megasft.errors import ConfigError
 from megasft.model.families import FAMILIES, family_problem
 
@@ -331,7 +331,7 @@ class Config:
         raw = dict(raw or {})
         unknown = set(raw) - set(SECTIONS)
         if unknown:
-            raise ConfigError(_unknown_message("section", sorted(unknown)[0], SECTIONS))
+            raise ConfigError(unknown_message("section", sorted(unknown)[0], SECTIONS))
         model_raw = dict(raw.get("model") or {})
         if model_raw.get("preset"):
             from megasft.model.presets import preset_fields
@@ -342,7 +342,7 @@ class Config:
 
             model_raw = merge_hf_architecture(model_raw)
         raw["model"] = model_raw
-        sections = {name: _build_section(name, typ, raw.get(name) or {}) for name, typ in SECTIONS.items()}
+        sections = {name: build_section(name, typ, raw.get(name) or {}) for name, typ in SECTIONS.items()}
         return cls(**sections)
 
     @classmethod
@@ -355,7 +355,7 @@ class Config:
                 try:
                     raw = yaml.safe_load(f) or {}
                 except yaml.YAMLError as err:
-                    raise ConfigError(_yaml_message(path, err)) from err
+                    raise ConfigError(yaml_message(path, err)) from err
             if not isinstance(raw, dict):
                 raise ConfigError(f"{path} holds a {type(raw).__name__}, not a mapping of sections; "
                                   f"start it with sections such as 'model:' and 'train:'")
@@ -416,31 +416,7 @@ def check_fields(cfg: Config) -> None:
                 raise ConfigError(problem)
 
 
-def long_sequence_warning(cfg: Config) -> Optional[str]:
-    """A warning when training rows are longer than the model's position range (RoPE is then
-    trained on positions the model has not seen); None otherwise. Only a training run has rows,
-    so megasft.train prints it, not validate() (converters validate a default data section)."""
-    m, d = cfg.model, cfg.data
-    if d.seq_len <= m.max_position_embeddings:
-        return None
-    scaling = m.rope_scaling or {}
-    if scaling:
-        context = (f"rope_scaling ({scaling.get('rope_type', scaling.get('type'))}, factor "
-                   f"{scaling.get('factor')}, original_max_position_embeddings "
-                   f"{scaling.get('original_max_position_embeddings')}) was calibrated for "
-                   f"{m.max_position_embeddings} positions")
-    else:
-        context = "no model.rope_scaling is set, so RoPE extrapolates past the pre-trained length"
-    return (f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}: "
-            f"{context}; lower data.seq_len, or raise model.max_position_embeddings together with a "
-            "matching rope_scaling")
 
-
-def _yaml_message(path: str, err: Exception) -> str:
-    mark = getattr(err, "problem_mark", None)
-    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    return f"YAML syntax error ({problem}) at {where}; fix that line of the config file"
 
 
 def _check_fp8(m: ModelConfig, t: TrainConfig) -> None:
@@ -457,56 +433,6 @@ def _check_fp8(m: ModelConfig, t: TrainConfig) -> None:
                           "core only, no GEMMs) or none, or train.fp8=off")
 
 
-def _unknown_message(kind: str, name: str, valid) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=3)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown {kind} {name!r}{hint} valid: {sorted(valid)}"
-
-
-def _build_section(name: str, typ: type, raw: dict) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"section {name!r} must be a mapping, got {raw!r}")
-    hints = get_type_hints(typ)
-    valid = {f.name for f in fields(typ)}
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in valid:
-            raise ConfigError(_unknown_message(f"key in section {name!r}:", key, valid))
-        kwargs[key] = _coerce(f"{name}.{key}", hints[key], value)
-    return typ(**kwargs)
-
-
-def _coerce(where: str, hint: Any, value: Any) -> Any:
-    """Check a YAML value against a field's type; ints are accepted where floats are expected."""
-    if get_origin(hint) is Optional or (get_origin(hint) is not None and type(None) in get_args(hint)):
-        if value is None:
-            return None
-        hint = next(a for a in get_args(hint) if a is not type(None))
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float:
-        # YAML reads 1e-5 (no dot) as a string; anything float() cannot read is not a number.
-        try:
-            return float(value) if isinstance(value, str) else _not_a_number(where, value)
-        except ValueError:
-            _not_a_number(where, value)
-    base = get_origin(hint) or hint
-    if base is str and isinstance(value, bool) and where == "train.progress_bar":
-        # YAML 1.1 reads a bare on/off as a boolean.
-        value = "on" if value else "off"
-    if base is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if base in (str, dict, list) and not isinstance(value, base):
-        raise ConfigError(f"{where} must be a {base.__name__}, got {value!r}")
-    return value
-
-
-def _not_a_number(where: str, value: Any):
-    raise ConfigError(f"{where} must be a number, got {value!r}; write a number such as 0.001 or 1e-3")
-
-
 def apply_override(raw: dict, item: str) -> None:
     """Apply one ``section.key=value`` override (value parsed as YAML) to a raw config dict."""
     if "=" not in item or "." not in item.split("=", 1)[0]:
@@ -514,7 +440,7 @@ def apply_override(raw: dict, item: str) -> None:
     dotted, text = item.split("=", 1)
     section, key = dotted.split(".", 1)
     if section not in SECTIONS:
-        raise ConfigError(_unknown_message("section", section, SECTIONS))
+        raise ConfigError(unknown_message("section", section, SECTIONS))
     raw.setdefault(section, {})
     if raw[section] is None:
         raw[section] = {}

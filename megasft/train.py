@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megasft.config import Config, ConfigError, long_sequence_warning
+from megasft.config import Config, ConfigError
 from megasft.layout import Layout
 from megasft.parallel_state import ParallelState, destroy
 
@@ -66,6 +66,26 @@ def report(message: str, code: int, rank: Optional[int] = None) -> int:
     if rank == 0:
         print(f"megasft.train: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def long_sequence_warning(cfg: Config) -> Optional[str]:
+    """A warning when training rows are longer than the model's position range (RoPE is then
+    trained on positions the model has not seen); None otherwise. Only a training run has rows,
+    so megasft.train prints it, not validate() (converters validate a default data section)."""
+    m, d = cfg.model, cfg.data
+    if d.seq_len <= m.max_position_embeddings:
+        return None
+    scaling = m.rope_scaling or {}
+    if scaling:
+        context = (f"rope_scaling ({scaling.get('rope_type', scaling.get('type'))}, factor "
+                   f"{scaling.get('factor')}, original_max_position_embeddings "
+                   f"{scaling.get('original_max_position_embeddings')}) was calibrated for "
+                   f"{m.max_position_embeddings} positions")
+    else:
+        context = "no model.rope_scaling is set, so RoPE extrapolates past the pre-trained length"
+    return (f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}: "
+            f"{context}; lower data.seq_len, or raise model.max_position_embeddings together with a "
+            "matching rope_scaling")
 
 
 def check_inputs(cfg: Config) -> None:
