@@ -230,9 +230,6 @@ class Layout:
         s = self.seq_len // self.tp if self.sequence_parallel else self.seq_len
         return (s, self.micro_batch_size, self.hidden_size)
 
-    def warmup(self, pp_rank: int) -> int:
-        return warmup_forwards(self.schedule, self.pp, pp_rank, self.micro_batches, self.v)
-
     def in_flight(self, pp_rank: int) -> int:
         return in_flight(self.schedule, self.pp, pp_rank, self.micro_batches, self.v)
 

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                                                   cfg.model.vocab_size, epochs=cfg.train.epochs)
         if train_loader.total_steps is not None:   # train.epochs: the schedule's length is the data's
             cfg.train.steps = train_loader.total_steps
-        trainer = Trainer(cfg, ps, stop=stop)
+        trainer = Trainer(cfg, ps, stop=stop, layout=layout)
         checkpointer = Checkpointer(cfg, ps)
         resumed = checkpointer.resume(trainer, train_loader)
     except DatasetError as err:

@@ -275,8 +275,10 @@ class Checkpointer:
                 "and cosine over the new settings — set them back to continue that run, or "
                 "train.replan_schedule=true to continue on this run's schedule")
         step = int(meta["optimizer"]["step"]) if meta.get("optimizer") else int(meta["step"])
-        before = _lr_at(saved["optim"], saved["train"]["steps"], step)
-        after = _lr_at(self.cfg.to_dict()["optim"], self.cfg.train.steps, step)
+        # The saved section as an OptimConfig (fields a later megasft added keep their defaults).
+        saved_optim = OptimConfig(**{k: v for k, v in saved["optim"].items() if k in OptimConfig.__dataclass_fields__})
+        before = _lr_at(saved_optim, saved["train"]["steps"], step)
+        after = _lr_at(self.cfg.optim, self.cfg.train.steps, step)
         self._say(f"train.replan_schedule: continuing {path.name} on a new LR schedule ({change}); "
                   f"the learning rate at step {step} goes from {before:.3e} to {after:.3e}")
 
@@ -312,8 +314,8 @@ class Checkpointer:
         return meta
 
 
-def _lr_at(optim: dict, steps: int, step: int) -> float:
-    return WarmupCosine.from_config(OptimConfig(**optim), steps)(step)
+def _lr_at(optim: OptimConfig, steps: int, step: int) -> float:
+    return WarmupCosine.from_config(optim, steps)(step)
 
 
 def stage_copy(state: dict) -> dict:

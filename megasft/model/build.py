@@ -2,25 +2,27 @@
 from __future__ import annotations
 
 import zlib
+from typing import Optional
 
 import torch
 from torch import nn
 
 from megasft.config import Config
 from megasft.hf.names import load_canonical
+from megasft.layout import Layout
 from megasft.model.fp8 import check_fp8_available, use_fp8_gemms
 from megasft.model.llama import LlamaStage
-from megasft.layout import Layout
 from megasft.parallel_state import ParallelState
 
 
-def build_model(cfg: Config, ps: ParallelState) -> list[LlamaStage]:
+def build_model(cfg: Config, ps: ParallelState, layout: Optional[Layout] = None) -> list[LlamaStage]:
     """The model chunks this rank owns (one, or virtual_pipeline_size when interleaving), with
     weights identical at every layout: random init from canonical tensors, or the HF checkpoint
     named by model.init_from_hf. With train.fp8 the decoder layers' GEMMs run in FP8
-    (megasft.model.fp8); parameters are the same."""
+    (megasft.model.fp8); parameters are the same. `layout`: the run's resolved Layout (resolved
+    here from cfg and ps when not given)."""
     m = cfg.model
-    layout = Layout.resolve(cfg, ps.world_size)
+    layout = layout or Layout.resolve(cfg, ps.world_size)
     check_fp8_available(cfg.train.fp8, ps.device)   # before any weights are built or loaded
     chunks = []
     for i, layer_ids in enumerate(layout.rank_chunks(ps.pp_rank)):

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megasft.config import Config
+from megasft.data.batch import MicroBatch
 from megasft.layout import Layout
 from megasft.model.build import build_model
 from megasft.model.fp8 import fp8_autocast
@@ -25,7 +26,6 @@ from megasft.optim.distributed_optimizer import DistributedOptimizer
 from megasft.optim.lr_schedule import WarmupCosine
 from megasft.parallel_state import ParallelState, group_size
 from megasft.pipeline import schedules
-from megasft.data.batch import MicroBatch
 from megasft.training import metrics
 from megasft.training.faults import Faults
 from megasft.training.profiler import maybe_profile
@@ -68,10 +68,11 @@ class StepOutput:
 class Trainer:
     """Owns this rank's model chunks, optimizer and data; `fit()` runs the configured steps."""
 
-    def __init__(self, cfg: Config, ps: ParallelState, log: bool = True, stop: Optional[StopSignal] = None):
+    def __init__(self, cfg: Config, ps: ParallelState, log: bool = True, stop: Optional[StopSignal] = None,
+                 layout: Optional[Layout] = None):
         self.cfg, self.ps = cfg, ps
-        self.layout = Layout.resolve(cfg, ps.world_size)
-        self.chunks = build_model(cfg, ps)
+        self.layout = layout or Layout.resolve(cfg, ps.world_size)   # train.py resolved it before any group
+        self.chunks = build_model(cfg, ps, self.layout)
         self.schedule = WarmupCosine.from_config(cfg.optim, cfg.train.steps)
         named = [(f"chunk{i}.{n}", p) for i, c in enumerate(self.chunks) for n, p in c.named_parameters()]
         self.optimizer = DistributedOptimizer(named, cfg.optim, cfg.parallel, ps, self.schedule)
