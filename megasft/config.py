@@ -252,6 +252,11 @@ class TrainConfig:
     """auto (when stdout is a terminal) | on | off."""
     profile: bool = False
     """Wrap a few steps in torch.profiler and write a trace to run_dir."""
+    comm_stats: bool = False
+    """Count the bytes and blocked time of every collective and p2p call by group kind (tp, pp, dp,
+    embedding, world) on each logged step (megasft.collectives); rank 0's numbers go to the log
+    beside the planner's prediction and to metrics.jsonl as "comm". On CUDA the counted steps
+    synchronise around each collective, which is why only logged steps are counted."""
     fp8: str = "off"
     """off | hybrid | e4m3. FP8 GEMMs in the decoder layers' linears through NVIDIA Transformer
     Engine (CUDA, Hopper/Ada), delayed scaling: hybrid = E4M3 forward, E5M2 gradients (the usual

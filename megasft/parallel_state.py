@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megasft import collectives
 from megasft.config import ConfigError
 
 
@@ -146,6 +147,8 @@ class ParallelState:
                 group = dist.new_group(members, timeout=timeout) if len(members) > 1 else None
                 if me in members:
                     groups[kind] = (group, members)
+                    # The communication ledger books traffic by group kind (kv sub-groups are TP).
+                    collectives.name_group(group, "tp" if kind.startswith("tp") else kind)
         if me not in ranks:
             return None
         rank, world_size = ranks.index(me), len(ranks)

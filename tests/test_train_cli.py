@@ -39,7 +39,7 @@ def test_train_cli_tp2_pp2_export_and_generate(tiny_data, tmp_path):
                 f"data.train_path={tiny_data / 'train'}", f"data.eval_path={tiny_data / 'eval'}",
                 f"data.tokenizer={tiny_data / 'tokenizer.model'}", f"train.run_dir={run}",
                 "parallel.pp=2", "train.steps=4", "train.log_interval=2", "train.eval_interval=4",
-                "data.global_batch_tokens=4096"])
+                "data.global_batch_tokens=4096", "train.comm_stats=true"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "world 4 = tp 2 x pp 2 x dp 1" in out.stdout
     assert "(ratio 1.0000)" in out.stdout            # measured optimizer bytes == 12 N / DP
@@ -50,6 +50,13 @@ def test_train_cli_tp2_pp2_export_and_generate(tiny_data, tmp_path):
     assert [r["step"] for r in train] == [2, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) and "bubble" in r for r in train)
     assert any(r["kind"] == "eval" for r in records)
+    # train.comm_stats: rank 0's measured TP and PP bytes of each logged step match the planner's
+    # prediction for the layout (tests/test_comm_ledger.py derives the 5 %).
+    assert out.stdout.count("comm step ") == 2
+    for r in train:
+        for kind in ("tp", "pp"):
+            sent = sum(e["bytes"] for op, e in r["comm"][kind].items() if op != "recv")
+            assert sent == pytest.approx(r["comm_predicted"][kind], rel=0.05), (kind, r["comm"])
 
     # The export loads in transformers and gives megasft's logits.
     from transformers import AutoModelForCausalLM

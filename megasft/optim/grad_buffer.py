@@ -45,11 +45,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megasft.tensor_parallel.comm import all_gather_single, reduce_scatter_single
+from megasft import collectives
 from megasft.tensor_parallel.spec import spec_of
 
 # Module attributes (not direct calls) so tests can make the all-gather land late (tests/layouts.py).
-_reduce_scatter, _all_gather = reduce_scatter_single, all_gather_single
+_reduce_scatter, _all_gather = collectives.reduce_scatter_into, collectives.all_gather_into
 
 # Shard slices are multiples of this many elements so views stay aligned for vectorised kernels.
 SHARD_ALIGN = 64
@@ -280,7 +280,7 @@ class GradBuffer:
             bucket.handle = _reduce_scatter(self.grad_data[lo:hi], data, group=self.dp_group,
                                             async_op=True)  # [P_b] -> [P_b / dp]
         elif self.dp_group is not None:
-            bucket.handle = dist.all_reduce(data, group=self.dp_group, async_op=True)
+            bucket.handle = collectives.all_reduce(data, self.dp_group, async_op=True)
 
     def finish_grad_sync(self) -> None:
         """Reduce every bucket not reduced yet and wait for all. Idempotent until zero_grad()."""

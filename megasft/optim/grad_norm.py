@@ -18,6 +18,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from megasft import collectives
+
 
 def weighted_sq_sum(pieces: Iterable[tuple[torch.Tensor, int]], device: torch.device) -> torch.Tensor:
     """Σ ||g||² / copies over (gradient piece, copies) pairs, as an fp32 scalar tensor."""
@@ -32,8 +34,7 @@ def global_norm(local_sq_sum: torch.Tensor, groups: Iterable[Optional[dist.Proce
     """sqrt of the local squared sum all-reduced (SUM) over each group; None groups are size 1."""
     total = local_sq_sum.detach().clone().float()
     for group in groups:
-        if group is not None:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        collectives.all_reduce(total, group)
     return float(total.sqrt())  # inf or nan when some gradient was not finite
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megasft import collectives
 from megasft.parallel_state import ParallelState
 
 
@@ -20,6 +21,6 @@ def pipeline_bubble(busy_s: float, wall_s: float, ps: ParallelState) -> float:
         return 1.0 - busy_s / wall_s if wall_s > 0 else 0.0
     busy = torch.tensor([busy_s], dtype=torch.float64)
     wall = torch.tensor([wall_s], dtype=torch.float64)
-    dist.all_reduce(busy, group=ps.pp_group)
-    dist.all_reduce(wall, op=dist.ReduceOp.MAX, group=ps.pp_group)
+    collectives.all_reduce(busy, ps.pp_group)
+    collectives.all_reduce(wall, ps.pp_group, op=dist.ReduceOp.MAX)
     return 1.0 - float(busy) / ps.pp / float(wall)

@@ -14,13 +14,12 @@ both sides.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
+from megasft import collectives
 from megasft.parallel_state import ParallelState
 
 ACTIVATION_TAG, GRAD_TAG = 0, 1
@@ -41,6 +40,7 @@ class P2P:
     def __init__(self, ps: ParallelState, tensor_shape, dtype: torch.dtype):
         self.shape, self.dtype, self.device = tuple(tensor_shape), dtype, ps.device
         n, r = ps.pp, ps.pp_rank
+        self.group = ps.pp_group   # for the ledger: p2p addresses peers by global rank
         self.prev_rank = ps.pp_ranks[(r - 1) % n]
         self.next_rank = ps.pp_ranks[(r + 1) % n]
 
@@ -52,23 +52,16 @@ class P2P:
         ops = []
         # Posting order matters where tags do not (NCCL): activations first, gradients second.
         if send_next is not None:
-            ops.append(dist.P2POp(dist.isend, _contiguous(send_next), self.next_rank, tag=ACTIVATION_TAG))
+            ops.append(("send", _contiguous(send_next), self.next_rank, ACTIVATION_TAG))
         if recv_prev:
             out.from_prev = self._empty()
-            ops.append(dist.P2POp(dist.irecv, out.from_prev, self.prev_rank, tag=ACTIVATION_TAG))
+            ops.append(("recv", out.from_prev, self.prev_rank, ACTIVATION_TAG))
         if send_prev is not None:
-            ops.append(dist.P2POp(dist.isend, _contiguous(send_prev), self.prev_rank, tag=GRAD_TAG))
+            ops.append(("send", _contiguous(send_prev), self.prev_rank, GRAD_TAG))
         if recv_next:
             out.from_next = self._empty()
-            ops.append(dist.P2POp(dist.irecv, out.from_next, self.next_rank, tag=GRAD_TAG))
-        if not ops:
-            return out
-        start = time.perf_counter()
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)   # NCCL work.wait() only orders streams
-        out.wait_s = time.perf_counter() - start
+            ops.append(("recv", out.from_next, self.next_rank, GRAD_TAG))
+        out.wait_s = collectives.batch_p2p(ops, self.group)
         return out
 
     def _empty(self) -> torch.Tensor:

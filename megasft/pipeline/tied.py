@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megasft import collectives
 from megasft.tensor_parallel.spec import spec_of
 
 
@@ -34,4 +35,4 @@ def sync_tied_embedding_grads(params: Iterable[nn.Parameter], embedding_group: O
         grad = grad_of(param)
         if grad is None:   # both stages must join the all-reduce
             param.grad = grad = torch.zeros_like(param)
-        dist.all_reduce(grad, group=embedding_group)
+        collectives.all_reduce(grad, embedding_group)

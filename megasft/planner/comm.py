@@ -10,8 +10,15 @@ megabytes or more.
   plus two reduce-scatters — the same bytes; backward mirrors them. Full recomputation repeats the
   forward's. The vocab-parallel embedding and LM head add one collective pair each. All TP traffic
   sits on the critical path (megasft does not overlap it with GEMMs).
+  The last stage's vocab-parallel cross-entropy all-reduces three fp32 statistics per token (max,
+  target logit, sum of exponentials); replicated parameters whose gradients are partial per TP
+  rank (norms under SP, Qwen3's q/k norms, kv projections replicated when tp > kv heads) sum
+  their fp32 gradients once per step.
 * PP: each micro-batch crossing a chunk boundary sends its activation forward and its gradient
   backward, [s, b, h] (or [s/t, b, h] under SP, where activations between layers are sharded).
+  A rank sends one message per boundary of its chunks (the model's first chunk sends no gradient,
+  its last no activation); the link time counts send and receive, 2 messages per chunk.
+* Tied embeddings under PP: the first and last stage all-reduce the embedding's fp32 gradient.
 * DP with the distributed optimizer (ZeRO-1; Rajbhandari et al. 2020): reduce-scatter of the fp32
   gradients, then all-gather of the updated bf16 weights — 1.5x the bytes of a bf16 all-reduce.
   Without it: an fp32 all-reduce. ``overlap_grad_reduce`` runs the reduction bucket by bucket
@@ -65,17 +72,70 @@ def tp_bytes_per_micro_batch(cfg: Config, pp_rank: int) -> float:
     unit = ring_fraction(p.tp) * activation  # one all-gather or one reduce-scatter
     per_layer = (4 + 4 + (4 if m.recompute == "full" else 0)) * unit  # forward, backward, recompute
     ends = (pp_rank == 0) + (pp_rank == p.pp - 1)  # embedding / LM head collective pairs
-    return sum(layout_of(cfg).rank_chunk_layers(pp_rank)) * per_layer + ends * 2 * unit
+    # Vocab-parallel cross-entropy: all-reduces of the fp32 max, target logit and sum-exp per token.
+    loss_stats = 3 * 2 * ring_fraction(p.tp) * d.seq_len * d.micro_batch_size * 4 if pp_rank == p.pp - 1 else 0
+    return sum(layout_of(cfg).rank_chunk_layers(pp_rank)) * per_layer + ends * 2 * unit + loss_stats
+
+
+def tp_grad_sync_bytes(cfg: Config, pp_rank: int) -> float:
+    """Bytes one rank sends per step summing the partial fp32 gradients of replicated parameters
+    (megasft.tensor_parallel.layers.sync_replicated_grads): norms under SP and Qwen3's q/k norms
+    over TP, kv projections over the ranks sharing a kv head."""
+    m, layout = cfg.model, layout_of(cfg)
+    layers = sum(layout.rank_chunk_layers(pp_rank))
+    over_tp = layers * 2 * m.hidden_size + (m.hidden_size if pp_rank == layout.pp - 1 else 0) \
+        if layout.sequence_parallel else 0
+    if m.qk_norm:
+        over_tp += layers * 2 * m.head_size
+    total = 2 * ring_fraction(layout.tp) * over_tp * GRAD_BYTES if layout.tp > 1 else 0.0
+    if layout.kv_copies > 1:
+        kv = layers * 2 * layout.kv_heads_per_rank * m.head_size * (m.hidden_size + (1 if m.qkv_bias else 0))
+        total += 2 * ring_fraction(layout.kv_copies) * kv * GRAD_BYTES
+    return total
+
+
+def pp_messages_per_micro_batch(cfg: Config, pp_rank: int) -> int:
+    """Messages one rank of stage ``pp_rank`` sends per micro-batch: an activation from every chunk
+    but the model's last, a gradient from every chunk but the model's first."""
+    p = cfg.parallel
+    if p.pp == 1:
+        return 0
+    return 2 * p.virtual_pipeline_size - (pp_rank == 0) - (pp_rank == p.pp - 1)
+
+
+def tied_embedding_bytes(cfg: Config, pp_rank: int) -> float:
+    """Bytes a first/last-stage rank sends per step all-reducing the tied embedding's gradient."""
+    m, p = cfg.model, cfg.parallel
+    if not m.tie_embeddings or p.pp == 1 or pp_rank not in (0, p.pp - 1):
+        return 0.0
+    return 2 * ring_fraction(2) * m.padded_vocab_size(p.tp) // p.tp * m.hidden_size * GRAD_BYTES
+
+
+def pp_message_bytes(cfg: Config) -> float:
+    """One activation (or its gradient) between pipeline stages: [s(/tp under SP), b, h]."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    shard = p.tp if layout_of(cfg).sequence_parallel else 1
+    return d.seq_len * d.micro_batch_size * m.hidden_size * ELEMENT_BYTES[cfg.train.precision] / shard
 
 
 def pp_bytes_per_micro_batch(cfg: Config) -> float:
-    """Pipeline bytes one rank sends per micro-batch: activation forward + gradient backward per chunk."""
-    m, p, d = cfg.model, cfg.parallel, cfg.data
-    if p.pp == 1:
+    """Pipeline bytes through one rank's links per micro-batch (sent + received, the link time's
+    basis): activation forward + gradient backward per chunk."""
+    if cfg.parallel.pp == 1:
         return 0.0
-    shard = p.tp if layout_of(cfg).sequence_parallel else 1
-    message = d.seq_len * d.micro_batch_size * m.hidden_size * ELEMENT_BYTES[cfg.train.precision] / shard
-    return 2 * p.virtual_pipeline_size * message
+    return 2 * cfg.parallel.virtual_pipeline_size * pp_message_bytes(cfg)
+
+
+def predicted_bytes(cfg: Config, pp_rank: int) -> dict[str, float]:
+    """Bytes one rank of stage ``pp_rank`` sends per optimizer step, by group kind — the quantity
+    the communication ledger (megasft.collectives) measures (its scalar all-reduces of losses,
+    counts and norms are left out: a few bytes)."""
+    m = layout_of(cfg).micro_batches
+    reduce_bytes, gather_bytes = dp_bytes_per_step(cfg, pp_rank)
+    return {"tp": tp_bytes_per_micro_batch(cfg, pp_rank) * m + tp_grad_sync_bytes(cfg, pp_rank),
+            "pp": pp_messages_per_micro_batch(cfg, pp_rank) * pp_message_bytes(cfg) * m,
+            "dp": reduce_bytes + gather_bytes,
+            "embedding": tied_embedding_bytes(cfg, pp_rank)}
 
 
 def dp_bytes_per_step(cfg: Config, pp_rank: int) -> tuple[float, float]:
@@ -92,7 +152,7 @@ def dp_bytes_per_step(cfg: Config, pp_rank: int) -> tuple[float, float]:
 def rank_comm(cfg: Config, cluster: Cluster, pp_rank: int) -> RankComm:
     """Communication of a rank of stage ``pp_rank`` on ``cluster`` (cfg validated, dp resolved)."""
     p, layout = cfg.parallel, layout_of(cfg)
-    dp, m = layout.dp, layout.micro_batches
+    dp = layout.dp
     tp_mb = tp_bytes_per_micro_batch(cfg, pp_rank)
     pp_mb = pp_bytes_per_micro_batch(cfg)
     reduce_bytes, gather_bytes = dp_bytes_per_step(cfg, pp_rank)
@@ -102,9 +162,10 @@ def rank_comm(cfg: Config, cluster: Cluster, pp_rank: int) -> RankComm:
     pp_bw = cluster.group_bandwidth(cluster.world_size)
     reduce_s, gather_s = reduce_bytes / dp_bw, gather_bytes / dp_bw
     bucket = p.bucket_size_mb * 2**20 * ring_fraction(dp) / dp_bw   # fp32 gradient bytes per bucket
+    sent = predicted_bytes(cfg, pp_rank)
     return RankComm(
-        tp_bytes=tp_mb * m,
-        pp_bytes=pp_mb * m,
+        tp_bytes=sent["tp"],
+        pp_bytes=sent["pp"],
         dp_bytes=reduce_bytes + gather_bytes,
         tp_seconds_per_micro_batch=tp_mb / tp_bw,
         pp_seconds_per_micro_batch=pp_mb / pp_bw,

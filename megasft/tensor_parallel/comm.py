@@ -21,20 +21,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megasft import collectives
 from megasft.parallel_state import group_rank, group_size
 
 Group = Optional[dist.ProcessGroup]
 
-# The tensor-in/tensor-out collectives, under the names newer torch gives them (*_single; 2.13
-# has both spellings) and older releases' names otherwise. The one shim: the TP/SP operators here
-# and the DP grad buffer (megasft.optim.grad_buffer) both use it.
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
 
 def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
-    if group_size(group) > 1:
-        dist.all_reduce(x, group=group)
+    collectives.all_reduce(x, group)
     return x
 
 
@@ -44,7 +38,7 @@ def all_gather_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    all_gather_single(out, x, group=group)
+    collectives.all_gather_into(out, x, group)
     return out
 
 
@@ -56,7 +50,7 @@ def reduce_scatter_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:
         raise ValueError(f"cannot reduce-scatter dim 0 of size {x.shape[0]} over {world} ranks")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    reduce_scatter_single(out, x, group=group)
+    collectives.reduce_scatter_into(out, x, group)
     return out
 
 

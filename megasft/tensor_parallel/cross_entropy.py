@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megasft import collectives
 from megasft.data.batch import IGNORE_INDEX
-from megasft.parallel_state import group_size
 from megasft.tensor_parallel.comm import Group, all_reduce
 
 
@@ -40,8 +40,7 @@ def _softmax_loss_(z: torch.Tensor, target: torch.Tensor, vocab_start: int, voca
     """Masked CE of vocab-sharded fp32 logits z [n, V/tp], turning z into the softmax *in place*.
     Returns (loss [n] masked, valid [n], log-sum-exp [n], local target ids [n], in_range [n])."""
     z_max = _mask_padding_(z, vocab_valid).max(dim=-1).values
-    if group_size(group) > 1:
-        dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)
+    collectives.all_reduce(z_max, group, op=dist.ReduceOp.MAX)
     z.sub_(z_max.unsqueeze(-1))
 
     valid, local_target, in_range = _target_slots(target, vocab_start, z.shape[-1])

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megasft import collectives
 from megasft.parallel_state import group_rank, group_size
 from megasft.tensor_parallel.comm import (Group, copy_to_tp, gather_from_sp, reduce_from_tp,
                                           reduce_scatter_to_sp)
@@ -115,8 +116,6 @@ def sync_replicated_grads(params: Iterable[nn.Parameter], grad_of: Callable[[nn.
     """Sum the partial gradients of replicated parameters over their spec's grad_sync_group, one
     coalesced all-reduce per group. ``grad_of(param)`` is the gradient to sum (the fp32 main grad
     under the optimizer, ``.grad`` without one)."""
-    import torch.distributed as dist
-
     by_group: dict = {}
     for p in params:
         group, grad = spec_of(p).grad_sync_group, grad_of(p)
@@ -124,7 +123,7 @@ def sync_replicated_grads(params: Iterable[nn.Parameter], grad_of: Callable[[nn.
             by_group.setdefault(group, []).append(grad)
     for group, grads in by_group.items():
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
+        collectives.all_reduce(flat, group)
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))

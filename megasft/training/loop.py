@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megasft import collectives
 from megasft.config import Config
 from megasft.data.batch import MicroBatch
 from megasft.layout import Layout
@@ -24,9 +25,10 @@ from megasft.model.build import build_model
 from megasft.model.fp8 import fp8_autocast
 from megasft.optim.distributed_optimizer import DistributedOptimizer
 from megasft.optim.lr_schedule import WarmupCosine
-from megasft.parallel_state import ParallelState, group_size
+from megasft.parallel_state import ParallelState
 from megasft.pipeline import schedules
 from megasft.training import metrics
+from megasft.training.comm_stats import CommStats
 from megasft.training.faults import Faults
 from megasft.training.profiler import maybe_profile
 
@@ -85,6 +87,7 @@ class Trainer:
         self.fp8_autocast = fp8_autocast(cfg.train, ps)   # a null context unless train.fp8 is on
         # Testing aid (MEGASFT_FAULT): None in a normal run, so each hook costs one test per step.
         self.faults = Faults.from_env(ps.layout_ranks[ps.rank])
+        self.comm = CommStats(cfg, ps)   # train.comm_stats: the ledger on logged steps
 
     # ------------------------------------------------------------------ one step
     def forward_step(self, loss_scale: float):
@@ -102,8 +105,7 @@ class Trainer:
         """Count the global trained tokens, run the pipeline schedule; returns (result, count)."""
         micro_batches = [mb.to(self.ps.device) for mb in micro_batches]
         count = torch.tensor([sum(mb.trained_tokens for mb in micro_batches)], dtype=torch.float64)
-        if group_size(self.ps.dp_group) > 1:
-            dist.all_reduce(count, group=self.ps.dp_group)
+        collectives.all_reduce(count, self.ps.dp_group)
         global_count = int(count.item())
         # An all-padding global batch trains nothing; scale 0 keeps the step well-defined.
         scale = 1.0 / global_count if global_count else 0.0
@@ -122,8 +124,7 @@ class Trainer:
         stage's first TP rank contributes, so TP copies are not counted twice."""
         mine = self.ps.is_last_stage and self.ps.tp_rank == 0
         value = torch.tensor([float(stats.get("loss_sum", 0.0)) if mine else 0.0], dtype=torch.float64)
-        if self.ps.world_size > 1:
-            dist.all_reduce(value, group=self.ps.world_group)
+        collectives.all_reduce(value, self.ps.world_group)
         return float(value.item())
 
     def train_step(self, micro_batches: list[MicroBatch]) -> StepOutput:
@@ -179,14 +180,16 @@ class Trainer:
         with maybe_profile(t.profile, t.run_dir, self.ps.rank, self.ps.device) as prof:
             while self.step < t.steps:
                 micro_batches = train_loader.next_global_batch()
-                out = self.train_step(micro_batches)
+                logged = (self.step + 1) % t.log_interval == 0 or self.step + 1 == t.steps
+                with self.comm.counting(logged):
+                    out = self.train_step(micro_batches)
                 prof.step()
                 outputs.append(out)
                 for line in train_loader.drain_tail_log():   # an epoch's last step filled / dropped
                     if self.log:
                         print(f"megasft: step {self.step}: {line}", flush=True)
                 window.add(self.cfg.data.global_batch_tokens, out.trained_tokens, self._step_flops(micro_batches))
-                if self.step % t.log_interval == 0 or self.step == t.steps:
+                if logged:
                     self._log_train(out, window, writer)
                 if eval_loader is not None and t.eval_interval and (self.step % t.eval_interval == 0
                                                                      or self.step == t.steps):
@@ -219,8 +222,7 @@ class Trainer:
         """Model FLOPs of this step over all ranks (document lengths summed over DP; TP/PP copies
         of a micro-batch are the same work)."""
         sq = torch.tensor([metrics.sum_sq_segment_lens(micro_batches)], dtype=torch.float64)
-        if group_size(self.ps.dp_group) > 1:
-            dist.all_reduce(sq, group=self.ps.dp_group)
+        collectives.all_reduce(sq, self.ps.dp_group)
         return metrics.step_model_flops(self.cfg.model, self.cfg.data.global_batch_tokens, int(sq.item()))
 
     def _log_train(self, out: StepOutput, window: "metrics.ThroughputWindow", writer) -> None:
@@ -231,7 +233,9 @@ class Trainer:
             step=self.step, lr=out.lr, loss=out.loss, grad_norm=out.grad_norm, window=totals,
             world_size=self.ps.world_size, peak_tflops=self.cfg.train.peak_tflops,
             peak_mem=metrics.peak_memory_bytes(self.ps.device), skipped=self.optimizer.skipped_total,
-            bubble=out.bubble).as_dict())
+            bubble=out.bubble).as_dict() | self.comm.as_record())
+        if self.comm.report is not None:
+            print(self.comm.line(self.step), flush=True)
 
     def _should_stop(self, skipped: bool) -> tuple[bool, bool]:
         """(stop requested on some rank, weights finite on every rank) in one MAX all-reduce: the
@@ -239,7 +243,7 @@ class Trainer:
         bad = not skipped and not math.isfinite(self.optimizer.max_abs_main_param())
         flags = torch.tensor([1.0 if self.stop_requested else 0.0, 1.0 if bad else 0.0])
         if self.ps.world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.ps.world_group)   # stop together
+            collectives.all_reduce(flags, self.ps.world_group, op=dist.ReduceOp.MAX)   # stop together
         return bool(flags[0].item()), not bool(flags[1].item())
 
     def _eval_and_log(self, eval_loader, writer) -> None:

@@ -1,0 +1,113 @@
+"""Communication volume per step, measured by the ledger (megasft.collectives) vs the planner's
+analytic prediction (megasft.planner.comm.predicted_bytes), per group kind, for several layouts
+of one 8-rank world (gloo, one process per rank).
+
+    python benchmarks/comm_volume.py [--seq-len 256] [--hidden 256] [--layers 4]
+
+It starts itself under torchrun (8 ranks on this machine). Every layout trains one warm-up step,
+then one counted step on packed long-tailed documents; rank 0 gathers each rank's report and
+prints, per layout and kind, the largest measured bytes per rank, the planner's bytes for that
+rank, their ratio, and the seconds the rank was blocked in those calls (on a CPU machine gloo
+shares the cores with compute, so the seconds say little; the bytes are exact).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common import add_model_args, bench_config, format_table, lognormal_lengths, pack_steps, \
+    packed_micro_batches, sft_documents
+from megasft import collectives
+from megasft.parallel_state import ParallelState
+from megasft.planner.comm import predicted_bytes
+from megasft.planner.pinned import pin
+from megasft.training.loop import Trainer
+
+# name: (tp, pp, virtual, sequence parallel, ZeRO-1, overlap, tied embeddings)
+LAYOUTS = {
+    "TP2 x PP2 x DP2, ZeRO-1": (2, 2, 1, False, True, False, False),
+    "TP2 x PP2 x DP2, SP, interleaved v2": (2, 2, 2, True, True, False, False),
+    "TP2 x DP4, ZeRO-1 + overlap, SP": (2, 1, 1, True, True, True, False),
+    "TP8": (8, 1, 1, False, True, False, False),
+    "PP2 x DP4, tied, plain DP": (1, 2, 1, False, False, False, True),
+}
+KINDS = ("tp", "pp", "dp", "embedding")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--rows", type=int, default=8, help="rows per global batch")
+    add_model_args(ap, vocab=4096, hidden=256, ffn=688, layers=4, heads=8, kv_heads=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def measure(args, ps: ParallelState, layout) -> dict:
+    tp, pp, virtual, sp, zero1, overlap, tied = layout
+    cfg = bench_config(args, args.seq_len, args.rows, 1, 2, lr=1e-4)
+    p = cfg.parallel
+    p.tp, p.pp, p.virtual_pipeline_size, p.sequence_parallel = tp, pp, virtual, sp
+    p.distributed_optimizer, p.overlap_grad_reduce, p.overlap_param_gather = zero1, overlap, overlap
+    p.dp, cfg.model.tie_embeddings = None, tied
+    cfg.validate()
+    torch.manual_seed(args.seed)
+    trainer = Trainer(cfg, ps, log=False)
+    rng = np.random.default_rng(args.seed)
+    docs = sft_documents(lognormal_lengths(args.rows * 6, 60.0, 1.0, args.seq_len, 8, rng), args.vocab, rng)
+    rows = pack_steps(docs, args.seq_len, args.rows)[0]
+    per_rank = args.rows // ps.dp
+    mine = rows[ps.dp_rank * per_rank:(ps.dp_rank + 1) * per_rank]
+    micro = packed_micro_batches(docs, mine, args.seq_len, 1)
+    trainer.train_step(micro)
+    collectives.LEDGER.start()
+    trainer.train_step(micro)
+    report = collectives.LEDGER.stop()
+    trainer.optimizer.finish_param_sync()
+    planned = predicted_bytes(pin(cfg, ps.world_size), ps.pp_rank)
+    return {kind: (collectives.sent_bytes(report, kind), planned[kind],
+                   sum(e["seconds"] for e in report.get(kind, {}).values())) for kind in KINDS}
+
+
+def worker(args) -> None:
+    torch.set_num_threads(args.threads or 1)
+    dist.init_process_group("gloo")
+    rows = []
+    for name, layout in LAYOUTS.items():
+        ps = ParallelState.build(layout[0], layout[1])
+        mine = measure(args, ps, layout)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        for kind in KINDS:
+            worst = max(gathered, key=lambda r: r[kind][0])[kind]
+            measured, planned, seconds = worst
+            if measured or planned:
+                ratio = f"{measured / planned:.4f}" if planned else "-"
+                rows.append((name, kind, f"{measured / 1e6:.3f}", f"{planned / 1e6:.3f}", ratio, f"{seconds:.3f}"))
+    if dist.get_rank() == 0:
+        print(f"8 ranks (gloo), tiny Llama h={args.hidden} L={args.layers} V={args.vocab}, fp32, "
+              f"{args.rows} rows x {args.seq_len} tokens per step, torch {torch.__version__}")
+        print(format_table(["layout", "kind", "measured MB/rank", "planned MB", "ratio", "blocked s"], rows))
+    dist.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8",
+           os.path.join(here, "comm_volume.py"), "--worker", *(argv if argv is not None else sys.argv[1:])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    raise SystemExit(subprocess.run(cmd, env=env).returncode)
+
+
+if __name__ == "__main__":
+    main()
