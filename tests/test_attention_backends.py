@@ -48,6 +48,7 @@ def test_auto_on_cpu_is_sdpa_and_gpu_backends_are_refused_clearly():
         resolve_backend("flash_attn", torch.device("cpu"))
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend, available, reason", [
     ("torch_varlen", lambda: _has_torch_varlen(), "torch.nn.attention.varlen not available"),
     ("flash_attn", lambda: _has_flash_attn(), "flash-attn not installed"),

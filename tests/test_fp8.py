@@ -137,6 +137,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
 
 
+@pytest.mark.cuda
 def test_fp8_model_matches_bf16_within_fp8_tolerance():
     device = _cuda_fp8_or_skip()
     ps, layers = ParallelState.single(device), list(range(FIELDS["num_layers"]))
@@ -170,6 +171,7 @@ def test_fp8_model_matches_bf16_within_fp8_tolerance():
     assert list(stages["fp8"].state_dict()) == list(stages["bf16"].state_dict())
 
 
+@pytest.mark.cuda
 def test_fp8_trainer_steps_lower_the_loss():
     from megasft.training.loop import Trainer
 

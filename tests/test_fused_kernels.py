@@ -26,7 +26,8 @@ FIELDS = tiny_fields()
 EPS, HIDDEN = FIELDS["rms_norm_eps"], FIELDS["hidden_size"]   # the model test then reuses the compiled graphs
 SHAPES = [(7, 2, HIDDEN), (11, 3, HIDDEN)]     # [s, b, h]; the second is new to a compiled graph
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-FAST_BACKENDS = ["compile", "apex", "te"]
+# apex and te run on CUDA only (benchmarks/gpu_check.sh runs the `cuda` marker).
+FAST_BACKENDS = ["compile", pytest.param("apex", marks=pytest.mark.cuda), pytest.param("te", marks=pytest.mark.cuda)]
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
