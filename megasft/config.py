@@ -407,7 +407,8 @@ class Config:
                               "set overlap_param_gather=false")
         split_rows(d.global_batch_tokens, d.seq_len)   # rows of seq_len; the DP split is the Layout's
         check_sources(d, t)
-        if o.warmup_steps is not None and t.epochs is None and o.warmup_steps > t.steps:
+        derived = t.epochs is not None or any(s.epochs is not None for s in d.sources or [])   # steps come later
+        if o.warmup_steps is not None and not derived and o.warmup_steps > t.steps:
             raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
         if t.fp8 != "off":
             _check_fp8(m, t)

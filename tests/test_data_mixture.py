@@ -198,6 +198,21 @@ def test_config_round_trip_and_missing_path(tmp_path):
         Config.from_dict({"data": dict(raw["data"], train_path="x")}).validate()
     with pytest.raises(ConfigError, match="train.epochs does not apply"):
         Config.from_dict(dict(raw, train={"epochs": 2})).validate()
+    epochs = {"data": {"sources": [{"name": "a", "path": "x", "epochs": 2}]}, "train": {"steps": 5},
+              "optim": {"warmup_steps": 10}}
+    Config.from_dict(epochs).validate()   # warmup is checked against the derived steps, not train.steps
+
+
+def test_train_entry_names_a_missing_source(main, data, tmp_path):
+    from tests.runs import train_args
+
+    sources = json.dumps([{"name": "chat", "path": str(data), "weight": 0.5},
+                          {"name": "code", "path": str(tmp_path / "missing"), "weight": 0.5}])
+    args = [a for a in train_args(data, tmp_path / "run") if not a.startswith("data.train_path")]
+    rc, err = main(args + [f"data.sources={sources}"])
+    assert rc == 2 and err == [f"megasft.train: no indexed dataset at {tmp_path / 'missing'} "
+                               f"(data.sources[code].path; {tmp_path / 'missing' / 'meta.json'} is missing); "
+                               f"write one with tools/preprocess_data.py --output {tmp_path / 'missing'}"]
 
 
 def test_per_source_eval_losses_equal_a_transformers_forward(main, tmp_path):

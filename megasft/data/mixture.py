@@ -49,8 +49,8 @@ def doc_trained_tokens(ds: IndexedDataset, chunk: int = 1 << 20) -> np.ndarray:
     for a in range(0, len(ds), chunk):
         b = min(len(ds), a + chunk)
         lo, hi = offsets[a], offsets[b]
-        mask = np.asarray(ds.mask[lo:hi], np.int64)
-        out[a:b] = np.add.reduceat(mask, offsets[a:b] - lo) - mask[offsets[a:b] - lo]
+        mask, starts = ds.mask[lo:hi], offsets[a:b] - lo   # uint8 [tokens of the chunk], int64 [docs]
+        out[a:b] = np.add.reduceat(mask, starts, dtype=np.int64) - mask[starts]
     return out
 
 
@@ -147,8 +147,10 @@ class MixtureLoader:
         self.last_rows: list[tuple[str, list[int]]] = []
         """The global rows of the last step handed out: (source name, document ids)."""
         self.total_steps: Optional[int] = None
+        self._run: Optional[tuple] = None   # the simulated run of describe_plan
         if any(s.epochs is not None for s in sources):
-            self.total_steps = self._simulate(None)[0]
+            self._run = self._simulate(None)
+            self.total_steps = self._run[0]
         self.planned_steps = self.total_steps if self.total_steps is not None else steps
 
     # ------------------------------------------------------------------ the stream
@@ -232,7 +234,7 @@ class MixtureLoader:
                  f"tokens per step, {steps} steps ({how})"]
         if steps is None:
             return lines[0]
-        _, final, rows = self._simulate(steps)
+        _, final, rows = self._run if self._run is not None else self._simulate(steps)
         run_trained = [st.trained for st in final]
         total = max(1, sum(run_trained))
         header = (f"  {'source':<12} {'docs':>8} {'tokens':>11} {'trained':>11} {'rows/ep':>8} {'target':>7} "
