@@ -165,6 +165,8 @@ def test_resume_refuses_other_sources_naming_the_fix(tmp_path):
     single, _ = build_loaders(DataConfig(train_path=paths[0], seq_len=SEQ, global_batch_tokens=8 * SEQ), seed=1)
     with pytest.raises(DatasetError, match="single data.train_path run"):
         loader.load_state_dict(single.state_dict())
+    with pytest.raises(DatasetError, match="of a data.sources mixture, this run reads data.train_path"):
+        single.load_state_dict(loader.state_dict())
 
 
 @pytest.mark.parametrize("sources, message", [

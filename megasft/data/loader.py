@@ -219,6 +219,10 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore (epoch, rows consumed). The plan must be the same one: same seed, seq_len, documents."""
+        if state.get("kind") == "mixture":
+            raise DatasetError("the checkpoint's data state is of a data.sources mixture, this run reads "
+                               "data.train_path; resume with the same data.sources, or set "
+                               "data.reset_order_on_resume=true to start the data order afresh")
         for key, mine in (("seed", self.seed), ("seq_len", self.seq_len), ("num_docs", len(self.doc_indices)),
                           ("epoch_tail", self.epoch_tail)):
             if state.get(key, mine) != mine:

@@ -5,9 +5,10 @@ Each source has its own row stream: its documents' packing plan per epoch (the s
 epoch after epoch. A global batch is ``rows_per_step`` row slots, filled one at a time: each slot
 goes to the source whose trained tokens fall furthest short of its target share of all trained
 tokens so far (``target * total - trained``; ties to the first-listed source). No random draw is
-involved, so there is nothing to drift: after any number of slots every source's share is within
-one row's trained tokens of its target (divided by the total), and the choice depends only on the
-counts, never on the DP size — DP ranks only slice each global batch, as for a single dataset.
+involved, so there is nothing to drift: a source ahead of its share is not chosen until the others
+catch up, so every shortfall stays within a few rows' trained tokens (the share error shrinks as
+1 / total; tests/test_data_mixture.py measures it), and the choice depends only on the counts,
+never on the DP size — DP ranks only slice each global batch, as for a single dataset.
 
 Targets: a ``weight`` source's is its weight. An ``epochs`` source trains ``epochs x`` its trained
 tokens, T_e; with E = sum T_e and W = the sum of the weights, the run's trained tokens are
