@@ -18,6 +18,7 @@ import yaml
 
 from megasft.config_fields import field_problem
 from megasft.config_read import build_section, unknown_message, yaml_message
+from megasft.config_sources import SourceConfig, check_sources, read_sources
 from megasft.errors import ConfigError
 from megasft.model.families import FAMILIES, family_problem
 
@@ -181,6 +182,12 @@ class DataConfig:
     reset_order_on_resume: bool = False
     """On resume, ignore the data position saved in the checkpoint and start the data order
     afresh (epoch 0); needed when the training data, seq_len or seed changed since the save."""
+    sources: Optional[list[SourceConfig]] = None
+    """A mixture instead of train_path: a list of {name, path, weight | epochs, eval_fraction |
+    eval_path} (megasft.config_sources, megasft.data.mixture)."""
+
+    def __post_init__(self) -> None:   # YAML gives the sources as mappings; typed from here on
+        self.sources = read_sources(self.sources)
 
     def rows_per_step(self) -> int:
         return self.global_batch_tokens // self.seq_len
@@ -404,7 +411,9 @@ class Config:
                               "which only exists with parallel.distributed_optimizer=true; enable it or "
                               "set overlap_param_gather=false")
         split_rows(d.global_batch_tokens, d.seq_len)   # rows of seq_len; the DP split is the Layout's
-        if o.warmup_steps is not None and t.epochs is None and o.warmup_steps > t.steps:
+        check_sources(d, t)
+        derived = t.epochs is not None or any(s.epochs is not None for s in d.sources or [])   # steps come later
+        if o.warmup_steps is not None and not derived and o.warmup_steps > t.steps:
             raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
         if t.fp8 != "off":
             _check_fp8(m, t)

@@ -95,11 +95,13 @@ def check_inputs(cfg: Config) -> None:
     from megasft.training.run_dir import check_run_dir
     from megasft.data.indexed import META
 
+    from megasft.config_sources import source_paths
+
     d = cfg.data
-    if d.train_path is None:
+    if d.train_path is None and not d.sources:
         raise StartupError("no training data: data.train_path is not set; point it at a directory "
-                           "written by tools/preprocess_data.py")
-    for key, path in (("data.train_path", d.train_path), ("data.eval_path", d.eval_path)):
+                           "written by tools/preprocess_data.py (or list data.sources)")
+    for key, path in (("data.train_path", d.train_path), ("data.eval_path", d.eval_path), *source_paths(d)):
         if path is not None and not (Path(path) / META).is_file():
             raise StartupError(f"no indexed dataset at {path} ({key}; {Path(path) / META} is missing); "
                                f"write one with tools/preprocess_data.py --output {path}")
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
     run_dir = Path(cfg.train.run_dir)
     try:   # before any step: bad data or a bad checkpoint fails here, naming the file and what differs
         train_loader, eval_loader = build_loaders(cfg.data, cfg.train.seed, ps.dp_rank, ps.dp,
-                                                  cfg.model.vocab_size, epochs=cfg.train.epochs)
+                                                  cfg.model.vocab_size, epochs=cfg.train.epochs,
+                                                  steps=cfg.train.steps)
         if train_loader.total_steps is not None:   # train.epochs: the schedule's length is the data's
             cfg.train.steps = train_loader.total_steps
         trainer = Trainer(cfg, ps, stop=stop, layout=layout)

@@ -219,6 +219,10 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore (epoch, rows consumed). The plan must be the same one: same seed, seq_len, documents."""
+        if state.get("kind") == "mixture":
+            raise DatasetError("the checkpoint's data state is of a data.sources mixture, this run reads "
+                               "data.train_path; resume with the same data.sources, or set "
+                               "data.reset_order_on_resume=true to start the data order afresh")
         for key, mine in (("seed", self.seed), ("seq_len", self.seq_len), ("num_docs", len(self.doc_indices)),
                           ("epoch_tail", self.epoch_tail)):
             if state.get(key, mine) != mine:
@@ -240,12 +244,17 @@ def split_documents(num_docs: int, eval_fraction: float, seed: int) -> tuple[np.
 
 
 def build_loaders(data, seed: int, dp_rank: int = 0, dp_size: int = 1, vocab_size: Optional[int] = None,
-                  epochs: Optional[int] = None) -> tuple[PackedLoader, Optional[PackedLoader]]:
+                  epochs: Optional[int] = None, steps: Optional[int] = None) -> tuple[PackedLoader, Optional[PackedLoader]]:
     """(train loader, eval loader or None) from a DataConfig: eval from ``eval_path`` if given, else a
     seeded ``eval_fraction`` of the training documents. With ``vocab_size`` (the model's), a dataset
     holding a token id >= vocab_size is a DatasetError here, before any step (see
     :meth:`IndexedDataset.check_trainable`); so is an empty one. ``epochs`` (train.epochs) limits
-    the training stream; its ``total_steps`` is then the run's step count."""
+    the training stream; its ``total_steps`` is then the run's step count. With ``data.sources`` the
+    loaders are megasft.data.mixture's (``steps``, train.steps, sizes its start-up plan)."""
+    if getattr(data, "sources", None):
+        from megasft.data.mixture import build_mixture
+
+        return build_mixture(data, seed, dp_rank, dp_size, vocab_size, steps=steps)
     if data.train_path is None:
         raise ValueError("data.train_path is not set; point it at a directory written by tools/preprocess_data.py")
     train_ds = IndexedDataset(data.train_path)

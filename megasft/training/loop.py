@@ -247,9 +247,14 @@ class Trainer:
         return bool(flags[0].item()), not bool(flags[1].item())
 
     def _eval_and_log(self, eval_loader, writer) -> None:
-        loss, tokens = self.evaluate(eval_loader)
+        per_source: dict = {}
+        if getattr(eval_loader, "per_source", False):   # data.sources: one eval split per source
+            from megasft.training.evaluate import evaluate_mixture
+            loss, tokens, per_source = evaluate_mixture(self, eval_loader)
+        else:
+            loss, tokens = self.evaluate(eval_loader)
         if self.best_eval is None or loss < self.best_eval[0]:
             self.best_eval = (loss, self.step)
         if writer is not None:
             writer.write({"kind": "eval", "step": self.step, "eval_loss": loss, "eval_tokens": tokens,
-                          "best_eval_loss": self.best_eval[0], "best_step": self.best_eval[1]})
+                          "best_eval_loss": self.best_eval[0], "best_step": self.best_eval[1], **per_source})

@@ -145,7 +145,8 @@ class MetricsWriter:
     def format(self, r: dict) -> str:
         if r.get("kind") == "eval":
             best = f" (best {r['best_eval_loss']:.4f} @ {r['best_step']})"
-            return f"eval step {r['step']:>6} | loss {r['eval_loss']:.4f} | tokens {r['eval_tokens']}{best}"
+            sources = "".join(f" | {k.split('/', 1)[1]} {v:.4f}" for k, v in r.items() if k.startswith("eval_loss/"))
+            return f"eval step {r['step']:>6} | loss {r['eval_loss']:.4f} | tokens {r['eval_tokens']}{best}{sources}"
         bar = self._bar(r["step"]) if self.progress else ""
         bubble = (f" | bubble {100 * r['bubble']:.1f}% (theory {100 * r['bubble_theory']:.1f}%)"
                   if "bubble" in r else "")
@@ -177,8 +178,20 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def loss_curves(train: list[dict], evals: list[dict]) -> dict[str, tuple[list, list]]:
+    """label -> (steps, losses) of the loss panel: train, eval (a mixture's: pooled over its sources)
+    and, with data.sources, one 'eval <name>' curve per source."""
+    curves = {"train": ([r["step"] for r in train], [r["loss"] for r in train])}
+    if evals:
+        curves["eval"] = ([r["step"] for r in evals], [r["eval_loss"] for r in evals])
+    for key in sorted({k for r in evals for k in r if k.startswith("eval_loss/")}):
+        points = [(r["step"], r[key]) for r in evals if key in r]
+        curves[f"eval {key.split('/', 1)[1]}"] = ([x for x, _ in points], [y for _, y in points])
+    return curves
+
+
 def plot_metrics(path: str | Path, out: str | Path) -> Path:
-    """Draw loss (train and eval), learning rate and pre-clip grad norm against step to a PNG."""
+    """Draw loss (train, eval, eval per source), learning rate and pre-clip grad norm against step to a PNG."""
     try:
         import matplotlib
     except ImportError:
@@ -192,9 +205,8 @@ def plot_metrics(path: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{path}: no training records to plot")
     steps = [r["step"] for r in train]
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
-    axes[0].plot(steps, [r["loss"] for r in train], label="train")
-    if evals:
-        axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+    for label, (xs, ys) in loss_curves(train, evals).items():
+        axes[0].plot(xs, ys, "-" if label == "train" else "o-" if label == "eval" else ".--", label=label)
     axes[0].set_ylabel("loss (per trained token)")
     axes[0].legend()
     axes[1].plot(steps, [r["lr"] for r in train])
