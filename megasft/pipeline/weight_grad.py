@@ -16,6 +16,7 @@ micro-batch's activations are fully released only after W, which is what the sch
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import deque
 from typing import Iterator, Optional
 
@@ -25,7 +26,8 @@ from torch import nn
 
 
 class WeightGradStore:
-    """This rank's queue of deferred weight-gradient GEMMs, one group per B pass, in order."""
+    """This rank's queue of deferred weight-gradient computations (callables), one group per B
+    pass, in order."""
 
     def __init__(self) -> None:
         self.capturing: Optional[list] = None
@@ -46,8 +48,8 @@ class WeightGradStore:
 
     def run_oldest(self) -> None:
         """The W pass of the oldest B pass: dW = dY^T X for each of its GEMMs, accumulated by autograd."""
-        for weight, x, grad_out in self.groups.popleft():
-            self.accumulate(weight, x, grad_out)
+        for weight_grad in self.groups.popleft():
+            weight_grad()
 
     @staticmethod
     def accumulate(weight: nn.Parameter, x: torch.Tensor, grad_out: torch.Tensor) -> None:
@@ -73,7 +75,7 @@ class _DeferredLinear(torch.autograd.Function):
         grad_x = grad_out @ weight                                                 # [..., in]
         grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias else None
         if ctx.store.capturing is not None:
-            ctx.store.capturing.append((ctx.param, x, grad_out))
+            ctx.store.capturing.append(functools.partial(WeightGradStore.accumulate, ctx.param, x, grad_out))
         else:   # a backward outside a split pass: the weight gradient now
             WeightGradStore.accumulate(ctx.param, x, grad_out)
         return grad_x, None, grad_b, None, None
