@@ -154,6 +154,26 @@ def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group: Group, async_
                 "reduce_scatter", (n - 1) / n * _nbytes(x), async_op)
 
 
+def isend(t: torch.Tensor, peer: int, group: Group, tag: int):
+    """Start sending `t` to global rank `peer`; returns the work to wait on."""
+    work = dist.isend(t, peer, tag=tag)
+    if LEDGER.recording:
+        LEDGER.add(group, "send", _nbytes(t))
+    return work
+
+
+def recv(t: torch.Tensor, peer: int, group: Group, tag: int) -> float:
+    """Receive into `t` from global rank `peer`; returns the seconds this rank waited."""
+    start = time.perf_counter()
+    dist.irecv(t, peer, tag=tag).wait()
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)   # NCCL work.wait() only orders streams
+    seconds = time.perf_counter() - start
+    if LEDGER.recording:
+        LEDGER.add(group, "recv", _nbytes(t), seconds)
+    return seconds
+
+
 def batch_p2p(ops: list[tuple[str, torch.Tensor, int, int]], group: Group) -> float:
     """Post ("send" | "recv", tensor, peer global rank, tag) operations as one batch, in the order
     given (the order is what matches messages where tags are ignored, NCCL), and wait for all.

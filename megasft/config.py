@@ -139,7 +139,9 @@ class ParallelConfig:
     pipeline_layers: Optional[list] = None
     """Explicit layers per pipeline stage (length pp * virtual_pipeline_size); None splits evenly."""
     pipeline_schedule: str = "auto"
-    """auto | 1f1b | interleaved | all_forward_all_backward."""
+    """auto | 1f1b | interleaved | all_forward_all_backward | zb_h1 (zero bubble: backward split
+    into input and weight gradients, the weight passes filling 1F1B's cool-down bubble; one model
+    chunk per rank, gloo only for now — megasft.pipeline.zero_bubble)."""
     distributed_optimizer: bool = True
     """ZeRO-1: shard fp32 main params and Adam moments over the data-parallel group."""
     overlap_grad_reduce: bool = False
@@ -319,7 +321,7 @@ CHOICES = {
     ("model", "norm_backend"): ("auto", "torch", "compile", "apex", "te"),
     ("model", "recompute"): ("none", "selective", "full"),
     ("optim", "adamw_kernel"): ("auto", "fused", "reference"),
-    ("parallel", "pipeline_schedule"): ("auto", "1f1b", "interleaved", "all_forward_all_backward"),
+    ("parallel", "pipeline_schedule"): ("auto", "1f1b", "interleaved", "all_forward_all_backward", "zb_h1"),
     ("data", "epoch_tail"): ("fill", "drop"),
     ("train", "precision"): ("bf16", "fp32"),
     ("train", "progress_bar"): ("auto", "on", "off"),

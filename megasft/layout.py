@@ -12,7 +12,8 @@ the interleaved schedule, Narayanan et al. 2021, Sec. 2.2). The embedding is on 
 norm and LM head on chunk pp*v - 1.
 
 Bubbles (Narayanan et al. 2021, Sec. 2.2), as the fraction of a step a stage idles, equal stage
-costs and free communication: 1F1B and GPipe (p-1)/(m+p-1); interleaved (p-1)/(v*m+p-1).
+costs and free communication: 1F1B and GPipe (p-1)/(m+p-1); interleaved (p-1)/(v*m+p-1);
+ZB-H1 (Qi et al. 2023, F = B = W) (p-1)/(3m+p-1) for m >= p.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from megasft.config import Config, ConfigError, divisors, split_rows
 
 # The one set of schedule names (ParallelConfig.pipeline_schedule accepts these plus "auto").
 NO_PIPELINE, ONE_F_ONE_B, INTERLEAVED, AFAB = "no_pipeline", "1f1b", "interleaved", "all_forward_all_backward"
-SCHEDULES = (NO_PIPELINE, ONE_F_ONE_B, INTERLEAVED, AFAB)
+ZB_H1 = "zb_h1"
+SCHEDULES = (NO_PIPELINE, ONE_F_ONE_B, INTERLEAVED, AFAB, ZB_H1)
 
 
 # ------------------------------------------------------------------------------ pure rules
@@ -121,13 +123,17 @@ def warmup_forwards(schedule: str, pp: int, pp_rank: int, m: int, v: int = 1) ->
         return total
     if schedule == INTERLEAVED:
         return total if m == pp else min(2 * (pp - pp_rank - 1) + (v - 1) * pp, total)
-    return min(pp - pp_rank - 1, m)
+    return min(pp - pp_rank - 1, m)   # 1F1B and ZB-H1
 
 
 def in_flight(schedule: str, pp: int, pp_rank: int, m: int, v: int = 1) -> int:
     """Peak number of (micro-batch, chunk) forwards whose activations stage pp_rank holds: the
     warm-up forwards plus the one in steady state, at most all m*v of them. Summed over rank 0's
-    interleaved chunks this is Korthikanti et al. 2022's factor (1 + (p-1)/(p v)) (Sec. 4.2.3)."""
+    interleaved chunks this is Korthikanti et al. 2022's factor (1 + (p-1)/(p v)) (Sec. 4.2.3).
+    ZB-H1 counts a micro-batch until its W pass: every stage holds up to min(p, m)."""
+    if schedule == ZB_H1:
+        from megasft.pipeline.zero_bubble import peak_in_flight
+        return peak_in_flight(pp, pp_rank, m)
     return min(warmup_forwards(schedule, pp, pp_rank, m, v) + 1, m * v)
 
 
@@ -135,6 +141,9 @@ def bubble_fraction(schedule: str, pp: int, m: int, v: int = 1) -> float:
     """Idle fraction of a pipeline step (see the module docstring)."""
     if schedule == NO_PIPELINE or pp == 1:
         return 0.0
+    if schedule == ZB_H1:   # (p-1) / (3m + p - 1) for m >= p (Qi et al. 2023, F = B = W)
+        from megasft.pipeline.zero_bubble import simulated_bubble
+        return simulated_bubble(pp, m)
     return (pp - 1) / ((v if schedule == INTERLEAVED else 1) * m + pp - 1)
 
 
@@ -142,6 +151,8 @@ def bubble_slots(schedule: str, pp: int, v: int = 1) -> float:
     """Bubble length in units of one micro-batch's work on one rank: (p-1)/v (interleaved) or p-1."""
     if schedule == NO_PIPELINE or pp == 1:
         return 0.0
+    if schedule == ZB_H1:   # (p-1)(F + B - W) with F = B = W, in units of F + B + W
+        return (pp - 1) / 3
     return (pp - 1) / v if schedule == INTERLEAVED else float(pp - 1)
 
 

@@ -64,6 +64,22 @@ class P2P:
         out.wait_s = collectives.batch_p2p(ops, self.group)
         return out
 
+    # One message at a time, for schedules whose order is a fixed list of passes (zero bubble):
+    # blocking receives, sends left in flight until finish_sends().
+    def recv_activation(self) -> tuple[torch.Tensor, float]:
+        x = self._empty()
+        return x, collectives.recv(x, self.prev_rank, self.group, ACTIVATION_TAG)
+
+    def recv_grad(self) -> tuple[torch.Tensor, float]:
+        g = self._empty()
+        return g, collectives.recv(g, self.next_rank, self.group, GRAD_TAG)
+
+    def isend_activation(self, y: torch.Tensor):
+        return collectives.isend(_contiguous(y), self.next_rank, self.group, ACTIVATION_TAG)
+
+    def isend_grad(self, g: torch.Tensor):
+        return collectives.isend(_contiguous(g), self.prev_rank, self.group, GRAD_TAG)
+
     def _empty(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device=self.device)
 

@@ -17,6 +17,8 @@ Using Megatron-LM", Sec. 2.2):
                    p - rank micro-batches wait for their backward on a stage.
   interleaved 1F1B each rank holds v model chunks (its chunk i is global chunk i*p + rank); the
                    same idea over p*v virtual stages shrinks the bubble by v.
+  ZB-H1            zero bubble (Qi et al. 2023): backward split into B (input grad) and W
+                   (weight grad); W passes fill 1F1B's cool-down bubble (zero_bubble.py).
 
 Every stage must call with the same micro-batch list (the loader gives it to all of them), so
 packing metadata needs no communication; only activations and their gradients travel (p2p.py).
@@ -31,10 +33,11 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
-from megasft.layout import (AFAB, INTERLEAVED, NO_PIPELINE, ONE_F_ONE_B, check_micro_batches,
+from megasft.layout import (AFAB, INTERLEAVED, NO_PIPELINE, ONE_F_ONE_B, ZB_H1, check_micro_batches,
                             resolve_schedule, warmup_forwards)
 from megasft.parallel_state import ParallelState
 from megasft.pipeline.p2p import P2P, backward_through, release_storage
+from megasft.pipeline.zero_bubble import zero_bubble_h1
 
 ForwardStep = Callable[[int, dict, Optional[torch.Tensor]], object]
 
@@ -73,9 +76,11 @@ class _Stage:
 
     def __init__(self, forward_step: ForwardStep, micro_batches: list[dict], ps: ParallelState,
                  num_chunks: int, tensor_shape, dtype: torch.dtype, forward_only: bool,
-                 no_sync: Optional[Callable[[], ContextManager]]):
+                 no_sync: Optional[Callable[[], ContextManager]], weight_store=None):
         self.forward_step, self.micro_batches, self.ps = forward_step, micro_batches, ps
         self.num_chunks, self.forward_only, self.no_sync = num_chunks, forward_only, no_sync
+        self.weight_store = weight_store        # zero-bubble schedules: deferred weight gradients
+        self.sends: list = []                   # (work, sent activation or None) still in flight
         self.p2p = P2P(ps, tensor_shape, dtype) if ps.pp > 1 else None
         self.result = ScheduleResult()
         self.saved = [deque() for _ in range(num_chunks)]             # (input, output) per forward
@@ -102,9 +107,10 @@ class _Stage:
             self.result.peak_in_flight = max(self.result.peak_in_flight, self.in_flight)
         return None if self.is_loss_chunk(chunk) else output
 
-    def backward(self, chunk: int, output_grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def backward(self, chunk: int, output_grad: Optional[torch.Tensor], release: bool = True) -> Optional[torch.Tensor]:
         """Backward of the oldest pending forward of `chunk`; returns the gradient of its input
-        (None on the first stage's first chunk). output_grad is None for the loss."""
+        (None on the first stage's first chunk). output_grad is None for the loss. With
+        release=False the micro-batch stays counted in flight (its W pass releases it)."""
         input_tensor, output = self.saved[chunk].popleft()
         self.backwards_left[chunk] -= 1
         # Gradient reduction over DP may start only once the chunk's last micro-batch is in.
@@ -113,7 +119,8 @@ class _Stage:
         with self.no_sync() if accumulate_only else contextlib.nullcontext():
             backward_through(output, output_grad)
         self.result.busy_s += time.perf_counter() - start
-        self.in_flight -= 1
+        if release:
+            self.in_flight -= 1
         return None if input_tensor is None else input_tensor.grad
 
     def exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
@@ -125,6 +132,42 @@ class _Stage:
         if send_next is not None and not self.forward_only:
             release_storage(send_next)   # the next stage holds it now; backward needs only grad_fn
         return got.from_prev, got.from_next
+
+
+    # One message at a time (schedules given as a list of passes): blocking receives, sends left
+    # in flight; a sent activation's storage goes once its send completed (release_storage).
+    def recv_activation(self) -> torch.Tensor:
+        x, wait_s = self.p2p.recv_activation()
+        self.result.idle_s += wait_s
+        return x
+
+    def recv_grad(self) -> torch.Tensor:
+        g, wait_s = self.p2p.recv_grad()
+        self.result.idle_s += wait_s
+        return g
+
+    def send_activation(self, y: torch.Tensor) -> None:
+        self.sends.append((self.p2p.isend_activation(y), y))
+        self._reap_sends()
+
+    def send_grad(self, g: torch.Tensor) -> None:
+        self.sends.append((self.p2p.isend_grad(g), None))
+        self._reap_sends()
+
+    def _reap_sends(self) -> None:
+        while self.sends and self.sends[0][0].is_completed():
+            self._finish_send(*self.sends.pop(0))
+
+    def _finish_send(self, work, activation) -> None:
+        work.wait()
+        if activation is not None and not self.forward_only:
+            release_storage(activation)
+
+    def finish_sends(self) -> None:
+        start = time.perf_counter()
+        while self.sends:
+            self._finish_send(*self.sends.pop(0))
+        self.result.idle_s += time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------- schedules
@@ -270,13 +313,14 @@ def interleaved_1f1b(st: _Stage) -> None:
 
 # ----------------------------------------------------------------------------------- dispatch
 RUNNERS = {NO_PIPELINE: no_pipeline, AFAB: all_forward_all_backward, ONE_F_ONE_B: one_f_one_b,
-           INTERLEAVED: interleaved_1f1b}
+           INTERLEAVED: interleaved_1f1b, ZB_H1: zero_bubble_h1}
 
 
 def forward_backward(forward_step: ForwardStep, micro_batches: list[dict], ps: ParallelState, *,
                      num_chunks: int = 1, tensor_shape=None, dtype: torch.dtype = torch.float32,
                      forward_only: bool = False, schedule: str = "auto",
-                     no_sync: Optional[Callable[[], ContextManager]] = None) -> ScheduleResult:
+                     no_sync: Optional[Callable[[], ContextManager]] = None,
+                     weight_store=None) -> ScheduleResult:
     """Run forward (and backward) of every micro-batch through this rank's chunks.
 
     schedule: ParallelConfig.pipeline_schedule (resolved by megasft.layout.resolve_schedule; a
@@ -284,14 +328,19 @@ def forward_backward(forward_step: ForwardStep, micro_batches: list[dict], ps: P
     tensor_shape: the activation shape between stages, [s/tp if SP else s, b, h] (static;
     Layout.activation_shape).
     no_sync: optional context-manager factory (e.g. GradBuffer.no_sync) entered around every
-    backward except each chunk's last, so overlapped DP gradient reduction starts only then."""
+    backward except each chunk's last, so overlapped DP gradient reduction starts only then.
+    weight_store: the megasft.pipeline.weight_grad.WeightGradStore the chunks' linear layers defer
+    their weight gradients to (zero-bubble schedules need one)."""
     name = resolve_schedule(schedule, ps.pp, num_chunks)
     if ps.pp > 1 and tensor_shape is None:
         raise ValueError("pipeline schedules need tensor_shape ([s/tp if SP else s, b, h])")
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
+    if name == ZB_H1 and weight_store is None:
+        raise ValueError("the zb_h1 schedule needs the weight_store its chunks' linear layers defer to")
     start = time.perf_counter()
-    st = _Stage(forward_step, micro_batches, ps, num_chunks, tensor_shape, dtype, forward_only, no_sync)
+    st = _Stage(forward_step, micro_batches, ps, num_chunks, tensor_shape, dtype, forward_only, no_sync,
+                weight_store)
     RUNNERS[name](st)
     st.result.wall_s = time.perf_counter() - start
     return st.result

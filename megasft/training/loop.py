@@ -27,6 +27,7 @@ from megasft.optim.distributed_optimizer import DistributedOptimizer
 from megasft.optim.lr_schedule import WarmupCosine
 from megasft.parallel_state import ParallelState
 from megasft.pipeline import schedules
+from megasft.pipeline.zero_bubble import zero_bubble_store
 from megasft.training import metrics
 from megasft.training.comm_stats import CommStats
 from megasft.training.faults import Faults
@@ -75,6 +76,7 @@ class Trainer:
         self.cfg, self.ps = cfg, ps
         self.layout = layout or Layout.resolve(cfg, ps.world_size)   # train.py resolved it before any group
         self.chunks = build_model(cfg, ps, self.layout)
+        self.weight_store = zero_bubble_store(self.layout.schedule, cfg, ps, self.chunks)
         self.schedule = WarmupCosine.from_config(cfg.optim, cfg.train.steps)
         named = [(f"chunk{i}.{n}", p) for i, c in enumerate(self.chunks) for n, p in c.named_parameters()]
         self.optimizer = DistributedOptimizer(named, cfg.optim, cfg.parallel, ps, self.schedule)
@@ -116,7 +118,7 @@ class Trainer:
             self.forward_step(scale), micro_batches, self.ps, num_chunks=self.layout.v,
             tensor_shape=self.layout.activation_shape, dtype=self.cfg.train.dtype,
             forward_only=forward_only, schedule=self.layout.schedule,
-            no_sync=self.optimizer.grad_buffer.no_sync if overlap else None)
+            no_sync=self.optimizer.grad_buffer.no_sync if overlap else None, weight_store=self.weight_store)
         return result, global_count
 
     def global_loss_sum(self, stats: dict) -> float:
