@@ -13,16 +13,13 @@ shares the cores with compute, so the seconds say little; the bytes are exact).
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import add_model_args, bench_config, format_table, lognormal_lengths, pack_steps, \
-    packed_micro_batches, sft_documents
+from common import (add_model_args, bench_config, format_table, lognormal_lengths, pack_steps,
+                    packed_micro_batches, relaunch_under_torchrun, sft_documents)
 from megasft import collectives
 from megasft.parallel_state import ParallelState
 from megasft.planner.comm import predicted_bytes
@@ -102,11 +99,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    here = os.path.dirname(os.path.abspath(__file__))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8",
-           os.path.join(here, "comm_volume.py"), "--worker", *(argv if argv is not None else sys.argv[1:])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
-    raise SystemExit(subprocess.run(cmd, env=env).returncode)
+    relaunch_under_torchrun("comm_volume.py", 8, argv)
 
 
 if __name__ == "__main__":

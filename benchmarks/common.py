@@ -239,6 +239,20 @@ def spread(xs: Sequence[float]) -> str:
     return f"{median(xs):.3f} [{min(xs):.3f}..{max(xs):.3f}]"
 
 
+def relaunch_under_torchrun(script: str, nproc: int, argv: Optional[Sequence[str]]) -> None:
+    """Start `script` (a file next to this one) on `nproc` local ranks with --worker added, and exit
+    with torchrun's status. The benchmarks folder goes on PYTHONPATH so `common` imports there."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.join(here, script), "--worker", *(argv if argv is not None else sys.argv[1:])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    raise SystemExit(subprocess.run(cmd, env=env).returncode)
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain-text table, columns right-aligned except the first."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]

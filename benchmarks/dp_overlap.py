@@ -16,16 +16,13 @@ shows that overlap costs nothing; the gain is a GPU-cluster effect (NCCL on its 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from common import (add_model_args, bench_config, format_table, interleaved_times, lognormal_lengths,
-                    median, pack_steps, packed_micro_batches, sft_documents, spread)
+                    median, pack_steps, packed_micro_batches, relaunch_under_torchrun, sft_documents, spread)
 from megasft.hf.names import canonical_pieces
 from megasft.parallel_state import ParallelState
 from megasft.training.loop import Trainer
@@ -105,11 +102,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    here = os.path.dirname(os.path.abspath(__file__))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(here, "dp_overlap.py"), "--worker", *(argv if argv is not None else sys.argv[1:])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
-    raise SystemExit(subprocess.run(cmd, env=env).returncode)
+    relaunch_under_torchrun("dp_overlap.py", 2, argv)
 
 
 if __name__ == "__main__":

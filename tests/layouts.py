@@ -19,7 +19,8 @@ from megasft.pipeline.tied import tied_copies
 from megasft.tensor_parallel.comm import gather_last_dim
 from megasft.tensor_parallel.layers import sync_replicated_grads
 from megasft.training.loop import Trainer
-from tests.oracle import hf_model, model_batch, packed_batch, reference_loss, select_rows
+from tests.oracle import (hf_model, model_batch, packed_batch, reference_loss, reference_training, select_rows,
+                          tiny_fields)
 
 
 # The performance options the equivalence tests must also pass with: overlapped bucketed grad
@@ -123,6 +124,20 @@ def train_cases(cases: list[Case], run: Run, model_fields: Callable[[Case], dict
                               "coords": (ps.dp_rank, ps.tp_rank),
                               "tied": [p.detach().clone() for p in tied_copies(trainer.params)]}
     return results
+
+
+def tied_and_untied_references(root, fields: dict, global_batches: list[dict], run: Run, seed: int):
+    """Plain-PyTorch reference runs of the tiny model of `fields` untied and tied, each saved as an
+    HF directory under `root` for the cases to start from: ({tied: (losses, final weights)},
+    {tied: directory})."""
+    refs, dirs = {}, {}
+    for tied in (False, True):
+        model = hf_model(tiny_fields(**fields, tie_embeddings=tied), seed=seed)
+        dirs[tied] = str(root / f"tied{int(tied)}")
+        model.save_pretrained(dirs[tied])
+        losses = reference_training(model, global_batches, run.lr, run.warmup, run.steps)
+        refs[tied] = (losses, {n: p.detach() for n, p in model.named_parameters()})
+    return refs, dirs
 
 
 def check_case(case: Case, per_rank: list[dict], ref_losses: list[float], ref_weights: dict, run: Run) -> None:

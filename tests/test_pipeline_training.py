@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.layouts import Case, Run, check_case, train_cases
+from tests.layouts import Case, Run, check_case, tied_and_untied_references, train_cases
 from tests.multiproc import run_ranks
-from tests.oracle import hf_model, packed_batch, reference_training, tiny_fields
+from tests.oracle import packed_batch, tiny_fields
 
 RUN = Run(seq=16, rows=8, lr=1e-3, warmup=1, steps=2)
 FIRST, LAST = (0, 1, 2, 3), (4, 5, 6, 7)
@@ -50,14 +50,7 @@ def _rank_main(hf_dirs: dict) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The two reference runs (untied, tied) and every case's results, computed once."""
-    root = tmp_path_factory.mktemp("hf")
-    refs, dirs = {}, {}
-    for tied in (False, True):
-        model = hf_model(tiny_fields(**FIELDS, tie_embeddings=tied), seed=7)
-        dirs[tied] = str(root / f"tied{int(tied)}")
-        model.save_pretrained(dirs[tied])
-        losses = reference_training(model, global_batches(), RUN.lr, RUN.warmup, RUN.steps)
-        refs[tied] = (losses, {n: p.detach() for n, p in model.named_parameters()})
+    refs, dirs = tied_and_untied_references(tmp_path_factory.mktemp("hf"), FIELDS, global_batches(), RUN, seed=7)
     return refs, run_ranks(_rank_main, 8, dirs, timeout=900)
 
 

@@ -18,9 +18,9 @@ from megasft.layout import ZB_H1, Layout, bubble_fraction
 from megasft.pipeline.weight_grad import DeferredWeightGemm, WeightGradStore
 from megasft.pipeline.zero_bubble import (B_PASS, F_PASS, W_PASS, _timeline_length, peak_in_flight,
                                           simulated_bubble, zb_h1_orders)
-from tests.layouts import Case, Run, check_case, train_cases
+from tests.layouts import Case, Run, check_case, tied_and_untied_references, train_cases
 from tests.multiproc import run_ranks
-from tests.oracle import hf_model, packed_batch, reference_training, tiny_fields
+from tests.oracle import packed_batch, tiny_fields
 
 
 # ------------------------------------------------------------------------------ the orders
@@ -112,14 +112,7 @@ def _rank_main(hf_dirs: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    refs, dirs = {}, {}
-    for tied in (False, True):
-        model = hf_model(tiny_fields(**FIELDS, tie_embeddings=tied), seed=11)
-        dirs[tied] = str(root / f"tied{int(tied)}")
-        model.save_pretrained(dirs[tied])
-        losses = reference_training(model, global_batches(), RUN.lr, RUN.warmup, RUN.steps)
-        refs[tied] = (losses, {n: p.detach() for n, p in model.named_parameters()})
+    refs, dirs = tied_and_untied_references(tmp_path_factory.mktemp("hf"), FIELDS, global_batches(), RUN, seed=11)
     return refs, run_ranks(_rank_main, 8, dirs, timeout=900)
 
 
