@@ -56,11 +56,11 @@ def resolve_backend(name: str, device: torch.device, softcap: Optional[float] = 
     if name == "flash_attn" and not (cuda and _has_flash_attn()):
         raise ValueError("attention_backend=flash_attn needs CUDA and the flash-attn package "
                          "(pip install -e '.[gpu]'); use 'auto' or 'sdpa'")
-    if name == "torch_varlen" and not (cuda and _has_torch_varlen()):
-        raise ValueError("attention_backend=torch_varlen needs CUDA and torch>=2.9; use 'auto' or 'sdpa'")
     if name == "torch_varlen" and softcap is not None:
         raise ValueError(f"attention_backend=torch_varlen has no logit soft-capping (model.attn_logit_softcapping="
                          f"{softcap}); use attention_backend=flash_attn, sdpa or auto")
+    if name == "torch_varlen" and not (cuda and _has_torch_varlen()):
+        raise ValueError("attention_backend=torch_varlen needs CUDA and torch>=2.9; use 'auto' or 'sdpa'")
     return name
 
 

@@ -101,6 +101,9 @@ PRESETS: dict[str, dict] = {
     "tiny": {**_TINY_COMMON, "tie_embeddings": False, "qkv_bias": False},
     "tiny-tied": {**_TINY_COMMON, "tie_embeddings": True, "qkv_bias": False},
     "tiny-qkv-bias": {**_TINY_COMMON, "tie_embeddings": False, "qkv_bias": True},
+    "tiny-gemma3": {**_TINY_COMMON, "family": "gemma3_text", "qk_norm": True, "tie_embeddings": True,
+                    "qkv_bias": False, "sliding_window": 16, "query_pre_attn_scalar": 32, "rope_local_theta": 1000.0,
+                    "layer_types": ["sliding_attention"] * 3 + ["full_attention"], "final_logit_softcapping": 30.0},
 }
 
 
