@@ -102,9 +102,9 @@ def family_problem(family: str, qkv_bias: bool, qk_norm: bool, sliding_window) -
     if qkv_bias and family not in ("llama", "qwen2"):
         return f"model.qkv_bias=true is not a {family} model; use model.family=qwen2 or qkv_bias=false"
     if sliding_window is not None and not f.sliding_window:
-        return (f"model.sliding_window={sliding_window} is not supported for family {family} "
-                "(megasft applies one window to every layer, as Mistral); use model.family=mistral "
-                "or leave sliding_window unset")
+        windowed = [n for n, g in FAMILIES.items() if g.sliding_window]
+        return (f"model.sliding_window={sliding_window} is not supported for family {family}; use "
+                f"model.family in {windowed} or leave sliding_window unset")
     return None
 
 
