@@ -152,6 +152,7 @@ def test_sliding_window_changes_the_reference():
     ("gemma2", dict(attn_logit_softcapping=None)), ("gemma2", dict(final_logit_softcapping=None)),
     ("gemma3_text", dict(final_logit_softcapping=None)), ("gemma3_text", dict(rope_local_theta=10000.0)),
     ("gemma2", dict(layer_types=["full_attention"] * 2)), ("gemma3_text", dict(query_pre_attn_scalar=16)),
+    ("gemma3_text", dict(rope_scaling=None)),
 ])
 def test_gemma_features_change_the_reference(family, change):
     """Each Gemma feature of the test models bends transformers' logits by far more than the 1e-4
@@ -216,3 +217,30 @@ def test_export_without_a_source_config_loads_as_the_family(family):
     assert getattr(hf_config, "sliding_window", None) == m.sliding_window
     if m.layer_types is not None:
         assert hf_config.layer_types == m.layer_types
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "qwen3", "mistral"])
+def test_export_of_a_model_without_source_config_reproduces_its_logits_in_transformers(tmp_path, family):
+    """A model trained from random init is exported with a config.json megasft writes alone (no
+    source config): transformers, reading that config, computes megasft's logits (so every
+    Gemma field it writes — layer types, scale, caps, rope per layer type — says the same model)."""
+    from megasft.hf.io import save_hf_tensors
+    from megasft.hf.names import gather_hf_state
+    from megasft.model.build import init_weights
+
+    fields = family_fields(family)
+    m = Config.from_dict({"model": fields}).validate().model
+    ps = ParallelState.single()
+    stage = LlamaStage(m, ps, list(range(m.num_layers)), True, True)
+    init_weights(stage, seed=4, std=0.02)
+    with torch.no_grad():   # norms off their identity init, so each norm's name and form matter
+        for name, p in stage.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.1)
+    save_hf_tensors(sorted(gather_hf_state([stage], ps).items()), tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_from_model(m, "float32")))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
+    ids = torch.randint(0, fields["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+    assert (logits_of(stage, ids, fields["vocab_size"]) - expected).abs().max().item() < 1e-4
