@@ -20,7 +20,7 @@ from megasft.config_fields import field_problem
 from megasft.config_read import build_section, unknown_message, yaml_message
 from megasft.config_sources import SourceConfig, check_sources, read_sources
 from megasft.errors import ConfigError
-from megasft.model.families import FAMILIES, family_problem
+from megasft.model.families import FAMILIES, family_problem, gemma_problem
 
 if TYPE_CHECKING:   # config stays importable without torch for the tools that only read it
     import torch
@@ -51,7 +51,7 @@ class ModelConfig:
     preset: Optional[str] = None
     """Name from megasft.model.presets (e.g. 'llama3.1-8b'); explicit fields override it."""
     family: str = "llama"
-    """llama | qwen2 | qwen3 | mistral: the Hugging Face model_type (megasft.model.families). With
+    """llama | qwen2 | qwen3 | mistral | gemma2 | gemma3_text: the Hugging Face model_type (megasft.model.families). With
     model.init_from_hf it comes from config.json, as every architecture field does."""
     vocab_size: int = 32000
     """Tokenizer vocabulary size (the embedding is padded beyond it; padded rows are never predicted)."""
@@ -84,7 +84,20 @@ class ModelConfig:
     """Per-head RMSNorm on q and k before RoPE (Qwen3), one [head_dim] weight each per layer."""
     sliding_window: Optional[int] = None
     """Each token attends to at most this many tokens of its own document, itself included
-    (Mistral's sliding window, on every layer); None = full causal attention."""
+    (Mistral's sliding window, on every layer; Gemma's on its sliding_attention layers); None =
+    full causal attention."""
+    layer_types: Optional[list] = None
+    """Gemma: 'sliding_attention' or 'full_attention' per layer (the window applies to the first
+    only); None = every layer alike."""
+    query_pre_attn_scalar: Optional[int] = None
+    """Gemma: attention scores are scaled by this ** -0.5 instead of head_dim ** -0.5."""
+    attn_logit_softcapping: Optional[float] = None
+    """Gemma 2: attention scores become c * tanh(scores / c), c this value; None = uncapped."""
+    final_logit_softcapping: Optional[float] = None
+    """Gemma 2/3: output logits become c * tanh(logits / c) (inside the fused loss too); None = uncapped."""
+    rope_local_theta: Optional[float] = None
+    """Gemma 3: RoPE base of the sliding_attention layers (rope_local_base_freq; no rope_scaling
+    there); None = rope_theta."""
     make_vocab_size_divisible_by: int = 128
     """The embedding rows are padded to a multiple of this times tp (GEMM-friendly shapes)."""
     attention_backend: str = "auto"
@@ -405,7 +418,7 @@ class Config:
             raise ConfigError(
                 f"num_attention_heads={m.num_attention_heads} is not a multiple of num_kv_heads={m.kv_heads}; "
                 f"choose num_kv_heads in {divisors(m.num_attention_heads)}")
-        problem = family_problem(m.family, m.qkv_bias, m.qk_norm, m.sliding_window)
+        problem = family_problem(m.family, m.qkv_bias, m.qk_norm, m.sliding_window) or gemma_problem(m)
         if problem:
             raise ConfigError(problem)
         if p.overlap_param_gather and not p.distributed_optimizer:

@@ -32,12 +32,20 @@ def tiny_fields(**overrides) -> dict:
 def family_fields(family: str, **overrides) -> dict:
     """megasft ModelConfig fields of a tiny model of `family` with its features on: Qwen2 q/k/v
     biases and tied embeddings, Qwen3 q/k norms, a Mistral sliding window (3 tokens) shorter than
-    most documents of the test batches."""
+    most documents of the test batches; Gemma 2 and 3 with tied embeddings, a sliding (3 tokens)
+    then a full layer, an attention scale other than head_dim's, soft-caps small enough to bend
+    the tiny model's logits (tests.test_hf_families checks they do), Gemma 3's q/k norms, local
+    rope base and linear rope scaling on the full layer."""
+    gemma = dict(sliding_window=3, layer_types=["sliding_attention", "full_attention"], tie_embeddings=True,
+                 query_pre_attn_scalar=20, final_logit_softcapping=0.2)
     features = {"llama": {}, "qwen2": dict(qkv_bias=True, tie_embeddings=True), "qwen3": dict(qk_norm=True),
-                "mistral": dict(sliding_window=3)}[family]
+                "mistral": dict(sliding_window=3),
+                "gemma2": dict(gemma, attn_logit_softcapping=0.05),
+                "gemma3_text": dict(gemma, qk_norm=True, rope_local_theta=100.0,
+                                    rope_scaling={"rope_type": "linear", "factor": 2.0})}[family]
     fields = tiny_fields(family=family, vocab_size=300, hidden_size=64, intermediate_size=96,
                          num_attention_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-                         rope_scaling=None, **features)
+                         **{"rope_scaling": None, **features})
     fields.update(overrides)
     return fields
 
@@ -48,6 +56,8 @@ _HF_CLASSES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"attention_bias": False}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {}),
 }
 
 
@@ -63,6 +73,12 @@ def hf_model(fields: dict, seed: int = 0):
     config_name, model_name, extra = _HF_CLASSES[family]
     if family == "mistral":
         extra = {"sliding_window": fields.get("sliding_window")}
+    if family.startswith("gemma"):   # no pad_token_id: megasft's embedding has no padding_idx
+        extra = {key: fields.get(key) for key in ("sliding_window", "layer_types", "query_pre_attn_scalar",
+                                                   "final_logit_softcapping", "attn_logit_softcapping")}
+        extra["pad_token_id"] = None
+        if family == "gemma3_text":
+            extra["rope_local_base_freq"] = fields.get("rope_local_theta")
     config = getattr(transformers, config_name)(
         vocab_size=fields["vocab_size"], hidden_size=fields["hidden_size"],
         intermediate_size=fields["intermediate_size"], num_hidden_layers=fields["num_layers"],
@@ -79,8 +95,8 @@ def hf_model(fields: dict, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith(".bias"):       # transformers inits biases to zero
                 p.normal_(0, 0.02)
-            elif family != "llama" and name.endswith("norm.weight"):   # and norm weights to one
-                p.normal_(1.0, 0.1)
+            elif family != "llama" and name.endswith("norm.weight"):   # and norm weights to one (0: Gemma's 1 + w)
+                p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.1)
     return model
 
 

@@ -29,6 +29,7 @@ from tests.test_hf_interop import logits_of
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
+SUPPORTED = sorted(FAMILIES)
 
 
 def _config(family: str, **changes) -> dict:
@@ -39,9 +40,9 @@ def _config(family: str, **changes) -> dict:
 
 
 REFUSED = [
-    pytest.param("llama", dict(model_type="gemma2"),
-                 "config.json: model_type='gemma2' is not supported by megasft; supported model types: "
-                 "['llama', 'mistral', 'qwen2', 'qwen3']", id="model-type"),
+    pytest.param("llama", dict(model_type="gemma"),
+                 "config.json: model_type='gemma' is not supported by megasft; supported model types: "
+                 f"{SUPPORTED}", id="model-type"),
     pytest.param("qwen3", dict(architectures=["Qwen3ForSequenceClassification"]),
                  "config.json: architectures=['Qwen3ForSequenceClassification'] is not supported for "
                  "model_type qwen3; megasft trains Qwen3ForCausalLM only", id="architectures"),
@@ -66,8 +67,23 @@ REFUSED = [
                  "config.json: layer_types[1]='sliding_attention' is not supported for model_type qwen3; "
                  "megasft implements full_attention layers only", id="layer-types"),
     pytest.param("qwen2", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
-                 "config.json: rope_type='yarn' is not supported by megasft; supported: ['default', 'llama3']",
+                 "config.json: rope_type='yarn' is not supported by megasft; supported: ['default', 'llama3', 'linear']",
                  id="rope-yarn"),
+    # transformers' Gemma 3 attention ignores attn_logit_softcapping: refused rather than guessed
+    pytest.param("gemma3_text", dict(attn_logit_softcapping=50.0),
+                 "config.json: attn_logit_softcapping=50.0 is not supported for model_type gemma3_text; megasft "
+                 "implements attn_logit_softcapping=None", id="gemma3-attn-softcap"),
+    pytest.param("gemma2", dict(use_bidirectional_attention=True),
+                 "config.json: use_bidirectional_attention=True is not supported for model_type gemma2; megasft "
+                 "implements use_bidirectional_attention=None", id="gemma2-bidirectional"),
+    pytest.param("gemma2", dict(hidden_activation="gelu"),
+                 "config.json: hidden_activation='gelu' is not supported for model_type gemma2; megasft implements "
+                 "hidden_activation='gelu_pytorch_tanh'", id="gemma2-exact-gelu"),
+    pytest.param("gemma3_text", dict(rope_parameters={
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6}}),
+                 "config.json: rope_parameters.sliding_attention rope_type='linear' is not supported; megasft "
+                 "rotates the sliding layers with the default rope", id="gemma3-scaled-local-rope"),
 ]
 
 
@@ -89,16 +105,15 @@ def _load_tool():
 def test_converter_and_init_from_hf_refuse_an_unknown_model_type(tmp_path, capsys):
     hf_model(family_fields("qwen3")).save_pretrained(tmp_path / "hf")
     file = tmp_path / "hf" / "config.json"
-    file.write_text(json.dumps({**json.loads(file.read_text()), "model_type": "gemma3_text"}))
+    file.write_text(json.dumps({**json.loads(file.read_text()), "model_type": "gemma3"}))   # the multimodal one
     capsys.readouterr()   # save_pretrained's progress bar
     rc = _load_tool().main(["hf-to-megasft", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ck"),
                             "--tp", "2", "--pp", "2"])
-    supported = "['llama', 'mistral', 'qwen2', 'qwen3']"
     assert rc == 2 and capsys.readouterr().err == (
-        f"convert_checkpoint: {file}: model_type='gemma3_text' is not supported by megasft; supported model "
-        f"types: {supported}\n")
+        f"convert_checkpoint: {file}: model_type='gemma3' is not supported by megasft; supported model "
+        f"types: {SUPPORTED}\n")
     assert not (tmp_path / "ck").exists()
-    with pytest.raises(ConfigError, match=r"model_type='gemma3_text' is not supported"):
+    with pytest.raises(ConfigError, match=r"model_type='gemma3' is not supported"):
         Config.from_dict({"model": {"init_from_hf": str(tmp_path / "hf")}})
 
 
@@ -132,12 +147,30 @@ def test_sliding_window_changes_the_reference():
     assert (windowed[:, 3:] - full[:, 3:]).abs().max() > 1e-2
 
 
+@pytest.mark.quick
+@pytest.mark.parametrize("family, change", [
+    ("gemma2", dict(attn_logit_softcapping=None)), ("gemma2", dict(final_logit_softcapping=None)),
+    ("gemma3_text", dict(final_logit_softcapping=None)), ("gemma3_text", dict(rope_local_theta=10000.0)),
+    ("gemma2", dict(layer_types=["full_attention"] * 2)), ("gemma3_text", dict(query_pre_attn_scalar=16)),
+    ("gemma3_text", dict(rope_scaling=None)),
+])
+def test_gemma_features_change_the_reference(family, change):
+    """Each Gemma feature of the test models bends transformers' logits by far more than the 1e-4
+    the equivalence tests allow, so a megasft that dropped it would fail them."""
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        on = hf_model(family_fields(family), seed=1)(input_ids=ids).logits
+        off = hf_model(family_fields(family, **change), seed=1)(input_ids=ids).logits
+    assert (on - off).abs().max() > 1e-3
+
+
 def _tensors(directory: Path) -> dict:
     return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 ROUND_TRIP = [pytest.param("llama", id="llama"), pytest.param("qwen2", id="qwen2-tied-bias"),
-              pytest.param("qwen3", id="qwen3-qk-norm"), pytest.param("mistral", id="mistral-window")]
+              pytest.param("qwen3", id="qwen3-qk-norm"), pytest.param("mistral", id="mistral-window"),
+              pytest.param("gemma2", id="gemma2-softcap-windows"), pytest.param("gemma3_text", id="gemma3-local-rope")]
 
 
 @pytest.mark.parametrize("family", ROUND_TRIP)
@@ -171,13 +204,43 @@ def test_round_trip_is_bit_identical_and_transformers_reproduces_megasft(tmp_pat
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"])
 def test_export_without_a_source_config_loads_as_the_family(family):
     """A model trained from random init (no source config.json) exports as its family."""
     m = Config.from_dict({"model": family_fields(family)}).validate().model
     config = hf_config_from_model(m, "float32")
     assert model_fields_from_hf(config) == {k: getattr(m, k) for k in model_fields_from_hf(config)}
     hf_config = transformers.AutoConfig.for_model(**config)
-    assert type(hf_config).__name__ == FAMILIES[family].architecture.replace("ForCausalLM", "Config")
+    expected = {"gemma3_text": "Gemma3TextConfig"}.get(family, FAMILIES[family].architecture.replace("ForCausalLM", "Config"))
+    assert type(hf_config).__name__ == expected
     assert hf_config.head_dim == m.head_size
     assert getattr(hf_config, "sliding_window", None) == m.sliding_window
+    if m.layer_types is not None:
+        assert hf_config.layer_types == m.layer_types
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "qwen3", "mistral"])
+def test_export_of_a_model_without_source_config_reproduces_its_logits_in_transformers(tmp_path, family):
+    """A model trained from random init is exported with a config.json megasft writes alone (no
+    source config): transformers, reading that config, computes megasft's logits (so every
+    Gemma field it writes — layer types, scale, caps, rope per layer type — says the same model)."""
+    from megasft.hf.io import save_hf_tensors
+    from megasft.hf.names import gather_hf_state
+    from megasft.model.build import init_weights
+
+    fields = family_fields(family)
+    m = Config.from_dict({"model": fields}).validate().model
+    ps = ParallelState.single()
+    stage = LlamaStage(m, ps, list(range(m.num_layers)), True, True)
+    init_weights(stage, seed=4, std=0.02)
+    with torch.no_grad():   # norms off their identity init, so each norm's name and form matter
+        for name, p in stage.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.1)
+    save_hf_tensors(sorted(gather_hf_state([stage], ps).items()), tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_from_model(m, "float32")))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
+    ids = torch.randint(0, fields["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+    assert (logits_of(stage, ids, fields["vocab_size"]) - expected).abs().max().item() < 1e-4

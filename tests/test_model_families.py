@@ -2,7 +2,9 @@
 
 For each family (megasft.model.families) a transformers model from a random tiny config with the
 family's features on (Qwen2 q/k/v biases + tied embeddings, Qwen3 q/k norms, Mistral's sliding
-window of 3 tokens, shorter than most documents) is the reference:
+window of 3 tokens, shorter than most documents; Gemma 2 and 3 with a sliding then a full layer,
+soft-caps that bend the logits, tied embeddings, Gemma 3's q/k norms and per-layer rope; see
+tests.oracle.family_fields) is the reference:
 
 * forward/backward at TP1, TP2 and TP2+SP on packed rows: each document's logits as the
   transformers model gives it alone, the masked loss, every gradient (tests.layouts.check_tp_equivalence);
@@ -19,13 +21,17 @@ from tests.oracle import family_fields, hf_model, packed_batch, reference_traini
 
 ROWS = [[5, 7, 4], [9, 3]]      # two packed rows of 16 tokens; the second ends in padding
 SEQ = 16
-FAMILIES = ("qwen2", "qwen3", "mistral")
+FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")
 # (name, family, tp, sequence_parallel, field overrides)
 FORWARD_CASES = [(f"{family}-{name}", family, tp, sp, {}) for family in FAMILIES
                  for name, tp, sp in (("tp1", 1, False), ("tp2", 2, False), ("tp2-sp", 2, True))] + [
     # one kv head for two TP ranks: replicated k/v (and k_norm) copies, each seeing half the queries
     ("qwen3-tp2-sp-kv-replicated", "qwen3", 2, True, dict(num_kv_heads=1)),
     ("mistral-tp2-sp-fused-loss", "mistral", 2, True, dict(loss_chunk_tokens=5)),
+    # the final soft-cap inside the fused chunked LM-head loss; the attention core recomputed
+    ("gemma2-tp2-sp-fused-loss-softcap", "gemma2", 2, True, dict(loss_chunk_tokens=5)),
+    ("gemma2-tp2-recompute-selective", "gemma2", 2, False, dict(recompute="selective")),
+    ("gemma3_text-tp2-sp-kv-replicated-fused-loss", "gemma3_text", 2, True, dict(num_kv_heads=1, loss_chunk_tokens=7)),
 ]
 
 RUN = Run(seq=SEQ, rows=8, lr=1e-3, warmup=1, steps=3)
@@ -35,6 +41,10 @@ TRAIN_CASES = [
     Case("qwen2-tp2-sp-dp2-zero1-tied-fast", ALL, tp=2, sequence_parallel=True, micro_batch_size=2, fast=True),
     Case("qwen3-tp2-sp-pp2-qk-norm", ALL, tp=2, pp=2, sequence_parallel=True),
     Case("mistral-tp2-sp-dp2-window-fast", ALL, tp=2, sequence_parallel=True, micro_batch_size=2, fast=True),
+    # Gemma 2 with ZeRO-1, the overlaps and the fused loss; Gemma 3's tied embedding split over two
+    # pipeline stages, the local-rope layer on the first and the full one on the second
+    Case("gemma2-tp2-sp-dp2-zero1-fast", ALL, tp=2, sequence_parallel=True, micro_batch_size=2, fast=True),
+    Case("gemma3_text-tp2-sp-pp2-tied-fused-loss", ALL, tp=2, pp=2, sequence_parallel=True, fast=True),
 ]
 
 

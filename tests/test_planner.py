@@ -33,7 +33,8 @@ def _run_cli(argv: list[str]) -> int:
 
 
 # ------------------------------------------------------------------ the Llama-3.1 example configs
-@pytest.mark.parametrize("name,nodes", [("llama3.1_8b", 1), ("llama3.1_70b", 8), ("llama3.1_405b", 128)])
+@pytest.mark.parametrize("name,nodes", [("llama3.1_8b", 1), ("llama3.1_70b", 8), ("llama3.1_405b", 128),
+                                        ("gemma3_27b", 4)])
 def test_example_configs_validate_and_fit_their_cluster(name, nodes):
     cfg = pin(Config.load(str(CONFIGS / f"{name}.yaml")), nodes * 8)
     result = check_fits(plan(cfg, make_cluster(nodes, 8, "h100-80gb")))
@@ -205,6 +206,7 @@ def fake_world():
     ("tiny-tied", 4, 2, 2, False, "fp32"),     # kv heads replicated, tied head copy on the last stage
     ("tiny-qkv-bias", 4, 1, 1, True, "bf16"),  # SP norms and replicated biased kv heads synced by the model
     ("tiny-qkv-bias", 1, 1, 1, False, "bf16"),  # one stage holds embedding and head
+    ("tiny-gemma3", 2, 2, 1, True, "bf16"),    # Gemma's four SP norms and q/k norms per layer, tied over PP
 ])
 def test_state_bytes_equal_the_live_rank(fake_world, preset, tp, pp, v, sp, precision):
     from megasft.model.build import build_model

@@ -17,7 +17,11 @@ import torch
 FORMAT_VERSION = 2
 # ModelConfig fields that fix the tensors' shapes and meaning; a checkpoint must agree on all.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
-                "kv_heads", "head_size", "tie_embeddings", "qkv_bias")
+                "kv_heads", "head_size", "tie_embeddings", "qkv_bias", "family", "qk_norm", "sliding_window",
+                "layer_types", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                "rope_local_theta")
+# What a checkpoint saved before a field joined SHAPE_FIELDS had (the ModelConfig default then).
+_BEFORE = {"family": "llama", "qk_norm": False}
 
 
 def model_shape(model_cfg) -> dict:
@@ -26,8 +30,9 @@ def model_shape(model_cfg) -> dict:
 
 def model_differences(saved: dict, model_cfg) -> list[str]:
     """'field: checkpoint X, config Y' for every shape-defining field that differs."""
-    return [f"{f}: checkpoint {saved.get(f)!r}, config {getattr(model_cfg, f)!r}"
-            for f in SHAPE_FIELDS if saved.get(f) != getattr(model_cfg, f)]
+    saved = {f: saved.get(f, _BEFORE.get(f)) for f in SHAPE_FIELDS}
+    return [f"{f}: checkpoint {saved[f]!r}, config {getattr(model_cfg, f)!r}"
+            for f in SHAPE_FIELDS if saved[f] != getattr(model_cfg, f)]
 
 
 def upgrade(meta: dict) -> dict:

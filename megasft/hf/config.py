@@ -19,7 +19,7 @@ from megasft.model.families import FAMILIES, Family
 if TYPE_CHECKING:   # annotations only: megasft.config reads config.json through this module
     from megasft.config import ModelConfig
 
-ROPE_TYPES = ("default", "llama3")   # what megasft.model.llama.rope_inv_freq implements
+ROPE_TYPES = ("default", "llama3", "linear")   # what megasft.model.llama.rope_inv_freq implements
 
 
 def family_of_hf(config: dict, where: str = "config.json") -> Family:
@@ -48,16 +48,19 @@ def _check_keys(config: dict, family: Family, where: str) -> None:
                               f"megasft implements {key}={value!r}")
     layer_types = config.get("layer_types") or []
     other = [(i, t) for i, t in enumerate(layer_types) if t != "full_attention"]
-    if other:
+    if other and not family.gemma:
         raise ConfigError(f"{where}: layer_types[{other[0][0]}]={other[0][1]!r} is not supported for "
                           f"model_type {family.name}; megasft implements full_attention layers only")
 
 
-def _rope(config: dict, where: str) -> tuple[float, Optional[dict]]:
+def _rope(config: dict, where: str, default_theta: float = 10000.0) -> tuple[float, Optional[dict]]:
     """(rope_theta, rope_scaling or None) from either transformers form: rope_parameters (5.x,
-    theta inside) or rope_theta + rope_scaling (4.x)."""
+    theta inside; Gemma 3's per layer type, of which the full_attention layers' is this one) or
+    rope_theta + rope_scaling (4.x)."""
     rope = config.get("rope_parameters") or config.get("rope_scaling")
-    theta = config.get("rope_theta") or (rope or {}).get("rope_theta", 10000.0)
+    if rope and "full_attention" in rope:
+        rope = rope["full_attention"]
+    theta = config.get("rope_theta") or (rope or {}).get("rope_theta", default_theta)
     if rope is None:
         return float(theta), None
     rope = {k: v for k, v in rope.items() if k != "rope_theta"}
@@ -70,12 +73,37 @@ def _rope(config: dict, where: str) -> tuple[float, Optional[dict]]:
     return float(theta), (None if kind == "default" else rope)
 
 
+def _gemma_fields(config: dict, family: Family, where: str) -> dict:
+    """Gemma's per-layer attention kinds, scale, soft-caps and local rope base, with transformers'
+    defaults for keys an older config.json lacks (Gemma 2 alternates sliding / full from layer 0;
+    Gemma 3 has one full layer in sliding_window_pattern)."""
+    gemma2 = family.name == "gemma2"
+    if not family.gemma:
+        return dict(layer_types=None, query_pre_attn_scalar=None, attn_logit_softcapping=None,
+                    final_logit_softcapping=None, rope_local_theta=None)
+    pattern = 2 if gemma2 else config.get("sliding_window_pattern", config.get("_sliding_window_pattern", 6))
+    layer_types = config.get("layer_types") or [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(config["num_hidden_layers"])]
+    local = None
+    if not gemma2:
+        rope = config.get("rope_parameters") or {}
+        local_rope = rope.get("sliding_attention") or {"rope_theta": config.get("rope_local_base_freq", 10000.0)}
+        if local_rope.get("rope_type", "default") != "default":
+            raise ConfigError(f"{where}: rope_parameters.sliding_attention rope_type={local_rope['rope_type']!r} is "
+                              "not supported; megasft rotates the sliding layers with the default rope")
+        local = float(local_rope["rope_theta"])
+    return dict(layer_types=list(layer_types), query_pre_attn_scalar=config.get("query_pre_attn_scalar", 256),
+                attn_logit_softcapping=config.get("attn_logit_softcapping", 50.0) if gemma2 else None,
+                final_logit_softcapping=config.get("final_logit_softcapping", 30.0 if gemma2 else None),
+                rope_local_theta=local)
+
+
 def model_fields_from_hf(config: dict, where: str = "config.json") -> dict:
     """The ModelConfig architecture fields of a HF config dict (ConfigError when megasft cannot
     train that architecture exactly)."""
     family = family_of_hf(config, where)
     _check_keys(config, family, where)
-    theta, scaling = _rope(config, where)
+    theta, scaling = _rope(config, where, 1e6 if family.name == "gemma3_text" else 10000.0)
     heads = config["num_attention_heads"]
     return dict(
         family=family.name, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
@@ -84,9 +112,10 @@ def model_fields_from_hf(config: dict, where: str = "config.json") -> dict:
         head_dim=config.get("head_dim"), rms_norm_eps=config.get("rms_norm_eps", 1e-6),
         rope_theta=theta, rope_scaling=scaling,
         max_position_embeddings=config.get("max_position_embeddings", 4096),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(config.get("tie_word_embeddings", family.gemma)),   # Gemma ties by default
         qkv_bias=family.qkv_bias, qk_norm=family.qk_norm,
-        sliding_window=config.get("sliding_window") if family.sliding_window else None)
+        sliding_window=config.get("sliding_window", 4096 if family.gemma else None) if family.sliding_window else None,
+        **_gemma_fields(config, family, where))
 
 
 def merge_hf_architecture(model_raw: dict) -> dict:
@@ -125,12 +154,24 @@ def _architecture_keys(m: ModelConfig, family: Family, rope_form: str) -> dict:
         "max_position_embeddings": m.max_position_embeddings, "tie_word_embeddings": m.tie_embeddings,
         **family.fixed,
     }
+    local = family.name == "gemma3_text"
     if rope_form == "rope_parameters":
         keys["rope_parameters"] = {"rope_theta": m.rope_theta, **(m.rope_scaling or {"rope_type": "default"})}
+        if local:   # Gemma 3: one rope per layer type
+            keys["rope_parameters"] = {"full_attention": keys["rope_parameters"], "sliding_attention": {
+                "rope_type": "default", "rope_theta": m.rope_local_theta or m.rope_theta}}
     else:
         keys.update(rope_theta=m.rope_theta, rope_scaling=m.rope_scaling)
+        if local:
+            keys["rope_local_base_freq"] = m.rope_local_theta or m.rope_theta
     if family.sliding_window:
         keys["sliding_window"] = m.sliding_window
+    if family.gemma:
+        keys.update(layer_types=m.layer_types or ["full_attention"] * m.num_layers,
+                    query_pre_attn_scalar=m.query_pre_attn_scalar or m.head_size,
+                    final_logit_softcapping=m.final_logit_softcapping)
+        if family.name == "gemma2":
+            keys["attn_logit_softcapping"] = m.attn_logit_softcapping
     return keys
 
 

@@ -31,6 +31,10 @@ NAME_TABLE: list[tuple[str, tuple[str, ...]]] = [
     (r"layers\.(\d+)\.attention\.q_norm\.weight", (_LAYER + "self_attn.q_norm.weight",)),
     (r"layers\.(\d+)\.attention\.k_norm\.weight", (_LAYER + "self_attn.k_norm.weight",)),
     (r"layers\.(\d+)\.mlp_norm\.weight", (_LAYER + "post_attention_layernorm.weight",)),
+    # Gemma's four norms: HF's post_attention_layernorm is the attention *output* norm there.
+    (r"layers\.(\d+)\.attn_post_norm\.weight", (_LAYER + "post_attention_layernorm.weight",)),
+    (r"layers\.(\d+)\.mlp_pre_norm\.weight", (_LAYER + "pre_feedforward_layernorm.weight",)),
+    (r"layers\.(\d+)\.mlp_post_norm\.weight", (_LAYER + "post_feedforward_layernorm.weight",)),
     (r"layers\.(\d+)\.mlp\.gate_up\.weight", (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight")),
     (r"layers\.(\d+)\.mlp\.down\.weight", (_LAYER + "mlp.down_proj.weight",)),
     (r"norm\.weight", ("model.norm.weight",)),

@@ -10,6 +10,7 @@ from torch import nn
 from megasft.config import Config
 from megasft.hf.names import load_canonical
 from megasft.layout import Layout
+from megasft.model.families import family_of
 from megasft.model.fp8 import check_fp8_available, use_fp8_gemms
 from megasft.model.llama import LlamaStage
 from megasft.parallel_state import ParallelState
@@ -43,10 +44,13 @@ def build_model(cfg: Config, ps: ParallelState, layout: Optional[Layout] = None)
 
 def init_weights(module: nn.Module, seed: int, std: float) -> None:
     """Layout-independent random init: each canonical (HF) tensor is drawn in full from a generator
-    seeded by its name, then sliced to this rank's shard. Norm weights 1, biases 0."""
+    seeded by its name, then sliced to this rank's shard. Norm weights 1 (0 for Gemma's (1 + w)
+    norms: the identity either way), biases 0."""
+    gemma = family_of(module.cfg.family).gemma if hasattr(module, "cfg") else False
+
     def draw(name: str, shape) -> torch.Tensor:
         if name.endswith("norm.weight"):
-            return torch.ones(shape)
+            return torch.zeros(shape) if gemma else torch.ones(shape)
         if name.endswith(".bias"):
             return torch.zeros(shape)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))

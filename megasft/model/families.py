@@ -1,11 +1,13 @@
 """Model families: small declarative specs over the one decoder (megasft.model.llama).
 
 A family is what a Hugging Face ``model_type`` adds to the Llama decoder — biases on q/k/v
-(Qwen2), a per-head RMSNorm on q and k (Qwen3), a sliding attention window (Mistral) — and which
-``config.json`` keys it reads. The decoder reads only ModelConfig flags (``qkv_bias``, ``qk_norm``,
-``sliding_window``); megasft.hf.config turns config.json into those flags through the spec here
-and back, and refuses any key it does not know, so an architecture megasft does not implement
-is an error naming it, never a silent conversion.
+(Qwen2), a per-head RMSNorm on q and k (Qwen3), a sliding attention window (Mistral), Gemma's
+(1 + w) norms around both sublayers, GeGLU and scaled embedding — and which ``config.json`` keys
+it reads. The decoder reads ModelConfig flags and numbers (``qkv_bias``, ``qk_norm``,
+``sliding_window``, ``layer_types``, soft-caps, ...) and, for what a family fixes for every size,
+its Family (``gemma``); megasft.hf.config turns config.json into those fields through the spec
+here and back, and refuses any key it does not know, so an architecture megasft does not
+implement is an error naming it, never a silent conversion.
 """
 from __future__ import annotations
 
@@ -35,7 +37,11 @@ class Family:
     architecture: str               # config.json architectures[0]
     qkv_bias: bool = False          # q/k/v projections carry biases (o_proj never does)
     qk_norm: bool = False           # per-head RMSNorm on q and k before RoPE (Qwen3)
-    sliding_window: bool = False    # config.json sliding_window applies to every layer (Mistral)
+    sliding_window: bool = False    # config.json sliding_window applies (every layer, or per layer_types)
+    gemma: bool = False
+    """Gemma's fixed structure: (1 + w) RMSNorms (weights init 0) before and after attention and
+    MLP, GeGLU (tanh GELU) MLP, embedding times sqrt(hidden); reads layer_types,
+    query_pre_attn_scalar and the logit soft-caps."""
     fixed: dict[str, Any] = field(default_factory=dict)
     """config.json keys whose value megasft implements and no other (checked on import, written on
     export): e.g. hidden_act must be 'silu'."""
@@ -51,6 +57,10 @@ _SILU = {"hidden_act": "silu", "attention_dropout": 0.0}
 # Qwen's windows apply only to layers >= max_window_layers and only with use_sliding_window:
 # megasft implements one window for every layer, so it reads Qwen configs with windows off.
 _QWEN = {**_SILU, "use_sliding_window": False}
+_GEMMA = {"hidden_activation": "gelu_pytorch_tanh", "attention_dropout": 0.0, "attention_bias": False,
+          "use_bidirectional_attention": None}
+_GEMMA_KEYS = frozenset({"sliding_window", "query_pre_attn_scalar", "final_logit_softcapping", "hidden_act",
+                         "sliding_window_size", "cache_implementation"})
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", "LlamaForCausalLM", fixed={**_SILU, "attention_bias": False, "mlp_bias": False},
@@ -61,6 +71,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen3", "Qwen3ForCausalLM", qk_norm=True, fixed={**_QWEN, "attention_bias": False},
            keys=frozenset({"max_window_layers", "sliding_window"})),
     Family("mistral", "MistralForCausalLM", sliding_window=True, fixed=_SILU, keys=frozenset({"sliding_window"})),
+    # Gemma 2/3: transformers ignores hidden_act, sliding_window_size and cache_implementation
+    # (older config.json files carry them); Gemma 3's attention ignores attn_logit_softcapping.
+    Family("gemma2", "Gemma2ForCausalLM", sliding_window=True, gemma=True, fixed=_GEMMA,
+           keys=_GEMMA_KEYS | {"attn_logit_softcapping"}),
+    Family("gemma3_text", "Gemma3ForCausalLM", qk_norm=True, sliding_window=True, gemma=True,
+           fixed={**_GEMMA, "use_bidirectional_attention": False, "attn_logit_softcapping": None},
+           keys=_GEMMA_KEYS | {"rope_local_base_freq", "sliding_window_pattern", "_sliding_window_pattern"}),
 )}
 
 
@@ -85,7 +102,41 @@ def family_problem(family: str, qkv_bias: bool, qk_norm: bool, sliding_window) -
     if qkv_bias and family not in ("llama", "qwen2"):
         return f"model.qkv_bias=true is not a {family} model; use model.family=qwen2 or qkv_bias=false"
     if sliding_window is not None and not f.sliding_window:
-        return (f"model.sliding_window={sliding_window} is not supported for family {family} "
-                "(megasft applies one window to every layer, as Mistral); use model.family=mistral "
-                "or leave sliding_window unset")
+        windowed = [n for n, g in FAMILIES.items() if g.sliding_window]
+        return (f"model.sliding_window={sliding_window} is not supported for family {family}; use "
+                f"model.family in {windowed} or leave sliding_window unset")
+    return None
+
+
+# ModelConfig fields only some families have -> those families.
+_GEMMAS = ("gemma2", "gemma3_text")
+FIELD_OWNERS = {"query_pre_attn_scalar": _GEMMAS, "final_logit_softcapping": _GEMMAS, "layer_types": _GEMMAS,
+                "attn_logit_softcapping": ("gemma2",), "rope_local_theta": ("gemma3_text",)}
+
+
+def gemma_problem(m) -> str | None:
+    """Why the Gemma fields of ModelConfig `m` (layer_types, soft-caps, query_pre_attn_scalar,
+    rope_local_theta) do not fit its family, or None."""
+    for name, owners in FIELD_OWNERS.items():
+        if getattr(m, name) is not None and m.family not in owners:
+            return (f"model.{name}={getattr(m, name)!r} is not part of family {m.family}; it belongs to "
+                    f"{' / '.join(owners)} (set model.family) or leave model.{name} unset")
+    if m.layer_types is not None:
+        kinds = ("full_attention", "sliding_attention")
+        bad = [(i, t) for i, t in enumerate(m.layer_types) if t not in kinds]
+        if bad:
+            return f"model.layer_types[{bad[0][0]}]={bad[0][1]!r} is not one of {list(kinds)}"
+        if len(m.layer_types) != m.num_layers:
+            return (f"model.layer_types has {len(m.layer_types)} entries for num_layers={m.num_layers}; "
+                    "give one per layer")
+        if "sliding_attention" in m.layer_types and m.sliding_window is None:
+            return "model.layer_types has sliding_attention layers but model.sliding_window is unset; set it"
+    return None
+
+
+def layer_window(m, layer: int):
+    """The sliding window of decoder layer `layer` (None = full causal attention): every layer's
+    with no layer_types (Mistral), else only the sliding_attention layers' (Gemma)."""
+    if m.layer_types is None or m.layer_types[layer] == "sliding_attention":
+        return m.sliding_window
     return None

@@ -47,6 +47,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def rms_norm_plus_one(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's y = (1 + w) * x / sqrt(mean(x^2) + eps), all in fp32 and cast once at the end (as
+    HF's Gemma2RMSNorm / Gemma3RMSNorm, where Llama casts before multiplying by w)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (1.0 + weight.float())).to(x.dtype)
+
+
+def geglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up (Gemma's MLP; HF's gelu_pytorch_tanh)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for the fused [gate; up] projection output (halves of the last dim)."""
     gate, up = gate_up.chunk(2, dim=-1)
@@ -108,12 +122,15 @@ def _missing(backend: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def resolve_norm_backend(name: str, device: torch.device) -> str:
-    """Turn 'auto' into a concrete backend and refuse ones that cannot run here."""
+def resolve_norm_backend(name: str, device: torch.device, plus_one: bool = False) -> str:
+    """Turn 'auto' into a concrete backend and refuse ones that cannot run here. `plus_one`:
+    the model's norms are Gemma's (1 + w) RMSNorm, which only torch and compile implement."""
     if name not in NORM_BACKENDS:
         raise ValueError(f"norm backend {name!r} is not one of {NORM_BACKENDS}")
+    if plus_one and name in ("apex", "te"):
+        raise ValueError(f"model.norm_backend={name} has no Gemma (1 + w) RMSNorm; use 'auto', 'torch' or 'compile'")
     if name == "auto":
-        if device.type != "cuda":
+        if device.type != "cuda" or plus_one:
             return "torch"
         return next((b for b in ("te", "apex") if _missing(b, device) is None), "torch")
     problem = _missing(name, device)
@@ -164,8 +181,11 @@ class _TERMSNorm:
         return self.op(x)
 
 
-def norm_kernel(backend: str) -> NormFn:
-    """The RMSNorm function of a resolved backend (see resolve_norm_backend)."""
+def norm_kernel(backend: str, plus_one: bool = False) -> NormFn:
+    """The RMSNorm function of a resolved backend (see resolve_norm_backend); Gemma's (1 + w)
+    norm with `plus_one`."""
+    if plus_one:
+        return _compiled(rms_norm_plus_one) if backend == "compile" else rms_norm_plus_one
     if backend == "compile":
         return _compiled(rms_norm)
     if backend == "apex":
@@ -175,6 +195,8 @@ def norm_kernel(backend: str) -> NormFn:
     return rms_norm
 
 
-def swiglu_kernel(backend: str) -> SwiGLUFn:
-    """The SwiGLU function of a resolved backend: compiled under 'compile', the reference otherwise."""
-    return _compiled(swiglu) if backend == "compile" else swiglu
+def swiglu_kernel(backend: str, gelu_tanh: bool = False) -> SwiGLUFn:
+    """The SwiGLU function (GeGLU with `gelu_tanh`) of a resolved backend: compiled under
+    'compile', the reference otherwise."""
+    fn = geglu if gelu_tanh else swiglu
+    return _compiled(fn) if backend == "compile" else fn

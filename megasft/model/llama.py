@@ -7,6 +7,10 @@ whose logits equal ``transformers.LlamaForCausalLM``'s.
 Activations are sequence-first, [s, b, h] (or [s/tp, b, h] under sequence parallelism), so the
 sequence collectives act on a contiguous leading dim. Inputs are packed rows: ``input_ids``
 [b, s], ``position_ids`` restarting per document, ``cu_seqlens`` over the flattened b*s tokens.
+
+What a family changes is read from ModelConfig and its Family (megasft.model.families): q/k/v
+biases, q/k norms, per-layer sliding windows, and for Gemma (1 + w) norms around both sublayers,
+GeGLU, the scaled embedding, the attention scale and the attention / final logit soft-caps.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from megasft.config import ModelConfig
 from megasft.data.batch import MicroBatch, shift_labels
 from megasft.layout import kv_partition
 from megasft.model.attention import attention, resolve_backend
+from megasft.model.families import family_of, layer_window
 from megasft.model.fused import norm_kernel, resolve_norm_backend, swiglu_kernel
 from megasft.parallel_state import ParallelState
 from megasft.tensor_parallel.comm import scatter_to_sp
@@ -34,29 +39,34 @@ from megasft.tensor_parallel.spec import Shard, set_spec
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), statistics in fp32 (as HF's LlamaRMSNorm); the kernel
-    comes from a resolved ``norm_backend`` (megasft.model.fused), the parameter is always ``weight``."""
+    """y = w * x / sqrt(mean(x^2) + eps), statistics in fp32 (as HF's LlamaRMSNorm), or with
+    `plus_one` Gemma's (1 + w) * x / sqrt(...) all in fp32; the kernel comes from a resolved
+    ``norm_backend`` (megasft.model.fused), the parameter is always ``weight``."""
 
-    def __init__(self, hidden_size: int, eps: float, backend: str = "torch"):
+    def __init__(self, hidden_size: int, eps: float, backend: str = "torch", plus_one: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.kernel = norm_kernel(backend)     # a plain callable: adds no parameters or state
+        self.weight = nn.Parameter(torch.full((hidden_size,), 0.0 if plus_one else 1.0))
+        self.kernel = norm_kernel(backend, plus_one)     # a plain callable: adds no parameters or state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x, self.weight, self.eps)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """RoPE inverse frequencies [d/2], with Llama-3.1 frequency scaling when configured."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """RoPE inverse frequencies [d/2], with Llama-3.1 or linear frequency scaling when configured;
+    `local`: Gemma 3's sliding layers (base rope_local_theta, never scaled)."""
     d = cfg.head_size
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    scaling = cfg.rope_scaling or {}
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    scaling = {} if local else cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return inv_freq
+    if kind == "linear":    # position interpolation: every frequency / factor (Gemma-3 global layers)
+        return inv_freq / scaling["factor"]
     if kind != "llama3":
-        raise ValueError(f"rope_scaling rope_type={kind!r} is not supported; use 'llama3' or none")
+        raise ValueError(f"rope_scaling rope_type={kind!r} is not supported; use 'llama3', 'linear' or none")
     # Llama-3.1: keep high frequencies, divide low ones by `factor`, interpolate between
     # (Meta's reference apply_scaling; identical to transformers' _compute_llama3_parameters).
     factor = scaling["factor"]
@@ -86,7 +96,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Grouped-query attention; query heads split over TP, kv heads split or (tp > nkv) replicated."""
 
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool, backend: str):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool, backend: str, layer: int = 0):
         super().__init__()
         self.group, self.sequence_parallel, self.backend = ps.tp_group, sequence_parallel, backend
         self.recompute_core = cfg.recompute == "selective"
@@ -101,7 +111,9 @@ class Attention(nn.Module):
             for p in self.kv_proj.parameters():
                 mark_replicated(p, copies, ps.tp_subgroup(copies))
         self.o_proj = RowParallelLinear(nq * d, cfg.hidden_size, ps.tp_group, sequence_parallel)
-        self.window = cfg.sliding_window
+        self.window = layer_window(cfg, layer)
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        self.softcap = cfg.attn_logit_softcapping
         if cfg.qk_norm:
             self.q_norm, self.k_norm = _head_norm(cfg, ps), _head_norm(cfg, ps)
 
@@ -115,14 +127,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.recompute_core and self.training:
             core = checkpoint(attention, q, k, v, cu_seqlens, max_seqlen, self.backend, self.window,
-                              use_reentrant=False)
-        else:
-            core = attention(q, k, v, cu_seqlens, max_seqlen, self.backend, self.window)  # [s, b, nq/tp, d]
+                              self.scale, self.softcap, use_reentrant=False)
+        else:                                                               # [s, b, nq/tp, d]
+            core = attention(q, k, v, cu_seqlens, max_seqlen, self.backend, self.window, self.scale, self.softcap)
         return self.o_proj(core.reshape(s, b, -1))                          # [s(/tp), b, h]
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); gate and up fused in one column-parallel GEMM."""
+    """SwiGLU: down(silu(gate(x)) * up(x)) (Gemma: GeGLU, tanh GELU); gate and up fused in one
+    column-parallel GEMM."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool):
         super().__init__()
@@ -130,15 +143,21 @@ class MLP(nn.Module):
         ffn = tp_shards(cfg.intermediate_size, ps.tp_group)
         self.gate_up = ColumnParallelLinear(cfg.hidden_size, [ffn, ffn])
         self.down = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, ps.tp_group, sequence_parallel)
-        self.swiglu = swiglu_kernel(resolve_norm_backend(cfg.norm_backend, ps.device))
+        gemma = family_of(cfg.family).gemma
+        self.swiglu = swiglu_kernel(resolve_norm_backend(cfg.norm_backend, ps.device, gemma), gelu_tanh=gemma)
 
     def forward(self, x):
         x = enter_tp_region(x, self.group, self.sequence_parallel)
         return self.down(self.swiglu(self.gate_up(x)))                      # [s, b, 2*ffn/tp] -> [s, b, ffn/tp]
 
 
+def _rms_norm(cfg: ModelConfig, ps: ParallelState, size: int) -> RMSNorm:
+    plus_one = family_of(cfg.family).gemma
+    return RMSNorm(size, cfg.rms_norm_eps, resolve_norm_backend(cfg.norm_backend, ps.device, plus_one), plus_one)
+
+
 def _norm(cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool) -> RMSNorm:
-    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, resolve_norm_backend(cfg.norm_backend, ps.device))
+    norm = _rms_norm(cfg, ps, cfg.hidden_size)
     # Replicated on every TP rank; under SP each rank sees a different slice of the sequence, so
     # its gradient is partial and must be summed over TP.
     mark_replicated(norm.weight, ps.tp, ps.tp_group if sequence_parallel else None)
@@ -146,7 +165,7 @@ def _norm(cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool) -> RMSNo
 
 
 def _head_norm(cfg: ModelConfig, ps: ParallelState) -> RMSNorm:
-    norm = RMSNorm(cfg.head_size, cfg.rms_norm_eps, resolve_norm_backend(cfg.norm_backend, ps.device))
+    norm = _rms_norm(cfg, ps, cfg.head_size)
     # One [d] weight shared by every head, replicated on every TP rank; each rank sees only its own
     # heads, so its gradient is partial and summed over TP (with or without SP; replicated kv
     # heads each see only their own queries' share, so the sum over all of TP is still exact).
@@ -155,18 +174,33 @@ def _head_norm(cfg: ModelConfig, ps: ParallelState) -> RMSNorm:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool, backend: str):
+    """x + attention(norm(x)), then + mlp(norm(x)); Gemma also norms each sublayer's output
+    (attn_post_norm, mlp_post_norm) and calls its pre-MLP norm mlp_pre_norm (HF
+    pre_feedforward_layernorm, where Llama's mlp_norm is HF post_attention_layernorm)."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool, backend: str, layer: int = 0):
         super().__init__()
+        self.gemma = family_of(cfg.family).gemma
+        self.rope_local = cfg.rope_local_theta is not None and layer_window(cfg, layer) is not None
         self.attn_norm = _norm(cfg, ps, sequence_parallel)
-        self.attention = Attention(cfg, ps, sequence_parallel, backend)
-        self.mlp_norm = _norm(cfg, ps, sequence_parallel)
+        self.attention = Attention(cfg, ps, sequence_parallel, backend, layer)
+        if self.gemma:
+            self.attn_post_norm = _norm(cfg, ps, sequence_parallel)
+            self.mlp_pre_norm = _norm(cfg, ps, sequence_parallel)
+            self.mlp_post_norm = _norm(cfg, ps, sequence_parallel)
+        else:
+            self.mlp_norm = _norm(cfg, ps, sequence_parallel)
         self.mlp = MLP(cfg, ps, sequence_parallel)
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
         attn = self.attention(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen)
+        if self.gemma:
+            attn = self.attn_post_norm(attn)
         x = x + F.dropout(attn, self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
+        if not self.gemma:
+            return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
+        return x + F.dropout(self.mlp_post_norm(self.mlp(self.mlp_pre_norm(x))), self.dropout, self.training)
 
 
 class LlamaStage(nn.Module):
@@ -186,7 +220,7 @@ class LlamaStage(nn.Module):
         self.sequence_parallel = sequence_parallel   # resolved: Layout.sequence_parallel
         self.pre_process, self.post_process = pre_process, post_process
         self.recompute_layers = cfg.recompute == "full"
-        backend = resolve_backend(cfg.attention_backend, ps.device)
+        backend = resolve_backend(cfg.attention_backend, ps.device, cfg.attn_logit_softcapping)
         padded_vocab = cfg.padded_vocab_size(ps.tp)
         if pre_process:
             self.embedding = VocabParallelEmbedding(cfg.vocab_size, padded_vocab, cfg.hidden_size,
@@ -194,13 +228,13 @@ class LlamaStage(nn.Module):
             # Same seed on every TP rank (the noise is added to the replicated embedding output),
             # a different one per data-parallel rank (different documents).
             self.neftune_generator = torch.Generator().manual_seed(neftune_seed * 1_000_003 + ps.dp_rank)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, ps, self.sequence_parallel, backend)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, ps, self.sequence_parallel, backend, i)
                                      for i in layer_ids})
         if post_process:
             self.norm = _norm(cfg, ps, self.sequence_parallel)
             vocab = Shard(cfg.vocab_size, ps.tp, ps.tp_rank, padded=padded_vocab)
             self.output = VocabOutput(vocab.start, max(0, min(vocab.local, cfg.vocab_size - vocab.start)),
-                                      ps.tp_group, cfg.loss_chunk_tokens)
+                                      ps.tp_group, cfg.loss_chunk_tokens, cfg.final_logit_softcapping)
             if not (cfg.tie_embeddings and pre_process):
                 self.lm_head = LMHead(cfg.hidden_size, vocab, self.output)        # [V/tp, h]
         if cfg.tie_embeddings and pre_process != post_process:
@@ -210,13 +244,18 @@ class LlamaStage(nn.Module):
             copy = self.embedding.weight if pre_process else self.lm_head.weight
             set_spec(copy, tied=True, pp_copies=2)
         self._inv_freq = rope_inv_freq(cfg)
+        if any(layer.rope_local for layer in self.layers.values()):     # Gemma 3's sliding layers
+            self._inv_freq_local = rope_inv_freq(cfg, local=True)
 
     def forward(self, batch: MicroBatch, hidden_states: Optional[torch.Tensor] = None):
         if self.pre_process:
             hidden_states = self._embed(batch)
-        cos, sin = rope_cos_sin(self._inv_freq, batch.position_ids, hidden_states.dtype)
+        rope = {False: rope_cos_sin(self._inv_freq, batch.position_ids, hidden_states.dtype)}
+        if hasattr(self, "_inv_freq_local"):
+            rope[True] = rope_cos_sin(self._inv_freq_local, batch.position_ids, hidden_states.dtype)
         cu_seqlens, max_seqlen = batch.cu_seqlens, int(batch.max_seqlen)
         for layer in self.layers.values():
+            cos, sin = rope[layer.rope_local]
             if self.recompute_layers and self.training:
                 hidden_states = checkpoint(layer, hidden_states, cos, sin, cu_seqlens, max_seqlen,
                                            use_reentrant=False)
@@ -233,6 +272,10 @@ class LlamaStage(nn.Module):
 
     def _embed(self, batch: MicroBatch) -> torch.Tensor:
         emb = self.embedding(batch.input_ids)                               # [s(/tp), b, h]
+        if family_of(self.cfg.family).gemma:
+            # x sqrt(h), the factor rounded to the model dtype first as HF's Gemma embedding does
+            # (sqrt(3072) = 55.43 is 55.5 in bf16); NEFTune noise comes after, as HF's hook adds it.
+            emb = emb * torch.tensor(self.cfg.hidden_size ** 0.5).to(device=emb.device, dtype=emb.dtype)
         alpha = self.cfg.neftune_alpha
         if self.training and alpha > 0:
             emb = emb + neftune_noise(batch, emb, alpha, self.neftune_generator, self.group,
@@ -244,22 +287,26 @@ class LlamaStage(nn.Module):
 class VocabOutput:
     """The output projection onto this rank's vocabulary slice and, given targets, the masked
     vocab-parallel cross-entropy — fused over token chunks when chunk_tokens > 0, so the full
-    [tokens, V/tp] logits never exist."""
+    [tokens, V/tp] logits never exist. With `softcap` c the logits are c * tanh(logits / c)
+    (Gemma's final soft-cap: elementwise, so each rank caps its own vocabulary slice)."""
 
     vocab_start: int
     vocab_valid: int        # rows of the slice that are real tokens (the rest is padding)
     group: object           # the TP group
     chunk_tokens: int = 0
+    softcap: Optional[float] = None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, target: Optional[torch.Tensor]):
         """Logits [s, b, V/tp] of x [s, b, h], or (loss_sum, count) against target [s, b]."""
-        if target is None:
-            return F.linear(x, weight)
-        if self.chunk_tokens:
+        if target is not None and self.chunk_tokens:
             return lm_head_cross_entropy(x, weight, target, self.vocab_start, self.vocab_valid,
-                                         self.group, self.chunk_tokens)
-        return vocab_parallel_cross_entropy(F.linear(x, weight), target, self.vocab_start,
-                                            self.vocab_valid, self.group)
+                                         self.group, self.chunk_tokens, self.softcap)
+        logits = F.linear(x, weight)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        if target is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, target, self.vocab_start, self.vocab_valid, self.group)
 
 
 class LMHead(ColumnParallelLinear):

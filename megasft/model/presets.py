@@ -1,5 +1,5 @@
-"""Named model shapes (Llama-3.1 8B/70B/405B, Qwen2.5 0.5B/72B, Qwen3-8B, Mistral-7B-v0.1, tiny test
-models) and exact parameter counts.
+"""Named model shapes (Llama-3.1 8B/70B/405B, Qwen2.5 0.5B/72B, Qwen3-8B, Mistral-7B-v0.1, Gemma-2-9B,
+Gemma-3-27B, tiny test models) and exact parameter counts.
 
 A preset is a dict of :class:`megasft.config.ModelConfig` field values. ``Config.from_dict`` merges
 it under the user's explicit ``model:`` keys, so ``model: {preset: llama3.1-8b, recompute: full}``
@@ -80,11 +80,30 @@ PRESETS: dict[str, dict] = {
                         "num_kv_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None,
                         "max_position_embeddings": 32768, "sliding_window": 4096,
                         "tie_embeddings": False, "qkv_bias": False},
+    # Gemma-2-9B: every other layer (from layer 0) has a 4096-token window; logits soft-capped.
+    "gemma2-9b": {"family": "gemma2", "vocab_size": 256000, "hidden_size": 3584, "intermediate_size": 14336,
+                  "num_layers": 42, "num_attention_heads": 16, "num_kv_heads": 8, "head_dim": 256,
+                  "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None, "max_position_embeddings": 8192,
+                  "sliding_window": 4096, "layer_types": ["sliding_attention", "full_attention"] * 21,
+                  "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                  "tie_embeddings": True, "qkv_bias": False},
+    # Gemma-3-27B, the text decoder of the release (its config.json text_config): five 1024-token
+    # sliding layers (rope base 10k) per global layer (rope base 1M, linear scaling x8).
+    "gemma3-27b": {"family": "gemma3_text", "vocab_size": 262208, "hidden_size": 5376, "intermediate_size": 21504,
+                   "num_layers": 62, "num_attention_heads": 32, "num_kv_heads": 16, "head_dim": 128,
+                   "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                   "rope_local_theta": 10000.0, "max_position_embeddings": 131072, "sliding_window": 1024,
+                   "layer_types": [("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(62)],
+                   "query_pre_attn_scalar": 168, "final_logit_softcapping": None, "qk_norm": True,
+                   "tie_embeddings": True, "qkv_bias": False},
     # Test/example shapes: GQA (2 kv heads for 4 query heads) so tp=2 splits kv heads and tp=4
     # replicates them; the variants cover tied embeddings and Qwen2-style q/k/v biases.
     "tiny": {**_TINY_COMMON, "tie_embeddings": False, "qkv_bias": False},
     "tiny-tied": {**_TINY_COMMON, "tie_embeddings": True, "qkv_bias": False},
     "tiny-qkv-bias": {**_TINY_COMMON, "tie_embeddings": False, "qkv_bias": True},
+    "tiny-gemma3": {**_TINY_COMMON, "family": "gemma3_text", "qk_norm": True, "tie_embeddings": True,
+                    "qkv_bias": False, "sliding_window": 16, "query_pre_attn_scalar": 32, "rope_local_theta": 1000.0,
+                    "layer_types": ["sliding_attention"] * 3 + ["full_attention"], "final_logit_softcapping": 30.0},
 }
 
 
@@ -97,7 +116,7 @@ def preset_fields(name: str) -> dict:
 
 def layer_parameter_count(model: ModelConfig) -> int:
     """Parameters of one decoder layer: GQA attention (with q/k/v biases and q/k norms when the
-    family has them), SwiGLU MLP and the two RMSNorm weights."""
+    family has them), SwiGLU MLP and the two RMSNorm weights (four for Gemma)."""
     h, d, f = model.hidden_size, model.head_size, model.intermediate_size
     q_width, kv_width = model.num_attention_heads * d, model.kv_heads * d
     attention = h * q_width + 2 * h * kv_width + q_width * h  # q, k, v, o projections
@@ -106,7 +125,14 @@ def layer_parameter_count(model: ModelConfig) -> int:
     if model.qk_norm:
         attention += 2 * d  # one [d] RMSNorm weight each for q and k (Qwen3)
     mlp = 3 * h * f  # gate, up (h -> f) and down (f -> h)
-    return attention + mlp + 2 * h
+    return attention + mlp + norms_per_layer(model) * h
+
+
+def norms_per_layer(model: ModelConfig) -> int:
+    """[hidden] RMSNorm weights per decoder layer: before attention and MLP, and Gemma's after each."""
+    from megasft.model.families import family_of
+
+    return 4 if family_of(model.family).gemma else 2
 
 
 def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> int:

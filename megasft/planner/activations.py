@@ -50,6 +50,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megasft.config import Config
+from megasft.model.presets import norms_per_layer
 from megasft.planner.assumptions import Assumptions
 from megasft.planner.pinned import layout_of
 
@@ -75,7 +76,7 @@ def layer_bytes_per_token(cfg: Config, assumptions: Assumptions) -> float:
     linear_input = e * h / t if shard > 1 and assumptions.sp_regathers_inputs else e * h
     q_width = m.num_attention_heads // t * d
     kv_width = layout_of(cfg).kv_heads_per_rank * d
-    norms = 2 * ((FP32_BYTES + e) * h + FP32_BYTES) / shard
+    norms = norms_per_layer(m) * ((FP32_BYTES + e) * h + FP32_BYTES) / shard   # Gemma: 4
     attention = linear_input + e * (q_width + 2 * kv_width) + e * q_width
     mlp = linear_input + 4 * e * (f // t)
     dropout_masks = 2 * h / shard if m.dropout > 0 else 0.0

@@ -11,12 +11,17 @@ Model FLOPs count the full (non-causal) attention square and the unpadded vocabu
 and PaLM's MFU (Chowdhery et al. 2022, App. B) do, so MFU is comparable across frameworks.
 Executed FLOPs, which set the step time, add what really runs: the padded vocabulary, the
 causal kernels' half square (``Assumptions.causal_attention``) and recomputation's extra forward.
+
+A layer with a sliding window W < s (Mistral; Gemma's sliding_attention layers) has each query
+attend to at most W keys: its square is s x W (model FLOPs) and, causal, W * (1 - W / (2s)) keys
+per query on average (s/2 at W = s), instead of s and s/2.
 """
 from __future__ import annotations
 
 from megasft.config import Config, ModelConfig
 from megasft.planner.assumptions import Assumptions
 from megasft.layout import kv_partition
+from megasft.model.families import layer_window
 from megasft.planner.pinned import layout_of
 
 
@@ -28,19 +33,28 @@ def layer_matmul_parameters(model: ModelConfig, tp: int = 1) -> int:
     return h * (2 * q_width + 2 * kv_width) + 3 * h * (f // tp)
 
 
+def attended_keys(model: ModelConfig, layer: int, seq_len: int, causal: bool) -> float:
+    """Keys one query of a seq_len row attends to on average in `layer` (its window counted)."""
+    window = layer_window(model, layer)
+    if window is None or window >= seq_len:
+        return seq_len * (0.5 if causal else 1.0)
+    return window * (1 - window / (2 * seq_len)) if causal else float(window)
+
+
 def forward_flops_per_token(model: ModelConfig, seq_len: int, vocab_size: int | None = None,
                             causal: bool = False) -> float:
     """Forward FLOPs per token of the whole model (tp = 1): GEMMs plus the attention square.
 
     This is what ``torch.utils.flop_counter.FlopCounterMode`` reports for one forward of a
     [1, seq_len] row divided by seq_len (it counts matmuls and the full s x s of SDPA; pass
-    ``vocab_size=model.padded_vocab_size(1)`` to match a model built with padded rows).
+    ``vocab_size=model.padded_vocab_size(1)`` to match a model built with padded rows) — for a
+    model without sliding windows: FlopCounterMode counts SDPA's whole square, masked or not.
     """
     vocab = model.vocab_size if vocab_size is None else vocab_size
     width = model.num_attention_heads * model.head_size
-    attention = 4 * seq_len * width * (0.5 if causal else 1.0)
-    per_layer = 2 * layer_matmul_parameters(model) + attention
-    return model.num_layers * per_layer + 2 * model.hidden_size * vocab
+    keys = sum(attended_keys(model, i, seq_len, causal) for i in range(model.num_layers))
+    gemm = model.num_layers * 2 * layer_matmul_parameters(model)
+    return gemm + 4 * width * keys + 2 * model.hidden_size * vocab
 
 
 def model_flops_per_step(cfg: Config) -> float:
@@ -57,13 +71,13 @@ def executed_flops_per_micro_batch(cfg: Config, pp_rank: int, assumptions: Assum
     """
     m, p, d = cfg.model, cfg.parallel, cfg.data
     tokens = d.seq_len * d.micro_batch_size
-    layers = sum(layout_of(cfg).rank_chunk_layers(pp_rank))
+    layer_ids = [i for chunk in layout_of(cfg).rank_chunks(pp_rank) for i in chunk]
     recompute = cfg.model.recompute
     gemm_passes = 4 if recompute == "full" else 3
     attention_passes = 3 if recompute == "none" else 4
     width = m.num_attention_heads // p.tp * m.head_size
-    attention = 4 * d.seq_len * width * (0.5 if assumptions.causal_attention else 1.0)
-    gemm = gemm_passes * 2 * layer_matmul_parameters(m, p.tp) * layers * tokens
+    keys = sum(attended_keys(m, i, d.seq_len, assumptions.causal_attention) for i in layer_ids)
+    gemm = gemm_passes * 2 * layer_matmul_parameters(m, p.tp) * len(layer_ids) * tokens
     if pp_rank == p.pp - 1:
         gemm += 3 * 2 * m.hidden_size * (m.padded_vocab_size(p.tp) // p.tp) * tokens
-    return gemm, attention_passes * attention * layers * tokens
+    return gemm, attention_passes * 4 * width * keys * tokens

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from megasft.config import Config, ModelConfig
 from megasft.layout import kv_partition
+from megasft.model.presets import norms_per_layer
 from megasft.optim.grad_buffer import SHARD_ALIGN
 from megasft.planner.pinned import layout_of
 
@@ -57,7 +58,7 @@ def tp_layer_parameter_count(model: ModelConfig, tp: int) -> int:
     if model.qk_norm:
         attention += 2 * d  # q/k norm weights, replicated
     mlp = 3 * h * (f // tp)
-    return attention + mlp + 2 * h  # the two RMSNorm weights are replicated
+    return attention + mlp + norms_per_layer(model) * h  # the RMSNorm weights are replicated
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def model_synced_parameters(cfg: Config, pp_rank: int) -> int:
     layers = sum(layout.rank_chunk_layers(pp_rank))
     synced = params.embedding + params.lm_head if m.tie_embeddings and layout.pp > 1 else 0
     if layout.sequence_parallel:
-        synced += layers * 2 * m.hidden_size + params.final_norm
+        synced += layers * norms_per_layer(m) * m.hidden_size + params.final_norm
     if m.qk_norm and layout.tp > 1:
         synced += layers * 2 * m.head_size   # q/k norm weights: partial over TP at every tp > 1
     if layout.kv_copies > 1:

@@ -8,7 +8,9 @@ with three all-reduces of size N (max, sum of exponentials, target logit), as in
 
 Tokens whose label is IGNORE_INDEX contribute 0 and are not counted. Callers receive
 ``(loss_sum, valid_count)`` and normalise over the whole global batch themselves. Logits may be
-bf16; the statistics are computed in fp32.
+bf16; the statistics are computed in fp32. The fused LM-head path applies Gemma's final-logit
+soft-cap z = c * tanh(raw / c) itself (elementwise, so TP-local), and its backward multiplies by
+dz/draw = 1 - tanh^2(raw / c).
 """
 from __future__ import annotations
 
@@ -90,43 +92,52 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     log-sum-exp already holds the global statistics."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, vocab_start, vocab_valid, group, chunk):
+    def forward(ctx, hidden, weight, target, vocab_start, vocab_valid, group, chunk, softcap):
         losses, valids, lses = [], [], []
         for h, t in zip(hidden.split(chunk), target.split(chunk)):
             z = (h @ weight.t()).float()                          # [chunk, V/tp]
+            if softcap is not None:
+                z = z.div_(softcap).tanh_().mul_(softcap)
             loss, valid, lse, _, _ = _softmax_loss_(z, t, vocab_start, vocab_valid, group)
             losses.append(loss), valids.append(valid), lses.append(lse)
         valid = torch.cat(valids)
         ctx.save_for_backward(hidden, weight, target, torch.cat(lses))
-        ctx.meta = (vocab_start, vocab_valid, chunk)
+        ctx.meta = (vocab_start, vocab_valid, chunk, softcap)
         ctx.mark_non_differentiable(valid)
         return torch.cat(losses), valid
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_valid):
         hidden, weight, target, lse = ctx.saved_tensors
-        vocab_start, vocab_valid, chunk = ctx.meta
+        vocab_start, vocab_valid, chunk, softcap = ctx.meta
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
             h, t = hidden[sl], target[sl]
-            z = _mask_padding_((h @ weight.t()).float(), vocab_valid)
-            softmax = z.sub_(lse[sl].unsqueeze(-1)).exp_()
+            z = (h @ weight.t()).float()
+            if softcap is not None:
+                tanh = z.div_(softcap).tanh_()
+                z = tanh * softcap
+            softmax = _mask_padding_(z, vocab_valid).sub_(lse[sl].unsqueeze(-1)).exp_()
             grad_z = _softmax_grad_(softmax, grad_loss[sl], *_target_slots(t, vocab_start, z.shape[-1]))
+            if softcap is not None:
+                grad_z.mul_(1 - tanh.square_())                   # through z = c * tanh(raw / c)
             grad_hidden[sl] = (grad_z.to(weight.dtype) @ weight).to(hidden.dtype)   # partial over TP
             grad_weight.addmm_(grad_z.t(), h.float())
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None
 
 
 def lm_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_start: int,
-                          vocab_valid: int, group: Group, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          vocab_valid: int, group: Group, chunk_tokens: int,
+                          softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused LM head + masked CE: hidden [..., h] (in the TP region), weight [V/tp, h], target [...].
     Same (loss_sum, valid_count) and gradients as ``vocab_parallel_cross_entropy(hidden @ weight.T, ...)``
-    without ever materialising the full logits."""
+    (of ``softcap * tanh(hidden @ weight.T / softcap)`` with a softcap) without ever
+    materialising the full logits."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     loss, valid = _ChunkedHeadCrossEntropy.apply(flat, weight, target.reshape(-1), vocab_start, vocab_valid,
-                                                 group, chunk_tokens)
+                                                 group, chunk_tokens, softcap)
     return loss.sum(), valid.sum()
 
 
