@@ -32,7 +32,7 @@ from common import (interleaved_times, lognormal_lengths, median, pack_steps, pa
 from megasft.config import Config, apply_override
 from megasft.planner import Assumptions, forward_flops_per_token, make_cluster, plan
 from megasft.planner.flops import layer_matmul_parameters
-from megasft.training.metrics import step_model_flops, sum_sq_segment_lens
+from megasft.training.metrics import attention_squares, step_model_flops
 
 # Llama-3.2-1B (Meta's config.json): 16 layers, width 2048, GQA 32/8 heads, tied 128k embedding.
 LLAMA_1B = {
@@ -101,7 +101,7 @@ def describe_flops(cfg: Config, tokens: int, sum_sq: int) -> str:
     n_matmul = m.num_layers * layer_matmul_parameters(m) + m.hidden_size * m.vocab_size
     gemm = 3 * forward_flops_per_token(m, seq_len=0) * tokens
     attention = 12 * m.num_layers * m.num_attention_heads * m.head_size * sum_sq
-    total = step_model_flops(m, tokens, sum_sq)
+    total = step_model_flops(m, tokens, {None: sum_sq})   # the 1B Llama has no sliding windows
     assert abs(gemm + attention - total) <= 1e-6 * total, "formula text out of sync with step_model_flops"
     return (f"model FLOPs/step = 6*N_matmul*T + 12*L*(heads*head_dim)*sum(len_doc^2)\n"
             f"  = 6*{n_matmul:,}*{tokens:,} + 12*{m.num_layers}*{m.num_attention_heads * m.head_size}*{sum_sq:,}\n"
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     predicted = plan(cfg, cluster, Assumptions())
     steps = synthetic_steps(args, cfg.model.vocab_size, 3)
     tokens = args.rows * args.seq_len
-    sum_sq = int(np.mean([sum_sq_segment_lens(s) for s in steps]))
+    sum_sq = int(np.mean([attention_squares(cfg.model, s)[None] for s in steps]))
     print(f"model: Llama-3.2-1B shape, {predicted.parameters:,} parameters; bf16, recompute {args.recompute}; "
           f"{args.rows} rows x {args.seq_len} packed tokens per step ({args.micro_batch_rows} per micro-batch)"
           + (f"; overrides: {' '.join(args.overrides)}" if args.overrides else ""))
@@ -147,7 +147,7 @@ def measure(cfg: Config, args, steps: list[list[dict]], peak_tflops: float, toke
         losses.append(trainer.train_step(steps[i % len(steps)]).loss)
 
     times = interleaved_times({"megasft": step}, args.steps, args.warmup, sync=torch.cuda.synchronize)["megasft"]
-    flops = np.mean([step_model_flops(cfg.model, tokens, sum_sq_segment_lens(steps[i % len(steps)]))
+    flops = np.mean([step_model_flops(cfg.model, tokens, attention_squares(cfg.model, steps[i % len(steps)]))
                      for i in range(args.warmup, args.warmup + args.steps)])
     t = median(times)
     trained = np.mean([sum(mb.trained_tokens for mb in s) for s in steps])

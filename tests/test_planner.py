@@ -228,3 +228,22 @@ def test_state_bytes_equal_the_live_rank(fake_world, preset, tp, pp, v, sp, prec
         assert predicted.grads == optimizer.grad_buffer.grad_data.numel() * 4
         assert predicted.optimizer == optimizer.state_bytes()
         dist.destroy_process_group()
+
+
+def test_logged_attention_square_counts_each_layers_window():
+    """The training log's model FLOPs (megasft.training.metrics) count, per layer, the pairs the
+    block-causal (windowed) mask really allows, as the full square n^2 = 2 * pairs - n counts them."""
+    from megasft.model.attention import block_causal_mask
+    from megasft.training.metrics import attention_squares, step_model_flops
+
+    cu = torch.tensor([0, 3, 11, 16], dtype=torch.int32)            # documents of 3, 8 and 5 tokens
+    mb = MicroBatch(input_ids=torch.zeros(1, 16, dtype=torch.long), position_ids=torch.zeros(1, 16, dtype=torch.long),
+                    cu_seqlens=cu, max_seqlen=8)
+    model = Config.from_dict({"model": {"preset": "tiny-gemma3", "sliding_window": 4}}).validate().model
+    squares = attention_squares(model, [mb])
+    for window, square in squares.items():
+        pairs = int(block_causal_mask(cu, 1, 16, window).sum())
+        assert square == 2 * pairs - 16, window
+    assert squares[None] == 3 ** 2 + 8 ** 2 + 5 ** 2 and None in squares and len(squares) == 2
+    full = step_model_flops(model, 16, {w: squares[None] for w in squares})
+    assert step_model_flops(model, 16, squares) < full          # a window smaller than a document saves work

@@ -223,9 +223,11 @@ class Trainer:
     def _step_flops(self, micro_batches: list[MicroBatch]) -> float:
         """Model FLOPs of this step over all ranks (document lengths summed over DP; TP/PP copies
         of a micro-batch are the same work)."""
-        sq = torch.tensor([metrics.sum_sq_segment_lens(micro_batches)], dtype=torch.float64)
-        collectives.all_reduce(sq, self.ps.dp_group)
-        return metrics.step_model_flops(self.cfg.model, self.cfg.data.global_batch_tokens, int(sq.item()))
+        squares = metrics.attention_squares(self.cfg.model, micro_batches)
+        summed = torch.tensor(list(squares.values()), dtype=torch.float64)
+        collectives.all_reduce(summed, self.ps.dp_group)
+        squares = dict(zip(squares, (int(x) for x in summed.tolist())))
+        return metrics.step_model_flops(self.cfg.model, self.cfg.data.global_batch_tokens, squares)
 
     def _log_train(self, out: StepOutput, window: "metrics.ThroughputWindow", writer) -> None:
         totals = window.close()

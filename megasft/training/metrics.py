@@ -3,7 +3,10 @@
 Model FLOPs follow Narayanan et al. 2021 eq. (3) as counted in megasft.planner.flops: 6 FLOPs per
 matmul parameter per token (forward + two backward GEMMs) plus the attention square. For packed
 rows the square is per document, 3 x 4 x (heads*head_dim) x sum(len^2) per layer, since a token
-attends only within its own document; this is the work a varlen kernel really has to do.
+attends only within its own document; this is the work a varlen kernel really has to do. A layer
+with a sliding window W counts the same square cut to the band |i - j| < W: 2 * pairs - n, where
+pairs = w (w + 1) / 2 + (n - w) w are a document's (query, key) pairs, w = min(n, W) (n^2 when the
+window covers the document).
 """
 from __future__ import annotations
 
@@ -19,19 +22,33 @@ import torch
 
 from megasft.config import ModelConfig
 from megasft.data.batch import MicroBatch
+from megasft.model.families import layer_window
 from megasft.planner.flops import forward_flops_per_token
 
 
-def step_model_flops(model: ModelConfig, tokens: int, sum_sq_doc_lens: int) -> float:
-    """Model FLOPs of one training step over `tokens` packed tokens (all data-parallel ranks)."""
+def step_model_flops(model: ModelConfig, tokens: int, squares: dict) -> float:
+    """Model FLOPs of one training step over `tokens` packed tokens (all data-parallel ranks);
+    `squares` from attention_squares (summed over the same ranks)."""
     gemm = 3 * forward_flops_per_token(model, seq_len=0) * tokens
-    attention = 3 * 4 * model.num_attention_heads * model.head_size * model.num_layers * sum_sq_doc_lens
-    return gemm + attention
+    per_layer = sum(squares[layer_window(model, layer)] for layer in range(model.num_layers))
+    return gemm + 3 * 4 * model.num_attention_heads * model.head_size * per_layer
 
 
-def sum_sq_segment_lens(micro_batches: list[MicroBatch]) -> int:
-    """Sum over the segments (documents and padding tails) of length^2: attention's work."""
-    return sum(int(mb.segment_lengths.square().sum()) for mb in micro_batches)
+def attention_squares(model: ModelConfig, micro_batches: list[MicroBatch]) -> dict:
+    """{window (None = full): sum over the segments (documents and padding tails) of the square
+    attention works on, len^2, or its band 2 * pairs - len in a sliding window} for each distinct
+    window of the model's layers."""
+    squares = {}
+    for window in sorted({layer_window(model, layer) for layer in range(model.num_layers)},
+                         key=lambda w: -1 if w is None else w):
+        total = 0
+        for mb in micro_batches:
+            n = mb.segment_lengths
+            w = n if window is None else n.clamp(max=window)
+            pairs = w * (w + 1) // 2 + (n - w) * w
+            total += int((2 * pairs - n).sum())
+        squares[window] = total
+    return squares
 
 
 def peak_memory_bytes(device: torch.device) -> int:
