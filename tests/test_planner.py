@@ -247,3 +247,17 @@ def test_logged_attention_square_counts_each_layers_window():
     assert squares[None] == 3 ** 2 + 8 ** 2 + 5 ** 2 and None in squares and len(squares) == 2
     full = step_model_flops(model, 16, {w: squares[None] for w in squares})
     assert step_model_flops(model, 16, squares) < full          # a window smaller than a document saves work
+
+
+def test_zb_h1_plan_reports_its_bubble_and_memory():
+    """The planner reads the schedule's rules from megasft.layout: ZB-H1's bubble (p-1)/(3m+p-1)
+    and every stage holding up to p micro-batches (1F1B: p - r)."""
+    from megasft.layout import Layout
+
+    cfg = Config.from_dict({"model": {"preset": "tiny"}, "data": {"seq_len": 64, "global_batch_tokens": 64 * 16},
+                            "parallel": {"pp": 4, "pipeline_schedule": "zb_h1"}}).validate()
+    layout = Layout.resolve(cfg, 4)
+    assert layout.bubble_fraction == pytest.approx(3 / (3 * 16 + 3))
+    assert [layout.in_flight(r) for r in range(4)] == [4, 4, 4, 4]
+    cfg.parallel.pipeline_schedule = "1f1b"
+    assert [Layout.resolve(cfg, 4).in_flight(r) for r in range(4)] == [4, 3, 2, 1]

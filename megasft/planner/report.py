@@ -1,7 +1,7 @@
 """Human-readable text for plans and search results (memory in GiB = 2^30 bytes)."""
 from __future__ import annotations
 
-from megasft.layout import INTERLEAVED, NO_PIPELINE
+from megasft.layout import INTERLEAVED, NO_PIPELINE, ZB_H1
 from megasft.planner.estimate import Plan, StageMemory
 from megasft.planner.hardware import GIB
 from megasft.planner.search import candidate_of
@@ -83,6 +83,10 @@ def _bubble_formula(plan: Plan) -> str:
     if plan.schedule == INTERLEAVED:
         v = p.virtual_pipeline_size
         return f"(p-1)/(v*m+p-1) = {p.pp - 1}/({v}*{m}+{p.pp - 1})"
+    if plan.schedule == ZB_H1:
+        if m < p.pp:
+            return f"ZB-H1 with m={m} < p={p.pp}: its unit-cost timeline"
+        return f"ZB-H1 (p-1)/(3m+p-1) = {p.pp - 1}/(3*{m}+{p.pp - 1})"
     return f"(p-1)/(m+p-1) = {p.pp - 1}/({m}+{p.pp - 1})"
 
 
