@@ -41,7 +41,7 @@ def _config(family: str, **changes) -> dict:
 REFUSED = [
     pytest.param("llama", dict(model_type="gemma2"),
                  "config.json: model_type='gemma2' is not supported by megasft; supported model types: "
-                 "['llama', 'mistral', 'qwen2', 'qwen3']", id="model-type"),
+                 "['llama', 'mistral', 'phi3', 'qwen2', 'qwen3']", id="model-type"),
     pytest.param("qwen3", dict(architectures=["Qwen3ForSequenceClassification"]),
                  "config.json: architectures=['Qwen3ForSequenceClassification'] is not supported for "
                  "model_type qwen3; megasft trains Qwen3ForCausalLM only", id="architectures"),
@@ -66,7 +66,7 @@ REFUSED = [
                  "config.json: layer_types[1]='sliding_attention' is not supported for model_type qwen3; "
                  "megasft implements full_attention layers only", id="layer-types"),
     pytest.param("qwen2", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
-                 "config.json: rope_type='yarn' is not supported by megasft; supported: ['default', 'llama3']",
+                 "config.json: rope_type='yarn' is not supported by megasft; supported: ['default', 'llama3', 'longrope', 'su']",
                  id="rope-yarn"),
 ]
 
@@ -93,7 +93,7 @@ def test_converter_and_init_from_hf_refuse_an_unknown_model_type(tmp_path, capsy
     capsys.readouterr()   # save_pretrained's progress bar
     rc = _load_tool().main(["hf-to-megasft", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ck"),
                             "--tp", "2", "--pp", "2"])
-    supported = "['llama', 'mistral', 'qwen2', 'qwen3']"
+    supported = "['llama', 'mistral', 'phi3', 'qwen2', 'qwen3']"
     assert rc == 2 and capsys.readouterr().err == (
         f"convert_checkpoint: {file}: model_type='gemma3_text' is not supported by megasft; supported model "
         f"types: {supported}\n")

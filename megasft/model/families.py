@@ -1,7 +1,8 @@
 """Model families: small declarative specs over the one decoder (megasft.model.llama).
 
 A family is what a Hugging Face ``model_type`` adds to the Llama decoder — biases on q/k/v
-(Qwen2), a per-head RMSNorm on q and k (Qwen3), a sliding attention window (Mistral) — and which
+(Qwen2), a per-head RMSNorm on q and k (Qwen3), a sliding attention window (Mistral), fused
+checkpoint tensors and partial / longrope rotary embeddings (Phi-3) — and which
 ``config.json`` keys it reads. The decoder reads only ModelConfig flags (``qkv_bias``, ``qk_norm``,
 ``sliding_window``); megasft.hf.config turns config.json into those flags through the spec here
 and back, and refuses any key it does not know, so an architecture megasft does not implement
@@ -41,6 +42,11 @@ class Family:
     export): e.g. hidden_act must be 'silu'."""
     keys: frozenset[str] = frozenset()
     """Further config.json keys the family reads beyond MODEL_KEYS / NEUTRAL_KEYS / fixed."""
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Tensors the HF checkpoint stores fused, per layer: (stored name, the canonical tensors it
+    concatenates along dim 0, in order); megasft.hf.names splits them on import, fuses on export."""
+    phi_rope: bool = False
+    """Reads partial_rotary_factor and the top-level original_max_position_embeddings (Phi-3)."""
 
     @property
     def known_keys(self) -> frozenset[str]:
@@ -61,6 +67,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen3", "Qwen3ForCausalLM", qk_norm=True, fixed={**_QWEN, "attention_bias": False},
            keys=frozenset({"max_window_layers", "sliding_window"})),
     Family("mistral", "MistralForCausalLM", sliding_window=True, fixed=_SILU, keys=frozenset({"sliding_window"})),
+    # Phi-3 / Phi-4: Llama's math in fused tensors (transformers' Phi3Attention slices qkv_proj
+    # as [q; k; v], Phi3MLP chunks gate_up_proj as [gate; up]); Mistral's window when set.
+    Family("phi3", "Phi3ForCausalLM", sliding_window=True, phi_rope=True,
+           fixed={**_SILU, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_bias": False},
+           keys=frozenset({"sliding_window", "original_max_position_embeddings", "partial_rotary_factor"}),
+           fused=(("self_attn.qkv_proj.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                 "self_attn.v_proj.weight")),
+                  ("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")))),
 )}
 
 
@@ -88,4 +102,17 @@ def family_problem(family: str, qkv_bias: bool, qk_norm: bool, sliding_window) -
         return (f"model.sliding_window={sliding_window} is not supported for family {family} "
                 "(megasft applies one window to every layer, as Mistral); use model.family=mistral "
                 "or leave sliding_window unset")
+    return None
+
+
+def rope_field_problem(family: str, partial_rotary_factor: float, original_max_position_embeddings) -> str | None:
+    """Why Phi-3's rope fields are set on a family whose HF model would ignore them, or None."""
+    if family_of(family).phi_rope:
+        return None
+    if partial_rotary_factor != 1.0:
+        return (f"model.partial_rotary_factor={partial_rotary_factor} is not supported for family {family} "
+                "(its transformers model rotates whole heads); use model.family=phi3 or 1.0")
+    if original_max_position_embeddings is not None:
+        return (f"model.original_max_position_embeddings={original_max_position_embeddings} is a phi3 field; "
+                f"for family {family} put it in model.rope_scaling")
     return None

@@ -10,7 +10,6 @@ sequence collectives act on a contiguous leading dim. Inputs are packed rows: ``
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,6 +23,7 @@ from megasft.data.batch import MicroBatch, shift_labels
 from megasft.layout import kv_partition
 from megasft.model.attention import attention, resolve_backend
 from megasft.model.fused import norm_kernel, resolve_norm_backend, swiglu_kernel
+from megasft.model.rope import Rope, apply_rope
 from megasft.parallel_state import ParallelState
 from megasft.tensor_parallel.comm import scatter_to_sp
 from megasft.tensor_parallel.cross_entropy import lm_head_cross_entropy, vocab_parallel_cross_entropy
@@ -45,42 +45,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x, self.weight, self.eps)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """RoPE inverse frequencies [d/2], with Llama-3.1 frequency scaling when configured."""
-    d = cfg.head_size
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
-        return inv_freq
-    if kind != "llama3":
-        raise ValueError(f"rope_scaling rope_type={kind!r} is not supported; use 'llama3' or none")
-    # Llama-3.1: keep high frequencies, divide low ones by `factor`, interpolate between
-    # (Meta's reference apply_scaling; identical to transformers' _compute_llama3_parameters).
-    factor = scaling["factor"]
-    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    old_len = scaling.get("original_max_position_embeddings", 8192)
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [s, b, 1, d] for position_ids [b, s] (angles in fp32)."""
-    angles = position_ids.t().unsqueeze(-1).float() * inv_freq.to(position_ids.device)  # [s, b, d/2]
-    emb = torch.cat([angles, angles], dim=-1).unsqueeze(2)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -209,12 +173,12 @@ class LlamaStage(nn.Module):
             # the embedding group (megasft.pipeline.tied). Set before any weight is drawn or loaded.
             copy = self.embedding.weight if pre_process else self.lm_head.weight
             set_spec(copy, tied=True, pp_copies=2)
-        self._inv_freq = rope_inv_freq(cfg)
+        self._rope = Rope(cfg)
 
     def forward(self, batch: MicroBatch, hidden_states: Optional[torch.Tensor] = None):
         if self.pre_process:
             hidden_states = self._embed(batch)
-        cos, sin = rope_cos_sin(self._inv_freq, batch.position_ids, hidden_states.dtype)
+        cos, sin = self._rope.cos_sin(batch, hidden_states.dtype)        # [s, b, 1, rotary dims]
         cu_seqlens, max_seqlen = batch.cu_seqlens, int(batch.max_seqlen)
         for layer in self.layers.values():
             if self.recompute_layers and self.training:
