@@ -7,6 +7,7 @@ megasft as its input type (megasft.data.batch.MicroBatch).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -31,9 +32,11 @@ def tiny_fields(**overrides) -> dict:
 
 # Phi-3 longrope over a 16-dim head rotated in its first half (partial_rotary_factor 0.5, so 4
 # factors each); documents longer than L0 = 8 tokens take long_factor. With max_position_embeddings
-# 64 the attention factor is sqrt(1 + ln 8 / ln 8) = sqrt(2).
+# 64 the attention factor is sqrt(1 + ln 8 / ln 8) = sqrt(2). The dict is as transformers 5
+# writes it (partial factor and L0 inside), so it equals what init_from_hf reads back.
 PHI3_LONGROPE = dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.3, 1.9, 2.5],
-                                   "long_factor": [1.5, 3.0, 6.0, 12.0]},
+                                   "long_factor": [1.5, 3.0, 6.0, 12.0], "partial_rotary_factor": 0.5,
+                                   "original_max_position_embeddings": 8},
                      partial_rotary_factor=0.5, original_max_position_embeddings=8, max_position_embeddings=64)
 
 
@@ -86,7 +89,7 @@ def hf_model(fields: dict, seed: int = 0):
         intermediate_size=fields["intermediate_size"], num_hidden_layers=fields["num_layers"],
         num_attention_heads=fields["num_attention_heads"],
         num_key_value_heads=fields.get("num_kv_heads") or fields["num_attention_heads"],
-        rope_theta=fields["rope_theta"], rope_scaling=fields.get("rope_scaling"),
+        rope_theta=fields["rope_theta"], rope_scaling=copy.deepcopy(fields.get("rope_scaling")),   # transformers edits it in place
         max_position_embeddings=fields["max_position_embeddings"], rms_norm_eps=fields["rms_norm_eps"],
         tie_word_embeddings=fields.get("tie_embeddings", False),
         attn_implementation="eager", **extra)

@@ -16,8 +16,10 @@ import torch
 
 FORMAT_VERSION = 2
 # ModelConfig fields that fix the tensors' shapes and meaning; a checkpoint must agree on all.
+# The rope fields change the math without changing a shape (Phi-3 longrope factors, partial rotation).
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
-                "kv_heads", "head_size", "tie_embeddings", "qkv_bias")
+                "kv_heads", "head_size", "tie_embeddings", "qkv_bias", "rope_scaling", "partial_rotary_factor",
+                "original_max_position_embeddings")
 
 
 def model_shape(model_cfg) -> dict:
@@ -25,9 +27,10 @@ def model_shape(model_cfg) -> dict:
 
 
 def model_differences(saved: dict, model_cfg) -> list[str]:
-    """'field: checkpoint X, config Y' for every shape-defining field that differs."""
+    """'field: checkpoint X, config Y' for every shape-defining field that differs (a field the
+    checkpoint's record lacks was added after it was saved and is not compared)."""
     return [f"{f}: checkpoint {saved.get(f)!r}, config {getattr(model_cfg, f)!r}"
-            for f in SHAPE_FIELDS if saved.get(f) != getattr(model_cfg, f)]
+            for f in SHAPE_FIELDS if f in saved and saved[f] != getattr(model_cfg, f)]
 
 
 def upgrade(meta: dict) -> dict:

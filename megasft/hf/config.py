@@ -55,8 +55,8 @@ def _check_keys(config: dict, family: Family, where: str) -> None:
 
 def _rope(config: dict, family: Family, where: str) -> tuple[float, Optional[dict], float]:
     """(rope_theta, rope_scaling or None, partial_rotary_factor) from either transformers form:
-    rope_parameters (5.x, theta inside) or rope_theta + rope_scaling (4.x). Phi-3's dict is kept
-    whole (it carries partial_rotary_factor even for the default rope), so it round-trips."""
+    rope_parameters (5.x, theta inside) or rope_theta + rope_scaling (4.x). A Phi-3 scaling dict is
+    kept whole (with its partial_rotary_factor and L0 as transformers 5 writes them), so it round-trips."""
     rope = config.get("rope_parameters") or config.get("rope_scaling")
     theta = config.get("rope_theta") or (rope or {}).get("rope_theta", 10000.0)
     rope = None if rope is None else {k: v for k, v in rope.items() if k != "rope_theta"}
@@ -65,8 +65,9 @@ def _rope(config: dict, family: Family, where: str) -> tuple[float, Optional[dic
         raise ConfigError(f"{where}: rope_type={kind!r} is not supported by megasft; supported: {list(ROPE_TYPES)}")
     # transformers reads rope_parameters' partial_rotary_factor first, then the top-level key
     partial = (rope or {}).get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if family.phi_rope:
-        return float(theta), rope, float(partial)
+    if family.phi_rope:   # the default rope's dict says only the partial factor, kept as a field
+        plain = kind == "default" and not set(rope or {}) - {"rope_type", "type", "partial_rotary_factor"}
+        return float(theta), (None if plain else rope), float(partial)
     if partial != 1.0:
         raise ConfigError(f"{where}: partial_rotary_factor={partial} is not supported for model_type "
                           f"{family.name}; megasft rotates the whole head (1.0)")
@@ -133,6 +134,8 @@ def _architecture_keys(m: ModelConfig, family: Family, rope_form: str) -> dict:
     }
     if rope_form == "rope_parameters":
         keys["rope_parameters"] = {"rope_theta": m.rope_theta, **(m.rope_scaling or {"rope_type": "default"})}
+        if family.phi_rope:   # Phi3Config always writes it there
+            keys["rope_parameters"]["partial_rotary_factor"] = m.partial_rotary_factor
     else:
         keys.update(rope_theta=m.rope_theta, rope_scaling=m.rope_scaling)
     if m.head_dim is not None:   # else transformers derives hidden_size // heads (Phi3Config has no head_dim)

@@ -137,7 +137,8 @@ def fuse_stored(family: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> Ite
         stored, parts = match.group(1) + group[0], group[1]
         pending.setdefault(stored, {})[match.group(2)] = tensor
         if len(pending[stored]) == len(parts):
-            yield stored, torch.cat([pending.pop(stored)[p] for p in parts])
+            pieces = pending.pop(stored)
+            yield stored, torch.cat([pieces[p] for p in parts])
     if pending:
         raise ValueError(f"fused tensors {sorted(pending)} are missing pieces: got only {pending[min(pending)].keys()}")
 
