@@ -121,7 +121,8 @@ class Rope:
         if self.long_inv_freq is not None:
             # Each token takes its own document's factor (module docstring); no host sync.
             lengths = batch.segment_lengths.to(position_ids.device)
-            doc_len = torch.repeat_interleave(lengths, lengths).view(position_ids.shape).t()   # [s, b]
+            doc_len = torch.repeat_interleave(lengths, lengths, output_size=position_ids.numel())
+            doc_len = doc_len.view(position_ids.shape).t()                  # [s, b]
             long = (doc_len > self.long_after).unsqueeze(-1)
             angles = torch.where(long, positions * self.long_inv_freq.to(position_ids.device), angles)
         emb = torch.cat([angles, angles], dim=-1).unsqueeze(2)               # [s, b, 1, r]
