@@ -398,7 +398,8 @@ class Config:
                 f"num_attention_heads={m.num_attention_heads} is not a multiple of num_kv_heads={m.kv_heads}; "
                 f"choose num_kv_heads in {divisors(m.num_attention_heads)}")
         problem = family_problem(m.family, m.qkv_bias, m.qk_norm, m.sliding_window)
-        problem = problem or rope_field_problem(m.family, m.partial_rotary_factor, m.original_max_position_embeddings)
+        problem = problem or rope_field_problem(m.family, m.rope_scaling, m.partial_rotary_factor,
+                                                m.original_max_position_embeddings)
         if problem:
             raise ConfigError(problem)
         if p.overlap_param_gather and not p.distributed_optimizer:

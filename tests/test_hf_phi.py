@@ -133,7 +133,7 @@ def test_unsupported_phi3_settings_are_refused_by_name(changes, message):
 
 
 @pytest.mark.quick
-def test_phi3_rope_fields_belong_to_phi3_and_must_agree():
+def test_phi3_rope_settings_belong_to_phi3_and_must_agree():
     with pytest.raises(ConfigError) as err:
         Config.from_dict({"model": family_fields("llama", partial_rotary_factor=0.5)}).validate()
     assert str(err.value) == ("model.partial_rotary_factor=0.5 is not supported for family llama (its "
@@ -144,6 +144,15 @@ def test_phi3_rope_fields_belong_to_phi3_and_must_agree():
         model_fields_from_hf(llama)
     assert str(err.value) == ("config.json: partial_rotary_factor=0.5 is not supported for model_type llama; "
                               "megasft rotates the whole head (1.0)")
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict({"model": family_fields("llama", rope_scaling=PHI3_LONGROPE["rope_scaling"])}).validate()
+    assert str(err.value) == ("model.rope_scaling rope_type='longrope' is supported for family phi3 only (not "
+                              "llama); use model.family=phi3 or another rope_type")
+    llama["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
+                                "long_factor": [1.0] * 8, "original_max_position_embeddings": 8}
+    with pytest.raises(ConfigError) as err:
+        model_fields_from_hf(llama)
+    assert str(err.value) == "config.json: rope_type='longrope' is supported for model_type phi3 only, not llama"
     bad = Config.from_dict({"model": family_fields("phi3", **dict(PHI3_LONGROPE, partial_rotary_factor=1.0))}).model
     with pytest.raises(ValueError, match=r"rope_scaling.partial_rotary_factor=0.5 differs from "
                                          r"model.partial_rotary_factor=1.0"):

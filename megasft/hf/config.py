@@ -68,6 +68,8 @@ def _rope(config: dict, family: Family, where: str) -> tuple[float, Optional[dic
     if family.phi_rope:   # the default rope's dict says only the partial factor, kept as a field
         plain = kind == "default" and not set(rope or {}) - {"rope_type", "type", "partial_rotary_factor"}
         return float(theta), (None if plain else rope), float(partial)
+    if kind in ("longrope", "su"):
+        raise ConfigError(f"{where}: rope_type={kind!r} is supported for model_type phi3 only, not {family.name}")
     if partial != 1.0:
         raise ConfigError(f"{where}: partial_rotary_factor={partial} is not supported for model_type "
                           f"{family.name}; megasft rotates the whole head (1.0)")

@@ -105,10 +105,15 @@ def family_problem(family: str, qkv_bias: bool, qk_norm: bool, sliding_window) -
     return None
 
 
-def rope_field_problem(family: str, partial_rotary_factor: float, original_max_position_embeddings) -> str | None:
-    """Why Phi-3's rope fields are set on a family whose HF model would ignore them, or None."""
+def rope_field_problem(family: str, rope_scaling, partial_rotary_factor: float,
+                       original_max_position_embeddings) -> str | None:
+    """Why Phi-3's rope settings are set on a family megasft does not test them with, or None."""
     if family_of(family).phi_rope:
         return None
+    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
+    if kind in ("longrope", "su"):
+        return (f"model.rope_scaling rope_type={kind!r} is supported for family phi3 only (not {family}); "
+                "use model.family=phi3 or another rope_type")
     if partial_rotary_factor != 1.0:
         return (f"model.partial_rotary_factor={partial_rotary_factor} is not supported for family {family} "
                 "(its transformers model rotates whole heads); use model.family=phi3 or 1.0")
