@@ -4,7 +4,9 @@ A megasft parameter may fuse several HF tensors (kv_proj = [k_proj; v_proj], gat
 [gate_proj; up_proj]) and hold only this rank's shard of each; the ParamSpec split (see
 megasft.tensor_parallel.spec) says which. Everything that moves weights between the two worlds
 — random init, HF import, HF export, resharding — goes through ``canonical_names`` and
-the spec's split, so the split/merge rules exist exactly once.
+the spec's split, so the split/merge rules exist exactly once. Families whose HF files fuse
+canonical tensors themselves (Phi-3's qkv_proj, gate_up_proj) are read and written through
+``stored_access`` / ``fuse_stored`` below.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from megasft.model.families import family_of
 from megasft.tensor_parallel.spec import spec_of
 
 # megasft name (regex, layer id captured) -> HF tensor names fused into it, in order.
@@ -75,8 +78,6 @@ def stored_locations(family: str, shapes: dict[str, tuple[int, ...]]) -> dict[st
     """canonical name -> (tensor in `family`'s HF files, its first row there, the fused tensor's
     rows) for every name of `shapes` (canonical name -> full shape) stored fused; the other
     canonical tensors are stored as themselves."""
-    from megasft.model.families import family_of
-
     out = {}
     for name in shapes:
         match = _IN_LAYER.match(name)
@@ -124,8 +125,6 @@ def stored_access(family: str, shapes: dict[str, tuple[int, ...]], shape_of: Cal
 def fuse_stored(family: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """Canonical (name, tensor) pairs as `family`'s HF tensors: the pieces of a fused tensor are held
     until all have arrived (one layer's at a time in the usual order), then concatenated."""
-    from megasft.model.families import family_of
-
     fused = family_of(family).fused
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors:
