@@ -89,7 +89,8 @@ def hf_model(fields: dict, seed: int = 0):
         intermediate_size=fields["intermediate_size"], num_hidden_layers=fields["num_layers"],
         num_attention_heads=fields["num_attention_heads"],
         num_key_value_heads=fields.get("num_kv_heads") or fields["num_attention_heads"],
-        rope_theta=fields["rope_theta"], rope_scaling=copy.deepcopy(fields.get("rope_scaling")),   # transformers edits it in place
+        # a copy: transformers edits the rope dict in place
+        rope_theta=fields["rope_theta"], rope_scaling=copy.deepcopy(fields.get("rope_scaling")),
         max_position_embeddings=fields["max_position_embeddings"], rms_norm_eps=fields["rms_norm_eps"],
         tie_word_embeddings=fields.get("tie_embeddings", False),
         attn_implementation="eager", **extra)

@@ -4,8 +4,9 @@
   come back from the split q/k/v and gate/up — with the same config.json, for the window config,
   the longrope config (tests.oracle.PHI3_LONGROPE) and a config.json in the transformers-4 form
   real Phi-3-128k checkpoints have (top-level rope_theta, rope_scaling type 'su',
-  partial_rotary_factor); transformers loading each export reproduces megasft's logits on rows
-  longer than longrope's L0, where transformers uses long_factor.
+  partial_rotary_factor) and with tied embeddings; transformers loading each export reproduces
+  megasft's logits on rows longer than longrope's L0, where transformers uses long_factor. A fused
+  tensor of the wrong shape is named by the converter.
 * The references really use their features (longrope switches factor by length), unsupported
   Phi-3 settings are refused by name, and a checkpoint of other rope settings is refused.
 """
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from megasft.checkpoint.convert import hf_to_megasft, megasft_to_hf
+from megasft.checkpoint.errors import CheckpointMismatch
 from megasft.checkpoint.meta import model_differences, model_shape
 from megasft.config import Config, ConfigError
 from megasft.hf.config import hf_config_from_model, model_fields_from_hf
@@ -49,7 +51,8 @@ def _as_transformers4(directory: Path, kind: str) -> None:
 
 ROUND_TRIP = [pytest.param({}, None, id="window"), pytest.param(PHI3_LONGROPE, None, id="longrope-partial"),
               pytest.param(PHI3_LONGROPE, "longrope", id="transformers4-longrope"),
-              pytest.param(PHI3_LONGROPE, "su", id="transformers4-su")]
+              pytest.param(PHI3_LONGROPE, "su", id="transformers4-su"),
+              pytest.param(dict(PHI3_LONGROPE, tie_embeddings=True), None, id="longrope-partial-tied")]
 
 
 @pytest.mark.parametrize("overrides, old_form", ROUND_TRIP)
@@ -171,3 +174,16 @@ def test_checkpoint_of_other_rope_settings_is_refused():
     old_record = {k: v for k, v in model_shape(saved).items() if k not in ("rope_scaling", "partial_rotary_factor",
                                                                           "original_max_position_embeddings")}
     assert model_differences(old_record, changed) == []
+
+
+def test_converter_names_a_fused_tensor_of_the_wrong_shape(tmp_path):
+    fields = family_fields("phi3")
+    hf_model(fields).save_pretrained(tmp_path / "hf")
+    file = tmp_path / "hf" / "config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "num_key_value_heads": 4}))
+    with pytest.raises(CheckpointMismatch) as err:
+        hf_to_megasft(tmp_path / "hf", tmp_path / "ck", tp=2, pp=2)
+    # q 64 + k 64 + v 64 rows with 4 kv heads of 16; the file has 2 kv heads (64 + 32 + 32)
+    assert str(err.value) == (f"{tmp_path / 'hf' / 'model.safetensors'}: tensor "
+                              "'model.layers.0.self_attn.qkv_proj.weight' has shape (128, 64), config.json "
+                              "implies (192, 64)")

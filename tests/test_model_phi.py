@@ -10,8 +10,8 @@ L0 = 8, attention factor sqrt 2), whose packed rows hold documents of 9, 12 and 
 longer than L0, so transformers (run on each document alone) switches them to long_factor,
 and shorter ones, which keep short_factor.
 
-* forward/backward at TP1, TP2 and TP2+SP (and one kv head replicated over TP2): each document's
-  logits as transformers gives it alone (max abs diff < 1e-4), the masked loss, every gradient;
+* forward/backward at TP1, TP2 and TP2+SP (and at TP2+SP one kv head replicated, tied embeddings,
+  the fused chunked loss): each document's logits as transformers gives it alone (max abs diff < 1e-4), the masked loss, every gradient;
 * three full train steps at TP2 x PP2 + SP from the HF directory (init_from_hf splits the fused
   tensors per pipeline chunk) against transformers + torch AdamW.
 """
@@ -30,6 +30,9 @@ FORWARD_CASES = [(f"{config}-{name}", CONFIGS[config], tp, sp) for config in CON
                  for name, tp, sp in (("tp1", 1, False), ("tp2", 2, False), ("tp2-sp", 2, True))] + [
     # one kv head for two TP ranks: each rank's k and v rows come from the split qkv_proj
     ("longrope-tp2-sp-kv-replicated", family_fields("phi3", num_kv_heads=1, **PHI3_LONGROPE), 2, True),
+    # Phi-4-mini's shape: longrope, partial rotation and tied embeddings
+    ("longrope-tp2-sp-tied", family_fields("phi3", tie_embeddings=True, **PHI3_LONGROPE), 2, True),
+    ("longrope-tp2-sp-fused-loss", family_fields("phi3", loss_chunk_tokens=5, **PHI3_LONGROPE), 2, True),
 ]
 
 RUN = Run(seq=SEQ, rows=8, lr=1e-3, warmup=1, steps=3)

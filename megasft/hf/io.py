@@ -82,7 +82,8 @@ def load_hf_into(module: nn.Module, path: str | Path) -> None:
     model chunk (a LlamaStage), reading only the rows (or columns) this rank holds — of a fused
     tensor, only the rows of this rank's shard of each piece."""
     tensors = HFTensors(path)
-    load_canonical_sliced(module, *stored_access(module.cfg.family, module_shapes(module), tensors.shape, tensors.read))
+    access = stored_access(module.cfg.family, module_shapes(module), tensors.shape, tensors.read)
+    load_canonical_sliced(module, *access)
 
 
 def save_hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path,
