@@ -20,7 +20,7 @@ from megasft.config_fields import field_problem
 from megasft.config_read import build_section, unknown_message, yaml_message
 from megasft.config_sources import SourceConfig, check_sources, read_sources
 from megasft.errors import ConfigError
-from megasft.model.families import FAMILIES, family_problem, gemma_problem
+from megasft.model.families import FAMILIES, family_problem, gemma_problem, rope_field_problem
 
 if TYPE_CHECKING:   # config stays importable without torch for the tools that only read it
     import torch
@@ -51,7 +51,7 @@ class ModelConfig:
     preset: Optional[str] = None
     """Name from megasft.model.presets (e.g. 'llama3.1-8b'); explicit fields override it."""
     family: str = "llama"
-    """llama | qwen2 | qwen3 | mistral | gemma2 | gemma3_text: the Hugging Face model_type (megasft.model.families). With
+    """llama | qwen2 | qwen3 | mistral | gemma2 | gemma3_text | phi3: the Hugging Face model_type (megasft.model.families). With
     model.init_from_hf it comes from config.json, as every architecture field does."""
     vocab_size: int = 32000
     """Tokenizer vocabulary size (the embedding is padded beyond it; padded rows are never predicted)."""
@@ -72,8 +72,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """RoPE base frequency (Llama-3: 500000)."""
     rope_scaling: Optional[dict] = None
-    """HF-style rope_scaling dict; rope_type 'llama3' (factor, low/high_freq_factor,
-    original_max_position_embeddings) is supported."""
+    """HF-style rope_scaling dict (megasft.model.rope): rope_type 'llama3' (factor, low/high_freq_factor,
+    original_max_position_embeddings) or 'longrope' / 'su' (short_factor, long_factor, optional
+    factor / attention_factor; Phi-3)."""
+    partial_rotary_factor: float = 1.0
+    """Fraction of each head's dims RoPE rotates, the rest pass through (Phi-4-mini: 0.75; phi3 only)."""
+    original_max_position_embeddings: Optional[int] = None
+    """Phi-3's pretraining length (config.json's top-level key, phi3 only): longrope uses long_factor
+    for documents longer than this and derives its attention factor from it."""
     max_position_embeddings: int = 4096
     """Longest position the model is meant for (written to HF exports)."""
     tie_embeddings: bool = False
@@ -419,6 +425,8 @@ class Config:
                 f"num_attention_heads={m.num_attention_heads} is not a multiple of num_kv_heads={m.kv_heads}; "
                 f"choose num_kv_heads in {divisors(m.num_attention_heads)}")
         problem = family_problem(m.family, m.qkv_bias, m.qk_norm, m.sliding_window) or gemma_problem(m)
+        problem = problem or rope_field_problem(m.family, m.rope_scaling, m.partial_rotary_factor,
+                                                m.original_max_position_embeddings)
         if problem:
             raise ConfigError(problem)
         if p.overlap_param_gather and not p.distributed_optimizer:

@@ -54,6 +54,8 @@ RANGES: dict[str, Range] = {
     "model.rms_norm_eps": POSITIVE,
     "model.rope_theta": POSITIVE,
     "model.max_position_embeddings": AT_LEAST_1,
+    "model.partial_rotary_factor": Range(0, 1, lo_open=True),
+    "model.original_max_position_embeddings": AT_LEAST_1,
     "model.sliding_window": AT_LEAST_1,
     "model.query_pre_attn_scalar": AT_LEAST_1,
     "model.attn_logit_softcapping": POSITIVE,

@@ -7,6 +7,7 @@ megasft as its input type (megasft.data.batch.MicroBatch).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -29,23 +30,36 @@ def tiny_fields(**overrides) -> dict:
     return fields
 
 
+# Phi-3 longrope over a 16-dim head rotated in its first half (partial_rotary_factor 0.5, so 4
+# factors each); documents longer than L0 = 8 tokens take long_factor. With max_position_embeddings
+# 64 the attention factor is sqrt(1 + ln 8 / ln 8) = sqrt(2). The dict is as transformers 5
+# writes it (partial factor and L0 inside), so it equals what init_from_hf reads back.
+PHI3_LONGROPE = dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.3, 1.9, 2.5],
+                                   "long_factor": [1.5, 3.0, 6.0, 12.0], "partial_rotary_factor": 0.5,
+                                   "original_max_position_embeddings": 8},
+                     partial_rotary_factor=0.5, original_max_position_embeddings=8, max_position_embeddings=64)
+
+
 def family_fields(family: str, **overrides) -> dict:
     """megasft ModelConfig fields of a tiny model of `family` with its features on: Qwen2 q/k/v
-    biases and tied embeddings, Qwen3 q/k norms, a Mistral sliding window (3 tokens) shorter than
-    most documents of the test batches; Gemma 2 and 3 with tied embeddings, a sliding (3 tokens)
-    then a full layer, an attention scale other than head_dim's, soft-caps small enough to bend
-    the tiny model's logits (tests.test_hf_families checks they do), Gemma 3's q/k norms, local
-    rope base and linear rope scaling on the full layer."""
+    biases and tied embeddings, Qwen3 q/k norms, a Mistral (and Phi-3) sliding window (3 tokens)
+    shorter than most documents of the test batches; Gemma 2 and 3 with tied embeddings, a sliding
+    (3 tokens) then a full layer, an attention scale other than head_dim's, soft-caps small enough
+    to bend the tiny model's logits (tests.test_hf_families checks they do), Gemma 3's q/k norms,
+    local rope base and linear rope scaling on the full layer; Phi-3's longrope is PHI3_LONGROPE."""
     gemma = dict(sliding_window=3, layer_types=["sliding_attention", "full_attention"], tie_embeddings=True,
                  query_pre_attn_scalar=20, final_logit_softcapping=0.2)
     features = {"llama": {}, "qwen2": dict(qkv_bias=True, tie_embeddings=True), "qwen3": dict(qk_norm=True),
                 "mistral": dict(sliding_window=3),
                 "gemma2": dict(gemma, attn_logit_softcapping=0.05),
                 "gemma3_text": dict(gemma, qk_norm=True, rope_local_theta=100.0,
-                                    rope_scaling={"rope_type": "linear", "factor": 2.0})}[family]
+                                    rope_scaling={"rope_type": "linear", "factor": 2.0}),
+                # Phi3Config has no head_dim (hidden_size // heads = 16); L0 = max positions
+                "phi3": dict(sliding_window=3, head_dim=None, original_max_position_embeddings=256)}[family]
     fields = tiny_fields(family=family, vocab_size=300, hidden_size=64, intermediate_size=96,
                          num_attention_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-                         **{"rope_scaling": None, **features})
+                         rope_scaling=None)
+    fields.update(features)
     fields.update(overrides)
     return fields
 
@@ -58,6 +72,7 @@ _HF_CLASSES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {}),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
 }
 
 
@@ -79,13 +94,19 @@ def hf_model(fields: dict, seed: int = 0):
         extra["pad_token_id"] = None
         if family == "gemma3_text":
             extra["rope_local_base_freq"] = fields.get("rope_local_theta")
+    if family == "phi3":   # pad_token_id None: Phi3Config's default 32000 is beyond the tiny vocab
+        extra = {"sliding_window": fields.get("sliding_window"), "pad_token_id": None, "bos_token_id": None,
+                 "eos_token_id": None, "partial_rotary_factor": fields.get("partial_rotary_factor", 1.0),
+                 "original_max_position_embeddings": fields["original_max_position_embeddings"]}
+    else:
+        extra = {**extra, "head_dim": fields.get("head_dim") or fields["hidden_size"] // fields["num_attention_heads"]}
     config = getattr(transformers, config_name)(
         vocab_size=fields["vocab_size"], hidden_size=fields["hidden_size"],
         intermediate_size=fields["intermediate_size"], num_hidden_layers=fields["num_layers"],
         num_attention_heads=fields["num_attention_heads"],
         num_key_value_heads=fields.get("num_kv_heads") or fields["num_attention_heads"],
-        head_dim=fields.get("head_dim") or fields["hidden_size"] // fields["num_attention_heads"],
-        rope_theta=fields["rope_theta"], rope_scaling=fields.get("rope_scaling"),
+        # a copy: transformers edits the rope dict in place
+        rope_theta=fields["rope_theta"], rope_scaling=copy.deepcopy(fields.get("rope_scaling")),
         max_position_embeddings=fields["max_position_embeddings"], rms_norm_eps=fields["rms_norm_eps"],
         tie_word_embeddings=fields.get("tie_embeddings", False),
         attn_implementation="eager", **extra)
@@ -98,6 +119,28 @@ def hf_model(fields: dict, seed: int = 0):
             elif family != "llama" and name.endswith("norm.weight"):   # and norm weights to one (0: Gemma's 1 + w)
                 p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.1)
     return model
+
+
+def canonical_reference(model, grads: bool = False) -> dict:
+    """The parameters (or their .grad) of a transformers model by the unfused (Llama) names: Phi-3's
+    qkv_proj split as its Phi3Attention slices it ([q; k; v], q = heads * hidden_size // heads rows,
+    k and v = kv_heads * that), gate_up_proj as Phi3MLP chunks it ([gate; up])."""
+    c = model.config
+    d = c.hidden_size // c.num_attention_heads
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.grad if grads else p.detach()
+        if name.endswith("self_attn.qkv_proj.weight"):
+            base = name[:-len("qkv_proj.weight")]
+            q, k, v = t.split([c.num_attention_heads * d, c.num_key_value_heads * d, c.num_key_value_heads * d])
+            out.update({base + "q_proj.weight": q, base + "k_proj.weight": k, base + "v_proj.weight": v})
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            base = name[:-len("gate_up_proj.weight")]
+            gate, up = t.chunk(2, dim=0)
+            out.update({base + "gate_proj.weight": gate, base + "up_proj.weight": up})
+        else:
+            out[name] = t
+    return out
 
 
 def packed_batch(doc_lens_per_row: list[list[int]], seq_len: int, vocab: int, seed: int = 0) -> dict:

@@ -67,7 +67,8 @@ REFUSED = [
                  "config.json: layer_types[1]='sliding_attention' is not supported for model_type qwen3; "
                  "megasft implements full_attention layers only", id="layer-types"),
     pytest.param("qwen2", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
-                 "config.json: rope_type='yarn' is not supported by megasft; supported: ['default', 'llama3', 'linear']",
+                 "config.json: rope_type='yarn' is not supported by megasft; supported: "
+                 "['default', 'llama3', 'linear', 'longrope', 'su']",
                  id="rope-yarn"),
     # transformers' Gemma 3 attention ignores attn_logit_softcapping: refused rather than guessed
     pytest.param("gemma3_text", dict(attn_logit_softcapping=50.0),
@@ -204,7 +205,7 @@ def test_round_trip_is_bit_identical_and_transformers_reproduces_megasft(tmp_pat
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3"])
 def test_export_without_a_source_config_loads_as_the_family(family):
     """A model trained from random init (no source config.json) exports as its family."""
     m = Config.from_dict({"model": family_fields(family)}).validate().model
@@ -213,7 +214,7 @@ def test_export_without_a_source_config_loads_as_the_family(family):
     hf_config = transformers.AutoConfig.for_model(**config)
     expected = {"gemma3_text": "Gemma3TextConfig"}.get(family, FAMILIES[family].architecture.replace("ForCausalLM", "Config"))
     assert type(hf_config).__name__ == expected
-    assert hf_config.head_dim == m.head_size
+    assert getattr(hf_config, "head_dim", hf_config.hidden_size // hf_config.num_attention_heads) == m.head_size
     assert getattr(hf_config, "sliding_window", None) == m.sliding_window
     if m.layer_types is not None:
         assert hf_config.layer_types == m.layer_types

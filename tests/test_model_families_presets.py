@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 PUBLISHED = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-72b": 72_706_203_648, "qwen3-8b": 8_190_735_360,
              "mistral-7b-v0.1": 7_241_732_096, "gemma2-9b": 9_241_705_984,
              # the text decoder of google/gemma-3-27b (the release adds a SigLIP vision tower)
-             "gemma3-27b": 27_009_346_304}
+             "gemma3-27b": 27_009_346_304, "phi-4": 14_659_507_200, "phi-3-mini-4k": 3_821_079_552}
 
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
@@ -30,7 +30,7 @@ def test_family_preset_counts_equal_transformers(preset):
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("preset, tp", [("qwen3-8b", 2), ("qwen2.5-72b", 8), ("gemma3-27b", 8)])
+@pytest.mark.parametrize("preset, tp", [("qwen3-8b", 2), ("qwen2.5-72b", 8), ("gemma3-27b", 8), ("phi-4", 2)])
 def test_planner_counts_the_family_parameters(preset, tp):
     """At pp=1 the planner's per-rank layers are the model's split: replicated norms (Gemma's four,
     and q/k norms) whole, everything else / tp."""

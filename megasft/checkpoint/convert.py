@@ -32,7 +32,7 @@ from megasft.checkpoint.resharding import LazyBlock, PiecesLoadPlanner, PiecesSa
 from megasft.config import Config, ModelConfig
 from megasft.hf.config import hf_config_from_model, model_fields_from_hf, read_hf_config
 from megasft.hf.io import HFTensors, save_hf_tensors
-from megasft.hf.names import canonical_names, full_shapes
+from megasft.hf.names import canonical_names, full_shapes, fuse_stored, stored_locations
 from megasft.layout import Layout
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -69,16 +69,21 @@ def hf_to_megasft(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1)
     cfg = Config.from_dict({"model": {**fields, "hf_config": hf_config}, "parallel": {"tp": tp, "pp": pp}})
     Layout.resolve(cfg.validate(), tp * pp)
     tensors = HFTensors(hf_dir)
+    shapes = canonical_tensors(cfg.model)
+    # Fused HF tensors (Phi-3's qkv_proj, gate_up_proj) hold several canonical ones as row ranges.
+    where = stored_locations(cfg.model.family, shapes)
     state: dict = {}
-    for name, shape in canonical_tensors(cfg.model).items():
-        if name not in tensors.weight_map:
-            raise CheckpointMismatch(f"{hf_dir}: tensor {name!r} not found (config.json describes a model "
+    for name, shape in shapes.items():
+        stored, offset, rows = where.get(name, (name, 0, shape[0]))
+        if stored not in tensors.weight_map:
+            raise CheckpointMismatch(f"{hf_dir}: tensor {stored!r} not found (config.json describes a model "
                                      "that has it)")
-        if tensors.shape(name) != shape:
-            raise CheckpointMismatch(f"{hf_dir / tensors.weight_map[name]}: tensor {name!r} has shape "
-                                     f"{tensors.shape(name)}, config.json implies {shape}")
-        lazy = LazyBlock(shape, partial(tensors.raw, name))
-        state[MODEL_PREFIX + name] = TensorPieces(shape, tensors.dtype(name), [Block((0,) * len(shape), lazy)])
+        if tensors.shape(stored) != (rows, *shape[1:]):
+            raise CheckpointMismatch(f"{hf_dir / tensors.weight_map[stored]}: tensor {stored!r} has shape "
+                                     f"{tensors.shape(stored)}, config.json implies {(rows, *shape[1:])}")
+        read = partial(tensors.raw, name) if stored == name else partial(tensors.read, stored, 0, offset, shape[0])
+        lazy = LazyBlock(shape, read)
+        state[MODEL_PREFIX + name] = TensorPieces(shape, tensors.dtype(stored), [Block((0,) * len(shape), lazy)])
     state["meta"] = {"format": FORMAT_VERSION, "step": 0, "consumed_tokens": 0, "loader": None,
                      "model": model_shape(cfg.model), "hf_config": hf_config,
                      "layout": {"tp": tp, "pp": pp, "converted_from": str(hf_dir)}, "config": cfg.to_dict()}
@@ -151,7 +156,8 @@ def megasft_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", tokeni
     tokenizer = tokenizer or cfg.data.tokenizer
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_hf_tensors(stream_model_tensors(path, DTYPES[dtype]), out, max_shard_bytes=max_shard_bytes)
+    save_hf_tensors(fuse_stored(cfg.model.family, stream_model_tensors(path, DTYPES[dtype])), out,
+                    max_shard_bytes=max_shard_bytes)
     # Without a tokenizer the source config.json's ids stay as they were (ModelConfig.hf_config);
     # checkpoints from before it was kept fall back to the meta's copy.
     bos, eos = special_token_ids(tokenizer, cfg.data.template, None if cfg.model.hf_config else meta.get("hf_config"))

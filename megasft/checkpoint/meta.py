@@ -16,11 +16,13 @@ import torch
 
 FORMAT_VERSION = 2
 # ModelConfig fields that fix the tensors' shapes and meaning; a checkpoint must agree on all.
+# The rope fields change the math without changing a shape (Phi-3 longrope factors, partial rotation).
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
                 "kv_heads", "head_size", "tie_embeddings", "qkv_bias", "family", "qk_norm", "sliding_window",
                 "layer_types", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
-                "rope_local_theta")
-# What a checkpoint saved before a field joined SHAPE_FIELDS had (the ModelConfig default then).
+                "rope_local_theta", "rope_scaling", "partial_rotary_factor", "original_max_position_embeddings")
+# What a checkpoint saved before a field joined SHAPE_FIELDS had (the ModelConfig default then);
+# a field neither saved nor listed here is not compared.
 _BEFORE = {"family": "llama", "qk_norm": False}
 
 
@@ -29,10 +31,12 @@ def model_shape(model_cfg) -> dict:
 
 
 def model_differences(saved: dict, model_cfg) -> list[str]:
-    """'field: checkpoint X, config Y' for every shape-defining field that differs."""
-    saved = {f: saved.get(f, _BEFORE.get(f)) for f in SHAPE_FIELDS}
+    """'field: checkpoint X, config Y' for every shape-defining field that differs (a field the
+    checkpoint's record lacks, added after it was saved, compares as its default then when
+    _BEFORE knows it, else not at all)."""
+    saved = {f: saved.get(f, _BEFORE.get(f)) for f in SHAPE_FIELDS if f in saved or f in _BEFORE}
     return [f"{f}: checkpoint {saved[f]!r}, config {getattr(model_cfg, f)!r}"
-            for f in SHAPE_FIELDS if saved[f] != getattr(model_cfg, f)]
+            for f in SHAPE_FIELDS if f in saved and saved[f] != getattr(model_cfg, f)]
 
 
 def upgrade(meta: dict) -> dict:

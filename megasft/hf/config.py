@@ -19,7 +19,7 @@ from megasft.model.families import FAMILIES, Family
 if TYPE_CHECKING:   # annotations only: megasft.config reads config.json through this module
     from megasft.config import ModelConfig
 
-ROPE_TYPES = ("default", "llama3", "linear")   # what megasft.model.llama.rope_inv_freq implements
+ROPE_TYPES = ("default", "llama3", "linear", "longrope", "su")   # what megasft.model.rope implements
 
 
 def family_of_hf(config: dict, where: str = "config.json") -> Family:
@@ -53,24 +53,30 @@ def _check_keys(config: dict, family: Family, where: str) -> None:
                           f"model_type {family.name}; megasft implements full_attention layers only")
 
 
-def _rope(config: dict, where: str, default_theta: float = 10000.0) -> tuple[float, Optional[dict]]:
-    """(rope_theta, rope_scaling or None) from either transformers form: rope_parameters (5.x,
-    theta inside; Gemma 3's per layer type, of which the full_attention layers' is this one) or
-    rope_theta + rope_scaling (4.x)."""
+def _rope(config: dict, family: Family, where: str, default_theta: float = 10000.0) -> tuple[float, Optional[dict], float]:
+    """(rope_theta, rope_scaling or None, partial_rotary_factor) from either transformers form:
+    rope_parameters (5.x, theta inside; Gemma 3's per layer type, of which the full_attention
+    layers' is this one) or rope_theta + rope_scaling (4.x). A Phi-3 scaling dict is kept whole
+    (with its partial_rotary_factor and L0 as transformers 5 writes them), so it round-trips."""
     rope = config.get("rope_parameters") or config.get("rope_scaling")
     if rope and "full_attention" in rope:
         rope = rope["full_attention"]
     theta = config.get("rope_theta") or (rope or {}).get("rope_theta", default_theta)
-    if rope is None:
-        return float(theta), None
-    rope = {k: v for k, v in rope.items() if k != "rope_theta"}
-    kind = rope.get("rope_type", rope.get("type", "default"))
+    rope = None if rope is None else {k: v for k, v in rope.items() if k != "rope_theta"}
+    kind = (rope or {}).get("rope_type", (rope or {}).get("type", "default"))
     if kind not in ROPE_TYPES:
         raise ConfigError(f"{where}: rope_type={kind!r} is not supported by megasft; supported: {list(ROPE_TYPES)}")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigError(f"{where}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported; "
-                          "megasft rotates the whole head (1.0)")
-    return float(theta), (None if kind == "default" else rope)
+    # transformers reads rope_parameters' partial_rotary_factor first, then the top-level key
+    partial = (rope or {}).get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if family.phi_rope:   # the default rope's dict says only the partial factor, kept as a field
+        plain = kind == "default" and not set(rope or {}) - {"rope_type", "type", "partial_rotary_factor"}
+        return float(theta), (None if plain else rope), float(partial)
+    if kind in ("longrope", "su"):
+        raise ConfigError(f"{where}: rope_type={kind!r} is supported for model_type phi3 only, not {family.name}")
+    if partial != 1.0:
+        raise ConfigError(f"{where}: partial_rotary_factor={partial} is not supported for model_type "
+                          f"{family.name}; megasft rotates the whole head (1.0)")
+    return float(theta), (None if kind == "default" else rope), 1.0
 
 
 def _gemma_fields(config: dict, family: Family, where: str) -> dict:
@@ -103,14 +109,17 @@ def model_fields_from_hf(config: dict, where: str = "config.json") -> dict:
     train that architecture exactly)."""
     family = family_of_hf(config, where)
     _check_keys(config, family, where)
-    theta, scaling = _rope(config, where, 1e6 if family.name == "gemma3_text" else 10000.0)
+    theta, scaling, partial = _rope(config, family, where, 1e6 if family.name == "gemma3_text" else 10000.0)
     heads = config["num_attention_heads"]
+    # Phi3Config's default when the key is absent; the top-level value overrides rope_parameters'
+    original = config.get("original_max_position_embeddings", 4096) if family.phi_rope else None
     return dict(
         family=family.name, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"],
         num_attention_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
         head_dim=config.get("head_dim"), rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=theta, rope_scaling=scaling,
+        rope_theta=theta, rope_scaling=scaling, partial_rotary_factor=partial,
+        original_max_position_embeddings=original,
         max_position_embeddings=config.get("max_position_embeddings", 4096),
         tie_embeddings=bool(config.get("tie_word_embeddings", family.gemma)),   # Gemma ties by default
         qkv_bias=family.qkv_bias, qk_norm=family.qk_norm,
@@ -150,7 +159,7 @@ def _architecture_keys(m: ModelConfig, family: Family, rope_form: str) -> dict:
     keys = {
         "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size,
         "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.kv_heads, "head_dim": m.head_size, "rms_norm_eps": m.rms_norm_eps,
+        "num_key_value_heads": m.kv_heads, "rms_norm_eps": m.rms_norm_eps,
         "max_position_embeddings": m.max_position_embeddings, "tie_word_embeddings": m.tie_embeddings,
         **family.fixed,
     }
@@ -160,10 +169,14 @@ def _architecture_keys(m: ModelConfig, family: Family, rope_form: str) -> dict:
         if local:   # Gemma 3: one rope per layer type
             keys["rope_parameters"] = {"full_attention": keys["rope_parameters"], "sliding_attention": {
                 "rope_type": "default", "rope_theta": m.rope_local_theta or m.rope_theta}}
+        if family.phi_rope:   # Phi3Config always writes it there
+            keys["rope_parameters"]["partial_rotary_factor"] = m.partial_rotary_factor
     else:
         keys.update(rope_theta=m.rope_theta, rope_scaling=m.rope_scaling)
         if local:
             keys["rope_local_base_freq"] = m.rope_local_theta or m.rope_theta
+    if m.head_dim is not None or not family.phi_rope:   # Phi3Config has no head_dim (hidden // heads)
+        keys["head_dim"] = m.head_size
     if family.sliding_window:
         keys["sliding_window"] = m.sliding_window
     if family.gemma:
@@ -172,6 +185,11 @@ def _architecture_keys(m: ModelConfig, family: Family, rope_form: str) -> dict:
                     final_logit_softcapping=m.final_logit_softcapping)
         if family.name == "gemma2":
             keys["attn_logit_softcapping"] = m.attn_logit_softcapping
+    if family.phi_rope:   # the L0 megasft.model.rope.longrope_original_length uses, made explicit
+        keys["original_max_position_embeddings"] = (m.original_max_position_embeddings or (m.rope_scaling or {}).get(
+            "original_max_position_embeddings") or m.max_position_embeddings)
+        if m.partial_rotary_factor != 1.0:
+            keys["partial_rotary_factor"] = m.partial_rotary_factor
     return keys
 
 

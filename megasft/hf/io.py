@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from megasft.hf.names import load_canonical_sliced
+from megasft.hf.names import load_canonical_sliced, module_shapes, stored_access
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -78,10 +78,12 @@ def hf_tensor_reader(path: str | Path) -> Callable[[str, tuple], torch.Tensor]:
 
 
 def load_hf_into(module: nn.Module, path: str | Path) -> None:
-    """Load this rank's shards of a HF Llama checkpoint into a model chunk, reading only the rows
-    (or columns) this rank holds."""
+    """Load this rank's shards of a HF checkpoint of the chunk's family (module.cfg.family) into a
+    model chunk (a LlamaStage), reading only the rows (or columns) this rank holds — of a fused
+    tensor, only the rows of this rank's shard of each piece."""
     tensors = HFTensors(path)
-    load_canonical_sliced(module, tensors.shape, tensors.read)
+    access = stored_access(module.cfg.family, module_shapes(module), tensors.shape, tensors.read)
+    load_canonical_sliced(module, *access)
 
 
 def save_hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path,

@@ -4,7 +4,9 @@ A megasft parameter may fuse several HF tensors (kv_proj = [k_proj; v_proj], gat
 [gate_proj; up_proj]) and hold only this rank's shard of each; the ParamSpec split (see
 megasft.tensor_parallel.spec) says which. Everything that moves weights between the two worlds
 — random init, HF import, HF export, resharding — goes through ``canonical_names`` and
-the spec's split, so the split/merge rules exist exactly once.
+the spec's split, so the split/merge rules exist exactly once. Families whose HF files fuse
+canonical tensors themselves (Phi-3's qkv_proj, gate_up_proj) are read and written through
+``stored_access`` / ``fuse_stored`` below.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from megasft.model.families import family_of
 from megasft.tensor_parallel.spec import spec_of
 
 # megasft name (regex, layer id captured) -> HF tensor names fused into it, in order.
@@ -67,6 +70,87 @@ def local_from_canonical(param: nn.Parameter, fulls: list[torch.Tensor]) -> torc
     return split.local_from_full(fulls)
 
 
+# ----------------------------------------------------------------------------- fused HF tensors
+# Canonical names are Llama's (q_proj, k_proj, v_proj, gate_proj, up_proj) for every family; a
+# family whose HF files fuse some of them (Family.fused: Phi-3's qkv_proj, gate_up_proj) stores
+# each canonical tensor as a row range of the fused one. Import reads a rank's TP shard of a
+# canonical piece at that range (never a slice of the fused tensor's own split); export fuses back.
+_IN_LAYER = re.compile(r"(model\.layers\.\d+\.)(.+)$")
+
+
+def stored_locations(family: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, int, int]]:
+    """canonical name -> (tensor in `family`'s HF files, its first row there, the fused tensor's
+    rows) for every name of `shapes` (canonical name -> full shape) stored fused; the other
+    canonical tensors are stored as themselves."""
+    out = {}
+    for name in shapes:
+        match = _IN_LAYER.match(name)
+        for stored, parts in family_of(family).fused if match else ():
+            if match.group(2) not in parts:
+                continue
+            members = [match.group(1) + part for part in parts]
+            missing = [m for m in members if m not in shapes]
+            if missing:
+                raise KeyError(f"{name} is stored fused in {match.group(1) + stored} with {missing}, which "
+                               "the model does not hold")
+            rows = [shapes[m][0] for m in members]
+            out[name] = (match.group(1) + stored, sum(rows[:parts.index(match.group(2))]), sum(rows))
+    return out
+
+
+def stored_access(family: str, shapes: dict[str, tuple[int, ...]], shape_of: Callable[[str], tuple[int, ...]],
+                  read: Callable[[str, int, int, int], torch.Tensor]):
+    """(shape_of, read) by canonical name over the tensors of `family`'s HF files, given the same
+    two by stored name (read(name, dim, start, length): the tensor narrowed along dim)."""
+    where = stored_locations(family, shapes)
+
+    def canonical_shape(name: str) -> tuple[int, ...]:
+        if name not in where:
+            return tuple(shape_of(name))
+        stored, _, total = where[name]
+        full = tuple(shape_of(stored))
+        if full[0] != total:
+            parts = " + ".join(f"{n} {shapes[n][0]}" for n, w in where.items() if w[0] == stored)
+            raise ValueError(f"{stored}: checkpoint has shape {full}, the model expects {(total, *full[1:])} "
+                             f"(rows {parts})")
+        return (shapes[name][0], *full[1:])
+
+    def canonical_read(name: str, dim: int, start: int, length: int) -> torch.Tensor:
+        if name not in where:
+            return read(name, dim, start, length)
+        stored, offset, _ = where[name]
+        if dim == 0:
+            return read(stored, 0, offset + start, length)
+        return read(stored, dim, start, length).narrow(0, offset, shapes[name][0])
+
+    return canonical_shape, canonical_read
+
+
+def fuse_stored(family: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Canonical (name, tensor) pairs as `family`'s HF tensors: the pieces of a fused tensor are held
+    until all have arrived (one layer's at a time in the usual order), then concatenated."""
+    fused = family_of(family).fused
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors:
+        match = _IN_LAYER.match(name)
+        group = next(((st, parts) for st, parts in fused if match and match.group(2) in parts), None)
+        if group is None:
+            yield name, tensor
+            continue
+        stored, parts = match.group(1) + group[0], group[1]
+        pending.setdefault(stored, {})[match.group(2)] = tensor
+        if len(pending[stored]) == len(parts):
+            pieces = pending.pop(stored)
+            yield stored, torch.cat([pieces[p] for p in parts])
+    if pending:
+        raise ValueError(f"fused tensors {sorted(pending)} are missing pieces: got only {pending[min(pending)].keys()}")
+
+
+def module_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """canonical name -> full shape of every canonical tensor `module` holds (part of)."""
+    return {n: s for name, p in module.named_parameters() for n, s in zip(canonical_names(name, p), full_shapes(p))}
+
+
 def load_canonical(module: nn.Module, get_tensor: Callable[[str, tuple[int, ...]], torch.Tensor]) -> None:
     """Fill every parameter of `module` from canonical tensors: get_tensor(hf_name, full_shape)."""
     with torch.no_grad():
@@ -106,15 +190,22 @@ def load_canonical_sliced(module: nn.Module, shape_of: Callable[[str], tuple[int
 
 
 def load_hf_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a transformers LlamaForCausalLM state dict (tied lm_head may be absent)."""
-    def get(name: str, shape) -> torch.Tensor:
+    """Load a transformers state dict of the model's family (module.cfg.family; fused tensors
+    split; a tied lm_head may be absent) into a LlamaStage."""
+    def shape_of(name: str) -> tuple[int, ...]:
+        return tuple(state[stored_name(name)].shape)
+
+    def read(name: str, dim: int, start: int, length: int) -> torch.Tensor:
+        return state[stored_name(name)].narrow(dim, start, length)
+
+    def stored_name(name: str) -> str:
         if name not in state and name == "lm_head.weight":
             name = "model.embed_tokens.weight"
         if name not in state:
             raise KeyError(f"Hugging Face state has no tensor {name!r}")
-        return state[name]
+        return name
 
-    load_canonical(module, get)
+    load_canonical_sliced(module, *stored_access(module.cfg.family, module_shapes(module), shape_of, read))
 
 
 def canonical_pieces(module: nn.Module, grads: bool = False) -> Iterator[tuple[str, int, int, torch.Tensor]]:
@@ -161,9 +252,10 @@ def gather_hf_state(chunks: list[nn.Module], ps, dtype: torch.dtype = torch.floa
         mine = [(n, d, o, p.to(dtype=dtype, device="cpu").clone())
                 for chunk in chunks for n, d, o, p in canonical_pieces(chunk)]
     if ps.world_size == 1:
-        return assemble_canonical(mine)
+        return dict(fuse_stored(chunks[0].cfg.family, assemble_canonical(mine).items()))
     gathered = [None] * ps.world_size if ps.rank == 0 else None
     dist.gather_object(mine, gathered, dst=ps.layout_ranks[0], group=ps.world_group)
     if ps.rank != 0:
         return None
-    return assemble_canonical(p for rank_pieces in gathered for p in rank_pieces)
+    full = assemble_canonical(p for rank_pieces in gathered for p in rank_pieces)
+    return dict(fuse_stored(chunks[0].cfg.family, full.items()))

@@ -2,12 +2,13 @@
 
 A family is what a Hugging Face ``model_type`` adds to the Llama decoder — biases on q/k/v
 (Qwen2), a per-head RMSNorm on q and k (Qwen3), a sliding attention window (Mistral), Gemma's
-(1 + w) norms around both sublayers, GeGLU and scaled embedding — and which ``config.json`` keys
-it reads. The decoder reads ModelConfig flags and numbers (``qkv_bias``, ``qk_norm``,
-``sliding_window``, ``layer_types``, soft-caps, ...) and, for what a family fixes for every size,
-its Family (``gemma``); megasft.hf.config turns config.json into those fields through the spec
-here and back, and refuses any key it does not know, so an architecture megasft does not
-implement is an error naming it, never a silent conversion.
+(1 + w) norms around both sublayers, GeGLU and scaled embedding, fused checkpoint tensors and
+partial / longrope rotary embeddings (Phi-3) — and which ``config.json`` keys it reads. The
+decoder reads ModelConfig flags and numbers (``qkv_bias``, ``qk_norm``, ``sliding_window``,
+``layer_types``, soft-caps, ...) and, for what a family fixes for every size, its Family
+(``gemma``); megasft.hf.config turns config.json into those fields through the spec here and
+back, and refuses any key it does not know, so an architecture megasft does not implement is an
+error naming it, never a silent conversion.
 """
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ class Family:
     export): e.g. hidden_act must be 'silu'."""
     keys: frozenset[str] = frozenset()
     """Further config.json keys the family reads beyond MODEL_KEYS / NEUTRAL_KEYS / fixed."""
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Tensors the HF checkpoint stores fused, per layer: (stored name, the canonical tensors it
+    concatenates along dim 0, in order); megasft.hf.names splits them on import, fuses on export."""
+    phi_rope: bool = False
+    """Reads partial_rotary_factor and the top-level original_max_position_embeddings (Phi-3)."""
 
     @property
     def known_keys(self) -> frozenset[str]:
@@ -78,6 +84,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("gemma3_text", "Gemma3ForCausalLM", qk_norm=True, sliding_window=True, gemma=True,
            fixed={**_GEMMA, "use_bidirectional_attention": False, "attn_logit_softcapping": None},
            keys=_GEMMA_KEYS | {"rope_local_base_freq", "sliding_window_pattern", "_sliding_window_pattern"}),
+    # Phi-3 / Phi-4: Llama's math in fused tensors (transformers' Phi3Attention slices qkv_proj
+    # as [q; k; v], Phi3MLP chunks gate_up_proj as [gate; up]); Mistral's window when set.
+    Family("phi3", "Phi3ForCausalLM", sliding_window=True, phi_rope=True,
+           fixed={**_SILU, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_bias": False},
+           keys=frozenset({"sliding_window", "original_max_position_embeddings", "partial_rotary_factor"}),
+           fused=(("self_attn.qkv_proj.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                 "self_attn.v_proj.weight")),
+                  ("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")))),
 )}
 
 
@@ -139,4 +153,22 @@ def layer_window(m, layer: int):
     with no layer_types (Mistral), else only the sliding_attention layers' (Gemma)."""
     if m.layer_types is None or m.layer_types[layer] == "sliding_attention":
         return m.sliding_window
+    return None
+
+
+def rope_field_problem(family: str, rope_scaling, partial_rotary_factor: float,
+                       original_max_position_embeddings) -> str | None:
+    """Why Phi-3's rope settings are set on a family megasft does not test them with, or None."""
+    if family_of(family).phi_rope:
+        return None
+    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
+    if kind in ("longrope", "su"):
+        return (f"model.rope_scaling rope_type={kind!r} is supported for family phi3 only (not {family}); "
+                "use model.family=phi3 or another rope_type")
+    if partial_rotary_factor != 1.0:
+        return (f"model.partial_rotary_factor={partial_rotary_factor} is not supported for family {family} "
+                "(its transformers model rotates whole heads); use model.family=phi3 or 1.0")
+    if original_max_position_embeddings is not None:
+        return (f"model.original_max_position_embeddings={original_max_position_embeddings} is a phi3 field; "
+                f"for family {family} put it in model.rope_scaling")
     return None

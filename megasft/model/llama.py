@@ -14,7 +14,6 @@ GeGLU, the scaled embedding, the attention scale and the attention / final logit
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,6 +28,7 @@ from megasft.layout import kv_partition
 from megasft.model.attention import attention, resolve_backend
 from megasft.model.families import family_of, layer_window
 from megasft.model.fused import norm_kernel, resolve_norm_backend, swiglu_kernel
+from megasft.model.rope import Rope, apply_rope
 from megasft.parallel_state import ParallelState
 from megasft.tensor_parallel.comm import scatter_to_sp
 from megasft.tensor_parallel.cross_entropy import lm_head_cross_entropy, vocab_parallel_cross_entropy
@@ -51,46 +51,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x, self.weight, self.eps)
-
-
-def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
-    """RoPE inverse frequencies [d/2], with Llama-3.1 or linear frequency scaling when configured;
-    `local`: Gemma 3's sliding layers (base rope_local_theta, never scaled)."""
-    d = cfg.head_size
-    theta = cfg.rope_local_theta if local else cfg.rope_theta
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    scaling = {} if local else cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
-        return inv_freq
-    if kind == "linear":    # position interpolation: every frequency / factor (Gemma-3 global layers)
-        return inv_freq / scaling["factor"]
-    if kind != "llama3":
-        raise ValueError(f"rope_scaling rope_type={kind!r} is not supported; use 'llama3', 'linear' or none")
-    # Llama-3.1: keep high frequencies, divide low ones by `factor`, interpolate between
-    # (Meta's reference apply_scaling; identical to transformers' _compute_llama3_parameters).
-    factor = scaling["factor"]
-    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    old_len = scaling.get("original_max_position_embeddings", 8192)
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [s, b, 1, d] for position_ids [b, s] (angles in fp32)."""
-    angles = position_ids.t().unsqueeze(-1).float() * inv_freq.to(position_ids.device)  # [s, b, d/2]
-    emb = torch.cat([angles, angles], dim=-1).unsqueeze(2)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -243,16 +203,14 @@ class LlamaStage(nn.Module):
             # the embedding group (megasft.pipeline.tied). Set before any weight is drawn or loaded.
             copy = self.embedding.weight if pre_process else self.lm_head.weight
             set_spec(copy, tied=True, pp_copies=2)
-        self._inv_freq = rope_inv_freq(cfg)
+        self._rope = {False: Rope(cfg)}
         if any(layer.rope_local for layer in self.layers.values()):     # Gemma 3's sliding layers
-            self._inv_freq_local = rope_inv_freq(cfg, local=True)
+            self._rope[True] = Rope(cfg, local=True)
 
     def forward(self, batch: MicroBatch, hidden_states: Optional[torch.Tensor] = None):
         if self.pre_process:
             hidden_states = self._embed(batch)
-        rope = {False: rope_cos_sin(self._inv_freq, batch.position_ids, hidden_states.dtype)}
-        if hasattr(self, "_inv_freq_local"):
-            rope[True] = rope_cos_sin(self._inv_freq_local, batch.position_ids, hidden_states.dtype)
+        rope = {local: r.cos_sin(batch, hidden_states.dtype) for local, r in self._rope.items()}  # [s, b, 1, r]
         cu_seqlens, max_seqlen = batch.cu_seqlens, int(batch.max_seqlen)
         for layer in self.layers.values():
             cos, sin = rope[layer.rope_local]

@@ -96,6 +96,16 @@ PRESETS: dict[str, dict] = {
                    "layer_types": [("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(62)],
                    "query_pre_attn_scalar": 168, "final_logit_softcapping": None, "qk_norm": True,
                    "tie_embeddings": True, "qkv_bias": False},
+    # Phi-4 (14B, Phi3ForCausalLM; no rope scaling, no window) and Phi-3-mini-4k (2047-token window).
+    "phi-4": {"family": "phi3", "vocab_size": 100352, "hidden_size": 5120, "intermediate_size": 17920,
+              "num_layers": 40, "num_attention_heads": 40, "num_kv_heads": 10, "rms_norm_eps": 1e-5,
+              "rope_theta": 250000.0, "rope_scaling": None, "max_position_embeddings": 16384,
+              "original_max_position_embeddings": 16384, "tie_embeddings": False, "qkv_bias": False},
+    "phi-3-mini-4k": {"family": "phi3", "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192,
+                      "num_layers": 32, "num_attention_heads": 32, "num_kv_heads": 32, "rms_norm_eps": 1e-5,
+                      "rope_theta": 10000.0, "rope_scaling": None, "max_position_embeddings": 4096,
+                      "original_max_position_embeddings": 4096, "sliding_window": 2047,
+                      "tie_embeddings": False, "qkv_bias": False},
     # Test/example shapes: GQA (2 kv heads for 4 query heads) so tp=2 splits kv heads and tp=4
     # replicates them; the variants cover tied embeddings and Qwen2-style q/k/v biases.
     "tiny": {**_TINY_COMMON, "tie_embeddings": False, "qkv_bias": False},
