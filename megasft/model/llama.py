@@ -24,6 +24,7 @@ from megasft.data.batch import MicroBatch, shift_labels
 from megasft.layout import kv_partition
 from megasft.model.attention import attention, resolve_backend
 from megasft.model.fused import norm_kernel, resolve_norm_backend, swiglu_kernel
+from megasft.model.kv_cache import KVCache, cached_attention
 from megasft.parallel_state import ParallelState
 from megasft.tensor_parallel.comm import scatter_to_sp
 from megasft.tensor_parallel.cross_entropy import lm_head_cross_entropy, vocab_parallel_cross_entropy
@@ -105,7 +106,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = _head_norm(cfg, ps), _head_norm(cfg, ps)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache: Optional[KVCache] = None):
         x = enter_tp_region(x, self.group, self.sequence_parallel)          # [s, b, h]
         s, b = x.shape[:2]
         q = self.q_proj(x).view(s, b, self.local_q, self.head_dim)
@@ -113,6 +114,9 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):     # Qwen3: RMSNorm over each head's d, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:   # incremental decoding: these queries over the cached keys + these
+            k, v = cache.append(self, k, v)
+            return self.o_proj(cached_attention(q, k, v, self.window).reshape(s, b, -1))
         if self.recompute_core and self.training:
             core = checkpoint(attention, q, k, v, cu_seqlens, max_seqlen, self.backend, self.window,
                               use_reentrant=False)
@@ -163,8 +167,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, ps, sequence_parallel)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
-        attn = self.attention(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen)
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache: Optional[KVCache] = None):
+        attn = self.attention(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, cache)
         x = x + F.dropout(attn, self.dropout, self.training)
         return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
 
@@ -176,7 +180,7 @@ class LlamaStage(nn.Module):
     forward(batch, hidden_states) takes the MicroBatch (megasft.data.batch) and, on non-first
     chunks, the incoming activation. It returns the activation [s(/tp), b, h], or on the last chunk
     the vocab-parallel logits [s, b, V/tp] — or ``(loss_sum, valid_count)`` when the batch carries
-    labels.
+    labels. ``cache`` (megasft.model.kv_cache, generation at tp=pp=1) keeps past keys/values.
     """
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, layer_ids: list[int], pre_process: bool,
@@ -211,7 +215,8 @@ class LlamaStage(nn.Module):
             set_spec(copy, tied=True, pp_copies=2)
         self._inv_freq = rope_inv_freq(cfg)
 
-    def forward(self, batch: MicroBatch, hidden_states: Optional[torch.Tensor] = None):
+    def forward(self, batch: MicroBatch, hidden_states: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None):
         if self.pre_process:
             hidden_states = self._embed(batch)
         cos, sin = rope_cos_sin(self._inv_freq, batch.position_ids, hidden_states.dtype)
@@ -221,7 +226,7 @@ class LlamaStage(nn.Module):
                 hidden_states = checkpoint(layer, hidden_states, cos, sin, cu_seqlens, max_seqlen,
                                            use_reentrant=False)
             else:
-                hidden_states = layer(hidden_states, cos, sin, cu_seqlens, max_seqlen)
+                hidden_states = layer(hidden_states, cos, sin, cu_seqlens, max_seqlen, cache)
         if not self.post_process:
             return hidden_states
         x = enter_tp_region(self.norm(hidden_states), self.group, self.sequence_parallel)   # [s, b, h]

@@ -28,6 +28,7 @@ from megasft.parallel_state import ParallelState, group_size
 from megasft.pipeline import schedules
 from megasft.training import metrics
 from megasft.training.faults import Faults
+from megasft.training.generate_eval import GenerateEval
 from megasft.training.profiler import maybe_profile
 
 
@@ -85,6 +86,7 @@ class Trainer:
         self.fp8_autocast = fp8_autocast(cfg.train, ps)   # a null context unless train.fp8 is on
         # Testing aid (MEGASFT_FAULT): None in a normal run, so each hook costs one test per step.
         self.faults = Faults.from_env(ps.layout_ranks[ps.rank])
+        self.generate_eval = GenerateEval.from_config(cfg, ps)   # train.generate_eval_interval; None when off
 
     # ------------------------------------------------------------------ one step
     def forward_step(self, loss_scale: float):
@@ -192,6 +194,10 @@ class Trainer:
                                                                      or self.step == t.steps):
                     self._eval_and_log(eval_loader, writer)
                     window.restart()   # evaluation time is not training throughput
+                if self.generate_eval is not None and self.generate_eval.due(self.step):
+                    self.optimizer.finish_param_sync()   # the overlapped ZeRO-1 gather: current weights
+                    self.generate_eval.run(self.chunks, self.step, writer)
+                    window.restart()
                 stop, weights_finite = self._should_stop(out.skipped)
                 if not weights_finite:   # before the checkpointer: a non-finite state is never saved
                     raise NonFiniteWeights(
