@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -106,7 +107,13 @@ def load_chat_model(path: str | Path, tokenizer: Optional[str] = None, template:
         run_config = path / "config.yaml"
         root = Config.load(str(run_config)).checkpoint.root(str(path)) if run_config.is_file() and not \
             (path / ".metadata").exists() else path
-        model, cfg = load_checkpoint_model(root, device)
+        from megasft.checkpoint.errors import CheckpointError
+
+        try:
+            model, cfg = load_checkpoint_model(root, device)
+        except CheckpointError as err:
+            raise ValueError(f"{err}; --model takes an HF export (config.json + model*.safetensors), a run "
+                             "directory, a checkpoint root (with latest) or a checkpoint directory") from None
         run_tokenizer, run_template = trained_chat_format(cfg)
         tokenizer, template = tokenizer or run_tokenizer, template or run_template
         if tokenizer is None:
@@ -287,8 +294,13 @@ def main(argv=None) -> int:
     ap.add_argument("-n", type=int, default=20, help="conversations to answer (default: 20)")
     ap.add_argument("--max-new-tokens", type=int, default=16, help="tokens per answer at most (default: 16)")
     args = ap.parse_args(argv)
-    chat = load_chat_model(args.model, args.tokenizer, args.template, args.device, args.dtype)
-    result = score(chat, read_conversations(args.prompts, args.n), Sampling(max_new_tokens=args.max_new_tokens))
+    try:
+        chat = load_chat_model(args.model, args.tokenizer, args.template, args.device, args.dtype)
+        conversations = read_conversations(args.prompts, args.n)
+    except (OSError, ValueError) as err:
+        print(f"megasft eval-generate: {err}", file=sys.stderr)
+        return 2
+    result = score(chat, conversations, Sampling(max_new_tokens=args.max_new_tokens))
     print("\n".join(result.lines))
     print(result.summary())
     return 0
