@@ -27,6 +27,7 @@ from megasft.generate import (ChatModel, Sampling, add_model_args, answer_text, 
                               split_reference)
 
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.6, 0.9   # as the export's generation_config.json
+CUT_SHORT = "[stopped before end-of-turn: --max-new-tokens or the context length]"
 
 
 def with_system(messages: list[dict], system: Optional[str]) -> list[dict]:
@@ -93,7 +94,7 @@ def interactive(chat: ChatModel, system: Optional[str], sampling: Sampling, use_
         messages.append({"role": "user", "content": line})
         sys.stdout.write("assistant> ")
         answer, ended = reply(chat, messages, sampling, use_cache, stream=sys.stdout)
-        sys.stdout.write("\n" if ended else " [no end-of-turn: --max-new-tokens reached]\n")
+        sys.stdout.write("\n" if ended else f" {CUT_SHORT}\n")
         messages.append({"role": "assistant", "content": answer})
 
 
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
         messages = with_system(list(messages), args.system)
         answer, ended = reply(chat, messages, sampling, not args.no_cache)
         print(f"user: {messages[-1]['content']}")
-        print(f"assistant: {answer}" + ("" if ended else "  [no end-of-turn: --max-new-tokens reached]"))
+        print(f"assistant: {answer}" + ("" if ended else f"  {CUT_SHORT}"))
     return 0
 
 

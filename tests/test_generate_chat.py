@@ -170,7 +170,7 @@ def test_sampling_follows_the_seed_and_top_p():
 
 # ----------------------------------------------------------------------------- the chat command
 def test_chat_command_answers_a_scripted_prompt(run, capsys, monkeypatch, tmp_path):
-    from megasft.chat import main as chat_main
+    from megasft.chat import CUT_SHORT, main as chat_main
 
     question = "What is 3 plus 4?"
     common = ["--model", str(run), "--prompt", question, "--system", SYSTEM, "--temperature", "0"]
@@ -182,8 +182,8 @@ def test_chat_command_answers_a_scripted_prompt(run, capsys, monkeypatch, tmp_pa
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
     expected = decode(chat.model, chat.prompt_ids(messages), chat.stop_ids, Sampling(max_new_tokens=256))
     answer = chat.tokenizer.decode(expected.tokens[:-1] if expected.ended else expected.tokens).strip()
-    assert cached.splitlines()[:2] == [f"user: {question}", f"assistant: {answer}" +
-                                       ("" if expected.ended else "  [no end-of-turn: --max-new-tokens reached]")]
+    assert cached.splitlines()[:2] == [f"user: {question}",
+                                       f"assistant: {answer}" + ("" if expected.ended else f"  {CUT_SHORT}")]
     # The export answers the same (bf16 weights: the first tokens agree on this tiny model).
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(question + "\n" + json.dumps({"messages": messages}) + "\n")
@@ -204,7 +204,8 @@ def test_eval_generate_records_without_reference_and_with_system(run, tmp_path, 
 
     chat = load_chat_model(run / "hf")
     with_system = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is 2 plus 2?"}]
-    right = answer_text(chat, decode(chat.model, chat.prompt_ids(with_system), chat.stop_ids, Sampling(max_new_tokens=16)))
+    greedy = decode(chat.model, chat.prompt_ids(with_system), chat.stop_ids, Sampling(max_new_tokens=16))
+    right = answer_text(chat, greedy)
     records = [{"messages": with_system},                                                 # no reference
                {"messages": with_system + [{"role": "assistant", "content": right}]},     # right
                {"messages": [{"role": "user", "content": "Add 1 and 1."},
@@ -233,7 +234,8 @@ def test_generate_eval_inside_training_logs_exact_match_and_eot_rate(run):
     assert [r["step"] for r in gen] == [4, 8]
     assert all(r["answered"] == SAMPLES and 0 <= r["exact_match"] <= 1 and 0 <= r["eot_rate"] <= 1 for r in gen)
     # The last one scored the final weights: scoring the final checkpoint gives the same numbers.
-    again = score(load_chat_model(run), read_conversations(run.parent / "eval.jsonl", SAMPLES), Sampling(max_new_tokens=6))
+    prompts = read_conversations(run.parent / "eval.jsonl", SAMPLES)
+    again = score(load_chat_model(run), prompts, Sampling(max_new_tokens=6))
     assert (again.exact_match, again.eot_rate) == (gen[-1]["exact_match"], gen[-1]["eot_rate"])
 
 
