@@ -58,7 +58,7 @@ def reply(chat: ChatModel, messages: Sequence[dict], sampling: Sampling, use_cac
 def read_prompts(path: str) -> list[list[dict]]:
     """One conversation per non-empty line: plain text is a user turn, a JSON object a record."""
     from megasft.data.chat.schema import normalize_record
-    from megasft.data.formats import parse_line
+    from megasft.data.formats import DataError, parse_line
 
     out = []
     with open(path, encoding="utf-8") as f:
@@ -69,8 +69,13 @@ def read_prompts(path: str) -> list[list[dict]]:
             if not text.startswith("{"):
                 out.append([{"role": "user", "content": text}])
                 continue
-            obj = json.loads(text)
-            conversation = normalize_record(obj) if "messages" in obj else parse_line(text.encode(), path, lineno)
+            try:
+                obj = json.loads(text)
+                conversation = normalize_record(obj) if "messages" in obj else parse_line(text.encode(), path, lineno)
+            except DataError:           # names file:line itself
+                raise
+            except ValueError as err:   # bad JSON, a SchemaError
+                raise ValueError(f"{path}:{lineno}: {err}") from None
             out.append(split_reference(conversation)[0])
     return out
 
@@ -123,17 +128,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    batch = [[{"role": "user", "content": p}] for p in args.prompt]
     try:
+        if args.prompts:
+            batch += read_prompts(args.prompts)
         chat = load_chat_model(args.model, args.tokenizer, args.template, args.device, args.dtype)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:   # a path that is no model, a bad prompt line: one line
         print(f"megasft chat: {err}", file=sys.stderr)
         return 2
     sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
-    batch = [[{"role": "user", "content": p}] for p in args.prompt]
-    if args.prompts:
-        batch += read_prompts(args.prompts)
     if not batch:
-        interactive(chat, args.system, sampling, not args.no_cache)
+        try:
+            interactive(chat, args.system, sampling, not args.no_cache)
+        except KeyboardInterrupt:   # Ctrl-C quits, also in the middle of an answer
+            print()
         return 0
     for messages in batch:
         messages = with_system(list(messages), args.system)

@@ -242,3 +242,15 @@ def test_generate_eval_inside_training_logs_exact_match_and_eot_rate(run):
 def test_generate_eval_needs_a_prompt_file():
     with pytest.raises(ConfigError, match="train.generate_eval_path"):
         Config.from_dict({"train": {"generate_eval_interval": 10}}).validate()
+
+
+def test_chat_and_eval_generate_refuse_a_path_that_is_no_model(tmp_path, capsys):
+    from megasft.chat import main as chat_main
+    from megasft.generate import main as eval_main
+
+    assert chat_main(["--model", str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model takes an HF export" in err[0]
+    (tmp_path / "p.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert eval_main(["--model", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl")]) == 2
+    assert "--model takes an HF export" in capsys.readouterr().err
