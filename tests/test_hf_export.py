@@ -68,3 +68,15 @@ def test_a_second_export_replaces_the_first_tokenizer_files(tokenizers, tmp_path
     write_tokenizer_files(tokenizers["hf"], "chatml", tmp_path)
     assert not (tmp_path / "tokenizer.model").exists()
     assert "<|im_start|>" in json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def test_without_the_converter_the_export_keeps_tokenizer_model_and_warns(tokenizers, tmp_path, monkeypatch, capsys):
+    import megasft.hf.tokenizer_export as export
+
+    def missing(path):
+        raise ImportError("no transformers")
+    monkeypatch.setattr(export, "sentencepiece_to_tokenizers", missing)
+    write_tokenizer_files(tokenizers["sp"], "llama3", tmp_path)
+    assert (tmp_path / "tokenizer.model").exists() and not (tmp_path / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"]
+    assert "tokenizer.json not written (ImportError: no transformers)" in capsys.readouterr().out

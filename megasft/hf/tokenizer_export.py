@@ -131,9 +131,6 @@ def write_tokenizer_files(tokenizer: str | Path, template_name: str, out: Path,
     """Write tokenizer.json, tokenizer_config.json (with the chat template) and
     special_tokens_map.json for the run's tokenizer and template into `out`; returns the special
     token names written."""
-    from tokenizers import AddedToken
-    from tokenizers import Tokenizer as RustTokenizer
-
     from megasft.data.templates import get_template
 
     model_file, source_config = find_tokenizer_files(tokenizer)
@@ -141,15 +138,27 @@ def write_tokenizer_files(tokenizer: str | Path, template_name: str, out: Path,
     template = get_template(template_name, tokenizer_config=tok.config)
     for name in STALE_FILES:   # an older export's files must not survive next to the new ones
         (out / name).unlink(missing_ok=True)
+    rust = None
     if model_file.suffix == ".json":
+        from tokenizers import Tokenizer as RustTokenizer
+
         rust = RustTokenizer.from_file(str(model_file))
     else:
-        rust = sentencepiece_to_tokenizers(model_file)
         shutil.copyfile(model_file, out / "tokenizer.model")
+        try:
+            rust = sentencepiece_to_tokenizers(model_file)
+        except (ImportError, AttributeError) as err:   # no transformers, or one without this converter
+            # The weights are written by now: an export at the end of a run must not fail here.
+            print(f"megasft: warning: {out / 'tokenizer.json'} not written ({type(err).__name__}: {err}); "
+                  "install transformers>=5 (pip install -e '.[hf]') and re-export with tools/convert_checkpoint.py "
+                  "megasft-to-hf; tokenizer.model is there", flush=True)
     names = special_token_names(tok, template)
-    markers = {*names.values(), tok.id_to_piece(tok.eot_id), *template.required_tokens}
-    rust.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(markers)])
-    rust.save(str(out / "tokenizer.json"))
+    if rust is not None:
+        from tokenizers import AddedToken
+
+        markers = {*names.values(), tok.id_to_piece(tok.eot_id), *template.required_tokens}
+        rust.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(markers)])
+        rust.save(str(out / "tokenizer.json"))
     config = {k: v for k, v in source_config.items() if k not in ("chat_template", "tokenizer_file")}
     config.update(names, tokenizer_class="PreTrainedTokenizerFast", chat_template=template_source(template),
                   clean_up_tokenization_spaces=False)
