@@ -274,6 +274,17 @@ class TrainConfig:
     """Steps between evaluations; 0 disables."""
     eval_batches: int = 0
     """Global batches per evaluation; 0 means the whole eval split."""
+    generate_eval_interval: int = 0
+    """Steps between generation-based evaluations (0 disables): rank 0 gathers the full weights,
+    answers the prompts of generate_eval_path greedily on one device and logs exact match and
+    end-of-turn rate (megasft.training.generate_eval). For models that fit one device."""
+    generate_eval_path: Optional[str] = None
+    """JSONL conversations for generate_eval_interval (as megasft.generate reads them: a final
+    assistant turn is the reference answer)."""
+    generate_eval_samples: int = 32
+    """Conversations of generate_eval_path answered per generation-based evaluation (the first N)."""
+    generate_eval_max_new_tokens: int = 32
+    """Tokens per answer at most in a generation-based evaluation."""
     peak_tflops: float = 989.0
     """Peak dense bf16 TFLOP/s per device for MFU (H100 SXM: 989)."""
     progress_bar: str = "auto"
@@ -440,6 +451,9 @@ class Config:
             raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
         if t.fp8 != "off":
             _check_fp8(m, t)
+        if t.generate_eval_interval and not t.generate_eval_path:
+            raise ConfigError(f"train.generate_eval_interval={t.generate_eval_interval} needs the prompts to answer: "
+                              "set train.generate_eval_path to a JSONL file of conversations, or the interval to 0")
         return self
 
 

@@ -92,6 +92,9 @@ RANGES: dict[str, Range] = {
     "train.log_interval": AT_LEAST_1,         # a step counter modulo this
     "train.eval_interval": NON_NEGATIVE,      # 0 disables evaluation
     "train.eval_batches": NON_NEGATIVE,       # 0 = the whole eval split
+    "train.generate_eval_interval": NON_NEGATIVE,   # 0 disables generation-based evaluation
+    "train.generate_eval_samples": AT_LEAST_1,
+    "train.generate_eval_max_new_tokens": AT_LEAST_1,
     "train.peak_tflops": POSITIVE,            # MFU divides by it
     "train.fp8_amax_history_len": AT_LEAST_1,
     "checkpoint.save_interval": NON_NEGATIVE,  # 0 saves only at the end

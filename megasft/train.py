@@ -232,8 +232,7 @@ def export_final(cfg: Config, ps: ParallelState, out: Path) -> None:
     if ps.world_size > 1:
         dist.barrier(group=ps.world_group)
     if ps.rank == 0:
-        dtype = "fp32" if cfg.train.precision == "fp32" else "bf16"
-        megasft_to_hf(checkpoint_root(cfg), out, dtype=dtype, tokenizer=cfg.data.tokenizer)
+        megasft_to_hf(checkpoint_root(cfg), out)   # dtype of the model the run started from; the run's tokenizer
         print(f"megasft: wrote Hugging Face weights to {out}", flush=True)
 
 

@@ -39,7 +39,8 @@ def test_train_cli_tp2_pp2_export_and_generate(tiny_data, tmp_path):
                 f"data.train_path={tiny_data / 'train'}", f"data.eval_path={tiny_data / 'eval'}",
                 f"data.tokenizer={tiny_data / 'tokenizer.model'}", f"train.run_dir={run}",
                 "parallel.pp=2", "train.steps=4", "train.log_interval=2", "train.eval_interval=4",
-                "data.global_batch_tokens=4096", "train.comm_stats=true"])
+                "data.global_batch_tokens=4096", "train.comm_stats=true", "train.generate_eval_interval=4",
+                f"train.generate_eval_path={tiny_data / 'eval.jsonl'}", "train.generate_eval_samples=3"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "world 4 = tp 2 x pp 2 x dp 1" in out.stdout
     assert "(ratio 1.0000)" in out.stdout            # measured optimizer bytes == 12 N / DP
@@ -57,6 +58,9 @@ def test_train_cli_tp2_pp2_export_and_generate(tiny_data, tmp_path):
         for kind in ("tp", "pp"):
             sent = sum(e["bytes"] for op, e in r["comm"][kind].items() if op != "recv")
             assert sent == pytest.approx(r["comm_predicted"][kind], rel=0.05), (kind, r["comm"])
+    # Generation-based eval at TP2 x PP2: rank 0 gathered every stage's shards and answered.
+    generated = [r for r in records if r["kind"] == "generate_eval"]
+    assert [(r["step"], r["answered"]) for r in generated] == [(4, 3)] and 0 <= generated[0]["eot_rate"] <= 1
 
     # The export loads in transformers and gives megasft's logits.
     from transformers import AutoModelForCausalLM
@@ -74,10 +78,9 @@ def test_train_cli_tp2_pp2_export_and_generate(tiny_data, tmp_path):
     assert diff < 1e-4
 
     gen = _run([sys.executable, "-m", "megasft.generate", "--model", str(run / "hf"),
-                "--tokenizer", str(tiny_data / "tokenizer.model"), "--prompts", str(tiny_data / "eval.jsonl"),
-                "-n", "3", "--max-new-tokens", "4"])
+                "--prompts", str(tiny_data / "eval.jsonl"), "-n", "3", "--max-new-tokens", "4"])
     assert gen.returncode == 0, gen.stderr
-    assert "accuracy" in gen.stdout and gen.stdout.count("Q: ") == 3
+    assert "exact match" in gen.stdout and gen.stdout.count("Q: ") == 3
 
 
 def test_train_cli_rejects_bad_config_before_starting(tmp_path):

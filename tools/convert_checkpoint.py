@@ -3,11 +3,12 @@ unsupported architecture is refused by name) and megasft checkpoints (one proces
 
 Examples:
     python tools/convert_checkpoint.py hf-to-megasft --hf meta-llama/Llama-3.1-8B --out ckpt --tp 8 --pp 1
-    python tools/convert_checkpoint.py megasft-to-hf --ckpt runs/x/checkpoints --out hf_out --dtype bf16 \\
-        --tokenizer meta-llama/Llama-3.1-8B
+    python tools/convert_checkpoint.py megasft-to-hf --ckpt runs/x/checkpoints --out hf_out
 
 A megasft checkpoint does not depend on the layout: the hf-to-megasft result loads at --tp/--pp
 (checked here) and at any other. --ckpt takes a checkpoint directory or a root holding ``latest``.
+The export is a complete chat model: weights, config.json, generation_config.json (eos = end-of-turn
+and eos ids), tokenizer.json, tokenizer_config.json with the run's chat template, special_tokens_map.json.
 Exit status: 0 on success, 2 on bad input (the message names the file and what differs).
 """
 from __future__ import annotations
@@ -32,9 +33,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     exp = sub.add_parser("megasft-to-hf", help="megasft checkpoint -> HF directory")
     exp.add_argument("--ckpt", required=True, help="checkpoint directory, or a root with 'latest'")
     exp.add_argument("--out", required=True, help="output HF directory")
-    exp.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    exp.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                     help="weight dtype (default: the dtype of the model the run started from, i.e. "
+                          "torch_dtype of model.init_from_hf's config.json; bf16 when unknown)")
     exp.add_argument("--tokenizer", default=None,
-                     help="tokenizer file or directory to copy (default: data.tokenizer of the run)")
+                     help="tokenizer file or directory to export as tokenizer.json (default: the one the run's "
+                          "training data was preprocessed with, else data.tokenizer)")
+    exp.add_argument("--template", default=None,
+                     help="chat template written to tokenizer_config.json (default: the run's, as for --tokenizer)")
     exp.add_argument("--max-shard-size-mb", type=float, default=5 * 1024.0, help="safetensors shard cap")
     return p.parse_args(argv)
 
@@ -46,8 +52,8 @@ def main(argv=None) -> int:
             path = hf_to_megasft(args.hf, args.out, tp=args.tp, pp=args.pp)
         else:
             path = megasft_to_hf(args.ckpt, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
-                                 max_shard_bytes=int(args.max_shard_size_mb * 2 ** 20))
-    except (CheckpointError, CheckpointMismatch, ConfigError, FileNotFoundError, KeyError) as err:
+                                 max_shard_bytes=int(args.max_shard_size_mb * 2 ** 20), template=args.template)
+    except (CheckpointError, CheckpointMismatch, ConfigError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"convert_checkpoint: {err}", file=sys.stderr)
         return 2
     print(f"convert_checkpoint: wrote {path}")

@@ -36,8 +36,6 @@ from megasft.hf.names import canonical_names, full_shapes, fuse_stored, stored_l
 from megasft.layout import Layout
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja")
 
 
 # ----------------------------------------------------------------------------- HF -> megasft
@@ -125,59 +123,72 @@ def stream_model_tensors(path: Path, dtype: Optional[torch.dtype]) -> Iterator[t
         yield name, target
 
 
-def special_token_ids(tokenizer: Optional[str], template: str, hf_config: Optional[dict]) -> tuple:
-    """(bos id, [eos ids]) for config/generation_config: from the tokenizer and chat template (the
-    end-of-turn token is an eos, so generation stops at the end of the assistant's turn), else
-    from the imported HF config, else (None, None)."""
+def default_export_dtype(cfg: Config, meta: Optional[dict] = None) -> str:
+    """The dtype of the model the run started from: ``torch_dtype`` (or ``dtype``) of the
+    config.json of ``model.init_from_hf`` / an imported HF model; bf16 when it is not known."""
+    hf_config = cfg.model.hf_config or (meta or {}).get("hf_config") or {}
+    name = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(name).replace("torch.", ""), "bf16")
+
+
+def special_token_ids(tokenizer: Optional[str], template: str, hf_config: Optional[dict]) -> dict:
+    """bos / eos / pad ids for config.json and generation_config.json: from the run's tokenizer and
+    chat template (the end-of-turn token is an eos, so generation stops at the end of the
+    assistant's turn), else from the imported HF config, else {}."""
     if tokenizer:
         from megasft.data.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(tokenizer, template)
-        s = tok.specials
-        return s.bos_id, sorted({s.eos_id, s.eot_id})
+        s = load_tokenizer(tokenizer, template).specials
+        return {"bos_token_id": s.bos_id, "eos_token_id": sorted({s.eos_id, s.eot_id}), "pad_token_id": s.pad_id}
     if hf_config:
         eos = hf_config.get("eos_token_id")
-        return hf_config.get("bos_token_id"), eos if isinstance(eos, list) or eos is None else [eos]
-    return None, None
+        return {"bos_token_id": hf_config.get("bos_token_id"),
+                "eos_token_id": eos if isinstance(eos, list) or eos is None else [eos],
+                "pad_token_id": hf_config.get("pad_token_id")}
+    return {}
 
 
-def megasft_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", tokenizer: Optional[str] = None,
-                  max_shard_bytes: int = 5 * 2 ** 30) -> Path:
-    """Write the model of checkpoint `ckpt` (a checkpoint or a root with ``latest``) as a HF
-    directory: config.json, generation_config.json, sharded safetensors + index, tokenizer files."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+def megasft_to_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None, tokenizer: Optional[str] = None,
+                  max_shard_bytes: int = 5 * 2 ** 30, template: Optional[str] = None) -> Path:
+    """Write the model of checkpoint `ckpt` (a checkpoint or a root with ``latest``) as a complete
+    HF chat model: config.json, generation_config.json (eos = end-of-turn and eos ids), sharded
+    safetensors + index, tokenizer.json / tokenizer_config.json (with the run's chat template) /
+    special_tokens_map.json (megasft.hf.tokenizer_export); every file mode 0644.
+    `dtype` None: the dtype of the model the run started from (default_export_dtype). `tokenizer`
+    and `template` default to the ones the run was trained with (trained_chat_format)."""
+    from megasft.hf.tokenizer_export import trained_chat_format, write_tokenizer_files
+
     path = resolve_checkpoint(ckpt)
     problem = verification_problem(path)
     if problem is not None:
         raise CheckpointError(f"{problem}; nothing was exported")
     meta = read_meta(path)
     cfg = Config.from_dict(meta["config"])
-    tokenizer = tokenizer or cfg.data.tokenizer
+    dtype = dtype or default_export_dtype(cfg, meta)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    run_tokenizer, run_template = trained_chat_format(cfg)
+    tokenizer, template = tokenizer or run_tokenizer, template or run_template
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_hf_tensors(fuse_stored(cfg.model.family, stream_model_tensors(path, DTYPES[dtype])), out,
                     max_shard_bytes=max_shard_bytes)
     # Without a tokenizer the source config.json's ids stay as they were (ModelConfig.hf_config);
     # checkpoints from before it was kept fall back to the meta's copy.
-    bos, eos = special_token_ids(tokenizer, cfg.data.template, None if cfg.model.hf_config else meta.get("hf_config"))
+    ids = special_token_ids(tokenizer, template, None if cfg.model.hf_config else meta.get("hf_config"))
     torch_dtype = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
-    config = hf_config_from_model(cfg.model, torch_dtype, eos_token_id=eos, bos_token_id=bos)
+    config = hf_config_from_model(cfg.model, torch_dtype, eos_token_id=ids.get("eos_token_id"),
+                                  bos_token_id=ids.get("bos_token_id"))
+    if ids.get("pad_token_id") is not None:
+        config["pad_token_id"] = ids["pad_token_id"]
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    # Sampling defaults of Llama-3-Instruct's generation_config; megasft.chat uses the same.
     generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id"),
-                  "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+                  "pad_token_id": config.get("pad_token_id"), "do_sample": True, "temperature": 0.6, "top_p": 0.9}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer:
-        copy_tokenizer_files(Path(tokenizer), out)
+        write_tokenizer_files(tokenizer, template, out, model_max_length=cfg.model.max_position_embeddings)
+    for f in out.iterdir():   # readable by every user of a shared model directory, whatever the umask
+        if f.is_file():
+            f.chmod(0o644)
     return out
-
-
-def copy_tokenizer_files(src: Path, out: Path) -> None:
-    """Copy the tokenizer files found at `src` (a directory, or a tokenizer file whose directory
-    holds the rest) next to the weights."""
-    folder = src if src.is_dir() else src.parent
-    copied = [shutil.copy2(folder / n, out / n) for n in TOKENIZER_FILES if (folder / n).exists()]
-    if not src.is_dir() and src.name not in TOKENIZER_FILES:
-        shutil.copy2(src, out / ("tokenizer.model" if src.suffix == ".model" else "tokenizer.json"))
-    elif not copied:
-        raise FileNotFoundError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")

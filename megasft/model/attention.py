@@ -89,11 +89,11 @@ def _sdpa(q, k, v, cu_seqlens, max_seqlen, window, scale, softcap):
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
                                              enable_gqa=kh.shape[1] != qh.shape[1])
     else:
-        out = _capped_attention(qh, kh, vh, mask, scale, softcap)
+        out = capped_attention(qh, kh, vh, mask, scale, softcap)
     return out.permute(2, 0, 1, 3)                                  # [s, b, nq, d]
 
 
-def _capped_attention(q, k, v, mask, scale, softcap):
+def capped_attention(q, k, v, mask, scale, softcap):
     """Soft-capped softmax attention on [b, heads, s, d], the order of transformers' eager path:
     scale, cap, mask, softmax in fp32 cast back, times V. Masked scores are -inf (every query
     sees itself, so no row is empty)."""

@@ -28,6 +28,7 @@ from megasft.layout import kv_partition
 from megasft.model.attention import attention, resolve_backend
 from megasft.model.families import family_of, layer_window
 from megasft.model.fused import norm_kernel, resolve_norm_backend, swiglu_kernel
+from megasft.model.kv_cache import KVCache, cached_attention
 from megasft.model.rope import Rope, apply_rope
 from megasft.parallel_state import ParallelState
 from megasft.tensor_parallel.comm import scatter_to_sp
@@ -77,7 +78,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = _head_norm(cfg, ps), _head_norm(cfg, ps)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache: Optional[KVCache] = None):
         x = enter_tp_region(x, self.group, self.sequence_parallel)          # [s, b, h]
         s, b = x.shape[:2]
         q = self.q_proj(x).view(s, b, self.local_q, self.head_dim)
@@ -85,6 +86,10 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):     # Qwen3: RMSNorm over each head's d, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:   # incremental decoding: these queries over the cached keys + these
+            k, v = cache.append(self, k, v)
+            core = cached_attention(q, k, v, self.window, self.scale, self.softcap)
+            return self.o_proj(core.reshape(s, b, -1))
         if self.recompute_core and self.training:
             core = checkpoint(attention, q, k, v, cu_seqlens, max_seqlen, self.backend, self.window,
                               self.scale, self.softcap, use_reentrant=False)
@@ -153,8 +158,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, ps, sequence_parallel)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
-        attn = self.attention(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen)
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache: Optional[KVCache] = None):
+        attn = self.attention(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, cache)
         if self.gemma:
             attn = self.attn_post_norm(attn)
         x = x + F.dropout(attn, self.dropout, self.training)
@@ -170,7 +175,7 @@ class LlamaStage(nn.Module):
     forward(batch, hidden_states) takes the MicroBatch (megasft.data.batch) and, on non-first
     chunks, the incoming activation. It returns the activation [s(/tp), b, h], or on the last chunk
     the vocab-parallel logits [s, b, V/tp] — or ``(loss_sum, valid_count)`` when the batch carries
-    labels.
+    labels. ``cache`` (megasft.model.kv_cache, generation at tp=pp=1) keeps past keys/values.
     """
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, layer_ids: list[int], pre_process: bool,
@@ -207,7 +212,8 @@ class LlamaStage(nn.Module):
         if any(layer.rope_local for layer in self.layers.values()):     # Gemma 3's sliding layers
             self._rope[True] = Rope(cfg, local=True)
 
-    def forward(self, batch: MicroBatch, hidden_states: Optional[torch.Tensor] = None):
+    def forward(self, batch: MicroBatch, hidden_states: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None):
         if self.pre_process:
             hidden_states = self._embed(batch)
         rope = {local: r.cos_sin(batch, hidden_states.dtype) for local, r in self._rope.items()}  # [s, b, 1, r]
@@ -218,7 +224,7 @@ class LlamaStage(nn.Module):
                 hidden_states = checkpoint(layer, hidden_states, cos, sin, cu_seqlens, max_seqlen,
                                            use_reentrant=False)
             else:
-                hidden_states = layer(hidden_states, cos, sin, cu_seqlens, max_seqlen)
+                hidden_states = layer(hidden_states, cos, sin, cu_seqlens, max_seqlen, cache)
         if not self.post_process:
             return hidden_states
         x = enter_tp_region(self.norm(hidden_states), self.group, self.sequence_parallel)   # [s, b, h]

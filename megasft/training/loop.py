@@ -31,6 +31,7 @@ from megasft.pipeline.zero_bubble import zero_bubble_store
 from megasft.training import metrics
 from megasft.training.comm_stats import CommStats
 from megasft.training.faults import Faults
+from megasft.training.generate_eval import GenerateEval
 from megasft.training.profiler import maybe_profile
 
 
@@ -90,6 +91,7 @@ class Trainer:
         # Testing aid (MEGASFT_FAULT): None in a normal run, so each hook costs one test per step.
         self.faults = Faults.from_env(ps.layout_ranks[ps.rank])
         self.comm = CommStats(cfg, ps)   # train.comm_stats: the ledger on logged steps
+        self.generate_eval = GenerateEval.from_config(cfg, ps)   # train.generate_eval_interval; None when off
 
     # ------------------------------------------------------------------ one step
     def forward_step(self, loss_scale: float):
@@ -197,6 +199,10 @@ class Trainer:
                                                                      or self.step == t.steps):
                     self._eval_and_log(eval_loader, writer)
                     window.restart()   # evaluation time is not training throughput
+                if self.generate_eval is not None and self.generate_eval.due(self.step):
+                    self.optimizer.finish_param_sync()   # the overlapped ZeRO-1 gather: current weights
+                    self.generate_eval.run(self.chunks, self.step, writer)
+                    window.restart()
                 stop, weights_finite = self._should_stop(out.skipped)
                 if not weights_finite:   # before the checkpointer: a non-finite state is never saved
                     raise NonFiniteWeights(
