@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from megasft.checkpoint.convert import megasft_to_hf
 from megasft.config import Config, ConfigError, DataConfig
 from megasft.data.indexed import DatasetError, IndexedDatasetBuilder
 from megasft.data.loader import build_loaders
@@ -237,7 +238,7 @@ def test_per_source_eval_losses_equal_a_transformers_forward(main, tmp_path):
     args = [f"model.{k}={v}" for k, v in MODEL.items()] + [
         f"data.sources={json.dumps(sources)}", "data.seq_len=16", "data.global_batch_tokens=64",
         "train.precision=fp32", f"train.run_dir={run}", 'train.progress_bar="off"', "train.steps=4",
-        "train.eval_interval=2", "train.seed=11", "checkpoint.export_hf=true", "optim.lr=1e-2"]
+        "train.eval_interval=2", "train.seed=11", "optim.lr=1e-2"]
     rc, err = main(args)
     assert (rc, err) == (0, [])
     assert "data: mixture of 3 sources" in main.out and re.search(r"eval step +4 \| loss .* \| a .* \| b .* \| c ", main.out)
@@ -250,7 +251,9 @@ def test_per_source_eval_losses_equal_a_transformers_forward(main, tmp_path):
     assert curves["eval b"] == ([2, 4], [r["eval_loss/b"] for r in evals])
     assert plot_metrics(run / "metrics.jsonl", tmp_path / "curves.png").stat().st_size > 0
 
-    model = LlamaForCausalLM.from_pretrained(run / "hf", torch_dtype=torch.float32).eval()
+    # The final weights in fp32 (a run from scratch exports bf16 by default), read by transformers.
+    megasft_to_hf(run / "checkpoints", tmp_path / "hf", dtype="fp32")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
     pooled_sum, pooled_tokens = 0.0, 0
     for src in sources:
         if "eval_path" in src:
