@@ -247,7 +247,7 @@ def build_loaders(data, seed: int, dp_rank: int = 0, dp_size: int = 1, vocab_siz
     :meth:`IndexedDataset.check_trainable`); so is an empty one. ``epochs`` (train.epochs) limits
     the training stream; its ``total_steps`` is then the run's step count."""
     if data.train_path is None:
-        raise ValueError("data.train_path is not set; point it at a directory written by tools/preprocess_data.py")
+        raise ValueError("data.train_path is not set; point it at a directory written by megasft preprocess")
     train_ds = IndexedDataset(data.train_path)
     train_ds.check_trainable(vocab_size)
     common = dict(seq_len=data.seq_len, global_batch_tokens=data.global_batch_tokens,

@@ -185,7 +185,10 @@ class Trainer:
                 for line in train_loader.drain_tail_log():   # an epoch's last step filled / dropped
                     if self.log:
                         print(f"megasft: step {self.step}: {line}", flush=True)
-                window.add(self.cfg.data.global_batch_tokens, out.trained_tokens, self._step_flops(micro_batches))
+                window.add(self.cfg.data.global_batch_tokens, out.trained_tokens, self._step_flops(micro_batches),
+                           out.loss)
+                if writer is not None:   # rank 0: run totals and the live progress line
+                    writer.step(self.step, out.loss, self.cfg.data.global_batch_tokens, out.trained_tokens)
                 if self.step % t.log_interval == 0 or self.step == t.steps:
                     self._log_train(out, window, writer)
                 if eval_loader is not None and t.eval_interval and (self.step % t.eval_interval == 0
