@@ -54,3 +54,27 @@ def test_loss_is_the_mean_over_the_log_interval_and_the_summary_adds_up(data, tm
     for line in out[out.index(next(x for x in out if x.startswith("step "))):start]:
         assert len(line) <= 100, line
         assert "\r" not in line   # stdout is not a terminal: no live progress frames
+
+
+def test_plot_marks_every_logged_step(data, tmp_path, main, monkeypatch):
+    import pytest
+
+    matplotlib = pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from megasft import cli
+
+    rc, _ = main(train_args(data, tmp_path / "run", "train.steps=4", "train.log_interval=2"))
+    assert rc == 0
+    drawn = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: (drawn.append(fig), save(fig, *a, **kw))[1])
+    assert cli.main(["plot", str(tmp_path / "run" / "metrics.jsonl")]) == 0
+    png = tmp_path / "run" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    train, _ = records(tmp_path / "run")
+    for ax, key in zip(drawn[0].axes, ("loss", "lr", "grad_norm")):
+        line = ax.lines[0]
+        assert line.get_marker() == "."                      # a point per logged step
+        assert list(line.get_xdata()) == [2, 4] and list(line.get_ydata()) == [r[key] for r in train]
+    assert matplotlib.get_backend().lower() == "agg"
