@@ -51,6 +51,7 @@ def _hold_agent_logs() -> tuple[_Held, list[tuple[logging.Logger, bool]]]:
 def launch_local(nproc: int, train_argv: list[str]) -> int:
     """Run ``python -m megasft.train *train_argv`` on ``nproc`` local ranks; return the exit code."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     # torchrun sets OMP_NUM_THREADS=1 for each rank when it is unset (and warns); do the same quietly.
@@ -70,6 +71,9 @@ def launch_local(nproc: int, train_argv: list[str]) -> int:
         print(f"megasft.train: rank {rank} failed with exit code {failure.exitcode} "
               f"(its output is above; {failure.error_file or 'no error file'})", file=sys.stderr, flush=True)
         return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as err:   # SIGINT / SIGTERM to this process: the agent has stopped the ranks
+        print(f"megasft.train: stopped by signal {err.sigval.name}", file=sys.stderr, flush=True)
+        return 128 + int(err.sigval)
     finally:
         for logger, propagate in saved:
             logger.removeHandler(held)

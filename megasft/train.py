@@ -190,6 +190,9 @@ def main(argv=None) -> int:
         except ConfigError as err:
             return report(f"configuration error: {err}", EXIT_STARTUP)
         return 0
+    if args.config is None and cfg.data.train_path is None:
+        return report("nothing to train: no --config given and data.train_path is not set; pass --config FILE "
+                      "(e.g. examples/configs/tiny_chat.yaml) or data.train_path=DIR", EXIT_STARTUP)
     try:
         check_inputs(cfg)
     except (StartupError, CheckpointError, DatasetError, ConfigError) as err:
@@ -253,6 +256,8 @@ def main(argv=None) -> int:
         message, reporter = ps.diagnose_hang(err, cfg.parallel.timeout_s)
         report(message, EXIT_HUNG, 0 if reporter else 1)
         os._exit(EXIT_HUNG)   # the group is broken: no destroy(), no atexit work that could wait on it
+    if writer is not None:
+        writer.progress.clear()   # the lines below start on a clean terminal line
     checkpointer.close()
     exported = None
     if cfg.checkpoint.export_hf and trainer.step >= cfg.train.steps:

@@ -120,7 +120,10 @@ def test_missing_inputs_fail_before_any_process_group(data, tmp_path, main):
     assert rc == 2 and err == [f"megasft.train: configuration error: no config file at {tmp_path / 'nope.yaml'}; "
                                "pass an existing YAML file to --config"]
     rc, err = main(train_args(data, run, "data.train_path=null"))
-    assert rc == 2 and len(err) == 1 and "data.train_path is not set" in err[0]
+    assert rc == 2 and err == ["megasft.train: nothing to train: no --config given and data.train_path is not set; "
+                               "pass --config FILE (e.g. examples/configs/tiny_chat.yaml) or data.train_path=DIR"]
+    rc, err = main([])
+    assert rc == 2 and len(err) == 1 and "no --config given" in err[0]
     assert not run.exists() and not dist.is_initialized()
 
 

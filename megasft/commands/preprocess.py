@@ -37,8 +37,11 @@ def parse_args(argv=None) -> PreprocessOptions:
     p.add_argument("--max-bad-fraction", type=float, default=0.1,
                    help="with --skip-bad, fail if more than this fraction of the lines are bad")
     p.add_argument("--workers", type=int, default=0, help="tokenising processes (0 = all cores)")
-    p.add_argument("--no-progress", action="store_false", dest="progress", help="no progress line")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (None: only when stderr is a terminal; no \\r frames in logs)")
     args = p.parse_args(argv)
+    if args.progress is None:
+        args.progress = sys.stderr.isatty()
     return PreprocessOptions(inputs=args.input, **{k: v for k, v in vars(args).items() if k != "input"})
 
 

@@ -184,7 +184,7 @@ class Trainer:
                 outputs.append(out)
                 for line in train_loader.drain_tail_log():   # an epoch's last step filled / dropped
                     if self.log:
-                        print(f"megasft: step {self.step}: {line}", flush=True)
+                        metrics.note(writer, f"megasft: step {self.step}: {line}")
                 window.add(self.cfg.data.global_batch_tokens, out.trained_tokens, self._step_flops(micro_batches),
                            out.loss)
                 if writer is not None:   # rank 0: run totals and the live progress line

@@ -11,6 +11,7 @@ import json
 import math
 import resource
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from megasft.config import ModelConfig
 from megasft.data.batch import MicroBatch
 from megasft.planner.flops import forward_flops_per_token
-from megasft.training.progress import Progress, fit
+from megasft.training.progress import LINE_WIDTH, Progress, fit
 
 
 def step_model_flops(model: ModelConfig, tokens: int, sum_sq_doc_lens: int) -> float:
@@ -190,6 +191,14 @@ class MetricsWriter:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def note(writer: Optional[MetricsWriter], line: str) -> None:
+    """Print a note of the run log between steps (wrapped to 100 columns), wiping the live
+    progress line first."""
+    if writer is not None:
+        writer.progress.clear()
+    print("\n".join(textwrap.wrap(line, LINE_WIDTH, subsequent_indent="    ")), flush=True)
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:

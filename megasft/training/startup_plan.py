@@ -3,6 +3,7 @@ it — layout, rows per step, steps per epoch (when the dataset exists), and the
 estimate per GPU — computed without starting a run or creating a process group."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -83,7 +84,7 @@ def memory_lines(cfg: Config, layout: Layout, gpu: str) -> list[str]:
     verdict = "fits" if result.fits else "does NOT fit"
     return [f"memory      {size(worst.total)} per GPU on pp rank {worst.pp_rank} (planner estimate, "
             f"{result.cluster.gpu.name}: {verdict} in {result.cluster.gpu.memory_gib:.1f} GiB)",
-            f"            {parts}"]
+            *textwrap.wrap(parts, 96, initial_indent=" " * 12, subsequent_indent=" " * 12)]
 
 
 def print_config(cfg: Config, layout: Layout, gpu: str = "h100-80gb") -> str:
