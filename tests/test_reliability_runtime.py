@@ -182,7 +182,7 @@ def test_sigstopped_rank_fails_the_job_within_the_timeout_naming_it(data, tmp_pa
         reader.join()
     end = time.monotonic()
     text = "".join(line for _, line in lines)
-    step2 = next(t for t, line in lines if line.startswith("step      2/6"))   # rank 1 stops as step 3 starts
+    step2 = next(t for t, line in lines if line.startswith("step 2/6 "))   # rank 1 stops as step 3 starts
     ours = [(t, line.strip()) for t, line in lines if line.startswith("megasft.train:")]
     assert rc != 0 and len(ours) == 1, text
     t_msg, message = ours[0]
