@@ -164,3 +164,19 @@ def test_live_progress_line_only_on_a_terminal():
     quiet.step(1, 2.5, 100, 40)
     quiet.clear()
     assert piped.getvalue() == ""        # no carriage returns into a log file or a pipe
+
+
+def test_subcommand_whose_module_is_missing_is_named(capsys, monkeypatch):
+    """`megasft chat` dispatches to megasft.chat, which another change supplies; until a module is
+    installed the command says so in one line instead of a traceback."""
+    monkeypatch.setitem(cli.COMMANDS, "chat", ("megasft.no_such_module", "chat"))
+    assert cli.main(["chat", "--model", "x"]) == 2
+    assert capsys.readouterr().err == ("megasft: 'chat' is not available in this installation "
+                                       "(megasft.no_such_module is missing)\n")
+
+
+def test_subcommands_run_their_module_main(capsys):
+    assert cli.COMMANDS["chat"][0] == "megasft.chat" and cli.COMMANDS["eval-generate"][0] == "megasft.generate"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval-generate", "--help"])
+    assert exit_.value.code == 0 and "--prompts" in capsys.readouterr().out
