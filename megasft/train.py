@@ -207,6 +207,7 @@ def main(argv=None) -> int:
     from megasft.optim.distributed_optimizer import TooManySkippedSteps
     from megasft.training.loop import NonFiniteWeights, StopSignal, Trainer
     from megasft.training.metrics import MetricsWriter
+    from megasft.training.progress import wrap
     from megasft.training.run_dir import REWOUND, archive_previous_run, resumes_this_run, rewind_metrics
 
     stop = StopSignal().install()   # before the (possibly long) model build and weight loading
@@ -237,8 +238,8 @@ def main(argv=None) -> int:
             print(f"megasft: train.overwrite: moved the previous run to {archived}", flush=True)
         rewound = rewind_metrics(run_dir, trainer.step) if resumes_this_run(cfg) else 0
         cfg.save(run_dir / "config.yaml")
-        print(describe_start(cfg, ps, trainer), flush=True)
-        print(train_loader.describe_plan(), flush=True)
+        print(wrap(describe_start(cfg, ps, trainer)), flush=True)   # 100 columns (megasft.training.progress)
+        print(wrap(train_loader.describe_plan()), flush=True)
         if resumed is not None:
             print(f"megasft: resumed from {resumed} at step {trainer.step}", flush=True)
         if rewound:

@@ -11,7 +11,6 @@ import json
 import math
 import resource
 import sys
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from megasft.config import ModelConfig
 from megasft.data.batch import MicroBatch
 from megasft.planner.flops import forward_flops_per_token
-from megasft.training.progress import LINE_WIDTH, Progress, fit
+from megasft.training.progress import Progress, fit, wrap
 
 
 def step_model_flops(model: ModelConfig, tokens: int, sum_sq_doc_lens: int) -> float:
@@ -198,7 +197,7 @@ def note(writer: Optional[MetricsWriter], line: str) -> None:
     progress line first."""
     if writer is not None:
         writer.progress.clear()
-    print("\n".join(textwrap.wrap(line, LINE_WIDTH, subsequent_indent="    ")), flush=True)
+    print(wrap(line), flush=True)
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:

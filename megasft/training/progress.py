@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,13 @@ LINE_WIDTH = 100
 def fit(line: str, width: int = LINE_WIDTH) -> str:
     """`line` cut to `width` columns (the parts that matter come first in every line)."""
     return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def wrap(text: str, width: int = LINE_WIDTH) -> str:
+    """Each line of `text` wrapped at spaces to `width` columns, continuations indented (start-up
+    lines and run-log notes; a single word longer than that, a path, stays whole)."""
+    return "\n".join("\n".join(textwrap.wrap(line, width, subsequent_indent="    ", break_long_words=False,
+                                             break_on_hyphens=False)) or line for line in text.split("\n"))
 
 
 def clock(seconds: float) -> str:
