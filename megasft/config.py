@@ -249,7 +249,8 @@ class TrainConfig:
     peak_tflops: float = 989.0
     """Peak dense bf16 TFLOP/s per device for MFU (H100 SXM: 989)."""
     progress_bar: str = "auto"
-    """auto (when stdout is a terminal) | on | off."""
+    """The per-step progress line (step, loss, tok/s, elapsed < ETA), redrawn with a carriage
+    return: auto (only when stdout is a terminal) | on | off."""
     profile: bool = False
     """Wrap a few steps in torch.profiler and write a trace to run_dir."""
     fp8: str = "off"
