@@ -27,7 +27,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "megasft-train=megasft.train:main",
+            "megasft=megasft.cli:main",
+            "megasft-train=megasft.train:main",   # = megasft train
         ],
     },
 )

@@ -9,8 +9,10 @@
 #
 # Environment: NPROC_PER_NODE (default: the GPU count, 4 without GPUs), RUN_DIR (default: the
 # config's train.run_dir), VENV (virtualenv to activate).
-# To try the preemption path: `pkill -USR1 -P <pid of this script>` (it execs torchrun, whose
-# children are the ranks; torchrun puts each in its own session, so a process-group signal misses
+# It runs `megasft train --nproc N` (torchrun's agent inside the megasft process: a configuration
+# or start-up error is one line, checked before any rank starts; megasft/launch.py).
+# To try the preemption path: `pkill -USR1 -P <pid of this script>` (it execs that agent, whose
+# children are the ranks; the agent puts each in its own session, so a process-group signal misses
 # them): every rank finishes its step, saves and exits, as on Slurm; rerun with checkpoint.load=auto.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +43,5 @@ fi
 # torchrun's agent has no USR1 handler and would die on a stray USR1, orphaning the ranks; an
 # inherited SIG_IGN keeps it alive while each rank's Trainer installs its own handler.
 trap '' USR1
-# --standalone: a private c10d rendezvous on a free localhost port.
-exec torchrun --standalone --nproc-per-node="$NPROC_PER_NODE" \
-  -m megasft.train --config "$CONFIG" "${overrides[@]}" "$@"
+# A private c10d rendezvous on a free localhost port (torchrun --standalone).
+exec python -m megasft train --nproc "$NPROC_PER_NODE" --config "$CONFIG" "${overrides[@]}" "$@"

@@ -180,7 +180,7 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     train_path: Optional[str] = None
-    """Prefix (or directory) of the indexed dataset written by tools/preprocess_data.py."""
+    """Prefix (or directory) of the indexed dataset written by megasft preprocess."""
     eval_path: Optional[str] = None
     """Separate indexed dataset for evaluation; None holds out eval_fraction of train."""
     eval_fraction: float = 0.0
@@ -288,7 +288,8 @@ class TrainConfig:
     peak_tflops: float = 989.0
     """Peak dense bf16 TFLOP/s per device for MFU (H100 SXM: 989)."""
     progress_bar: str = "auto"
-    """auto (when stdout is a terminal) | on | off."""
+    """The per-step progress line (step, loss, tok/s, elapsed < ETA), redrawn with a carriage
+    return: auto (only when stdout is a terminal) | on | off."""
     profile: bool = False
     """Wrap a few steps in torch.profiler and write a trace to run_dir."""
     comm_stats: bool = False

@@ -29,7 +29,7 @@ class SourceConfig:
     name: str
     """Unique label of the source in the plan, the eval log and metrics.jsonl (eval_loss/<name>)."""
     path: str
-    """Indexed dataset directory written by tools/preprocess_data.py."""
+    """Indexed dataset directory written by megasft preprocess."""
     weight: Optional[float] = None
     """Fraction (0, 1] of the trained tokens of the run drawn from this source."""
     epochs: Optional[int] = None
@@ -145,4 +145,4 @@ def check_paths_exist(data) -> None:
     for key, path in source_paths(data):
         if not (Path(path) / META).is_file():
             raise ConfigError(f"no indexed dataset at {path} ({key}; {Path(path) / META} is missing); "
-                              f"write one with tools/preprocess_data.py --output {path}")
+                              f"write one with megasft preprocess --output {path}")

@@ -1,8 +1,11 @@
-"""Entry point: ``torchrun --nproc-per-node N -m megasft.train --config X.yaml [section.key=value ...]``.
+"""megasft train: ``megasft train --nproc N --config X.yaml [section.key=value ...]`` on one node, or
+under a launcher ``torchrun --nproc-per-node N -m megasft.train --config X.yaml ...``.
 
 Reads and validates the config before any process group exists, builds the parallel state,
 model, optimizer and data, writes the resolved config to the run directory, trains, and (with
-checkpoint.export_hf) writes the final weights as a Hugging Face directory.
+checkpoint.export_hf) writes the final weights as a Hugging Face directory. With --nproc, the
+checks run once in this process and then torchrun's agent starts the ranks here
+(megasft.launch): a mistake is one line and no process is spawned.
 """
 from __future__ import annotations
 
@@ -23,9 +26,18 @@ from megasft.parallel_state import ParallelState, destroy
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="megasft.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML config (sections model/parallel/data/optim/train/checkpoint)")
+    ap = argparse.ArgumentParser(prog="megasft train", description=__doc__,
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--config", help="YAML config (sections model/parallel/data/optim/train/checkpoint); "
+                    "without it the defaults plus the overrides")
+    ap.add_argument("--nproc", type=int, default=None,
+                    help="launch this many local ranks (torchrun's agent in this process, one-line errors); "
+                         "under torchrun the world size comes from WORLD_SIZE")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved, validated config and the derived plan (layout, rows per step, "
+                         "steps per epoch, memory estimate) for --nproc / WORLD_SIZE ranks, and exit")
+    ap.add_argument("--gpu", default="h100-80gb",
+                    help="GPU type of --print-config's memory estimate (a key of megasft.planner.GPUS)")
     ap.add_argument("--profile", action="store_true",
                     help="trace a few steps with torch.profiler into <run_dir>/profile (train.profile=true)")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
@@ -33,6 +45,38 @@ def parse_args(argv=None):
     if args.profile:
         args.overrides.append("train.profile=true")
     return args
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
+def launched() -> bool:
+    """This process is a rank started by torchrun (or another launcher setting WORLD_SIZE)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def world_size(args) -> int:
+    """--nproc, else WORLD_SIZE (set by torchrun), else 1."""
+    env = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.nproc is not None and launched() and args.nproc != env:
+        raise ConfigError(f"--nproc {args.nproc} but this rank was launched with WORLD_SIZE={env}; "
+                          "drop --nproc under torchrun (it sets the world size)")
+    return args.nproc if args.nproc is not None else env
+
+
+def child_argv(argv) -> list[str]:
+    """The arguments each launched rank gets: these, without --nproc."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
 
 
 def describe_start(cfg: Config, ps: ParallelState, trainer) -> str:
@@ -88,9 +132,17 @@ def long_sequence_warning(cfg: Config) -> Optional[str]:
             "matching rope_scaling")
 
 
+def launch_hint(args, err: ConfigError) -> str:
+    """A pointer to --nproc when a single, unlaunched process cannot hold the layout."""
+    if args.nproc is None and not launched() and "world" in str(err):
+        return "; to start the ranks here, pass --nproc N (megasft train --nproc N --config ...)"
+    return ""
+
+
 def check_inputs(cfg: Config) -> None:
     """The start-up failures each rank can see on its own filesystem, before any process group:
-    missing datasets, a missing init_from_hf directory, a `latest` naming no checkpoint."""
+    missing datasets, a missing tokenizer, a missing init_from_hf directory, a `latest` naming
+    no checkpoint, a previous run in the run folder."""
     from megasft.checkpoint.files import check_resume_target
     from megasft.training.run_dir import check_run_dir
     from megasft.data.indexed import META
@@ -100,11 +152,16 @@ def check_inputs(cfg: Config) -> None:
     d = cfg.data
     if d.train_path is None and not d.sources:
         raise StartupError("no training data: data.train_path is not set; point it at a directory "
-                           "written by tools/preprocess_data.py (or list data.sources)")
+                           "written by megasft preprocess (or list data.sources)")
     for key, path in (("data.train_path", d.train_path), ("data.eval_path", d.eval_path), *source_paths(d)):
         if path is not None and not (Path(path) / META).is_file():
             raise StartupError(f"no indexed dataset at {path} ({key}; {Path(path) / META} is missing); "
-                               f"write one with tools/preprocess_data.py --output {path}")
+                               f"write one with megasft preprocess --output {path}")
+    tokenizer = d.tokenizer
+    if tokenizer is not None and not Path(tokenizer).exists():   # else read only at the export, after training
+        raise StartupError(f"no tokenizer at {tokenizer} (data.tokenizer; the Hugging Face export at the end "
+                           "copies it); point it at the .model / tokenizer.json file or its directory, or set "
+                           "data.tokenizer=null")
     hf = cfg.model.init_from_hf
     if hf is not None and not (Path(hf) / "config.json").is_file():
         raise StartupError(f"no Hugging Face model at {hf} (model.init_from_hf; no config.json there); "
@@ -124,13 +181,28 @@ def main(argv=None) -> int:
 
     try:
         cfg = Config.load(args.config, args.overrides).validate()
-        layout = Layout.resolve(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        world = world_size(args)
+        layout = Layout.resolve(cfg, world)
     except ConfigError as err:
-        return report(f"configuration error: {err}", EXIT_STARTUP)
+        return report(f"configuration error: {err}{launch_hint(args, err)}", EXIT_STARTUP)
+    if args.print_config:
+        from megasft.training.startup_plan import print_config
+        try:
+            print(print_config(cfg, layout, args.gpu), flush=True)
+        except ConfigError as err:
+            return report(f"configuration error: {err}", EXIT_STARTUP)
+        return 0
+    if args.config is None and cfg.data.train_path is None and not cfg.data.sources:
+        return report("nothing to train: no --config given and neither data.train_path nor data.sources is set; "
+                      "pass --config FILE (e.g. examples/configs/tiny_chat.yaml) or data.train_path=DIR",
+                      EXIT_STARTUP)
     try:
         check_inputs(cfg)
     except (StartupError, CheckpointError, DatasetError, ConfigError) as err:
         return report(str(err), EXIT_STARTUP)
+    if args.nproc is not None and not launched():   # the parent: every check above passed, now spawn
+        from megasft.launch import launch_local
+        return launch_local(args.nproc, child_argv(argv))
     warning = long_sequence_warning(cfg)
     if warning:
         report(f"warning: {warning}", 0)
@@ -138,6 +210,7 @@ def main(argv=None) -> int:
     from megasft.optim.distributed_optimizer import TooManySkippedSteps
     from megasft.training.loop import NonFiniteWeights, StopSignal, Trainer
     from megasft.training.metrics import MetricsWriter
+    from megasft.training.progress import wrap
     from megasft.training.run_dir import REWOUND, archive_previous_run, resumes_this_run, rewind_metrics
 
     stop = StopSignal().install()   # before the (possibly long) model build and weight loading
@@ -169,8 +242,8 @@ def main(argv=None) -> int:
             print(f"megasft: train.overwrite: moved the previous run to {archived}", flush=True)
         rewound = rewind_metrics(run_dir, trainer.step) if resumes_this_run(cfg) else 0
         cfg.save(run_dir / "config.yaml")
-        print(describe_start(cfg, ps, trainer), flush=True)
-        print(train_loader.describe_plan(), flush=True)
+        print(wrap(describe_start(cfg, ps, trainer)), flush=True)   # 100 columns (megasft.training.progress)
+        print(wrap(train_loader.describe_plan()), flush=True)
         if resumed is not None:
             print(f"megasft: resumed from {resumed} at step {trainer.step}", flush=True)
         if rewound:
@@ -188,18 +261,31 @@ def main(argv=None) -> int:
         message, reporter = ps.diagnose_hang(err, cfg.parallel.timeout_s)
         report(message, EXIT_HUNG, 0 if reporter else 1)
         os._exit(EXIT_HUNG)   # the group is broken: no destroy(), no atexit work that could wait on it
+    if writer is not None:
+        writer.progress.clear()   # the lines below start on a clean terminal line
     checkpointer.close()
+    exported = None
     if cfg.checkpoint.export_hf and trainer.step >= cfg.train.steps:
-        export_final(cfg, ps, run_dir / "hf")
+        exported = export_final(cfg, ps, run_dir / "hf")
     if writer is not None:
         writer.close()
-        if trainer.step < cfg.train.steps:
-            print(f"megasft: stopped at step {trainer.step} of {cfg.train.steps} on a stop signal; "
-                  f"checkpoint saved in {cfg.checkpoint.root(cfg.train.run_dir)}", flush=True)
-        else:
-            print(f"megasft: done after {trainer.step} steps; metrics in {run_dir / 'metrics.jsonl'}", flush=True)
+        print("\n".join(run_summary(cfg, trainer, writer, exported)), flush=True)
     destroy()
     return 0
+
+
+def run_summary(cfg: Config, trainer, writer, exported: Optional[Path]) -> list[str]:
+    """The end-of-run lines (megasft.training.progress.summary): wall time, steps, tokens, best
+    eval, the final checkpoint, the export, the metrics file."""
+    from megasft.checkpoint.files import step_name
+    from megasft.training.progress import summary
+
+    checkpoint = cfg.checkpoint.root(cfg.train.run_dir) / step_name(trainer.step)
+    lines = summary(writer.progress, cfg.train.steps, trainer.best_eval, writer.path,
+                    checkpoint if checkpoint.is_dir() else None, exported, writer.last_train)
+    if trainer.step < cfg.train.steps:
+        lines[0] += " (a stop signal; resume with checkpoint.load=auto)"
+    return lines
 
 
 def collective_failed(err: RuntimeError) -> bool:
@@ -223,9 +309,9 @@ def stop_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def export_final(cfg: Config, ps: ParallelState, out: Path) -> None:
+def export_final(cfg: Config, ps: ParallelState, out: Path) -> Path:
     """Convert the final checkpoint (saved by the checkpointer at the end of fit) into a Hugging
-    Face directory on rank 0 — the same streaming path as tools/convert_checkpoint.py."""
+    Face directory on rank 0 — the same streaming path as `megasft convert`."""
     from megasft.checkpoint.convert import megasft_to_hf
     from megasft.checkpoint.files import checkpoint_root
 
@@ -234,6 +320,7 @@ def export_final(cfg: Config, ps: ParallelState, out: Path) -> None:
     if ps.rank == 0:
         megasft_to_hf(checkpoint_root(cfg), out)   # dtype of the model the run started from; the run's tokenizer
         print(f"megasft: wrote Hugging Face weights to {out}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

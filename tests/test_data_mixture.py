@@ -215,7 +215,7 @@ def test_train_entry_names_a_missing_source(main, data, tmp_path):
     rc, err = main(args + [f"data.sources={sources}"])
     assert rc == 2 and err == [f"megasft.train: no indexed dataset at {tmp_path / 'missing'} "
                                f"(data.sources[code].path; {tmp_path / 'missing' / 'meta.json'} is missing); "
-                               f"write one with tools/preprocess_data.py --output {tmp_path / 'missing'}"]
+                               f"write one with megasft preprocess --output {tmp_path / 'missing'}"]
 
 
 def test_per_source_eval_losses_equal_a_transformers_forward(main, tmp_path):
@@ -240,8 +240,8 @@ def test_per_source_eval_losses_equal_a_transformers_forward(main, tmp_path):
         "train.precision=fp32", f"train.run_dir={run}", 'train.progress_bar="off"', "train.steps=4",
         "train.eval_interval=2", "train.seed=11", "optim.lr=1e-2"]
     rc, err = main(args)
-    assert (rc, err) == (0, [])
-    assert "data: mixture of 3 sources" in main.out and re.search(r"eval step +4 \| loss .* \| a .* \| b .* \| c ", main.out)
+    assert (rc, err) == (0, []), err
+    assert "data: mixture of 3 sources" in main.out and re.search(r"eval 4/4  loss .*  a \S+  b \S+  c \S+", main.out)
     train, evals = read_metrics(run / "metrics.jsonl")
     record = evals[-1]
     assert [r["step"] for r in evals] == [2, 4]

@@ -122,6 +122,26 @@ def test_output_independent_of_workers_and_matches_encoder(tmp_path):
     assert a.meta["pad_id"] == load_tokenizer(hf_tokenizer_dir(), "llama3").pad_id
 
 
+def test_alpaca_json_array_file_equals_its_jsonl(tmp_path):
+    """Alpaca is released as one JSON array (alpaca_data.json); it reads as the same records as JSONL."""
+    records = [{"instruction": f"Add {i} and {i + 1}", "input": "" if i % 2 else "show work", "output": str(2 * i + 1)}
+               for i in range(30)]
+    array = tmp_path / "alpaca_data.json"
+    array.write_text(json.dumps(records, indent=2), encoding="utf-8")
+    lines = write_jsonl(tmp_path / "alpaca.jsonl", records)
+    preprocess(options(tmp_path / "a", [array]))
+    preprocess(options(tmp_path / "b", [lines]))
+    a, b = IndexedDataset(tmp_path / "a" / "out"), IndexedDataset(tmp_path / "b" / "out")
+    assert len(a) == len(b) == 30
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.mask, b.mask)
+
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(records)[:-5], encoding="utf-8")
+    with pytest.raises(DataError, match=r"broken.json:1: unreadable file: starts with '\[' but is not one JSON "
+                                        r"array .*json.load\(open\(sys.argv\[1\]\)\)\]\" .*broken.json > "):
+        preprocess(options(tmp_path / "c", [broken]))
+
+
 def test_pretokenized_input_round_trips(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"input_ids": [1, 2, 3, 4], "labels": [1, -100, 3, 4]}])
     preprocess(options(tmp_path, [path]))

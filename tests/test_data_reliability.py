@@ -23,7 +23,7 @@ from tests.test_data_preprocess import GOOD, options
 from tools import preprocess_data
 
 FILES = ("tokens.bin", "loss_mask.bin", "doc_offsets.idx", "meta.json")
-RERUN = "re-run tools/preprocess_data.py to rewrite the dataset"
+RERUN = "re-run megasft preprocess to rewrite the dataset"
 
 
 def cli(inputs, out, *extra) -> int:
@@ -142,7 +142,7 @@ def test_token_ids_beyond_the_model_vocab_fail_at_start_up(tmp_path):
         build_loaders(cfg, seed=0, vocab_size=vocab - 40)
     assert str(err.value) == (f"{out}: token id {top} >= model.vocab_size={vocab - 40} (the dataset's tokenizer has "
                               f"{vocab} tokens); set model.vocab_size to at least {vocab} or re-run "
-                              "tools/preprocess_data.py with the model's tokenizer")
+                              "megasft preprocess with the model's tokenizer")
     train, _ = build_loaders(cfg, seed=0, vocab_size=vocab)   # max id < model.vocab_size: fine
     assert len(train.doc_indices) == 2
     # A dataset written before max_token_id gets it from the data, and a separate eval set is checked too.

@@ -77,6 +77,28 @@ def test_impossible_layout_is_refused_naming_the_overflow(capsys):
     assert plan(Config.load(str(CONFIGS / "llama3.1_8b.yaml"), suggestion), result.cluster).fits
 
 
+def test_search_that_finds_nothing_says_what_would_fit(capsys):
+    """8B (16 B/param of state before activations) cannot fit two 40 GiB A100s in any layout."""
+    from megasft.planner.search import candidate_layouts, smallest_memory
+
+    cfg = Config.load(str(CONFIGS / "llama3.1_8b.yaml"))
+    cluster = make_cluster(1, 2, "a100-40gb")
+    rc = _run_cli(["--config", str(CONFIGS / "llama3.1_8b.yaml"), "--nodes", "1", "--gpus-per-node", "2",
+                   "--gpu", "a100-40gb", "--search"])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 1 and out[0] == "no layout fits 1 nodes x 2 A100 SXM 40GB (40.0 GiB each)"
+    lean = smallest_memory(cfg, cluster)
+    assert lean.worst.total == min(plan(c, cluster).worst.total for _, c in candidate_layouts(cfg, cluster))
+    # at least the fp32 grads + AdamW state (16 B/param, dp = 1) of 8B params split over 2 GPUs
+    assert lean.worst.total > 16 * 8.0e9 / 2 > cluster.memory_bytes
+    assert f"needs {lean.worst.total / GIB:.1f} GiB per GPU: short by " \
+           f"{(lean.worst.total - cluster.memory_bytes) / GIB:.1f} GiB" in out[1]
+    nodes = int(out[2].split()[0])
+    assert out[2].endswith(f"would fit: megasft plan ... --nodes {nodes} --search")
+    assert search(cfg, make_cluster(nodes, 2, "a100-40gb"), top=1)                # it does fit there
+    assert not search(cfg, make_cluster(nodes // 2, 2, "a100-40gb"), top=1)       # and not on half of it
+
+
 def test_layout_that_cannot_exist_is_a_config_error():
     cfg = Config.load(str(CONFIGS / "llama3.1_405b.yaml"))
     with pytest.raises(ConfigError, match="world_size=8 is not divisible by tp\\*pp"):

@@ -58,7 +58,7 @@ def test_startup_failures_are_one_line_what_where_fix(main, data, tmp_path):
     rc, err = main(train_args(tmp_path / "nope", run))
     assert (rc, err) == (2, [f"megasft.train: no indexed dataset at {tmp_path / 'nope'} (data.train_path; "
                              f"{tmp_path / 'nope' / 'meta.json'} is missing); write one with "
-                             f"tools/preprocess_data.py --output {tmp_path / 'nope'}"])
+                             f"megasft preprocess --output {tmp_path / 'nope'}"])
     rc, err = main(train_args(data, run, f"data.eval_path={tmp_path / 'ev'}"))
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"megasft.train: no indexed dataset at {tmp_path / 'ev'}")
     rc, err = main(train_args(data, run, f"model.init_from_hf={tmp_path / 'hf'}"))
@@ -182,7 +182,7 @@ def test_sigstopped_rank_fails_the_job_within_the_timeout_naming_it(data, tmp_pa
         reader.join()
     end = time.monotonic()
     text = "".join(line for _, line in lines)
-    step2 = next(t for t, line in lines if line.startswith("step      2/6"))   # rank 1 stops as step 3 starts
+    step2 = next(t for t, line in lines if line.startswith("step 2/6 "))   # rank 1 stops as step 3 starts
     ours = [(t, line.strip()) for t, line in lines if line.startswith("megasft.train:")]
     assert rc != 0 and len(ours) == 1, text
     t_msg, message = ours[0]

@@ -1,36 +1,8 @@
-"""Print documents of an indexed dataset as token | text | label, trained tokens highlighted.
-
-Example:
-    python tools/inspect_data.py --data data/train --tokenizer path/to/tokenizer -n 3
-"""
-from __future__ import annotations
-
-import argparse
+#!/usr/bin/env python
+"""Kept for existing scripts: the same as `megasft inspect` (megasft/commands/inspect_data.py)."""
 import sys
 
-from megasft.data.indexed import IndexedDataset
-from megasft.data.inspect import format_document, format_meta
-from megasft.data.tokenizer import load_tokenizer
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="indexed dataset directory (preprocess_data.py --output)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer to show token text (default: the one in meta.json)")
-    p.add_argument("-n", "--num", type=int, default=3, help="documents to show")
-    p.add_argument("--start", type=int, default=0, help="first document index")
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens shown per document")
-    p.add_argument("--color", choices=("auto", "on", "off"), default="auto")
-    args = p.parse_args(argv)
-    ds = IndexedDataset(args.data)
-    tokenizer = load_tokenizer(args.tokenizer or ds.meta["tokenizer"], ds.meta.get("template"))
-    color = args.color == "on" or (args.color == "auto" and sys.stdout.isatty())
-    print(format_meta(ds))
-    for doc in range(args.start, min(len(ds), args.start + args.num)):
-        print()
-        print(format_document(ds, doc, tokenizer, color=color, max_tokens=args.max_tokens))
-    return 0
-
+from megasft.commands.inspect_data import main
 
 if __name__ == "__main__":
     sys.exit(main())

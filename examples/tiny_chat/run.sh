@@ -10,12 +10,16 @@ RUN=${RUN_DIR:-runs/tiny_chat}
 NPROC=${NPROC:-4}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
+# `python -m megasft` is the `megasft` command (pip install -e . puts it on PATH); spelt so the
+# script also runs from a checkout that is only on PYTHONPATH.
+megasft() { python -m megasft "$@"; }
+
 python examples/tiny_chat/make_data.py --out "$DATA"
 for split in train eval; do
-  python tools/preprocess_data.py --input "$DATA/$split.jsonl" --output "$DATA/$split" \
+  megasft preprocess --input "$DATA/$split.jsonl" --output "$DATA/$split" \
     --tokenizer "$DATA/tokenizer.model" --template llama3 --seq-len 256 --overwrite
 done
-torchrun --standalone --nproc-per-node "$NPROC" -m megasft.train \
-  --config examples/configs/tiny_chat.yaml train.run_dir="$RUN" train.overwrite=true "$@"
-python -m megasft.generate --model "$RUN/hf" --tokenizer "$DATA/tokenizer.model" --template llama3 \
+megasft train --nproc "$NPROC" --config examples/configs/tiny_chat.yaml \
+  train.run_dir="$RUN" train.overwrite=true "$@"
+megasft eval-generate --model "$RUN/hf" --tokenizer "$DATA/tokenizer.model" --template llama3 \
   --prompts "$DATA/eval.jsonl" -n 40

@@ -9,7 +9,8 @@ Formats (auto-detected per line from its keys, or forced):
   otherwise equal to input_ids at the same position).
 
 Files are read as users have them: plain, gzip or zstd (told by their first bytes, not their name),
-with or without a UTF-8 byte-order mark; a directory means its ``*.jsonl``, ``*.jsonl.gz`` and
+with or without a UTF-8 byte-order mark, or a file holding one JSON array of records (Alpaca's
+``alpaca_data.json``); a directory means its ``*.jsonl``, ``*.jsonl.gz`` and
 ``*.jsonl.zst`` files in name order.
 """
 from __future__ import annotations
@@ -108,9 +109,25 @@ def read_lines(path: str) -> Iterator[tuple[int, bytes, int]]:
                 consumed = raw.tell() if stream is not raw else consumed + len(data)
                 if line == 1 and data.startswith(BOM):
                     data = data[len(BOM):]
+                if line == 1 and data.lstrip().startswith(b"["):   # one JSON array of records (Alpaca's release)
+                    yield from _array_records(path, data + stream.read(), raw)
+                    return
                 yield line, data, consumed
         except errors as e:
             raise DataError(path, line + 1, UNREADABLE, f"{type(e).__name__}: {e}") from None
+
+
+def _array_records(path: str, text: bytes, raw) -> Iterator[tuple[int, bytes, int]]:
+    """A file holding one JSON array: each element as a line (numbered from 1 in array order)."""
+    try:
+        records = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(path, 1, UNREADABLE, f"starts with '[' but is not one JSON array ({e}); convert it "
+                        "to JSONL with: python -c \"import json,sys; [print(json.dumps(r)) for r in "
+                        f"json.load(open(sys.argv[1]))]\" {path} > {path}l") from None
+    end = raw.tell()
+    for i, record in enumerate(records, 1):
+        yield i, json.dumps(record, ensure_ascii=False).encode(), end
 
 
 def detect_format(obj: dict) -> Optional[str]:

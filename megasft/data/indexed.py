@@ -32,7 +32,7 @@ import numpy as np
 
 TOKENS, MASK, OFFSETS, META = "tokens.bin", "loss_mask.bin", "doc_offsets.idx", "meta.json"
 VERIFY_MODES = ("full", "sizes")
-RERUN = "re-run tools/preprocess_data.py to rewrite the dataset"
+RERUN = "re-run megasft preprocess to rewrite the dataset"
 
 
 class DatasetError(ValueError):
@@ -229,7 +229,7 @@ class IndexedDataset:
         meta_file = self.dir / META
         if not meta_file.is_file():
             raise FileNotFoundError(f"{self.dir} is not an indexed dataset (no {META}); "
-                                    "write one with tools/preprocess_data.py --output DIR")
+                                    "write one with megasft preprocess --output DIR")
         try:
             self.meta: dict = json.loads(meta_file.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
@@ -287,5 +287,5 @@ class IndexedDataset:
         if vocab_size is not None and self.max_token_id >= vocab_size:
             raise DatasetError(f"{self.dir}: token id {self.max_token_id} >= model.vocab_size={vocab_size} (the "
                                f"dataset's tokenizer has {self.meta.get('vocab_size')} tokens); set model.vocab_size "
-                               f"to at least {self.max_token_id + 1} or re-run tools/preprocess_data.py with the "
+                               f"to at least {self.max_token_id + 1} or re-run megasft preprocess with the "
                                "model's tokenizer")

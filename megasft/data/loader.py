@@ -256,7 +256,7 @@ def build_loaders(data, seed: int, dp_rank: int = 0, dp_size: int = 1, vocab_siz
 
         return build_mixture(data, seed, dp_rank, dp_size, vocab_size, steps=steps)
     if data.train_path is None:
-        raise ValueError("data.train_path is not set; point it at a directory written by tools/preprocess_data.py")
+        raise ValueError("data.train_path is not set; point it at a directory written by megasft preprocess")
     train_ds = IndexedDataset(data.train_path)
     train_ds.check_trainable(vocab_size)
     common = dict(seq_len=data.seq_len, global_batch_tokens=data.global_batch_tokens,

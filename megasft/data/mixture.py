@@ -238,17 +238,18 @@ class MixtureLoader:
         _, final, rows = self._run if self._run is not None else self._simulate(steps)
         run_trained = [st.trained for st in final]
         total = max(1, sum(run_trained))
-        header = (f"  {'source':<12} {'docs':>8} {'tokens':>11} {'trained':>11} {'rows/ep':>8} {'target':>7} "
-                  f"{'share':>7} {'trained in run':>14} {'epochs':>7}  seen per document")
+        # Fits the log's 100 columns: an `epochs` source shows its passes as its target ("3 ep").
+        header = (f"  {'source':<10} {'docs':>8} {'tokens':>10} {'trained':>10} {'rows/ep':>7} {'target':>6} "
+                  f"{'share':>6} {'run trained':>11} {'passes':>6}  seen per doc")
         lines.append(header)
         for src, st, n_rows, tgt, tr in zip(self.sources, final, rows, self.targets, run_trained):
             seen = self.seen_counts(src, st)[src.train_docs]
             lo, hi = int(seen.min()), int(seen.max())
             per_epoch = len(src.plan.epoch_rows(0))
-            lines.append(f"  {src.name:<12} {len(src.train_docs):>8} {src.tokens:>11} {src.trained_per_epoch:>11} "
-                         f"{per_epoch:>8} {tgt:>7.1%} {tr / total:>7.1%} {tr:>14} {n_rows / per_epoch:>7.2f}  "
-                         f"{lo if lo == hi else f'{lo}-{hi}'}x (mean {seen.mean():.2f})"
-                         f"{'' if src.epochs is None else f', epochs={src.epochs}'}")
+            target = f"{tgt:.1%}" if src.epochs is None else f"{src.epochs} ep"
+            lines.append(f"  {src.name:<10} {len(src.train_docs):>8} {src.tokens:>10} {src.trained_per_epoch:>10} "
+                         f"{per_epoch:>7} {target:>6} {tr / total:>6.1%} {tr:>11} {n_rows / per_epoch:>6.2f}  "
+                         f"{lo if lo == hi else f'{lo}-{hi}'}x (mean {seen.mean():.2f})")
         return "\n".join(lines)
 
     @staticmethod

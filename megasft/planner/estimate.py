@@ -206,4 +206,4 @@ def check_fits(result: Plan) -> Plan:
         f"layout does not fit: pp rank {worst.pp_rank} needs {worst.total / GIB:.1f} GiB > "
         f"{capacity / GIB:.1f} GiB on {result.cluster.gpu.name} "
         f"(over by {(worst.total - capacity) / GIB:.1f} GiB); largest part: {name} {size / GIB:.1f} GiB{detail}; "
-        "`python tools/plan.py --search` lists the layouts that fit")
+        "`megasft plan --search` lists the layouts that fit")

@@ -11,6 +11,7 @@ changes. Every candidate is checked by ``megasft.layout.Layout.resolve``; the se
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -129,3 +130,23 @@ def nearest_fitting(cfg: Config, cluster: Cluster, assumptions: Assumptions = As
     fitting = search(cfg, cluster, assumptions)
     fitting.sort(key=lambda p: (layout_distance(candidate_of(p.config), target), -p.tokens_per_second))
     return fitting[:count]
+
+
+def smallest_memory(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions()) -> Optional[Plan]:
+    """The valid layout with the least per-GPU memory (its worst stage), fitting or not; None if
+    the cluster admits no valid layout at all."""
+    plans = (plan(c, cluster, assumptions) for _, c in candidate_layouts(cfg, cluster))
+    return min(plans, key=lambda p: p.worst.total, default=None)
+
+
+def nodes_needed(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions(),
+                 max_nodes: int = 1024) -> Optional[int]:
+    """The smallest node count (doubling from the cluster's) at which some layout fits; None when
+    none does up to ``max_nodes`` (e.g. the global batch has too few rows to spread further)."""
+    nodes = cluster.nodes * 2
+    while nodes <= max_nodes:
+        bigger = dataclasses.replace(cluster, nodes=nodes)
+        if any(plan(c, bigger, assumptions).fits for _, c in candidate_layouts(cfg, bigger)):
+            return nodes
+        nodes *= 2
+    return None

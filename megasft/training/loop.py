@@ -191,8 +191,11 @@ class Trainer:
                 outputs.append(out)
                 for line in train_loader.drain_tail_log():   # an epoch's last step filled / dropped
                     if self.log:
-                        print(f"megasft: step {self.step}: {line}", flush=True)
-                window.add(self.cfg.data.global_batch_tokens, out.trained_tokens, self._step_flops(micro_batches))
+                        metrics.note(writer, f"megasft: step {self.step}: {line}")
+                window.add(self.cfg.data.global_batch_tokens, out.trained_tokens, self._step_flops(micro_batches),
+                           out.loss)
+                if writer is not None:   # rank 0: run totals and the live progress line
+                    writer.step(self.step, out.loss, self.cfg.data.global_batch_tokens, out.trained_tokens)
                 if logged:
                     self._log_train(out, window, writer)
                 if eval_loader is not None and t.eval_interval and (self.step % t.eval_interval == 0
@@ -245,7 +248,7 @@ class Trainer:
             peak_mem=metrics.peak_memory_bytes(self.ps.device), skipped=self.optimizer.skipped_total,
             bubble=out.bubble).as_dict() | self.comm.as_record())
         if self.comm.report is not None:
-            print(self.comm.line(self.step), flush=True)
+            metrics.note(writer, self.comm.line(self.step))
 
     def _should_stop(self, skipped: bool) -> tuple[bool, bool]:
         """(stop requested on some rank, weights finite on every rank) in one MAX all-reduce: the

@@ -11,6 +11,7 @@ window covers the document).
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -24,6 +25,7 @@ from megasft.config import ModelConfig
 from megasft.data.batch import MicroBatch
 from megasft.model.families import layer_window
 from megasft.planner.flops import forward_flops_per_token
+from megasft.training.progress import Progress, fit, wrap
 
 
 def step_model_flops(model: ModelConfig, tokens: int, squares: dict) -> float:
@@ -59,34 +61,40 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class ThroughputWindow:
-    """Tokens, trained tokens and model FLOPs since the last log point, and the wall time they
-    took (CUDA synchronised, so the time is the device's)."""
+    """Steps, tokens, trained tokens, model FLOPs and the loss sum since the last log point, and
+    the training time they took (CUDA synchronised at close, so the time is the device's)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.restart()
-
-    def restart(self) -> None:
-        self._sync()
         self._reset()
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _reset(self) -> None:
-        self.start = time.perf_counter()
-        self.tokens, self.trained, self.flops = 0, 0, 0.0
+        self.start = self.last = time.perf_counter()
+        self.banked = 0.0       # training time before the last restart()
+        self.steps, self.tokens, self.trained, self.flops, self.loss_sum = 0, 0, 0, 0.0, 0.0
 
-    def add(self, tokens: int, trained: int, flops: float) -> None:
+    def add(self, tokens: int, trained: int, flops: float, loss: float = 0.0) -> None:
+        """One finished step (its loss is a host float: the step is complete on the device)."""
+        self.last = time.perf_counter()
+        self.steps += 1
         self.tokens += tokens
         self.trained += trained
         self.flops += flops
+        self.loss_sum += loss
+
+    def restart(self) -> None:
+        """After an evaluation: the time since the last step is not training time; the steps and
+        losses counted so far stay in the window."""
+        self.banked += self.last - self.start
+        self.start = self.last = time.perf_counter()
 
     def close(self) -> "WindowTotals":
         """What the window held; starts the next one."""
-        self._sync()
-        result = WindowTotals(time.perf_counter() - self.start, self.tokens, self.trained, self.flops)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = self.banked + time.perf_counter() - self.start
+        result = WindowTotals(elapsed, self.tokens, self.trained, self.flops, self.steps,
+                              self.loss_sum / self.steps if self.steps else math.nan)
         self._reset()   # the device is already synchronised: one sync per log point
         return result
 
@@ -99,15 +107,17 @@ class WindowTotals:
     tokens: int            # token slots of the global batches
     trained: int           # tokens that contributed to the loss
     flops: float           # model FLOPs over all ranks
+    steps: int = 1         # optimizer steps in the window
+    mean_loss: float = math.nan   # mean of the steps' global-batch losses (NaN if one was NaN)
 
 
 @dataclass(frozen=True)
 class TrainRecord:
-    """One train log point: the last step's numbers and the throughput of the window."""
+    """One train log point: the window's mean loss and throughput, the last step's lr and grad norm."""
 
     step: int
     lr: float
-    loss: float
+    loss: float            # the last step's loss (the record's "loss" is the window's mean)
     grad_norm: float
     window: WindowTotals
     world_size: int
@@ -120,8 +130,10 @@ class TrainRecord:
         w = self.window
         elapsed = max(w.elapsed_s, 1e-9)
         tflops = w.flops / elapsed / self.world_size / 1e12
-        record = {"kind": "train", "step": self.step, "lr": self.lr, "loss": self.loss,
-                  "grad_norm": self.grad_norm, "step_time_s": w.elapsed_s, "tokens_per_s": w.tokens / elapsed,
+        record = {"kind": "train", "step": self.step, "lr": self.lr, "loss": w.mean_loss,
+                  "loss_avg_steps": w.steps, "last_loss": self.loss,
+                  "grad_norm": self.grad_norm, "step_time_s": w.elapsed_s / max(w.steps, 1),
+                  "tokens_per_s": w.tokens / elapsed,
                   "trained_tokens_per_s": w.trained / elapsed, "tflops_per_device": tflops,
                   "mfu": tflops / self.peak_tflops, "peak_mem_gb": self.peak_mem / 1e9,
                   "skipped_steps": self.skipped}
@@ -130,16 +142,38 @@ class TrainRecord:
         return record
 
 
+def rate(tokens_per_s: float) -> str:
+    """12,345 / 2.35M: a token rate in at most 7 columns up to a billion tokens per second."""
+    return f"{tokens_per_s / 1e6:.2f}M" if tokens_per_s >= 1e6 else f"{tokens_per_s:,.0f}"
+
+
+def format_record(r: dict, total_steps: int) -> str:
+    """One log line of at most progress.LINE_WIDTH columns; metrics.jsonl keeps every field (trained
+    tokens/s, TFLOP/s, the measured pipeline bubble next to theory, the last step's own loss)."""
+    if r.get("kind") == "eval":
+        sources = "".join(f"  {k.split('/', 1)[1]} {v:.4f}" for k, v in r.items() if k.startswith("eval_loss/"))
+        return fit(f"eval {r['step']}/{total_steps}  loss {r['eval_loss']:.4f}  {r['eval_tokens']:,} tokens"
+                   f"  best {r['best_eval_loss']:.4f} @ {r['best_step']}{sources}")
+    # Skipped steps (rare, and what matters then) take MFU's place.
+    last = f"skipped {r['skipped_steps']}" if r.get("skipped_steps") else f"MFU {100 * r['mfu']:.1f}%"
+    return fit(f"step {r['step']}/{total_steps}  loss(avg {r.get('loss_avg_steps', 1)}) {r['loss']:.4f}  "
+               f"lr {r['lr']:.2e}  gnorm {r['grad_norm']:.3g}  {rate(r['tokens_per_s'])} tok/s  "
+               f"{r['peak_mem_gb']:.1f}GB  {last}")
+
+
 class MetricsWriter:
-    """Writes one record per log point to stdout, <run_dir>/metrics.jsonl and TensorBoard (when
-    the tensorboard package is installed). Only rank 0 creates one."""
+    """Writes one record per log point to stdout (a line of at most 100 columns), the full record
+    to <run_dir>/metrics.jsonl and TensorBoard (when the tensorboard package is installed), and
+    draws the per-step progress line on a terminal. Only rank 0 creates one."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, progress_bar: str = "auto"):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a", encoding="utf-8")
         self.total_steps = total_steps
-        self.progress = progress_bar == "on" or (progress_bar == "auto" and sys.stdout.isatty())
+        live = progress_bar == "on" or (progress_bar == "auto" and sys.stdout.isatty())
+        self.progress = Progress(total_steps, live)
+        self.last_train: Optional[dict] = None   # for the summary's pipeline bubble
         self.tb = self._tensorboard(Path(run_dir) / "tensorboard")
 
     @staticmethod
@@ -150,6 +184,10 @@ class MetricsWriter:
             return None
         return SummaryWriter(str(path))
 
+    def step(self, step: int, loss: float, tokens: int, trained: int) -> None:
+        """After every optimizer step: run totals, and the live line on a terminal."""
+        self.progress.step(step, loss, tokens, trained)
+
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -157,29 +195,27 @@ class MetricsWriter:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(key, value, record["step"])
+        if record.get("kind") == "train":
+            self.last_train = record
+        self.progress.clear()
         print(self.format(record), flush=True)
 
     def format(self, r: dict) -> str:
-        if r.get("kind") == "eval":
-            best = f" (best {r['best_eval_loss']:.4f} @ {r['best_step']})"
-            sources = "".join(f" | {k.split('/', 1)[1]} {v:.4f}" for k, v in r.items() if k.startswith("eval_loss/"))
-            return f"eval step {r['step']:>6} | loss {r['eval_loss']:.4f} | tokens {r['eval_tokens']}{best}{sources}"
-        bar = self._bar(r["step"]) if self.progress else ""
-        bubble = (f" | bubble {100 * r['bubble']:.1f}% (theory {100 * r['bubble_theory']:.1f}%)"
-                  if "bubble" in r else "")
-        return (f"{bar}step {r['step']:>6}/{self.total_steps} | lr {r['lr']:.3e} | loss {r['loss']:.4f} | "
-                f"grad norm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s "
-                f"({r['trained_tokens_per_s']:,.0f} trained) | {r['tflops_per_device']:.3g} TFLOP/s/dev "
-                f"| MFU {100 * r['mfu']:.2f}% | mem {r['peak_mem_gb']:.2f} GB | skipped {r['skipped_steps']}{bubble}")
-
-    def _bar(self, step: int, width: int = 20) -> str:
-        done = int(width * step / max(1, self.total_steps))
-        return "[" + "#" * done + "." * (width - done) + "] "
+        return format_record(r, self.total_steps)
 
     def close(self) -> None:
+        self.progress.clear()
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def note(writer: Optional[MetricsWriter], line: str) -> None:
+    """Print a note of the run log between steps (wrapped to 100 columns), wiping the live
+    progress line first."""
+    if writer is not None:
+        writer.progress.clear()
+    print(wrap(line), flush=True)
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -208,7 +244,8 @@ def loss_curves(train: list[dict], evals: list[dict]) -> dict[str, tuple[list, l
 
 
 def plot_metrics(path: str | Path, out: str | Path) -> Path:
-    """Draw loss (train, eval, eval per source), learning rate and pre-clip grad norm against step to a PNG."""
+    """Draw loss (train, eval, eval per source), learning rate and pre-clip grad norm against step
+    to a PNG, a marker at every logged step."""
     try:
         import matplotlib
     except ImportError:
@@ -222,13 +259,15 @@ def plot_metrics(path: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{path}: no training records to plot")
     steps = [r["step"] for r in train]
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    # One marker per logged step, so a sparse log (log_interval > 1) is not read as a smooth curve.
     for label, (xs, ys) in loss_curves(train, evals).items():
-        axes[0].plot(xs, ys, "-" if label == "train" else "o-" if label == "eval" else ".--", label=label)
+        style = ".-" if label == "train" else "o-" if label == "eval" else ".--"
+        axes[0].plot(xs, ys, style, label="train (mean over each log interval)" if label == "train" else label)
     axes[0].set_ylabel("loss (per trained token)")
     axes[0].legend()
-    axes[1].plot(steps, [r["lr"] for r in train])
+    axes[1].plot(steps, [r["lr"] for r in train], ".-")
     axes[1].set_ylabel("learning rate")
-    axes[2].plot(steps, [r["grad_norm"] for r in train])
+    axes[2].plot(steps, [r["grad_norm"] for r in train], ".-")
     axes[2].set_ylabel("grad norm (pre-clip)")
     axes[2].set_xlabel("step")
     for ax in axes:
