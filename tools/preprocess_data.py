@@ -1,14 +1,17 @@
-"""Chat JSONL -> memory-mapped indexed dataset (thin CLI over megasft.data.preprocess).
+"""Chat data (JSONL, Parquet, datasets save_to_disk) -> memory-mapped indexed dataset (thin CLI over
+megasft.data.preprocess).
 
 Example:
     python tools/preprocess_data.py --input train.jsonl --output data/train \\
         --tokenizer path/to/tokenizer --template llama3 --seq-len 4096 --workers 8
+    python tools/preprocess_data.py --input tokens.parquet --output data/pre --vocab-size 128256
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from megasft.data.cache import default_cache_dir
 from megasft.data.formats import FORMATS, UNREADABLE, DataError
 from megasft.data.preprocess import LONG_POLICIES, PreprocessOptions, format_summary, preprocess
 from megasft.data.templates import MASK_MODES, TemplateError
@@ -18,11 +21,15 @@ from megasft.data.tokenizer import TokenizerError
 def parse_args(argv=None) -> PreprocessOptions:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True,
-                   help="JSONL file(s), one conversation per line, plain, .gz or .zst; or directories of them")
+                   help="JSONL file(s), one conversation per line, plain, .gz or .zst; .parquet / .arrow files; "
+                        "datasets save_to_disk directories; or directories of them")
     p.add_argument("--output", required=True, help="output directory of the indexed dataset")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing dataset at --output (jobs reading it keep the old files)")
-    p.add_argument("--tokenizer", required=True, help="sentencepiece .model, tokenizer.json, or their directory")
+    p.add_argument("--tokenizer", default=None,
+                   help="sentencepiece .model, tokenizer.json, or their directory; not needed for pretokenized input")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="bound on pretokenized input_ids (the model's vocab_size; default: the tokenizer's)")
     p.add_argument("--template", default="llama3", help="llama3 | chatml | jinja | path to tokenizer_config.json")
     p.add_argument("--mask-mode", default="completion_eot", choices=MASK_MODES)
     p.add_argument("--last-turn-only", action="store_true", help="train only the last assistant turn")
@@ -35,6 +42,10 @@ def parse_args(argv=None) -> PreprocessOptions:
                    help="with --skip-bad, fail if more than this fraction of the lines are bad (default 0.1)")
     p.add_argument("--workers", type=int, default=0, help="tokenising processes (0 = all cores)")
     p.add_argument("--no-progress", action="store_false", dest="progress")
+    p.add_argument("--cache-dir", default=default_cache_dir(),
+                   help="cache of tokenised input files: a re-run tokenises only files (or settings) it has not "
+                        "seen (default $MEGASFT_CACHE_DIR or ~/.cache/megasft/preprocess)")
+    p.add_argument("--no-cache", action="store_const", const=None, dest="cache_dir", help="do not use the cache")
     args = p.parse_args(argv)
     return PreprocessOptions(inputs=args.input, **{k: v for k, v in vars(args).items() if k != "input"})
 
