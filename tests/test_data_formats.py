@@ -199,3 +199,32 @@ def test_the_models_vocab_bounds_pretokenized_ids_at_train_time(tmp_path):
     train, _ = build_loaders(cfg, seed=0, vocab_size=901)   # in range: rows are built, padded with id 0
     ids = sorted(int(t) for mb in train.next_global_batch() for t in mb.input_ids.flatten())
     assert ids[-1] == 900 and len(ids) == 8
+
+
+def test_reading_is_streamed_and_the_pool_holds_a_bounded_number_of_chunks(tmp_path):
+    import pickle
+
+    import megasft.data.preprocess as pre
+    from megasft.data.readers import file_chunks
+
+    rows = records("pretokenized", 3000, seed=5)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "big.parquet")
+    chunks = list(file_chunks(str(tmp_path / "big.parquet"), 10))
+    assert [len(c) for c in chunks] == [10] * 300
+    # A chunk carries its own rows, not the record batch it was cut from (what pickling a slice would ship).
+    whole = pickle.dumps(pa.Table.from_pylist(rows).to_batches()[0])
+    assert max(len(pickle.dumps(c)) for c in chunks) < len(whole) / 100
+    # Reading runs at most IN_FLIGHT_PER_WORKER chunks per worker ahead of the results taken.
+    taken = [0]
+
+    def counted():
+        for c in chunks:
+            taken[0] += 1
+            yield c
+    opts = PreprocessOptions(inputs=[str(tmp_path / "big.parquet")], output=str(tmp_path / "o"), workers=2,
+                             progress=False)
+    ahead = []
+    for k, res in enumerate(pre._results(counted(), opts), 1):
+        ahead.append(taken[0] - k)
+        assert res.read == 10
+    assert max(ahead) <= pre.IN_FLIGHT_PER_WORKER * 2 and len(ahead) == 300

@@ -11,9 +11,11 @@ A directory is a ``save_to_disk`` dataset (its ``state.json`` lists the files in
 input files and ``save_to_disk`` datasets, in name order. A ``DatasetDict`` (``dataset_dict.json``) is
 refused: which split to train on is the user's choice.
 
-Chunks travel to the worker processes as they are (a columnar chunk as a pyarrow RecordBatch slice,
-turned into Python objects there, not in the reading process) and yield ``(line or row, item)``: raw
-bytes of a JSONL line, or the dict of one table row. Rows are numbered from 0, as ``table.slice(i, 1)``
+Chunks travel to the worker processes as they are (a columnar chunk as the Arrow IPC bytes of its
+rows -- pickling a RecordBatch slice would ship the whole batch's buffers -- turned into Python objects
+there, not in the reading process) and yield ``(line or row, item)``: raw bytes of a JSONL line, or the
+dict of one table row. Memory per file: one record batch (Parquet: at most BATCH_ROWS rows; Arrow:
+the file's own batches, views of the memory map). Rows are numbered from 0, as ``table.slice(i, 1)``
 and ``load_from_disk(dir)[i]`` count them (for a multi-file dataset: within the named ``.arrow`` file);
 lines from 1, as editors count them.
 """
@@ -31,6 +33,7 @@ PARQUET_SUFFIXES = (".parquet",)
 ARROW_SUFFIXES = (".arrow",)
 INPUT_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
 DATASETS_STATE, DATASETS_INFO, DATASETS_DICT = "state.json", "dataset_info.json", "dataset_dict.json"
+BATCH_ROWS = 8192   # Parquet rows decoded at a time
 ROW = "row "   # DataError.unit of table rows: "file.parquet:row 17: reason: detail"
 
 
@@ -116,18 +119,28 @@ class LinesChunk:
 
 @dataclass
 class TableChunk:
-    """Consecutive rows of one Parquet / Arrow file, rows ``first_row ..`` of a pyarrow RecordBatch."""
+    """Consecutive rows ``first_row ..`` of one Parquet / Arrow file, as an Arrow IPC stream of one batch."""
 
     path: str
     first_row: int
-    batch: object   # pyarrow.RecordBatch
+    rows: int
+    ipc: bytes
+
+    @classmethod
+    def of(cls, path: str, first_row: int, batch) -> "TableChunk":
+        pa = _pyarrow()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:   # writes the slice's rows only
+            writer.write_batch(batch)
+        return cls(path, first_row, batch.num_rows, sink.getvalue().to_pybytes())
 
     def __len__(self) -> int:
-        return self.batch.num_rows
+        return self.rows
 
     def records(self) -> Iterator[tuple[int, object]]:
-        # to_pylist in the worker: it is the costly step, the reading process only slices buffers.
-        return enumerate(self.batch.to_pylist(), self.first_row)
+        # to_pylist in the worker: it is the costly step, the reading process only copies buffers.
+        batch = _pyarrow().ipc.open_stream(self.ipc).read_next_batch()
+        return enumerate(batch.to_pylist(), self.first_row)
 
 
 def _jsonl_chunks(path: str, chunk_lines: int, progress: Callable[[int], None]) -> Iterator[LinesChunk]:
@@ -145,19 +158,20 @@ def _jsonl_chunks(path: str, chunk_lines: int, progress: Callable[[int], None]) 
 
 
 def _batches(path: str):
-    """(record batches, their total row count or None) of a Parquet or Arrow IPC stream file."""
+    """(record batches, their total row count or None, the mapped source or None) of a Parquet or Arrow
+    IPC file."""
     pa = _pyarrow()
     try:
         if path.endswith(PARQUET_SUFFIXES):
             pf = pa.parquet.ParquetFile(path)
-            return pf.iter_batches(batch_size=65536), pf.metadata.num_rows
+            return pf.iter_batches(batch_size=BATCH_ROWS), pf.metadata.num_rows, None
         source = pa.memory_map(path)   # zero-copy: batches are views of the mapped file
         try:
             reader = pa.ipc.open_stream(source)
         except pa.ArrowInvalid:
             reader = pa.ipc.open_file(source)   # the random-access IPC ("Feather v2") layout
-            return (reader.get_batch(i) for i in range(reader.num_record_batches)), None
-        return iter(reader), None
+            return (reader.get_batch(i) for i in range(reader.num_record_batches)), None, source
+        return iter(reader), None, source
     except (pa.ArrowException, OSError) as e:
         raise DataError(path, 0, UNREADABLE, f"not a readable {Path(path).suffix} file: {e}", ROW) from None
 
@@ -165,15 +179,15 @@ def _batches(path: str):
 def _table_chunks(path: str, chunk_lines: int, progress: Callable[[int], None]) -> Iterator[TableChunk]:
     pa = _pyarrow()
     size = Path(path).stat().st_size
-    batches, total = _batches(path)
+    batches, total, source = _batches(path)
     row = 0
     try:
         for batch in batches:
             for start in range(0, batch.num_rows, chunk_lines):
                 piece = batch.slice(start, chunk_lines)
-                yield TableChunk(path, row, piece)
+                yield TableChunk.of(path, row, piece)
                 row += piece.num_rows
-                progress(size * row // total if total else 0)
+                progress(size * row // total if total else source.tell())
     except (pa.ArrowException, OSError) as e:
         raise DataError(path, row, UNREADABLE, f"{type(e).__name__}: {e}", ROW) from None
     progress(size)
