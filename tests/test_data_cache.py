@@ -86,7 +86,12 @@ def test_changed_file_template_or_mask_setting_misses_the_cache(tmp_path, tokeni
     (entry / "tokens.bin").unlink()
     tokenised.clear()
     _, ds = run(tmp_path, "damaged", [a, b], cache="cache2")
-    assert "0.jsonl" in tokenised and same(ds, run(tmp_path, "damaged-fresh", [a, b], cache=False)[1])
+    assert tokenised == {"0.jsonl"} and same(ds, run(tmp_path, "damaged-fresh", [a, b], cache=False)[1])
+    entry = next(p for p in (tmp_path / "cache2").iterdir() if IndexedDataset(p).meta["input"] == str(b))
+    (entry / "meta.json").unlink()   # no longer a dataset at all: still the cache's to replace
+    tokenised.clear()
+    _, ds = run(tmp_path, "no-meta", [a, b], cache="cache2")
+    assert tokenised == {"1.jsonl"} and same(ds, run(tmp_path, "no-meta-fresh", [a, b], cache=False)[1])
 
 
 def test_cli_cache_dir_and_no_cache(tmp_path, monkeypatch, tokenised, capsys):

@@ -13,7 +13,7 @@ import sys
 
 from megasft.data.cache import default_cache_dir
 from megasft.data.formats import FORMATS, UNREADABLE, DataError
-from megasft.data.preprocess import LONG_POLICIES, PreprocessOptions, format_summary, preprocess
+from megasft.data.preprocess import LONG_POLICIES, NEEDS_TOKENIZER, PreprocessOptions, format_summary, preprocess
 from megasft.data.templates import MASK_MODES, TemplateError
 from megasft.data.tokenizer import TokenizerError
 
@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     try:
         summary = preprocess(opts)
-    except (DataError, TemplateError, TokenizerError, ValueError, OSError) as e:   # DatasetError is a ValueError
-        skippable = isinstance(e, DataError) and e.reason != UNREADABLE and not opts.skip_bad
+    except (DataError, TemplateError, TokenizerError, ValueError, OSError, ImportError) as e:   # DatasetError: a ValueError
+        skippable = isinstance(e, DataError) and e.reason not in (UNREADABLE, NEEDS_TOKENIZER) and not opts.skip_bad
         hint = " (use --skip-bad to skip and count such lines)" if skippable else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return 1

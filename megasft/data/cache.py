@@ -11,13 +11,15 @@ is simply never looked up again; delete the cache directory to reclaim its space
 Location: ``--cache-dir`` (``PreprocessOptions.cache_dir``; the CLI defaults to ``$MEGASFT_CACHE_DIR``
 or ``~/.cache/megasft/preprocess``), one sub-directory per entry, named by its key. Entries are written
 like any indexed dataset (a hidden sibling renamed into place when complete), so a run killed half-way
-leaves no entry, and two runs making the same entry at once both make identical bytes.
+leaves no half-written entry (the files it finished stay cached: the re-run starts after them), and two
+runs making the same entry at once both make identical bytes.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -73,10 +75,14 @@ class PreprocessCache:
 
     @staticmethod
     def load(entry: Path) -> Optional[IndexedDataset]:
-        """The entry's dataset, or None if there is none (or it is damaged: it is then remade)."""
+        """The entry's dataset, or None if there is none. A damaged one (a file lost or cut short) is
+        deleted, to be remade: the cache directory holds nothing else, and an open reader keeps its inodes."""
+        if not entry.exists():
+            return None
         try:
             return IndexedDataset(entry, verify="sizes")
         except (OSError, ValueError):
+            shutil.rmtree(entry, ignore_errors=True)
             return None
 
 
