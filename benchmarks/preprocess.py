@@ -19,6 +19,7 @@ import random
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -109,9 +110,11 @@ def long_tailed_set(path: Path, n: int, seed: int, words: list[str]) -> Path:
 
 
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {repo!r})
+from benchmarks.preprocess import MemoryWatch
 kind, path, tok_dir, out, workers, limit = json.loads(sys.argv[1])
+watch = MemoryWatch()
 start = time.perf_counter()
 if kind == "megasft":
     from megasft.data.preprocess import PreprocessOptions, preprocess
@@ -122,11 +125,59 @@ else:
     from benchmarks.preprocess import transformers_subset
     tokens, convs = transformers_subset(path, tok_dir, limit)
 wall = time.perf_counter() - start
-me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-print(json.dumps(dict(tokens=tokens, conversations=convs, wall=wall, rss_main_mib=me.ru_maxrss / 1024,
-                      rss_worker_mib=kids.ru_maxrss / 1024,
-                      cpu=me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime)))
+print(json.dumps(dict(tokens=tokens, conversations=convs, wall=wall, **watch.stop())))
 """
+
+
+def _status_kib(pid, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+                out += kids
+                todo += kids
+        except OSError:
+            pass
+    return out
+
+
+class MemoryWatch:
+    """Peak memory of this process and its worker processes, from /proc (Linux): VmHWM, the peak resident
+    set since exec, of this process and of each worker (sampled every 0.25 s while it lives), and the
+    peak of their summed VmRSS. (getrusage's ru_maxrss would not do: a child started by fork + exec
+    inherits the parent's peak from before the exec, here the benchmark's own data generation.)"""
+
+    def __init__(self) -> None:
+        self.worker_hwm = self.tree_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            kids = _descendants(os.getpid())
+            self.worker_hwm = max([self.worker_hwm] + [_status_kib(k, "VmHWM:") for k in kids])
+            self.tree_peak = max(self.tree_peak, _status_kib("self", "VmRSS:") +
+                                 sum(_status_kib(k, "VmRSS:") for k in kids))
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        mib = 1 / 1024
+        return dict(rss_main_mib=_status_kib("self", "VmHWM:") * mib, rss_worker_mib=self.worker_hwm * mib,
+                    rss_tree_mib=max(self.tree_peak, _status_kib("self", "VmHWM:")) * mib,
+                    cpu=sum(os.times()[:4]))
 
 
 def transformers_subset(path: str, tok_dir: str, limit: int) -> tuple[int, int]:
@@ -155,7 +206,9 @@ def measured(kind: str, path: Path, tok_dir: Path, out: Path, workers: int, limi
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, "-c", _CHILD.format(repo=repo),
                           json.dumps([kind, str(path), str(tok_dir), str(out), workers, limit])],
-                         check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": repo})
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": repo})
+    if res.returncode:
+        raise RuntimeError(f"{kind} run failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -178,21 +231,24 @@ def scale_main(args) -> None:
     tok_dir = train_bpe_tokenizer(corpus, SPECIALS, 8000, work / "tok")
     print(f"{args.scale:,} conversations, {data.stat().st_size / 2**20:,.0f} MiB JSONL, made in "
           f"{time.perf_counter() - t0:.0f} s; {os.cpu_count()} CPUs; data in {work}", flush=True)
-    rows = [("transformers loop (1 process)", measured("hf", data, tok_dir, work / "x", 1, args.baseline_subset)),
-            (f"megasft, {args.workers} workers, 1/10 of the set", measured("megasft", tenth, tok_dir, work / "o10",
-                                                                           args.workers)),
-            (f"megasft, {args.workers} workers", measured("megasft", data, tok_dir, work / "o", args.workers))]
     print(f"{'method':<36} | {'conversations':>13} | {'tokens':>12} | {'wall s':>8} | {'tokens/s':>9} | "
-          f"{'CPU s':>7} | {'peak RSS main MiB':>17} | {'peak RSS worker MiB':>19}")
-    for name, r in rows:
+          f"{'CPU s':>7} | {'peak RSS MiB: main':>18} | {'worker':>6} | {'all':>6}", flush=True)
+    rows = []
+    for name, kind, path, out, limit in (("transformers loop (1 process)", "hf", data, "x", args.baseline_subset),
+                                         (f"megasft, {args.workers} workers, 1/10 of the set", "megasft", tenth,
+                                          "o10", 0),
+                                         (f"megasft, {args.workers} workers", "megasft", data, "o", 0)):
+        r = measured(kind, path, tok_dir, work / out, args.workers, limit)
+        rows.append((name, r))
         print(f"{name:<36} | {r['conversations']:>13,} | {r['tokens']:>12,} | {r['wall']:>8.1f} | "
-              f"{r['tokens'] / r['wall']:>9,.0f} | {r['cpu']:>7.1f} | {r['rss_main_mib']:>17.0f} | "
-              f"{r['rss_worker_mib']:>19.0f}")
+              f"{r['tokens'] / r['wall']:>9,.0f} | {r['cpu']:>7.1f} | {r['rss_main_mib']:>18.0f} | "
+              f"{r['rss_worker_mib']:>6.0f} | {r['rss_tree_mib']:>6.0f}", flush=True)
     hf, full = rows[0][1], rows[2][1]
     scaled = hf["wall"] * full["conversations"] / hf["conversations"]
     print(f"transformers loop scaled to {full['conversations']:,} conversations: {scaled:,.0f} s; megasft "
           f"{full['wall']:,.0f} s = {scaled / full['wall']:.2f}x faster in wall-clock tokens/s "
-          f"({(full['tokens'] / full['wall']) / (hf['tokens'] / hf['wall']):.2f}x by tokens/s)")
+          f"({(full['tokens'] / full['wall']) / (hf['tokens'] / hf['wall']):.2f}x by tokens/s; tokens per CPU-second "
+          f"{(full['tokens'] / full['cpu']) / (hf['tokens'] / hf['cpu']):.2f}x)")
 
 
 def main() -> None:

@@ -61,6 +61,15 @@ def test_a_rerun_with_one_more_file_tokenises_only_that_file(tmp_path, tokenised
     tokenised.clear()
     _, swapped = run(tmp_path, "swapped", [c, a, b])
     assert not tokenised and same(swapped, run(tmp_path, "swapped-fresh", [c, a, b], cache=False)[1])
+    # A file given twice is read twice (twice its documents), tokenised once with the cache.
+    d = write_jsonl(tmp_path / "3.jsonl", [{"messages": c} for c in conversations(5, seed=40)])
+    tokenised.clear()
+    twice, ds = run(tmp_path, "twice", [d, a, d])
+    assert tokenised == {"3.jsonl"} and (twice.files_tokenized, twice.files_cached) == (1, 2)
+    _, ref = run(tmp_path, "twice-fresh", [d, a, d], cache=False)
+    assert same(ds, ref) and ref.meta["docs_per_input"][0] == ref.meta["docs_per_input"][2] == 5
+    assert ref.meta["docs_per_input"][1] == IndexedDataset(tmp_path / "out" / "first").meta["docs_per_input"][0]
+    assert len(ref) == sum(ref.meta["docs_per_input"])
 
 
 def test_changed_file_template_or_mask_setting_misses_the_cache(tmp_path, tokenised):

@@ -310,8 +310,14 @@ class IndexedDataset:
                                "tools/preprocess_data.py with the model's tokenizer or --vocab-size")
 
     def locate_id(self, vocab_size: int) -> tuple[int, str]:
-        """(the first id >= vocab_size, where it is: 'document D (input FILE:LINE, token T)'); one pass over the mmap."""
-        pos = int(np.argmax(self.tokens >= vocab_size))
+        """(the first id >= vocab_size, where it is: 'document D (input FILE:LINE, token T)'); one pass over
+        the mmap, 16 M tokens at a time (a whole-dataset comparison would allocate a byte per token)."""
+        step, pos = 1 << 24, 0
+        for start in range(0, len(self.tokens), step):
+            hits = np.flatnonzero(self.tokens[start:start + step] >= vocab_size)
+            if len(hits):
+                pos = start + int(hits[0])
+                break
         d = int(np.searchsorted(self.offsets, pos, side="right")) - 1
         where = f"document {d}"
         per_input, inputs = self.meta.get("docs_per_input"), self.meta.get("inputs")

@@ -205,14 +205,19 @@ class Progress:
         sys.stderr.flush()
 
 
-def read_chunks(files: list[str], chunk_lines: int, progress: Optional[Progress] = None) -> Iterator:
-    """The chunks of every file in order (a chunk never spans two files)."""
+def read_chunks(files: list[str], chunk_lines: int, progress: Optional[Progress] = None,
+                order: Optional[deque] = None) -> Iterator:
+    """The chunks of every file in order (a chunk never spans two files); ``order`` gets the index in
+    ``files`` of each chunk yielded (a file may be given twice)."""
     done = 0  # bytes of the files finished
-    for path in files:
+    for k, path in enumerate(files):
         def seen(consumed: int, base: int = done) -> None:
             if progress is not None:
                 progress.bytes_read = base + consumed
-        yield from file_chunks(path, chunk_lines, seen)
+        for chunk in file_chunks(path, chunk_lines, seen):
+            if order is not None:
+                order.append(k)
+            yield chunk
         done += Path(path).stat().st_size
 
 
@@ -274,22 +279,23 @@ def _tokenize(files: list[str], opts: PreprocessOptions, open_sink, run: Summary
     """Tokenise ``files`` (one pool for all), each into ``open_sink(path)``; their summaries, in order."""
     progress = Progress(sum(Path(p).stat().st_size for p in files), opts.progress)
     summaries: list[Summary] = []
-    sinks: dict = {}
+    sinks: dict = {}   # index in files -> sink of a file being written
+    order: deque = deque()   # file index of every chunk read and not yet written (results come in order)
 
     def close_until(k: int) -> None:   # files before index k are complete (also those without a record)
         while len(summaries) < k:
-            path = files[len(summaries)]
-            sink = sinks.pop(path, None) or open_sink(path)
-            summaries.append(sink.close(path))
+            i = len(summaries)
+            sink = sinks.pop(i, None) or open_sink(files[i])
+            summaries.append(sink.close(files[i]))
             run.add(summaries[-1])
-    index = {p: i for i, p in enumerate(files)}
     try:
-        for res in _results(read_chunks(files, opts.chunk_lines, progress), opts):
-            close_until(index[res.path])
-            if res.path not in sinks:
-                sinks[res.path] = open_sink(res.path)
-            sinks[res.path].add(res)
-            progress.update(run.read + sinks[res.path].summary.read, run.tokens + sinks[res.path].summary.tokens)
+        for res in _results(read_chunks(files, opts.chunk_lines, progress, order), opts):
+            k = order.popleft()
+            close_until(k)
+            if k not in sinks:
+                sinks[k] = open_sink(files[k])
+            sinks[k].add(res)
+            progress.update(run.read + sinks[k].summary.read, run.tokens + sinks[k].summary.tokens)
         close_until(len(files))
     except BaseException:
         for sink in sinks.values():
@@ -305,19 +311,21 @@ def _from_cache(files: list[str], opts: PreprocessOptions, cache: PreprocessCach
     """Tokenise the files the cache lacks into new entries, then copy every file's entry into the
     output, in input order. Returns the kept documents per file."""
     entries = [cache.entry(p) for p in files]
-    missing = [p for p, e in zip(files, entries) if cache.load(e) is None]
     by_path = dict(zip(files, entries))
+    missing = list(dict.fromkeys(p for p, e in zip(files, entries) if cache.load(e) is None))   # each once
     _tokenize(missing, opts, lambda p: _FileSink(IndexedDatasetBuilder(by_path[p], vocab, overwrite=True), True),
               Summary())
     docs = []
+    fresh = set(missing)   # tokenised by this run: the first mention of each counts so, any repeat as cached
     for path, entry in zip(files, entries):
         ds = cache.load(entry)
         if ds is None:
             raise DatasetError(f"preprocessing cache entry {entry} of {path} vanished or is damaged while in use; "
                                "re-run (another run may be deleting the cache)")
         summary = Summary.from_dict(ds.meta["summary"])
-        if path not in missing:
+        if path not in fresh:
             summary.files_tokenized, summary.files_cached = 0, 1
+        fresh.discard(path)
         run.add(summary)
         copy_documents(ds, builder)
         docs.append(len(ds))
