@@ -277,6 +277,8 @@ class _FileSink:
 
 def _tokenize(files: list[str], opts: PreprocessOptions, open_sink, run: Summary) -> list[Summary]:
     """Tokenise ``files`` (one pool for all), each into ``open_sink(path)``; their summaries, in order."""
+    if not files:
+        return []   # everything came from the cache: no pool, no progress bar
     progress = Progress(sum(Path(p).stat().st_size for p in files), opts.progress)
     summaries: list[Summary] = []
     sinks: dict = {}   # index in files -> sink of a file being written
