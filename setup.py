@@ -21,9 +21,12 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.45", "tokenizers", "jinja2", "matplotlib"],   # matplotlib: tools/plot_metrics.py
+        # Parquet and Arrow (datasets save_to_disk) inputs to tools/preprocess_data.py; `datasets` itself is
+        # not needed to read them.
+        "data": ["pyarrow>=14"],
         # Optional accelerators, never required: every code path has a pure-torch fallback.
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
-        "test": ["pytest", "transformers>=4.45", "tokenizers", "jinja2", "matplotlib"],
+        "test": ["pytest", "transformers>=4.45", "tokenizers", "jinja2", "matplotlib", "pyarrow>=14"],
     },
     entry_points={
         "console_scripts": [

@@ -3,6 +3,7 @@ indexed dataset, worker processes) vs a single-process loop of transformers ``ap
 tokenise (no mask, nothing written) on the same data, in the same run.
 
     python benchmarks/preprocess.py [--conversations 4000] [--long-conversations 300] [--workers 2]
+    python benchmarks/preprocess.py --scale 1000000 [--baseline-subset 50000]   # see scale_main
 
 Data: synthetic chats of Zipf-distributed pseudo-words, one set of 2-8 turn conversations and one of
 50-turn conversations; a byte-level BPE tokenizer (Llama-3 pre-tokenizer, 8k vocab) trained on them
@@ -11,12 +12,14 @@ first; the Llama-3 chat template. Token counts of both paths are checked equal.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +84,173 @@ def megasft_run(path: Path, tok_dir: Path, out: Path, workers: int) -> tuple[int
     return summary.tokens, time.perf_counter() - start, cpu_seconds() - cpu
 
 
+# ---------------------------------------------------------------- --scale: 1 M conversations, memory bound
+def long_tailed_set(path: Path, n: int, seed: int, words: list[str]) -> Path:
+    """n conversations whose lengths are long-tailed: 1 + 2 x geometric(0.45) turn pairs (capped at 40),
+    each turn log-normal(0, 1.1) sentences (capped at 300) drawn from a pool of Zipf-worded sentences.
+    Vectorised draws: a million conversations take about a minute to write."""
+    import numpy as np
+
+    rng, gen = random.Random(seed), np.random.default_rng(seed)
+    cum = list(itertools.accumulate(1 / (k + 1) for k in range(len(words))))   # Zipf-like word frequencies
+    pool = [" ".join(rng.choices(words, cum_weights=cum, k=rng.randint(3, 18))).capitalize() + "."
+            for _ in range(20000)]
+    turns = 2 * np.minimum(gen.geometric(0.45, size=n), 40)
+    counts = np.minimum(np.ceil(gen.lognormal(0.0, 1.1, size=int(turns.sum()))), 300).astype(np.int64)
+    picks = gen.integers(0, len(pool), size=int(counts.sum())).tolist()
+    counts, roles, at, c = counts.tolist(), ("user", "assistant"), 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        for k in range(n):
+            msgs = []
+            for t in range(int(turns[k])):
+                msgs.append({"role": roles[t % 2], "content": " ".join([pool[i] for i in picks[at:at + counts[c]]])})
+                at, c = at + counts[c], c + 1
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+_CHILD = """
+import json, sys, time
+sys.path.insert(0, {repo!r})
+from benchmarks.preprocess import MemoryWatch
+kind, path, tok_dir, out, workers, limit = json.loads(sys.argv[1])
+watch = MemoryWatch()
+start = time.perf_counter()
+if kind == "megasft":
+    from megasft.data.preprocess import PreprocessOptions, preprocess
+    s = preprocess(PreprocessOptions(inputs=[path], output=out, tokenizer=tok_dir, template="llama3",
+                                     workers=workers, progress=False, overwrite=True))
+    tokens, convs = s.tokens, s.read
+else:
+    from benchmarks.preprocess import transformers_subset
+    tokens, convs = transformers_subset(path, tok_dir, limit)
+wall = time.perf_counter() - start
+print(json.dumps(dict(tokens=tokens, conversations=convs, wall=wall, **watch.stop())))
+"""
+
+
+def _status_kib(pid, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+                out += kids
+                todo += kids
+        except OSError:
+            pass
+    return out
+
+
+class MemoryWatch:
+    """Peak memory of this process and its worker processes, from /proc (Linux): VmHWM, the peak resident
+    set since exec, of this process and of each worker (sampled every 0.25 s while it lives), and the
+    peak of their summed VmRSS. (getrusage's ru_maxrss would not do: a child started by fork + exec
+    inherits the parent's peak from before the exec, here the benchmark's own data generation.)"""
+
+    def __init__(self) -> None:
+        self.worker_hwm = self.tree_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            kids = _descendants(os.getpid())
+            self.worker_hwm = max([self.worker_hwm] + [_status_kib(k, "VmHWM:") for k in kids])
+            self.tree_peak = max(self.tree_peak, _status_kib("self", "VmRSS:") +
+                                 sum(_status_kib(k, "VmRSS:") for k in kids))
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        mib = 1 / 1024
+        return dict(rss_main_mib=_status_kib("self", "VmHWM:") * mib, rss_worker_mib=self.worker_hwm * mib,
+                    rss_tree_mib=max(self.tree_peak, _status_kib("self", "VmHWM:")) * mib,
+                    cpu=sum(os.times()[:4]))
+
+
+def transformers_subset(path: str, tok_dir: str, limit: int) -> tuple[int, int]:
+    """The baseline loop of transformers_loop over the first ``limit`` conversations."""
+    from transformers import PreTrainedTokenizerFast
+
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(Path(tok_dir) / "tokenizer.json"), bos_token="<|begin_of_text|>",
+                                  eos_token="<|eot_id|>")
+    ref.chat_template = LLAMA3_HF_CHAT_TEMPLATE
+    tokens = convs = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if convs == limit:
+                break
+            text = ref.apply_chat_template(json.loads(line)["messages"], tokenize=False)
+            tokens += len(ref(text, add_special_tokens=False)["input_ids"])
+            convs += 1
+    return tokens, convs
+
+
+def measured(kind: str, path: Path, tok_dir: Path, out: Path, workers: int, limit: int = 0) -> dict:
+    """One method in a fresh process: its own peak RSS (ru_maxrss of the process, and the largest of its
+    worker processes), not the benchmark's."""
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", _CHILD.format(repo=repo),
+                          json.dumps([kind, str(path), str(tok_dir), str(out), workers, limit])],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": repo})
+    if res.returncode:
+        raise RuntimeError(f"{kind} run failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def scale_main(args) -> None:
+    """megasft preprocessing of ``--scale`` long-tailed conversations (one JSONL file, 2 workers by default),
+    and of a tenth of them (peak RSS should not grow with the input), against the single-process transformers
+    loop on the first ``--baseline-subset`` conversations, its time scaled to the same count."""
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="megasft_bench_scale_"))
+    t0 = time.perf_counter()
+    data = long_tailed_set(work / "scale.jsonl", args.scale, args.seed, make_words(rng))
+    tenth = work / "tenth.jsonl"
+    with open(data, encoding="utf-8") as src, open(tenth, "w", encoding="utf-8") as dst:
+        for k, line in enumerate(src):
+            if k == args.scale // 10:
+                break
+            dst.write(line)
+    corpus = [m["content"] for k, line in zip(range(4000), open(data, encoding="utf-8"))
+              for m in json.loads(line)["messages"]]
+    tok_dir = train_bpe_tokenizer(corpus, SPECIALS, 8000, work / "tok")
+    print(f"{args.scale:,} conversations, {data.stat().st_size / 2**20:,.0f} MiB JSONL, made in "
+          f"{time.perf_counter() - t0:.0f} s; {os.cpu_count()} CPUs; data in {work}", flush=True)
+    print(f"{'method':<36} | {'conversations':>13} | {'tokens':>12} | {'wall s':>8} | {'tokens/s':>9} | "
+          f"{'CPU s':>7} | {'peak RSS MiB: main':>18} | {'worker':>6} | {'all':>6}", flush=True)
+    rows = []
+    for name, kind, path, out, limit in (("transformers loop (1 process)", "hf", data, "x", args.baseline_subset),
+                                         (f"megasft, {args.workers} workers, 1/10 of the set", "megasft", tenth,
+                                          "o10", 0),
+                                         (f"megasft, {args.workers} workers", "megasft", data, "o", 0)):
+        r = measured(kind, path, tok_dir, work / out, args.workers, limit)
+        rows.append((name, r))
+        print(f"{name:<36} | {r['conversations']:>13,} | {r['tokens']:>12,} | {r['wall']:>8.1f} | "
+              f"{r['tokens'] / r['wall']:>9,.0f} | {r['cpu']:>7.1f} | {r['rss_main_mib']:>18.0f} | "
+              f"{r['rss_worker_mib']:>6.0f} | {r['rss_tree_mib']:>6.0f}", flush=True)
+    hf, full = rows[0][1], rows[2][1]
+    scaled = hf["wall"] * full["conversations"] / hf["conversations"]
+    print(f"transformers loop scaled to {full['conversations']:,} conversations: {scaled:,.0f} s; megasft "
+          f"{full['wall']:,.0f} s = {scaled / full['wall']:.2f}x faster in wall-clock tokens/s "
+          f"({(full['tokens'] / full['wall']) / (hf['tokens'] / hf['wall']):.2f}x by tokens/s; tokens per CPU-second "
+          f"{(full['tokens'] / full['cpu']) / (hf['tokens'] / hf['cpu']):.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conversations", type=int, default=4000, help="2-8 turn conversations")
@@ -88,7 +258,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=3, help="trials per method; the fastest is reported")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=int, default=0,
+                        help="instead: this many long-tailed conversations, tokens/s and peak RSS (scale_main)")
+    parser.add_argument("--baseline-subset", type=int, default=50000,
+                        help="with --scale: conversations the transformers loop runs on (scaled to --scale)")
     args = parser.parse_args()
+    if args.scale:
+        return scale_main(args)
     rng = random.Random(args.seed)
     words = make_words(rng)
     work = Path(tempfile.mkdtemp(prefix="megasft_bench_pre_"))

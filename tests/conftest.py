@@ -4,6 +4,9 @@ The full suite (README's command, what CI runs) adds the multi-rank equivalence 
 launcher tests and the kernels."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 
 from tests.runs import tiny_dataset
@@ -13,8 +16,12 @@ QUICK_MODULES = {
     "test_presets", "test_planner", "test_data_packing", "test_data_templates", "test_data_loader",
     "test_data_preprocess", "test_data_reliability", "test_data_chat_schema", "test_data_chat_templates",
     "test_data_epochs", "test_data_mixture", "test_model_init", "test_checkpoint_verify", "test_attention_backends",
-    "test_model_families_gemma", "test_hf_export", "test_cli",
+    "test_model_families_gemma", "test_hf_export", "test_cli", "test_data_formats", "test_data_cache",
 }
+
+# tools/preprocess_data.py caches tokenised inputs in ~/.cache/megasft by default: tests (and the ranks
+# and tools they spawn, which inherit the variable) use a fresh directory of their own instead.
+os.environ["MEGASFT_CACHE_DIR"] = tempfile.mkdtemp(prefix="megasft_test_cache_")
 
 
 def pytest_collection_modifyitems(items) -> None:

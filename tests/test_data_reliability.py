@@ -140,9 +140,11 @@ def test_token_ids_beyond_the_model_vocab_fail_at_start_up(tmp_path):
     cfg = DataConfig(train_path=str(out), seq_len=8, global_batch_tokens=8, micro_batch_size=1)
     with pytest.raises(DatasetError) as err:
         build_loaders(cfg, seed=0, vocab_size=vocab - 40)
-    assert str(err.value) == (f"{out}: token id {top} >= model.vocab_size={vocab - 40} (the dataset's tokenizer has "
-                              f"{vocab} tokens); set model.vocab_size to at least {vocab} or re-run "
-                              "megasft preprocess with the model's tokenizer")
+    # The message names the input record (file:line) and the token, not only the dataset.
+    assert str(err.value) == (f"{out}: token id {top} >= model.vocab_size={vocab - 40} in document 0 (input "
+                              f"{tmp_path / 'pre.jsonl'}:1, token 2) (the dataset's tokenizer has {vocab} tokens); "
+                              f"set model.vocab_size to at least {vocab}, or re-run megasft preprocess with the "
+                              "model's tokenizer or --vocab-size")
     train, _ = build_loaders(cfg, seed=0, vocab_size=vocab)   # max id < model.vocab_size: fine
     assert len(train.doc_indices) == 2
     # A dataset written before max_token_id gets it from the data, and a separate eval set is checked too.
@@ -205,7 +207,8 @@ def test_gzip_zstd_bom_and_directory_inputs_read_like_plain_jsonl(tmp_path, caps
     (tmp_path / "nothing").mkdir()
     assert cli(tmp_path / "nothing", tmp_path / "x") == 1
     assert capsys.readouterr().err == (f"error: input directory {tmp_path / 'nothing'} holds no *.jsonl / *.jsonl.gz /"
-                                       " *.jsonl.zst files; pass the files themselves or the directory that holds them\n")
+                                       " *.jsonl.zst / *.parquet / *.arrow files and no datasets save_to_disk "
+                                       "directory; pass the files themselves or the directory that holds them\n")
 
 
 def test_skip_bad_fails_when_too_much_is_bad_and_unwritable_output_is_one_line(tmp_path, capsys):

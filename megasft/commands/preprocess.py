@@ -1,8 +1,10 @@
-"""Chat JSONL -> memory-mapped indexed dataset (a thin CLI over megasft.data.preprocess).
+"""Chat data (JSONL, Parquet, datasets save_to_disk) -> memory-mapped indexed dataset (a thin CLI
+over megasft.data.preprocess).
 
 Example:
     megasft preprocess --input train.jsonl --output data/train \\
         --tokenizer path/to/tokenizer --template llama3 --seq-len 4096 --workers 8
+    megasft preprocess --input tokens.parquet --output data/pre --vocab-size 128256
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import sys
 
 from megasft.commands import HelpFormatter
 from megasft.data.formats import FORMATS, UNREADABLE, DataError
-from megasft.data.preprocess import LONG_POLICIES, PreprocessOptions, format_summary, preprocess
+from megasft.data.cache import default_cache_dir
+from megasft.data.preprocess import LONG_POLICIES, NEEDS_TOKENIZER, PreprocessOptions, format_summary, preprocess
 from megasft.data.templates import MASK_MODES, TemplateError
 from megasft.data.tokenizer import TokenizerError
 
@@ -20,11 +23,15 @@ def parse_args(argv=None) -> PreprocessOptions:
     p = argparse.ArgumentParser(prog="megasft preprocess", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
                    help="JSONL file(s), one conversation per line, plain, .gz or .zst; a .json file holding "
-                        "one JSON array of records (Alpaca's release format); or directories of them")
+                        "one JSON array of records (Alpaca's release format); .parquet / .arrow files; datasets "
+                        "save_to_disk directories; or directories of them")
     p.add_argument("--output", required=True, help="output directory of the indexed dataset")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing dataset at --output (jobs reading it keep the old files)")
-    p.add_argument("--tokenizer", required=True, help="sentencepiece .model, tokenizer.json, or their directory")
+    p.add_argument("--tokenizer", default=None,
+                   help="sentencepiece .model, tokenizer.json, or their directory; not needed for pretokenized input")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="bound on pretokenized input_ids (the model's vocab_size; None: the tokenizer's)")
     p.add_argument("--template", default="llama3", help="llama3 | chatml | jinja | path to tokenizer_config.json")
     p.add_argument("--mask-mode", default="completion_eot", choices=MASK_MODES, help="which tokens are trained")
     p.add_argument("--last-turn-only", action="store_true", help="train only the last assistant turn")
@@ -37,6 +44,10 @@ def parse_args(argv=None) -> PreprocessOptions:
     p.add_argument("--max-bad-fraction", type=float, default=0.1,
                    help="with --skip-bad, fail if more than this fraction of the lines are bad")
     p.add_argument("--workers", type=int, default=0, help="tokenising processes (0 = all cores)")
+    p.add_argument("--cache-dir", default=default_cache_dir(),
+                   help="cache of tokenised input files: a re-run tokenises only files (or settings) it has not "
+                        "seen ($MEGASFT_CACHE_DIR or ~/.cache/megasft/preprocess)")
+    p.add_argument("--no-cache", action="store_const", const=None, dest="cache_dir", help="do not use the cache")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (None: only when stderr is a terminal; no \\r frames in logs)")
     args = p.parse_args(argv)
@@ -49,8 +60,8 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     try:
         summary = preprocess(opts)
-    except (DataError, TemplateError, TokenizerError, ValueError, OSError) as e:   # DatasetError is a ValueError
-        skippable = isinstance(e, DataError) and e.reason != UNREADABLE and not opts.skip_bad
+    except (DataError, TemplateError, TokenizerError, ValueError, OSError, ImportError) as e:   # DatasetError: a ValueError
+        skippable = isinstance(e, DataError) and e.reason not in (UNREADABLE, NEEDS_TOKENIZER) and not opts.skip_bad
         hint = " (use --skip-bad to skip and count such lines)" if skippable else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return 1

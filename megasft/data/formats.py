@@ -6,12 +6,15 @@ Formats (auto-detected per line from its keys, or forced):
 - ``sharegpt``: ``{"conversations": [{"from": "human|gpt|system|tool|...", "value": str}, ...]}``
 - ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str, "system": str (optional)}``
 - ``pretokenized``: ``{"input_ids": [int], "labels": [int]}``, labels HF-style (-100 = not trained,
-  otherwise equal to input_ids at the same position).
+  otherwise equal to input_ids at the same position), or ``{"input_ids": [int], "loss_mask": [0|1]}``
+  (1 = input_ids[t] is a trained target). Needs no tokenizer; ids are bounded by ``vocab_size`` when
+  one is known (a tokenizer's, or ``--vocab-size``), else by the uint32 the dataset stores.
 
-Files are read as users have them: plain, gzip or zstd (told by their first bytes, not their name),
-with or without a UTF-8 byte-order mark, or a file holding one JSON array of records (Alpaca's
-``alpaca_data.json``); a directory means its ``*.jsonl``, ``*.jsonl.gz`` and
-``*.jsonl.zst`` files in name order.
+JSONL files are read as users have them: plain, gzip or zstd (told by their first bytes, not their
+name), with or without a UTF-8 byte-order mark, or a file holding one JSON array of records
+(Alpaca's ``alpaca_data.json``). Parquet and Arrow rows (:mod:`megasft.data.readers`) arrive as
+dicts and go through the same schema detection; a null field there is an absent one (a columnar
+file has every column in every row).
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ import io
 import json
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import numpy as np
@@ -36,21 +38,22 @@ SHAREGPT_ROLES = {
 }
 
 
-INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
 BOM = b"\xef\xbb\xbf"
 UNREADABLE = "unreadable file"   # a DataError reason no --skip-bad skips: the rest of the file is lost
+NO_VOCAB_BOUND = 2 ** 32   # without a vocabulary, ids must fit the uint32 the dataset stores
 
 
 class DataError(ValueError):
-    """A bad input record. ``reason`` is a short category (counted by --skip-bad); str() names file:line."""
+    """A bad input record. ``reason`` is a short category (counted by --skip-bad); str() names file:line
+    (``unit="row "`` for a table row: file.parquet:row 17)."""
 
-    def __init__(self, path: str, line: int, reason: str, detail: str) -> None:
-        super().__init__(f"{path}:{line}: {reason}: {detail}")
-        self.path, self.line, self.reason, self.detail = path, line, reason, detail
+    def __init__(self, path: str, line: int, reason: str, detail: str, unit: str = "") -> None:
+        super().__init__(f"{path}:{unit}{line}: {reason}: {detail}")
+        self.path, self.line, self.reason, self.detail, self.unit = path, line, reason, detail, unit
 
     def __reduce__(self):  # travels back from worker processes intact
-        return DataError, (self.path, self.line, self.reason, self.detail)
+        return DataError, (self.path, self.line, self.reason, self.detail, self.unit)
 
 
 @dataclass
@@ -60,25 +63,6 @@ class Pretokenized:
 
 
 Record = Union[list, Pretokenized]  # a list of messages (a Conversation for the messages format), or ids + mask
-
-
-def input_files(inputs: list[str]) -> list[str]:
-    """The files to read, in order: a file as given, a directory as its INPUT_SUFFIXES files by name."""
-    files = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(str(f) for f in path.iterdir() if f.is_file() and f.name.endswith(INPUT_SUFFIXES))
-            if not found:
-                patterns = " / ".join("*" + s for s in INPUT_SUFFIXES)
-                raise FileNotFoundError(f"input directory {path} holds no {patterns} files; "
-                                        "pass the files themselves or the directory that holds them")
-            files += found
-        elif path.is_file():
-            files.append(str(path))
-        else:
-            raise FileNotFoundError(f"input {path} does not exist")
-    return files
 
 
 def _decompressed(raw, path: str) -> tuple:
@@ -142,6 +126,24 @@ def detect_format(obj: dict) -> Optional[str]:
     return None
 
 
+def parse_item(item, path: str, line: int, fmt: str = "auto", vocab_size: Optional[int] = None,
+               unit: str = "") -> Record:
+    """One record as a reader gives it: raw bytes of a JSONL line, or the dict of a table row."""
+    if isinstance(item, dict):
+        return parse_record(_without_nulls(item), path, line, fmt, vocab_size, unit)
+    return parse_line(item, path, line, fmt, vocab_size)
+
+
+def _without_nulls(value):
+    """Dicts without their None values, all the way down: in Parquet / Arrow a key absent from a record
+    is a null in its row (the schema is the union of every record's keys)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def parse_line(raw: bytes, path: str, line: int, fmt: str = "auto", vocab_size: Optional[int] = None) -> Record:
     """Decode, parse and validate one JSONL line. Raises DataError with a reason category."""
     try:
@@ -154,16 +156,27 @@ def parse_line(raw: bytes, path: str, line: int, fmt: str = "auto", vocab_size: 
         raise DataError(path, line, "malformed json", f"{e.msg} at column {e.colno}") from None
     if not isinstance(obj, dict):
         raise DataError(path, line, "malformed json", f"expected a JSON object, got {type(obj).__name__}")
-    kind = detect_format(obj) if fmt == "auto" else fmt
-    if kind is None:
-        raise DataError(path, line, "unknown format",
-                        f"keys {sorted(obj)[:6]} match none of messages / conversations / instruction+output / input_ids")
-    if kind == "pretokenized":
-        return _pretokenized(obj, path, line, vocab_size)
-    messages = {"messages": _messages, "sharegpt": _sharegpt, "alpaca": _alpaca}[kind](obj, path, line)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(path, line, "no assistant turn", "nothing to train on")
-    return messages
+    return parse_record(obj, path, line, fmt, vocab_size)
+
+
+def parse_record(obj: dict, path: str, line: int, fmt: str = "auto", vocab_size: Optional[int] = None,
+                 unit: str = "") -> Record:
+    """Detect the schema of one record (a dict) and validate it. Raises DataError naming path:line."""
+    try:
+        kind = detect_format(obj) if fmt == "auto" else fmt
+        if kind is None:
+            raise DataError(path, line, "unknown format", f"keys {sorted(obj)[:6]} match none of messages / "
+                                                          "conversations / instruction+output / input_ids")
+        if kind == "pretokenized":
+            return _pretokenized(obj, path, line, vocab_size)
+        messages = {"messages": _messages, "sharegpt": _sharegpt, "alpaca": _alpaca}[kind](obj, path, line)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(path, line, "no assistant turn", "nothing to train on")
+        return messages
+    except DataError as e:
+        if unit and not e.unit:
+            raise DataError(e.path, e.line, e.reason, e.detail, unit) from None
+        raise
 
 
 def _message_list(obj: dict, key: str, path: str, line: int) -> list:
@@ -215,9 +228,18 @@ def _alpaca(obj: dict, path: str, line: int) -> list:
 
 
 def _pretokenized(obj: dict, path: str, line: int, vocab_size: Optional[int]) -> Pretokenized:
-    ids, labels = obj.get("input_ids"), obj.get("labels")
+    ids = obj.get("input_ids")
+    if "labels" not in obj and "loss_mask" in obj:
+        mask = obj["loss_mask"]
+        if not isinstance(mask, list) or not all(m in (0, 1) for m in mask):
+            raise DataError(path, line, "malformed record", "loss_mask must be a list of 0 / 1")
+        # loss_mask[t] = 1: input_ids[t] is a trained target -- the same positions as HF labels.
+        labels = [i if m else -100 for i, m in zip(ids, mask)] if isinstance(ids, list) and len(ids) == len(mask) else mask
+    else:
+        labels = obj.get("labels")
     if not isinstance(ids, list) or not isinstance(labels, list) or len(ids) != len(labels) or not ids:
-        raise DataError(path, line, "malformed record", "input_ids and labels must be non-empty lists of equal length")
+        raise DataError(path, line, "malformed record",
+                        "input_ids and labels (or loss_mask) must be non-empty lists of equal length")
     try:
         ids_arr, lab_arr = np.asarray(ids), np.asarray(labels)
     except ValueError:  # ragged nesting
@@ -225,8 +247,13 @@ def _pretokenized(obj: dict, path: str, line: int, vocab_size: Optional[int]) ->
     if ids_arr.ndim != 1 or lab_arr.ndim != 1 or ids_arr.dtype.kind != "i" or lab_arr.dtype.kind != "i":
         raise DataError(path, line, "malformed record", "input_ids/labels must be flat lists of integers")
     ids_arr, lab_arr = ids_arr.astype(np.int64), lab_arr.astype(np.int64)
-    if ids_arr.min() < 0 or (vocab_size is not None and ids_arr.max() >= vocab_size):
-        raise DataError(path, line, "token id out of range", f"ids must be in [0, {vocab_size})")
+    bound = NO_VOCAB_BOUND if vocab_size is None else vocab_size
+    out = np.flatnonzero((ids_arr < 0) | (ids_arr >= bound))
+    if len(out):
+        t = int(out[0])
+        where = "--vocab-size / the tokenizer's vocabulary" if vocab_size is not None else "uint32 (no --vocab-size given)"
+        raise DataError(path, line, "token id out of range",
+                        f"input_ids[{t}]={int(ids_arr[t])}, ids must be in [0, {bound}) ({where})")
     trained = lab_arr != -100
     bad = np.flatnonzero(trained & (lab_arr != ids_arr))
     if len(bad):

@@ -6,7 +6,9 @@
                    plain mmap view, and it costs less than the tokens themselves);
 - ``doc_offsets.idx`` int64 [n_docs + 1], document d is tokens[off[d]:off[d+1]] (an ``.npy`` file);
 - ``meta.json``    tokenizer hash, template, mask mode, special ids, counts (incl. dropped reasons),
-                   the largest token id and a blake2b digest of each of the three data files.
+                   the largest token id and a blake2b digest of each of the data files;
+- ``doc_rows.idx`` (optional) int64 [n_docs], the line / row of each document in its input file
+                   (``meta["docs_per_input"]`` says which file): errors found later name the input record.
 
 Writing is atomic: the builder writes into a hidden sibling directory and renames it over the output
 only once every file is complete, so a failed run leaves the previous dataset byte-identical. An
@@ -19,6 +21,7 @@ whole dataset and touch only its own rows.
 """
 from __future__ import annotations
 
+import array
 import functools
 import hashlib
 import json
@@ -30,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-TOKENS, MASK, OFFSETS, META = "tokens.bin", "loss_mask.bin", "doc_offsets.idx", "meta.json"
+TOKENS, MASK, OFFSETS, META, ROWS = "tokens.bin", "loss_mask.bin", "doc_offsets.idx", "meta.json", "doc_rows.idx"
 VERIFY_MODES = ("full", "sizes")
 RERUN = "re-run megasft preprocess to rewrite the dataset"
 
@@ -40,8 +43,11 @@ class DatasetError(ValueError):
     model's vocabulary); the message names the file and what to do."""
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    """Smallest unsigned dtype that holds every id below vocab_size."""
+def token_dtype(vocab_size: Optional[int]) -> np.dtype:
+    """Smallest unsigned dtype that holds every id below vocab_size; uint32 when no vocabulary is known
+    (pretokenized input without a tokenizer or --vocab-size: every Llama-family vocabulary fits)."""
+    if vocab_size is None:
+        return np.dtype(np.uint32)
     for dt in (np.uint8, np.uint16, np.uint32):
         if vocab_size <= np.iinfo(dt).max + 1:
             return np.dtype(dt)
@@ -106,7 +112,7 @@ class IndexedDatasetBuilder:
     hidden sibling of ``out_dir`` (hashed as written), renamed over ``out_dir`` by finish. Used as a
     context manager, an exception deletes the partial files and leaves ``out_dir`` untouched."""
 
-    def __init__(self, out_dir: str | Path, vocab_size: int, overwrite: bool = False) -> None:
+    def __init__(self, out_dir: str | Path, vocab_size: Optional[int], overwrite: bool = False) -> None:
         self.dir, self.overwrite = Path(out_dir), overwrite
         target = Path(os.path.abspath(self.dir))
         check_replaceable(target, overwrite)   # before any work, not after an hour of tokenising
@@ -120,7 +126,8 @@ class IndexedDatasetBuilder:
         self.vocab_size = vocab_size
         self._files = {TOKENS: open(self.tmp / TOKENS, "wb"), MASK: open(self.tmp / MASK, "wb")}
         self._hashes = {TOKENS: _new_hash(), MASK: _new_hash()}
-        self._lengths: list[int] = []
+        self._lengths = array.array("q")   # 8 bytes a document, not a Python int's 36
+        self._rows = array.array("q")
         self._max_id = -1
 
     def __enter__(self) -> "IndexedDatasetBuilder":
@@ -134,8 +141,9 @@ class IndexedDatasetBuilder:
         """Append one document."""
         self.add_many(ids, mask, [len(ids)])
 
-    def add_many(self, ids: np.ndarray, mask: np.ndarray, lengths: list[int]) -> None:
-        """Append documents given back to back (one write per file for a whole chunk)."""
+    def add_many(self, ids: np.ndarray, mask: np.ndarray, lengths, rows=None) -> None:
+        """Append documents given back to back (one write per file for a whole chunk); ``rows``: the
+        line / row of each in its input file (-1: not known)."""
         if len(ids) != len(mask) or len(ids) != sum(lengths):
             raise ValueError(f"ids ({len(ids)}), mask ({len(mask)}) and sum(lengths) ({sum(lengths)}) must agree")
         ids = np.asarray(ids)
@@ -146,6 +154,10 @@ class IndexedDatasetBuilder:
             self._files[name].write(buf)
             self._hashes[name].update(buf)
         self._lengths.extend(int(n) for n in lengths)
+        if rows is None:
+            self._rows.extend([-1] * len(lengths))
+        else:
+            self._rows.extend(int(r) for r in rows)
 
     def finish(self, meta: dict) -> Path:
         """Write the index and meta.json, then rename the complete dataset over ``out_dir``."""
@@ -156,12 +168,13 @@ class IndexedDatasetBuilder:
                 f.close()
             offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
             np.cumsum(self._lengths, out=offsets[1:])
-            with open(self.tmp / OFFSETS, "wb") as f:
-                np.save(f, offsets)
-                f.flush()
-                os.fsync(f.fileno())
+            for name, values in ((OFFSETS, offsets), (ROWS, np.frombuffer(self._rows, dtype=np.int64))):
+                with open(self.tmp / name, "wb") as f:
+                    np.save(f, values)
+                    f.flush()
+                    os.fsync(f.fileno())
             digests = {name: h.hexdigest() for name, h in self._hashes.items()}
-            digests[OFFSETS] = file_digest(self.tmp / OFFSETS)
+            digests.update({name: file_digest(self.tmp / name) for name in (OFFSETS, ROWS)})
             meta = {**meta, "token_dtype": self.dtype.name, "vocab_size": self.vocab_size,
                     "num_docs": len(self._lengths), "num_tokens": int(offsets[-1]),
                     "max_token_id": self._max_id if self._lengths else None, "blake2b": digests}
@@ -260,7 +273,10 @@ class IndexedDataset:
 
     @property
     def pad_id(self) -> int:
-        return int(self.meta.get("pad_id", 0))
+        # A pretokenized dataset made without a tokenizer has none: padding is never trained nor
+        # attended across, so any id in range will do.
+        pad = self.meta.get("pad_id")
+        return 0 if pad is None else int(pad)
 
     def special_id(self, name: str) -> Optional[int]:
         value = self.meta.get(name)
@@ -285,7 +301,29 @@ class IndexedDataset:
             raise DatasetError(f"{self.dir}: the dataset holds no documents, nothing to train on; "
                                f"{RERUN} (its summary says why every line was dropped)")
         if vocab_size is not None and self.max_token_id >= vocab_size:
-            raise DatasetError(f"{self.dir}: token id {self.max_token_id} >= model.vocab_size={vocab_size} (the "
-                               f"dataset's tokenizer has {self.meta.get('vocab_size')} tokens); set model.vocab_size "
-                               f"to at least {self.max_token_id + 1} or re-run megasft preprocess with the "
-                               "model's tokenizer")
+            made = (f"the dataset's tokenizer has {self.meta['vocab_size']} tokens" if self.meta.get("tokenizer")
+                    else f"preprocessed without a tokenizer, --vocab-size {self.meta.get('vocab_size')}")
+            bad, where = self.locate_id(vocab_size)
+            largest = f"; the largest is {self.max_token_id}" if bad != self.max_token_id else ""
+            raise DatasetError(f"{self.dir}: token id {bad} >= model.vocab_size={vocab_size} in {where}{largest} "
+                               f"({made}); set model.vocab_size to at least {self.max_token_id + 1}, or re-run "
+                               "megasft preprocess with the model's tokenizer or --vocab-size")
+
+    def locate_id(self, vocab_size: int) -> tuple[int, str]:
+        """(the first id >= vocab_size, where it is: 'document D (input FILE:LINE, token T)'); one pass over
+        the mmap, 16 M tokens at a time (a whole-dataset comparison would allocate a byte per token)."""
+        step, pos = 1 << 24, 0
+        for start in range(0, len(self.tokens), step):
+            hits = np.flatnonzero(self.tokens[start:start + step] >= vocab_size)
+            if len(hits):
+                pos = start + int(hits[0])
+                break
+        d = int(np.searchsorted(self.offsets, pos, side="right")) - 1
+        where = f"document {d}"
+        per_input, inputs = self.meta.get("docs_per_input"), self.meta.get("inputs")
+        if (self.dir / ROWS).is_file() and per_input and inputs and len(per_input) == len(inputs):
+            row = int(np.load(self.dir / ROWS, mmap_mode="r")[d])
+            k = int(np.searchsorted(np.cumsum(per_input), d, side="right"))
+            unit = "row " if inputs[k].endswith((".parquet", ".arrow")) else ""   # as DataError names them
+            where += f" (input {inputs[k]}:{unit}{row}, token {pos - int(self.offsets[d])})"
+        return int(self.tokens[pos]), where

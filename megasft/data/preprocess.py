@@ -1,9 +1,15 @@
-"""Chat JSONL -> indexed dataset, tokenised by a pool of worker processes (logic behind
-``tools/preprocess_data.py``).
+"""Chat records (JSONL, Parquet, Arrow / datasets ``save_to_disk``) -> indexed dataset, tokenised by a
+pool of worker processes (logic behind ``tools/preprocess_data.py``).
 
-Lines are read as bytes in the main process, parsed + rendered + tokenised in chunks by workers
-(each holds its own tokenizer), and written in input order, so the output does not depend on the
-number of workers. Every line ends up in exactly one bucket of the :class:`Summary`: kept, dropped
+Records are read in chunks in the main process (JSONL lines as bytes, table rows as Arrow slices, see
+:mod:`megasft.data.readers`), parsed + rendered + tokenised by workers (each holds its own tokenizer),
+and written in input order, so the output does not depend on the number of workers. Memory is
+bounded whatever the input size: input is streamed, at most ``IN_FLIGHT_PER_WORKER`` chunks per
+worker are read ahead of the writer, and the workers' results go straight to the dataset files
+(one dataset, written by the main process; the per-document index costs 16 bytes a document).
+With a ``cache_dir`` each input file is tokenised into its own cached dataset and the output is
+assembled from them, so a re-run tokenises only the files it has not seen (:mod:`megasft.data.cache`).
+Pretokenized input needs no tokenizer.  Every line ends up in exactly one bucket of the :class:`Summary`: kept, dropped
 by policy (too long, nothing to train) or bad input (an error naming file:line, or a count with
 ``skip_bad``). A run that keeps nothing, or skips more than ``max_bad_fraction`` of its lines as bad,
 is an error, and the output (written atomically, see :mod:`megasft.data.indexed`) is left as it was.
@@ -14,29 +20,35 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections import Counter, deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
-from megasft.data.formats import FORMATS, DataError, Pretokenized, input_files, parse_line, read_lines
+from megasft.data.cache import PreprocessCache, copy_documents, settings_key
+from megasft.data.formats import FORMATS, DataError, Pretokenized, parse_item
 from megasft.data.indexed import DatasetError, IndexedDatasetBuilder, check_replaceable, token_dtype
+from megasft.data.readers import ROW, file_chunks, input_files, is_columnar
+from megasft.data.summary import Summary, check_kept, format_summary, histogram_bucket  # noqa: F401 (re-exported)
 from megasft.data.templates import MASK_MODES, ChatEncoder, get_template
 from megasft.data.tokenizer import load_tokenizer
 
 LONG_POLICIES = ("drop", "truncate")
+IN_FLIGHT_PER_WORKER = 4   # chunks read ahead per worker: enough to keep each busy, a bound on memory
+NEEDS_TOKENIZER = "needs a tokenizer"
 
 
 @dataclass
 class PreprocessOptions:
     inputs: list[str]
-    """JSONL files (plain, .gz or .zst) or directories of them, read in order."""
+    """JSONL files (plain, .gz or .zst), .parquet / .arrow files, datasets save_to_disk directories, or
+    directories of them, read in order."""
     output: str
     """Directory for the indexed dataset."""
-    tokenizer: str
-    """sentencepiece .model, tokenizer.json, or a directory holding one."""
+    tokenizer: Optional[str] = None
+    """sentencepiece .model, tokenizer.json, or a directory holding one; None reads pretokenized input only."""
     template: str = "llama3"
     """llama3 | chatml | jinja (the tokenizer's tokenizer_config.json) | path to a tokenizer_config.json."""
     mask_mode: str = "completion_eot"
@@ -61,6 +73,10 @@ class PreprocessOptions:
     """Lines per work item (one tokenizer call per chunk)."""
     progress: bool = True
     """Draw a progress bar on stderr."""
+    vocab_size: Optional[int] = None
+    """Bound on pretokenized ids (the model's vocab_size); None: the tokenizer's, or none without one."""
+    cache_dir: Optional[str] = None
+    """Per-input-file cache of tokenised datasets (see megasft.data.cache); None: no cache."""
 
     def validate(self) -> None:
         for name, value, choices in (("mask_mode", self.mask_mode, MASK_MODES), ("input_format", self.input_format, FORMATS),
@@ -69,37 +85,22 @@ class PreprocessOptions:
                 raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+        if self.tokenizer is None and self.input_format not in ("auto", "pretokenized"):
+            raise ValueError(f"--format {self.input_format} needs --tokenizer (only pretokenized input_ids records "
+                             "are read without one)")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size={self.vocab_size} must be >= 1")
         input_files(self.inputs)
         check_replaceable(Path(os.path.abspath(self.output)), self.overwrite)
 
 
 @dataclass
-class Summary:
-    read: int = 0
-    kept: int = 0
-    truncated: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    dropped: dict = field(default_factory=dict)
-    """reason -> count: policy drops and, with skip_bad, bad lines."""
-    bad: dict = field(default_factory=dict)
-    """reason -> count of the bad lines alone (a subset of ``dropped``)."""
-    bad_examples: list = field(default_factory=list)
-    """First few skipped bad lines as 'file:line: reason: detail'."""
-    histogram: dict = field(default_factory=dict)
-    """Kept-document length bucket upper bound -> count."""
-    seconds: float = 0.0
-
-    @property
-    def trained_fraction(self) -> float:
-        return self.trained_tokens / max(1, self.tokens)
-
-
-@dataclass
 class ChunkResult:
+    path: str
     ids: np.ndarray
     mask: np.ndarray
     lengths: list
+    rows: list      # line / row of each kept document in its file
     truncated: int
     read: int
     dropped: list  # (reason, "file:line: ..." or None) per dropped line, in input order
@@ -109,12 +110,21 @@ class ChunkResult:
 _WORKER: dict = {}
 
 
+def _load(opts: PreprocessOptions):
+    """(tokenizer, template, vocabulary bound) of a run; the first two are None without a tokenizer."""
+    if opts.tokenizer is None:
+        return None, None, opts.vocab_size
+    tok = load_tokenizer(opts.tokenizer, opts.template)
+    template = get_template(opts.template, tokenizer_config=tok.config)
+    return tok, template, opts.vocab_size if opts.vocab_size is not None else tok.vocab_size
+
+
 def _init_worker(opts: PreprocessOptions) -> None:
     # One tokenising thread per process: the processes are the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tok = load_tokenizer(opts.tokenizer, opts.template)
-    template = get_template(opts.template, tokenizer_config=tok.config)
-    _WORKER.update(opts=opts, tok=tok, encoder=ChatEncoder(tok, template, opts.mask_mode, opts.last_turn_only))
+    tok, template, vocab = _load(opts)
+    encoder = ChatEncoder(tok, template, opts.mask_mode, opts.last_turn_only) if tok is not None else None
+    _WORKER.update(opts=opts, vocab=vocab, encoder=encoder)
 
 
 def _apply_length_policy(ids: np.ndarray, mask: np.ndarray, opts: PreprocessOptions):
@@ -131,22 +141,27 @@ def _apply_length_policy(ids: np.ndarray, mask: np.ndarray, opts: PreprocessOpti
     return ids, mask, False, None
 
 
-def process_chunk(chunk: list) -> ChunkResult:
-    """Parse, render, tokenise and length-filter one chunk of (path, line, bytes)."""
-    opts, tok, encoder = _WORKER["opts"], _WORKER["tok"], _WORKER["encoder"]
-    records: list = []  # (position in chunk, record)
+def process_chunk(chunk) -> ChunkResult:
+    """Parse, render, tokenise and length-filter one chunk (a readers.LinesChunk or TableChunk)."""
+    opts, vocab, encoder = _WORKER["opts"], _WORKER["vocab"], _WORKER["encoder"]
+    path, unit = chunk.path, ROW if is_columnar(chunk.path) else ""
+    records: list = []  # (line, record)
     dropped: list = []
-    for path, line, raw in chunk:
+    for line, item in chunk.records():
         try:
-            records.append((path, line, parse_line(raw, path, line, opts.input_format, tok.vocab_size)))
+            record = parse_item(item, path, line, opts.input_format, vocab, unit)
+            if encoder is None and not isinstance(record, Pretokenized):
+                raise DataError(path, line, NEEDS_TOKENIZER, "a chat record, but no --tokenizer was given (only "
+                                                             "pretokenized input_ids records are read without one)", unit)
+            records.append((line, record))
         except DataError as e:
             if not opts.skip_bad:
                 raise
             dropped.append((line, e.reason, str(e)))
-    conversations = [r for _, _, r in records if not isinstance(r, Pretokenized)]
-    encoded = iter(encoder.encode_many(conversations))
-    ids_out, mask_out, lengths, truncated = [], [], [], 0
-    for path, line, record in records:
+    conversations = [r for _, r in records if not isinstance(r, Pretokenized)]
+    encoded = iter(encoder.encode_many(conversations) if conversations else ())
+    ids_out, mask_out, lengths, rows, truncated = [], [], [], [], 0
+    for line, record in records:
         if isinstance(record, Pretokenized):
             ids, mask = record.input_ids, record.loss_mask.copy()
             mask[0] = 0  # nothing predicts a document's first token
@@ -160,32 +175,15 @@ def process_chunk(chunk: list) -> ChunkResult:
         ids_out.append(ids)
         mask_out.append(mask)
         lengths.append(len(ids))
+        rows.append(line)
     dropped.sort(key=lambda d: d[0])
     cat = (lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt))
     # Ship ids at the dataset's dtype: a quarter of the bytes through the pool's pipe for uint16.
-    return ChunkResult(cat(ids_out, token_dtype(tok.vocab_size)), cat(mask_out, np.uint8), lengths, truncated,
+    return ChunkResult(path, cat(ids_out, token_dtype(vocab)), cat(mask_out, np.uint8), lengths, rows, truncated,
                        len(chunk), [(reason, msg) for _, reason, msg in dropped])
 
 
 # ---------------------------------------------------------------- main side
-def read_chunks(paths: list[str], chunk_lines: int, progress: Optional["Progress"] = None) -> Iterator[list]:
-    chunk: list = []
-    done = 0  # bytes of the files finished
-    for path in paths:
-        for line, raw, consumed in read_lines(path):
-            if progress is not None:
-                progress.bytes_read = done + consumed
-            if not raw.strip():
-                continue  # blank lines are not records
-            chunk.append((path, line, raw))
-            if len(chunk) == chunk_lines:
-                yield chunk
-                chunk = []
-        done += Path(path).stat().st_size
-    if chunk:
-        yield chunk
-
-
 class Progress:
     """A one-line progress bar on stderr, by bytes of input consumed."""
 
@@ -193,78 +191,147 @@ class Progress:
         self.total, self.enabled, self.bytes_read = max(1, total_bytes), enabled, 0
         self.start = self.last = time.perf_counter()
 
-    def update(self, summary: Summary, force: bool = False) -> None:
+    def update(self, read: int, tokens: int, force: bool = False) -> None:
         now = time.perf_counter()
         if not self.enabled or (now - self.last < 0.2 and not force):
             return
         self.last = now
         frac = min(1.0, self.bytes_read / self.total)
         bar = "#" * int(30 * frac)
-        rate = summary.tokens / max(1e-9, now - self.start)
-        sys.stderr.write(f"\r[{bar:<30}] {100 * frac:5.1f}%  {summary.read} conv  {rate / 1e3:8.1f}k tok/s")
+        rate = tokens / max(1e-9, now - self.start)
+        sys.stderr.write(f"\r[{bar:<30}] {100 * frac:5.1f}%  {read} conv  {rate / 1e3:8.1f}k tok/s")
         if force:
             sys.stderr.write("\n")
         sys.stderr.flush()
 
 
-def _histogram_bucket(n: int) -> int:
-    return 1 << max(6, (n - 1).bit_length())  # powers of two from 64
+def read_chunks(files: list[str], chunk_lines: int, progress: Optional[Progress] = None,
+                order: Optional[deque] = None) -> Iterator:
+    """The chunks of every file in order (a chunk never spans two files); ``order`` gets the index in
+    ``files`` of each chunk yielded (a file may be given twice)."""
+    done = 0  # bytes of the files finished
+    for k, path in enumerate(files):
+        def seen(consumed: int, base: int = done) -> None:
+            if progress is not None:
+                progress.bytes_read = base + consumed
+        for chunk in file_chunks(path, chunk_lines, seen):
+            if order is not None:
+                order.append(k)
+            yield chunk
+        done += Path(path).stat().st_size
 
 
-def _counts(counts: dict) -> str:
-    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
-
-
-def check_kept(s: Summary, opts: PreprocessOptions) -> None:
-    """DatasetError for a run whose output must not replace anything: more bad lines than
-    ``max_bad_fraction`` of those read (the wrong file, or a format misread, skipped line by
-    line), or no document kept at all."""
-    n_bad = sum(s.bad.values())
-    if opts.skip_bad and n_bad > opts.max_bad_fraction * s.read:
-        raise DatasetError(f"{n_bad} of {s.read} lines are bad ({n_bad / max(1, s.read):.1%} > --max-bad-fraction "
-                           f"{opts.max_bad_fraction:g}; {_counts(s.bad)}), first {s.bad_examples[0]}; fix the input "
-                           "or raise --max-bad-fraction")
-    if s.kept == 0:
-        dropped = f" ({_counts(s.dropped)})" if s.dropped else ""
-        raise DatasetError(f"no conversation kept of {s.read} read{dropped}: the dataset would be empty; "
-                           "check the input, --format, --mask-mode and --seq-len")
-
-
-def _tokenize_into(builder: IndexedDatasetBuilder, files: list[str], opts: PreprocessOptions,
-                   summary: Summary, hist: Counter) -> None:
-    progress = Progress(sum(Path(p).stat().st_size for p in files), opts.progress)
-    chunks = read_chunks(files, opts.chunk_lines, progress)
+def _results(chunks: Iterator, opts: PreprocessOptions) -> Iterator[ChunkResult]:
+    """process_chunk of every chunk, in order, by a pool holding at most IN_FLIGHT_PER_WORKER chunks
+    per worker (Pool.imap would read ahead without bound, and buffer every result that finishes
+    while an earlier, longer chunk is still being tokenised)."""
     workers = opts.workers or os.cpu_count() or 1
     if workers == 1:
         _init_worker(opts)
-        results = map(process_chunk, chunks)
-        pool = None
-    else:
-        # spawn, not fork: forking a process that runs other threads (torch's pools, a test
-        # runner's queues) can copy a held lock into the child and deadlock the pool.
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(opts,))
-        results = pool.imap(process_chunk, chunks)  # ordered: output order == input order
+        yield from map(process_chunk, chunks)
+        return
+    # spawn, not fork: forking a process that runs other threads (torch's pools, a test
+    # runner's queues) can copy a held lock into the child and deadlock the pool.
+    pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(opts,))
     try:
-        for res in results:
-            builder.add_many(res.ids, res.mask, res.lengths)
-            hist.update(_histogram_bucket(n) for n in res.lengths)
-            summary.read += res.read
-            summary.kept += len(res.lengths)
-            summary.truncated += res.truncated
-            summary.tokens += len(res.ids)
-            summary.trained_tokens += int(res.mask.sum())
-            for reason, message in res.dropped:
-                summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
-                if message is not None:   # a bad line, not a policy drop
-                    summary.bad[reason] = summary.bad.get(reason, 0) + 1
-                    if len(summary.bad_examples) < 10:
-                        summary.bad_examples.append(message)
-            progress.update(summary)
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(process_chunk, (chunk,)))
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    progress.update(summary, force=True)
+        pool.terminate()
+        pool.join()
+
+
+class _FileSink:
+    """Where one input file's documents go, and its summary."""
+
+    def __init__(self, builder: IndexedDatasetBuilder, own: bool) -> None:
+        self.builder, self.own, self.summary, self.hist = builder, own, Summary(files_tokenized=1), Counter()
+
+    def add(self, res: ChunkResult) -> None:
+        s = self.summary
+        self.builder.add_many(res.ids, res.mask, res.lengths, res.rows)
+        self.hist.update(histogram_bucket(n) for n in res.lengths)
+        s.read += res.read
+        s.kept += len(res.lengths)
+        s.truncated += res.truncated
+        s.tokens += len(res.ids)
+        s.trained_tokens += int(res.mask.sum())
+        for reason, message in res.dropped:
+            s.dropped[reason] = s.dropped.get(reason, 0) + 1
+            if message is not None:   # a bad line, not a policy drop
+                s.bad[reason] = s.bad.get(reason, 0) + 1
+                if len(s.bad_examples) < 10:
+                    s.bad_examples.append(message)
+
+    def close(self, path: str) -> Summary:
+        self.summary.histogram = {k: self.hist[k] for k in sorted(self.hist)}
+        if self.own:   # a cache entry: finished on its own, with its summary
+            self.builder.finish({"input": path, "summary": asdict(self.summary)})
+        return self.summary
+
+
+def _tokenize(files: list[str], opts: PreprocessOptions, open_sink, run: Summary) -> list[Summary]:
+    """Tokenise ``files`` (one pool for all), each into ``open_sink(path)``; their summaries, in order."""
+    if not files:
+        return []   # everything came from the cache: no pool, no progress bar
+    progress = Progress(sum(Path(p).stat().st_size for p in files), opts.progress)
+    summaries: list[Summary] = []
+    sinks: dict = {}   # index in files -> sink of a file being written
+    order: deque = deque()   # file index of every chunk read and not yet written (results come in order)
+
+    def close_until(k: int) -> None:   # files before index k are complete (also those without a record)
+        while len(summaries) < k:
+            i = len(summaries)
+            sink = sinks.pop(i, None) or open_sink(files[i])
+            summaries.append(sink.close(files[i]))
+            run.add(summaries[-1])
+    try:
+        for res in _results(read_chunks(files, opts.chunk_lines, progress, order), opts):
+            k = order.popleft()
+            close_until(k)
+            if k not in sinks:
+                sinks[k] = open_sink(files[k])
+            sinks[k].add(res)
+            progress.update(run.read + sinks[k].summary.read, run.tokens + sinks[k].summary.tokens)
+        close_until(len(files))
+    except BaseException:
+        for sink in sinks.values():
+            if sink.own:
+                sink.builder.abort()
+        raise
+    progress.update(run.read, run.tokens, force=True)
+    return summaries
+
+
+def _from_cache(files: list[str], opts: PreprocessOptions, cache: PreprocessCache, vocab,
+                builder: IndexedDatasetBuilder, run: Summary) -> list[int]:
+    """Tokenise the files the cache lacks into new entries, then copy every file's entry into the
+    output, in input order. Returns the kept documents per file."""
+    entries = [cache.entry(p) for p in files]
+    by_path = dict(zip(files, entries))
+    missing = list(dict.fromkeys(p for p, e in zip(files, entries) if cache.load(e) is None))   # each once
+    _tokenize(missing, opts, lambda p: _FileSink(IndexedDatasetBuilder(by_path[p], vocab, overwrite=True), True),
+              Summary())
+    docs = []
+    fresh = set(missing)   # tokenised by this run: the first mention of each counts so, any repeat as cached
+    for path, entry in zip(files, entries):
+        ds = cache.load(entry)
+        if ds is None:
+            raise DatasetError(f"preprocessing cache entry {entry} of {path} vanished or is damaged while in use; "
+                               "re-run (another run may be deleting the cache)")
+        summary = Summary.from_dict(ds.meta["summary"])
+        if path not in fresh:
+            summary.files_tokenized, summary.files_cached = 0, 1
+        fresh.discard(path)
+        run.add(summary)
+        copy_documents(ds, builder)
+        docs.append(len(ds))
+    return docs
 
 
 def preprocess(opts: PreprocessOptions) -> Summary:
@@ -272,44 +339,26 @@ def preprocess(opts: PreprocessOptions) -> Summary:
     output directory is left exactly as it was."""
     opts.validate()
     files = input_files(opts.inputs)
-    tok = load_tokenizer(opts.tokenizer, opts.template)
-    template = get_template(opts.template, tokenizer_config=tok.config)
-    summary, hist = Summary(), Counter()
+    tok, template, vocab = _load(opts)
+    summary = Summary()
     start = time.perf_counter()
-    with IndexedDatasetBuilder(opts.output, tok.vocab_size, overwrite=opts.overwrite) as builder:
-        _tokenize_into(builder, files, opts, summary, hist)
+    with IndexedDatasetBuilder(opts.output, vocab, overwrite=opts.overwrite) as builder:
+        if opts.cache_dir:
+            cache = PreprocessCache(opts.cache_dir, settings_key(opts, tok, template))
+            docs = _from_cache(files, opts, cache, vocab, builder, summary)
+        else:   # every file straight into the output
+            docs = [s.kept for s in _tokenize(files, opts, lambda p: _FileSink(builder, own=False), summary)]
         summary.seconds = time.perf_counter() - start
-        summary.histogram = {k: hist[k] for k in sorted(hist)}
         check_kept(summary, opts)
+        specials = {name: getattr(tok, name) if tok is not None else None
+                    for name in ("bos_id", "eos_id", "eot_id", "pad_id")}
         builder.finish({
             "tokenizer": str(Path(opts.tokenizer).resolve()) if opts.tokenizer else None,
-            "tokenizer_sha256": tok.sha256, "template": template.name,
+            "tokenizer_sha256": tok.sha256 if tok is not None else None,
+            "template": template.name if template is not None else None,
             "mask_mode": opts.mask_mode, "last_turn_only": opts.last_turn_only, "input_format": opts.input_format,
-            "seq_len": opts.seq_len, "long_policy": opts.long_policy, "inputs": files,
-            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "eot_id": tok.eot_id, "pad_id": tok.pad_id,
+            "seq_len": opts.seq_len, "long_policy": opts.long_policy, "inputs": files, "docs_per_input": docs,
+            "cache_dir": str(Path(opts.cache_dir).resolve()) if opts.cache_dir else None, **specials,
             "summary": {**asdict(summary), "trained_fraction": summary.trained_fraction},
         })
     return summary
-
-
-def format_summary(s: Summary) -> str:
-    """The human-readable report printed by the CLI."""
-    lines = [
-        f"conversations read   {s.read:>12,}",
-        f"kept                 {s.kept:>12,}",
-        f"dropped              {sum(s.dropped.values()):>12,}",
-        *[f"  {reason:<34}{n:>8,}" for reason, n in sorted(s.dropped.items())],
-        f"truncated            {s.truncated:>12,}",
-        f"tokens               {s.tokens:>12,}",
-        f"trained tokens       {s.trained_tokens:>12,}",
-        f"trained fraction     {s.trained_fraction:>12.3f}",
-        f"throughput           {s.tokens / max(s.seconds, 1e-9):>12,.0f} tokens/s",
-    ]
-    if s.bad_examples:
-        lines += ["skipped lines (first %d):" % len(s.bad_examples), *[f"  {m}" for m in s.bad_examples]]
-    if s.histogram:
-        lines.append("document length histogram (tokens <= bucket):")
-        peak = max(s.histogram.values())
-        for bucket, n in s.histogram.items():
-            lines.append(f"  {bucket:>7}  {n:>9,}  {'#' * max(1, round(40 * n / peak))}")
-    return "\n".join(lines)
