@@ -12,7 +12,7 @@ QUICK_MODULES = {
     "test_config", "test_layout", "test_tensor_parallel_units", "test_optim_single", "test_optim_lr_schedule",
     "test_presets", "test_planner", "test_data_packing", "test_data_templates", "test_data_loader",
     "test_data_preprocess", "test_data_reliability", "test_data_chat_schema", "test_data_chat_templates",
-    "test_data_epochs", "test_model_init", "test_checkpoint_verify", "test_attention_backends",
+    "test_data_epochs", "test_model_init", "test_checkpoint_verify", "test_attention_backends", "test_data_chat_audit",
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from megasft.data.chat.schema import normalize_record
 from megasft.data.formats import DataError, parse_line
-from megasft.data.templates import CONTENT, EOT, OTHER, REASONING, TOOL_CALL, ChatEncoder, TemplateError, \
+from megasft.data.templates import CONTENT, EOT, HEADER, OTHER, REASONING, TOOL_CALL, ChatEncoder, TemplateError, \
     get_template
 from megasft.data.tokenizer import load_tokenizer
 from tests.chat_cases import family_tokenizer_dir
@@ -79,7 +79,8 @@ def test_content_null_with_tool_calls_is_accepted_and_the_call_is_trained(tok_di
     """Was: content null rejected; content "" kept with the tool call silently dropped."""
     conv = parse_line(json.dumps(RECORD).encode(), "f", 1)
     template = get_template("jinja", load_tokenizer(tok_dir).config)
-    got = [(t, k) for t, k, _ in parts(template, conv) if k != OTHER]
+    got = [(t, k) for t, k, _ in parts(template, conv) if k not in (OTHER, HEADER)]
+    assert [t for t, k, _ in parts(template, conv) if k == HEADER] == ["<|im_start|>assistant\n"] * 2
     assert got == [("<think>\n", CONTENT), ("use add", REASONING), ("\n</think>\n\n", CONTENT),
                    ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', TOOL_CALL),
                    ("<|im_end|>\n", EOT), ("<think>\n", CONTENT), ("the tool said 3", REASONING),
@@ -132,7 +133,7 @@ def test_train_reasoning_policy(tok_dir, policy, expected):
     enc = ChatEncoder(tok, get_template("jinja", tok.config), train_reasoning=policy)
     conv = normalize_record(RECORD)
     (ids, mask, kinds), = enc.encode_parts([conv])
-    trained_reasoning = tok.decode(ids[(kinds == REASONING) & (mask == 1)].tolist())
+    trained_reasoning = tok.decode(ids[(kinds % 8 == REASONING) & (mask == 1)].tolist())
     assert trained_reasoning == "".join(expected)
 
 

@@ -1,14 +1,18 @@
-"""Print documents of an indexed dataset as token | text | label, trained tokens highlighted.
+"""Print documents of an indexed dataset as token | text | label, trained tokens highlighted; or, with
+--audit, the trained-token counts per role and part (whole dataset and per conversation) and the flags of
+megasft.data.audit (exit status 1 when a trained token lies outside an assistant part).
 
 Example:
     python tools/inspect_data.py --data data/train --tokenizer path/to/tokenizer -n 3
+    python tools/inspect_data.py --data data/train --audit
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from megasft.data.indexed import IndexedDataset
+from megasft.data.audit import format_audit, run_audit
+from megasft.data.indexed import DatasetError, IndexedDataset
 from megasft.data.inspect import format_document, format_meta
 from megasft.data.tokenizer import load_tokenizer
 
@@ -21,9 +25,20 @@ def main(argv=None) -> int:
     p.add_argument("--start", type=int, default=0, help="first document index")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens shown per document")
     p.add_argument("--color", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--audit", action="store_true",
+                   help="count trained tokens per role/part and flag masks that train outside assistant parts; "
+                        "-n conversations are listed in full, plus every flagged one (up to 20)")
     args = p.parse_args(argv)
     ds = IndexedDataset(args.data)
     tokenizer = load_tokenizer(args.tokenizer or ds.meta["tokenizer"], ds.meta.get("template"))
+    if args.audit:
+        try:
+            report = run_audit(ds)
+        except DatasetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(format_audit(ds, report, show_docs=args.num, tokenizer=tokenizer))
+        return 1 if report.problems else 0
     color = args.color == "on" or (args.color == "auto" and sys.stdout.isatty())
     print(format_meta(ds))
     for doc in range(args.start, min(len(ds), args.start + args.num)):

@@ -11,7 +11,7 @@ import sys
 
 from megasft.data.formats import FORMATS, UNREADABLE, DataError
 from megasft.data.preprocess import LONG_POLICIES, PreprocessOptions, format_summary, preprocess
-from megasft.data.templates import MASK_MODES, TemplateError
+from megasft.data.templates import MASK_MODES, REASONING_POLICIES, TemplateError
 from megasft.data.tokenizer import TokenizerError
 
 
@@ -23,9 +23,12 @@ def parse_args(argv=None) -> PreprocessOptions:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing dataset at --output (jobs reading it keep the old files)")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model, tokenizer.json, or their directory")
-    p.add_argument("--template", default="llama3", help="llama3 | chatml | jinja | path to tokenizer_config.json")
+    p.add_argument("--template", default="llama3", help="llama3 | chatml | a built-in family (see README) | jinja | path to a tokenizer dir, tokenizer_config.json or .jinja; @NAME picks a named template")
     p.add_argument("--mask-mode", default="completion_eot", choices=MASK_MODES)
     p.add_argument("--last-turn-only", action="store_true", help="train only the last assistant turn")
+    p.add_argument("--train-reasoning", default="all", choices=REASONING_POLICIES,
+                   help="reasoning trained: all (every turn the template renders it for: its own history policy) | "
+                        "last (the last assistant turn's) | none")
     p.add_argument("--format", default="auto", choices=FORMATS, dest="input_format")
     p.add_argument("--seq-len", type=int, default=None, help="longest kept conversation in tokens")
     p.add_argument("--long", default="drop", choices=LONG_POLICIES, dest="long_policy",

@@ -23,7 +23,8 @@ import numpy as np
 
 from megasft.data.formats import FORMATS, DataError, Pretokenized, input_files, parse_line, read_lines
 from megasft.data.indexed import DatasetError, IndexedDatasetBuilder, check_replaceable, token_dtype
-from megasft.data.templates import MASK_MODES, ChatEncoder, get_template
+from megasft.data.chat import parts as part_codes
+from megasft.data.templates import MASK_MODES, REASONING_POLICIES, ChatEncoder, get_template
 from megasft.data.tokenizer import load_tokenizer
 
 LONG_POLICIES = ("drop", "truncate")
@@ -43,6 +44,9 @@ class PreprocessOptions:
     """all | completion | completion_eot."""
     last_turn_only: bool = False
     """Train only the last assistant turn of each conversation."""
+    train_reasoning: str = "all"
+    """Reasoning trained: all (of every turn the template renders it for: its own history policy, e.g. Qwen3
+    renders it only after the last user message) | last (the last assistant turn's) | none."""
     input_format: str = "auto"
     """auto | messages | sharegpt | alpaca | pretokenized."""
     seq_len: Optional[int] = None
@@ -64,7 +68,8 @@ class PreprocessOptions:
 
     def validate(self) -> None:
         for name, value, choices in (("mask_mode", self.mask_mode, MASK_MODES), ("input_format", self.input_format, FORMATS),
-                                     ("long_policy", self.long_policy, LONG_POLICIES)):
+                                     ("long_policy", self.long_policy, LONG_POLICIES),
+                                     ("train_reasoning", self.train_reasoning, REASONING_POLICIES)):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
         if not 0 <= self.max_bad_fraction <= 1:
@@ -88,6 +93,11 @@ class Summary:
     """First few skipped bad lines as 'file:line: reason: detail'."""
     histogram: dict = field(default_factory=dict)
     """Kept-document length bucket upper bound -> count."""
+    parts: dict = field(default_factory=dict)
+    """"role/part" (e.g. "assistant/content", "user/other", "template/other") -> [tokens, trained tokens] of
+    the kept documents (megasft.data.chat.parts)."""
+    not_rendered: dict = field(default_factory=dict)
+    """Fields the template did not render, skipped and counted (e.g. reasoning Qwen3 drops from history)."""
     seconds: float = 0.0
 
     @property
@@ -103,6 +113,8 @@ class ChunkResult:
     truncated: int
     read: int
     dropped: list  # (reason, "file:line: ..." or None) per dropped line, in input order
+    parts: np.ndarray  # uint8 part code per token of ``ids``
+    notes: dict  # fields not rendered -> count, this chunk
 
 
 # ---------------------------------------------------------------- worker side
@@ -114,7 +126,8 @@ def _init_worker(opts: PreprocessOptions) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = load_tokenizer(opts.tokenizer, opts.template)
     template = get_template(opts.template, tokenizer_config=tok.config)
-    _WORKER.update(opts=opts, tok=tok, encoder=ChatEncoder(tok, template, opts.mask_mode, opts.last_turn_only))
+    _WORKER.update(opts=opts, tok=tok, encoder=ChatEncoder(tok, template, opts.mask_mode, opts.last_turn_only,
+                                                           train_reasoning=opts.train_reasoning))
 
 
 def _apply_length_policy(ids: np.ndarray, mask: np.ndarray, opts: PreprocessOptions):
@@ -144,14 +157,16 @@ def process_chunk(chunk: list) -> ChunkResult:
                 raise
             dropped.append((line, e.reason, str(e)))
     conversations = [r for _, _, r in records if not isinstance(r, Pretokenized)]
-    encoded = iter(encoder.encode_many(conversations))
-    ids_out, mask_out, lengths, truncated = [], [], [], 0
+    encoder.notes.clear()
+    encoded = iter(encoder.encode_parts(conversations))
+    ids_out, mask_out, parts_out, lengths, truncated = [], [], [], [], 0
     for path, line, record in records:
         if isinstance(record, Pretokenized):
             ids, mask = record.input_ids, record.loss_mask.copy()
             mask[0] = 0  # nothing predicts a document's first token
+            parts = np.full(len(ids), part_codes.UNATTRIBUTED, dtype=np.uint8)
         else:
-            ids, mask = next(encoded)
+            ids, mask, parts = next(encoded)
         ids, mask, was_truncated, reason = _apply_length_policy(ids, mask, opts)
         truncated += was_truncated
         if reason is not None:
@@ -159,12 +174,14 @@ def process_chunk(chunk: list) -> ChunkResult:
             continue
         ids_out.append(ids)
         mask_out.append(mask)
+        parts_out.append(parts[:len(ids)])
         lengths.append(len(ids))
     dropped.sort(key=lambda d: d[0])
     cat = (lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt))
     # Ship ids at the dataset's dtype: a quarter of the bytes through the pool's pipe for uint16.
     return ChunkResult(cat(ids_out, token_dtype(tok.vocab_size)), cat(mask_out, np.uint8), lengths, truncated,
-                       len(chunk), [(reason, msg) for _, reason, msg in dropped])
+                       len(chunk), [(reason, msg) for _, reason, msg in dropped], cat(parts_out, np.uint8),
+                       dict(encoder.notes))
 
 
 # ---------------------------------------------------------------- main side
@@ -232,6 +249,7 @@ def check_kept(s: Summary, opts: PreprocessOptions) -> None:
 
 def _tokenize_into(builder: IndexedDatasetBuilder, files: list[str], opts: PreprocessOptions,
                    summary: Summary, hist: Counter) -> None:
+    part_tokens, part_trained = np.zeros(256, np.int64), np.zeros(256, np.int64)
     progress = Progress(sum(Path(p).stat().st_size for p in files), opts.progress)
     chunks = read_chunks(files, opts.chunk_lines, progress)
     workers = opts.workers or os.cpu_count() or 1
@@ -246,7 +264,12 @@ def _tokenize_into(builder: IndexedDatasetBuilder, files: list[str], opts: Prepr
         results = pool.imap(process_chunk, chunks)  # ordered: output order == input order
     try:
         for res in results:
-            builder.add_many(res.ids, res.mask, res.lengths)
+            builder.add_many(res.ids, res.mask, res.lengths, res.parts)
+            total, trained = part_codes.count(res.parts, res.mask)
+            part_tokens += total
+            part_trained += trained
+            for note, n in res.notes.items():
+                summary.not_rendered[note] = summary.not_rendered.get(note, 0) + n
             hist.update(_histogram_bucket(n) for n in res.lengths)
             summary.read += res.read
             summary.kept += len(res.lengths)
@@ -265,6 +288,7 @@ def _tokenize_into(builder: IndexedDatasetBuilder, files: list[str], opts: Prepr
             pool.terminate()
             pool.join()
     progress.update(summary, force=True)
+    summary.parts = part_codes.as_table(part_tokens, part_trained)
 
 
 def preprocess(opts: PreprocessOptions) -> Summary:
@@ -276,7 +300,7 @@ def preprocess(opts: PreprocessOptions) -> Summary:
     template = get_template(opts.template, tokenizer_config=tok.config)
     summary, hist = Summary(), Counter()
     start = time.perf_counter()
-    with IndexedDatasetBuilder(opts.output, tok.vocab_size, overwrite=opts.overwrite) as builder:
+    with IndexedDatasetBuilder(opts.output, tok.vocab_size, overwrite=opts.overwrite, parts=True) as builder:
         _tokenize_into(builder, files, opts, summary, hist)
         summary.seconds = time.perf_counter() - start
         summary.histogram = {k: hist[k] for k in sorted(hist)}
@@ -284,7 +308,8 @@ def preprocess(opts: PreprocessOptions) -> Summary:
         builder.finish({
             "tokenizer": str(Path(opts.tokenizer).resolve()) if opts.tokenizer else None,
             "tokenizer_sha256": tok.sha256, "template": template.name,
-            "mask_mode": opts.mask_mode, "last_turn_only": opts.last_turn_only, "input_format": opts.input_format,
+            "mask_mode": opts.mask_mode, "last_turn_only": opts.last_turn_only,
+            "train_reasoning": opts.train_reasoning, "input_format": opts.input_format,
             "seq_len": opts.seq_len, "long_policy": opts.long_policy, "inputs": files,
             "bos_id": tok.bos_id, "eos_id": tok.eos_id, "eot_id": tok.eot_id, "pad_id": tok.pad_id,
             "summary": {**asdict(summary), "trained_fraction": summary.trained_fraction},
@@ -305,6 +330,11 @@ def format_summary(s: Summary) -> str:
         f"trained fraction     {s.trained_fraction:>12.3f}",
         f"throughput           {s.tokens / max(s.seconds, 1e-9):>12,.0f} tokens/s",
     ]
+    if s.not_rendered:
+        lines += ["not rendered by the template (skipped, counted):",
+                  *[f"  {note:<34}{n:>8,}" for note, n in sorted(s.not_rendered.items())]]
+    if s.parts:
+        lines += ["tokens per role/part (trained / all):", *format_parts(s.parts)]
     if s.bad_examples:
         lines += ["skipped lines (first %d):" % len(s.bad_examples), *[f"  {m}" for m in s.bad_examples]]
     if s.histogram:
@@ -313,3 +343,9 @@ def format_summary(s: Summary) -> str:
         for bucket, n in s.histogram.items():
             lines.append(f"  {bucket:>7}  {n:>9,}  {'#' * max(1, round(40 * n / peak))}")
     return "\n".join(lines)
+
+
+def format_parts(table: dict) -> list[str]:
+    """Rows of a {"role/part": [tokens, trained]} table (Summary.parts, the audit)."""
+    return [f"  {name:<28}{trained:>12,} / {tokens:<12,} ({trained / max(1, tokens):6.1%})"
+            for name, (tokens, trained) in table.items()]

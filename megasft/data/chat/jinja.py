@@ -30,8 +30,8 @@ from collections import Counter
 from datetime import datetime
 from typing import Optional
 
-from megasft.data.templates import CONTENT, EOT, LEAD, OTHER, REASONING, TOOL_CALL, ChatTemplate, Segment, \
-    TemplateError
+from megasft.data.templates import CONTENT, EOT, HEADER, LEAD, OTHER, REASONING, TOOL_CALL, ChatTemplate, \
+    Segment, TemplateError
 
 # Strings that end a turn in the families we know, longest first where one prefixes another; the tokenizer's
 # eos is added per template.
@@ -125,7 +125,7 @@ class JinjaTemplate(ChatTemplate):
             # The sentinel literals are those of `messages`: every assistant turn is replaced there anyway.
             other_spans = self._align(other, literals, header, marked, turns, tools)
             for k in having:
-                (h, _, b), (h2, _, b2) = spans[k], other_spans[k]
+                (_, h, _, b), (_, h2, _, b2) = spans[k], other_spans[k]
                 p = _common_prefix(text[h:b], other[h2:b2])
                 s = min(_common_suffix(text[h:b], other[h2:b2]), b - h - p, b2 - h2 - p)
                 if kind == REASONING and f"\x01{k}\x01" not in other[h2:b2]:
@@ -164,8 +164,8 @@ class JinjaTemplate(ChatTemplate):
                                 f"(turns {parts[1::2]} of {len(turns)}); masks cannot be placed")
         return parts[0::2]
 
-    def _align(self, text, literals, header, messages, turns, tools) -> list[tuple[int, int, int]]:
-        """(header end, body start, body end) of each assistant turn in ``text``.
+    def _align(self, text, literals, header, messages, turns, tools) -> list[tuple[int, int, int, int]]:
+        """(header start, header end, body start, body end) of each assistant turn in ``text``.
 
         Each literal before a turn is split where that turn's header starts: the part before it (the
         previous turn's end and the messages in between) must appear verbatim; the header and lead after
@@ -187,7 +187,7 @@ class JinjaTemplate(ChatTemplate):
                     raise TemplateError(f"{self.name}: cannot find where assistant message {turns[k]} ends")
             else:
                 b = len(text) - min(_common_suffix(text[a:], literals[-1]), len(text) - a)
-            out.append((h, a, b))
+            out.append((start, h, a, b))
             pos = b
         return out
 
@@ -209,8 +209,9 @@ class JinjaTemplate(ChatTemplate):
 
     def _segments(self, text, spans, parts) -> list[Segment]:
         segs, pos = [], 0
-        for k, (h, a, b) in enumerate(spans):
-            segs.append(Segment(text[pos:h], OTHER, -1))
+        for k, (g, h, a, b) in enumerate(spans):
+            segs.append(Segment(text[pos:g], OTHER, -1))
+            segs.append(Segment(text[g:h], HEADER, -1))
             segs.append(Segment(text[h:a], LEAD, k))
             cur = a
             for start, end, kind in sorted(parts[k]):
