@@ -13,6 +13,7 @@ QUICK_MODULES = {
     "test_presets", "test_planner", "test_data_packing", "test_data_templates", "test_data_loader",
     "test_data_preprocess", "test_data_reliability", "test_data_chat_schema", "test_data_chat_templates",
     "test_data_epochs", "test_model_init", "test_checkpoint_verify", "test_attention_backends", "test_data_chat_audit",
+    "test_data_chat_families",
 }
 
 

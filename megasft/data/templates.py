@@ -9,9 +9,10 @@ linear in the number of turns (no re-tokenising of prefixes). Segment boundaries
 tokens or at the newline after a role header, both pre-tokenizer split points of BPE tokenizers
 (Llama-3, Qwen), so both ways give the same ids (tested).
 
-Built-ins (plain Python, no Jinja, fast): ``llama3`` (the Meta-Llama-3-Instruct template; Llama-3.1's
-template additionally injects a dated system header: use its tokenizer_config.json for that) and
-``chatml``. Any HF ``chat_template`` is supported through :class:`JinjaTemplate`.
+Built-ins in plain Python (no Jinja, fast): ``llama3`` (the Meta-Llama-3-Instruct template) and ``chatml``.
+The other built-in families (``llama3.1``, ``qwen2.5``, ``qwen3``, ``mistral``, ``gemma3``, ``phi4``,
+``deepseek-v3``, ``gpt-oss``, ...: :mod:`megasft.data.chat.families`) and any HF ``chat_template`` go
+through :class:`megasft.data.chat.jinja.JinjaTemplate`.
 """
 from __future__ import annotations
 
@@ -137,12 +138,16 @@ class ChatMLTemplate(ChatTemplate):
 
 
 def get_template(name: str, tokenizer_config: Optional[dict] = None) -> ChatTemplate:
-    """``llama3`` | ``chatml`` | ``jinja`` (the tokenizer's own template) | a path: a tokenizer directory, its
+    """``llama3`` | ``chatml`` | a built-in family (:data:`megasft.data.chat.families.FAMILIES`) | ``jinja`` (the tokenizer's own template) | a path: a tokenizer directory, its
     tokenizer_config.json, or a ``.jinja`` file. See :func:`megasft.data.chat.sources.read_template`."""
     if name == "llama3":
         return Llama3Template()
     if name == "chatml":
         return ChatMLTemplate()
+    from megasft.data.chat.families import FAMILIES, family_template
+
+    if name in FAMILIES:
+        return family_template(name)
     from megasft.data.chat.jinja import JinjaTemplate
     from megasft.data.chat.sources import read_template
 

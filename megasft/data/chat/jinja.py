@@ -136,22 +136,43 @@ class JinjaTemplate(ChatTemplate):
                                         "not render them; use the model's tool-use chat template")
                 else:
                     parts[k].append((h + p, b - s, kind))
+        self._check_content_with_calls(messages, turns, add_generation_prompt, tools)
         segs = self._segments(text, spans, parts)
         if tag_spans is not None:
             self._check_generation_tags(text, segs, tag_spans, header, messages, turns, tools)
         return segs
+
+    def _check_content_with_calls(self, messages, turns, add_generation_prompt, tools) -> None:
+        """A turn with tool calls and content whose template renders only the calls (Llama-3.1's) loses the
+        content: an error, not a silent drop. One more render, only for conversations with such turns."""
+        both = [k for k, i in enumerate(turns) if messages[i].get("tool_calls") and (messages[i].get("content") or "").strip()]
+        if not both:
+            return
+        marked = list(messages)
+        for k in both:
+            marked[turns[k]] = _marked(messages[turns[k]], "content", f"\x02{k}\x02")
+        text = self._render(_replace(messages, marked), add_generation_prompt, tools)
+        for k in both:
+            if f"\x02{k}\x02" not in text:
+                raise TemplateError(f"{self.name}: message {turns[k]} has content and tool_calls but the template "
+                                    "renders only the tool calls; move the content to a turn of its own or drop it")
 
     def _generation_header(self, messages, first_turn: int, tools) -> str:
         """The text add_generation_prompt appends: the assistant header the model is prompted with."""
         prefix = messages[:first_turn]
         with_prompt = self._render(prefix, True, tools)
         without = self._render(prefix, False, tools)
-        return with_prompt[len(without):] if with_prompt.startswith(without) else ""
+        if with_prompt.startswith(without):
+            return with_prompt[len(without):]
+        eos = self.eos_token  # Phi-3 ends a conversation rendered for training with eos, not a prompt
+        if eos and without.endswith(eos) and with_prompt.startswith(without[:-len(eos)]):
+            return with_prompt[len(without) - len(eos):]
+        return ""
 
     def _literals(self, messages, turns, add_generation_prompt, tools) -> list[str]:
         marked = list(messages)
         for k, i in enumerate(turns):
-            marked[i] = {"role": "assistant", "content": f"\x00{k}\x00"}
+            marked[i] = _sentinel_turn(messages[i], f"\x00{k}\x00")
         try:
             parts = _SENTINEL.split(self._render(marked, add_generation_prompt, tools))
         except TemplateError as e:
@@ -175,14 +196,14 @@ class JinjaTemplate(ChatTemplate):
         out, pos = [], 0
         for k, (lit, (j, header_len)) in enumerate(zip(literals, cuts)):
             stable = lit[:j]
-            if not text.startswith(stable, pos):
+            found, start = self._find_stable(text, stable, pos)
+            if found != pos:
                 raise TemplateError(f"{self.name}: rendered text does not align with the template's text before "
                                     f"assistant message {turns[k]} (char {pos}); masks cannot be placed")
-            start = pos + len(stable)
             c = _common_prefix(text[start:start + len(lit) - j], lit[j:])
             h, a = start + min(c, header_len), start + c
             if k + 1 < len(cuts):
-                b = text.find(literals[k + 1][:cuts[k + 1][0]], a)
+                b, _ = self._find_stable(text, literals[k + 1][:cuts[k + 1][0]], a)
                 if b < 0:
                     raise TemplateError(f"{self.name}: cannot find where assistant message {turns[k]} ends")
             else:
@@ -190,6 +211,23 @@ class JinjaTemplate(ChatTemplate):
             out.append((start, h, a, b))
             pos = b
         return out
+
+    def _find_stable(self, text: str, stable: str, pos: int) -> tuple[int, int]:
+        """(start, end) of the first occurrence of ``stable`` in ``text`` from ``pos``, or (-1, -1). A leading
+        end marker may be another one there: the plain-text stand-in of a turn ends as a reply does, the real
+        turn may not (gpt-oss closes a tool call with <|call|>, a reply with <|end|>)."""
+        j = text.find(stable, pos)
+        best = (j, j + len(stable)) if j >= 0 else (-1, -1)
+        marker = next((m for m in self.end_markers if stable.startswith(m)), None)
+        rest = stable[len(marker):] if marker else ""
+        if rest:
+            i = text.find(rest, pos)
+            while i >= 0 and (best[0] < 0 or i < best[0]):
+                other = next((m for m in self.end_markers if text.endswith(m, pos, i)), None)
+                if other is not None:
+                    return i - len(other), i + len(rest)
+                i = text.find(rest, i + 1)
+        return best
 
     def _header_start(self, literal: str, header: str, prefix, tools) -> tuple[int, int]:
         """(where the turn's header starts in ``literal``, its length)."""
@@ -282,9 +320,22 @@ def _marked(message: dict, key: str, sentinel: str) -> dict:
     out = dict(message)
     if key == "reasoning_content":
         out["reasoning_content"] = out["thinking"] = sentinel
+    elif key == "content":
+        out["content"] = sentinel
     else:
-        del out["tool_calls"]
+        out["replaced_tool_calls"] = out.pop("tool_calls")
         out["content"] = (out.get("content") or "") + sentinel
+    return out
+
+
+def _sentinel_turn(message: dict, sentinel: str) -> dict:
+    """An assistant turn replaced by plain text. Its tool calls, if any, are kept as ``replaced_tool_calls``:
+    templates ignore the key, except those that track calls across messages (a role-alternation check that
+    skips tool-call turns, a tool reply named after the last call), which can read it and render the text
+    around the turn as they do with the calls (megasft's built-in Mistral and gpt-oss templates do)."""
+    out = {"role": "assistant", "content": sentinel}
+    if message.get("tool_calls"):
+        out["replaced_tool_calls"] = message["tool_calls"]
     return out
 
 
