@@ -167,10 +167,13 @@ def test_compiling_is_linear_in_turns(tok_dir):
     calls = []
     original = template._render
     template._render = lambda *a, **k: (calls.append(len(a[0])), original(*a, **k))[1]
-    for turns in (4, 50):
+    for turns in (4, 50, 50):
         calls.clear()
         msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}",
-                 **({"reasoning_content": "r"} if i % 2 else {})} for i in range(turns)]
+                 **({"reasoning_content": "r"} if i % 4 == 1 else {}),
+                 **({"tool_calls": [CALL], "content": None} if i % 4 == 3 else {})} for i in range(turns)]
         template.render(normalize_record({"messages": msgs}))
         full = [n for n in calls if n == turns]
-        assert len(full) == 3 and len(calls) == 5  # text, sentinels, no-reasoning; two renders of the first prompt
+        # text, sentinels, reasoning and calls marked in one; the first prompt's two renders, memoised by its
+        # roles after the first conversation
+        assert len(full) == 3 and len(calls) == (5 if turns == 4 else 3)

@@ -57,4 +57,4 @@ def family_template(name: str):
     from megasft.data.chat.jinja import JinjaTemplate
 
     family = FAMILIES[name]
-    return JinjaTemplate(family.source, name, family.tokens())
+    return JinjaTemplate(family.source, name, family.tokens(), trusted=True)

@@ -62,7 +62,9 @@ def _common_suffix(a: str, b: str) -> int:
 class JinjaTemplate(ChatTemplate):
     """Any HF ``chat_template``, rendered with jinja2 in the environment transformers uses."""
 
-    def __init__(self, source: str, name: str, tokenizer_config: dict) -> None:
+    def __init__(self, source: str, name: str, tokenizer_config: dict, trusted: bool = False) -> None:
+        """``trusted``: megasft's own built-in family templates, rendered without the sandbox (its checks on
+        every attribute access cost a third of a render); any other template is sandboxed, as transformers does."""
         tokens = {k: _token_str(v) for k, v in tokenizer_config.items() if k.endswith("_token")}
         self.variables = {k: v for k, v in tokens.items() if v is not None}
         eos = self.variables.get("eos_token")
@@ -75,7 +77,11 @@ class JinjaTemplate(ChatTemplate):
         self.end_markers = tuple(sorted({*(m for m in END_MARKERS if m in source), *([eos] if eos else [])},
                                         key=len, reverse=True))
         self.has_generation_tags = bool(GENERATION_TAG.search(source))
-        self.env, self.compiled = _compile(source)
+        self.env, self.compiled = _compile(source, trusted)
+        # Per-template memos (a template's behaviour on a key, not on message text): tool lists it was seen
+        # to render, and the generation prompt per role pattern of the messages before the first assistant turn.
+        self._tools_rendered: set = set()
+        self._headers: dict = {}
 
     # ------------------------------------------------------------------ rendering
     def _render(self, messages, add_generation_prompt: bool, tools=None, spans: Optional[list] = None) -> str:
@@ -105,7 +111,7 @@ class JinjaTemplate(ChatTemplate):
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         tag_spans: Optional[list] = [] if self.has_generation_tags and not add_generation_prompt else None
         text = self._render(messages, add_generation_prompt, tools, tag_spans)
-        if tools and text == self._render(messages, add_generation_prompt, None):
+        if tools and not self._renders_tools(text, messages, add_generation_prompt, tools):
             raise TemplateError(f"{self.name}: the record has a 'tools' list but this template does not render "
                                 "tools; use the model's tool-use template (chat_template named 'tool_use') or drop 'tools'")
         if not turns:
@@ -113,39 +119,71 @@ class JinjaTemplate(ChatTemplate):
         header = self._generation_header(messages, turns[0], tools)
         literals = self._literals(messages, turns, add_generation_prompt, tools)
         spans = self._align(text, literals, header, messages, turns, tools)
+        having = {key: [k for k, i in enumerate(turns) if messages[i].get(key)] for key in ("reasoning_content", "tool_calls")}
+        # One render marks the reasoning of every turn and the calls of turns without reasoning; each marked
+        # turn's two renders must then differ by exactly its sentinel (nothing else in the turn moved), else
+        # (or for turns with both) one render per field, which keeps every other turn as it is.
+        both = set(having["reasoning_content"]) & set(having["tool_calls"])
+        combined = {**{k: "tool_calls" for k in having["tool_calls"] if k not in both},
+                    **{k: "reasoning_content" for k in having["reasoning_content"]}}
+        found = self._marked_parts(text, spans, literals, header, messages, turns, add_generation_prompt, tools,
+                                   combined, exact=True) if combined else {}
+        if found is None:
+            found, passes = {}, [{k: key for k in ks} for key, ks in having.items() if ks]
+        else:
+            passes = [{k: "tool_calls" for k in both}] if both else []
+        for marks in passes:
+            for k, got in self._marked_parts(text, spans, literals, header, messages, turns, add_generation_prompt,
+                                             tools, marks, exact=False).items():
+                found.setdefault(k, []).extend(got)
         parts = {k: [] for k in range(len(turns))}   # turn -> [(start, end, kind)]
-        for key, kind in (("reasoning_content", REASONING), ("tool_calls", TOOL_CALL)):
-            having = [k for k, i in enumerate(turns) if messages[i].get(key)]
-            if not having:
-                continue
-            marked = list(messages)
-            for k in having:
-                marked[turns[k]] = _marked(messages[turns[k]], key, f"\x01{k}\x01")
-            other = self._render(_replace(messages, marked), add_generation_prompt, tools)
-            # The sentinel literals are those of `messages`: every assistant turn is replaced there anyway.
-            other_spans = self._align(other, literals, header, marked, turns, tools)
-            for k in having:
-                (_, h, _, b), (_, h2, _, b2) = spans[k], other_spans[k]
-                p = _common_prefix(text[h:b], other[h2:b2])
-                s = min(_common_suffix(text[h:b], other[h2:b2]), b - h - p, b2 - h2 - p)
-                if kind == REASONING and f"\x01{k}\x01" not in other[h2:b2]:
+        for k, got in found.items():
+            for start, end, kind in got:
+                if kind == REASONING and start is None:
                     if notes is not None:
                         notes["reasoning not rendered by the template"] += 1
-                elif b - s <= h + p:
+                elif end <= start:
                     raise TemplateError(f"{self.name}: message {turns[k]} has tool_calls but the template does "
                                         "not render them; use the model's tool-use chat template")
                 else:
-                    parts[k].append((h + p, b - s, kind))
-        self._check_content_with_calls(messages, turns, add_generation_prompt, tools)
+                    parts[k].append((start, end, kind))
+        self._check_content_with_calls(text, spans, messages, turns, add_generation_prompt, tools)
         segs = self._segments(text, spans, parts)
         if tag_spans is not None:
             self._check_generation_tags(text, segs, tag_spans, header, messages, turns, tools)
         return segs
 
-    def _check_content_with_calls(self, messages, turns, add_generation_prompt, tools) -> None:
+    def _marked_parts(self, text, spans, literals, header, messages, turns, add_generation_prompt, tools, marks: dict,
+                      exact: bool) -> Optional[dict]:
+        """turn -> [(start, end, kind)] in ``text`` of the fields ``marks`` (turn -> field) names, found by one
+        render with each replaced by a sentinel (start None: reasoning the template does not render). With
+        ``exact``, None when a marked turn differs by more than its sentinel."""
+        marked = list(messages)
+        for k, key in marks.items():
+            marked[turns[k]] = _marked(messages[turns[k]], key, f"\x01{k}\x01")
+        other = self._render(_replace(messages, marked), add_generation_prompt, tools)
+        # The sentinel literals are those of `messages`: every assistant turn is replaced there anyway.
+        other_spans = self._align(other, literals, header, marked, turns, tools)
+        out = {}
+        for k, key in marks.items():
+            (_, h, _, b), (_, h2, _, b2) = spans[k], other_spans[k]
+            p = _common_prefix(text[h:b], other[h2:b2])
+            s = min(_common_suffix(text[h:b], other[h2:b2]), b - h - p, b2 - h2 - p)
+            sentinel = f"\x01{k}\x01"
+            if exact and other[h2 + p:b2 - s] != (sentinel if sentinel in other[h2:b2] else ""):
+                return None
+            kind = REASONING if key == "reasoning_content" else TOOL_CALL
+            if kind == REASONING and sentinel not in other[h2:b2]:
+                out[k] = [(None, None, kind)]
+            else:
+                out[k] = [(h + p, b - s, kind)]
+        return out
+
+    def _check_content_with_calls(self, text, spans, messages, turns, add_generation_prompt, tools) -> None:
         """A turn with tool calls and content whose template renders only the calls (Llama-3.1's) loses the
         content: an error, not a silent drop. One more render, only for conversations with such turns."""
-        both = [k for k, i in enumerate(turns) if messages[i].get("tool_calls") and (messages[i].get("content") or "").strip()]
+        both = [k for k, i in enumerate(turns) if messages[i].get("tool_calls") and (messages[i].get("content") or "").strip()
+                and messages[i]["content"].strip() not in text[spans[k][2]:spans[k][3]]]   # found verbatim: rendered
         if not both:
             return
         marked = list(messages)
@@ -157,9 +195,30 @@ class JinjaTemplate(ChatTemplate):
                 raise TemplateError(f"{self.name}: message {turns[k]} has content and tool_calls but the template "
                                     "renders only the tool calls; move the content to a turn of its own or drop it")
 
+    def _renders_tools(self, text, messages, add_generation_prompt, tools) -> bool:
+        """Whether the record's tools are in ``text``: a tool name missing from it says no at once; otherwise
+        one render without the tools decides, once per distinct tool list (templates render a tools list
+        whenever they are given one, wherever they put it)."""
+        names = [t.get("function", t).get("name") for t in tools]
+        if any(isinstance(n, str) and n not in text for n in names):
+            return False
+        key = json.dumps(tools, sort_keys=True, default=str)
+        if key not in self._tools_rendered:
+            if text == self._render(messages, add_generation_prompt, None):
+                return False
+            self._tools_rendered.add(key)
+        return True
+
     def _generation_header(self, messages, first_turn: int, tools) -> str:
-        """The text add_generation_prompt appends: the assistant header the model is prompted with."""
+        """The text add_generation_prompt appends: the assistant header the model is prompted with. It depends
+        on the roles before the turn, not on their text (true of every family's template): memoised by them."""
         prefix = messages[:first_turn]
+        key = (tuple((m["role"], bool(m.get("tool_calls"))) for m in prefix), bool(tools))
+        if key not in self._headers:
+            self._headers[key] = self._compute_header(prefix, tools)
+        return self._headers[key]
+
+    def _compute_header(self, prefix, tools) -> str:
         with_prompt = self._render(prefix, True, tools)
         without = self._render(prefix, False, tools)
         if with_prompt.startswith(without):
@@ -345,9 +404,10 @@ def _token_str(value) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def _compile(source: str):
+def _compile(source: str, trusted: bool = False):
     """The environment transformers compiles chat templates in (sandboxed, trim/lstrip blocks, its
-    tojson / raise_exception / strftime_now), with ``{% generation %}`` spans recorded on request."""
+    tojson / raise_exception / strftime_now), with ``{% generation %}`` spans recorded on request;
+    ``trusted`` drops the sandbox (megasft's own templates only)."""
     import jinja2
     from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -375,8 +435,24 @@ def _compile(source: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    class Sandbox(ImmutableSandboxedEnvironment):
+        """transformers' sandbox, with its per-access safety check memoised: the answer depends only on the
+        object's type and the attribute name (jinja2.sandbox.is_internal_attribute and modifies_known_mutable
+        test isinstance and the name), and the check was most of the render time (profiled: ~40%)."""
+
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self._safe: dict = {}
+
+        def is_safe_attribute(self, obj, attr, value) -> bool:
+            key = (type(obj), attr)
+            ok = self._safe.get(key)
+            if ok is None:
+                ok = self._safe[key] = super().is_safe_attribute(obj, attr, value)
+            return ok
+
+    env = (jinja2.Environment if trusted else Sandbox)(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
