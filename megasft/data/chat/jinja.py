@@ -27,9 +27,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from datetime import datetime
 from typing import Optional
 
+from megasft.data.chat.environment import compile_template, json_memo
 from megasft.data.templates import CONTENT, EOT, HEADER, LEAD, OTHER, REASONING, TOOL_CALL, ChatTemplate, \
     Segment, TemplateError
 
@@ -77,7 +77,7 @@ class JinjaTemplate(ChatTemplate):
         self.end_markers = tuple(sorted({*(m for m in END_MARKERS if m in source), *([eos] if eos else [])},
                                         key=len, reverse=True))
         self.has_generation_tags = bool(GENERATION_TAG.search(source))
-        self.env, self.compiled = _compile(source, trusted)
+        self.env, self.compiled = compile_template(source, trusted)
         # Per-template memos (a template's behaviour on a key, not on message text): tool lists it was seen
         # to render, and the generation prompt per role pattern of the messages before the first assistant turn.
         self._tools_rendered: set = set()
@@ -107,6 +107,10 @@ class JinjaTemplate(ChatTemplate):
         return self._render(messages, add_generation_prompt, getattr(messages, "tools", None))
 
     def render(self, messages, add_generation_prompt=False, notes: Optional[Counter] = None) -> list[Segment]:
+        with json_memo(self.env):   # the renders below serialise the same tools and arguments
+            return self._compile_spans(messages, add_generation_prompt, notes)
+
+    def _compile_spans(self, messages, add_generation_prompt, notes) -> list[Segment]:
         tools = getattr(messages, "tools", None)
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         tag_spans: Optional[list] = [] if self.has_generation_tags and not add_generation_prompt else None
@@ -402,59 +406,3 @@ def _token_str(value) -> Optional[str]:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _compile(source: str, trusted: bool = False):
-    """The environment transformers compiles chat templates in (sandboxed, trim/lstrip blocks, its
-    tojson / raise_exception / strftime_now), with ``{% generation %}`` spans recorded on request;
-    ``trusted`` drops the sandbox (megasft's own templates only)."""
-    import jinja2
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationTag(Extension):
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            out = caller()
-            tracker = getattr(self.environment, "generation_tracker", None)
-            if tracker is not None:  # as transformers does: the span starts at the text generated so far
-                blocks, spans = tracker
-                start = len("".join(blocks))
-                spans.append((start, start + len(out)))
-            return out
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    class Sandbox(ImmutableSandboxedEnvironment):
-        """transformers' sandbox, with its per-access safety check memoised: the answer depends only on the
-        object's type and the attribute name (jinja2.sandbox.is_internal_attribute and modifies_known_mutable
-        test isinstance and the name), and the check was most of the render time (profiled: ~40%)."""
-
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self._safe: dict = {}
-
-        def is_safe_attribute(self, obj, attr, value) -> bool:
-            key = (type(obj), attr)
-            ok = self._safe.get(key)
-            if ok is None:
-                ok = self._safe[key] = super().is_safe_attribute(obj, attr, value)
-            return ok
-
-    env = (jinja2.Environment if trusted else Sandbox)(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.generation_tracker = None
-    return env, env.from_string(source)
