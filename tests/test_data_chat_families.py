@@ -110,6 +110,19 @@ def test_tool_call_parts(family, call, eot):
     assert [t for k, t in got if k == C][-1] == "Sunny."
 
 
+def test_reasoning_inside_a_call_keeps_its_kind():
+    """gpt-oss renders a call turn's reasoning (analysis message) only in its tool-call branch: the reasoning is
+    nested in what the calls add, and stays reasoning (so --train-reasoning none leaves it out)."""
+    chat = [TOOL_CHAT[0], {**TOOL_CHAT[1], "reasoning_content": "need tool"}] + TOOL_CHAT[2:]
+    assert parts("gpt-oss", chat, tools=[WEATHER_TOOL])[:6] == [
+        (H, "<|start|>assistant"), (L, "<|channel|>"), (T, "analysis<|message|>"), (R, "need tool"),
+        (T, '<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Oslo"}'),
+        (E, "<|call|>")]
+    assert parts("qwen3", chat, tools=[WEATHER_TOOL])[:6] == [
+        (H, "<|im_start|>assistant\n"), (C, "<think>\n"), (R, "need tool"), (C, "\n</think>\n\n"),
+        (T, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'), (E, "<|im_end|>\n")]
+
+
 def test_refusals_name_the_cause():
     with pytest.raises(TemplateError, match="Tool call IDs should be alphanumeric strings with length 9"):
         parts("mistral", [TOOL_CHAT[0], {**TOOL_CHAT[1], "tool_calls": [{**_call(1), "id": "short"}]}])

@@ -24,6 +24,7 @@ names the turn and both spans if they disagree); they may also cover header text
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections import Counter
@@ -314,15 +315,16 @@ class JinjaTemplate(ChatTemplate):
             segs.append(Segment(text[pos:g], OTHER, -1))
             segs.append(Segment(text[g:h], HEADER, -1))
             segs.append(Segment(text[h:a], LEAD, k))
+            # Paint the body: content, then the parts widest first, so a part inside another keeps its kind
+            # (gpt-oss renders a call turn's reasoning inside what its calls add: the analysis message).
+            kinds = [CONTENT] * (b - a)
+            for start, end, kind in sorted(parts[k], key=lambda p: p[0] - p[1]):
+                kinds[max(start, a) - a:max(min(end, b), a) - a] = [kind] * (max(min(end, b), a) - max(start, a))
             cur = a
-            for start, end, kind in sorted(parts[k]):
-                start = max(start, cur)
-                if start > cur:
-                    segs.append(Segment(text[cur:start], CONTENT, k))
-                if end > start:
-                    segs.append(Segment(text[start:end], kind, k))
-                cur = max(cur, end)
-            segs.append(Segment(text[cur:b], CONTENT, k))
+            for kind, run in itertools.groupby(kinds):
+                n = len(list(run))
+                segs.append(Segment(text[cur:cur + n], kind, k))
+                cur += n
             end = self._end_of_turn(text, b)
             segs.append(Segment(text[b:end], EOT, k))
             pos = end
