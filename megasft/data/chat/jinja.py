@@ -8,14 +8,18 @@ The method (linear in the conversation: a fixed number of full renders, never on
    happens inside the turn; the text between two sentinels is the template's own text for the
    messages in between (they did not change). Splitting at the sentinels gives those literals, and
    finding them in ``F`` in order gives each turn's span: everything between the turn's header and the
-   literal that follows it is what the assistant produced.
+   literal that follows it is what the assistant produced. A replaced turn keeps its calls as
+   ``replaced_tool_calls`` for templates that track calls across messages; a literal's leading end
+   marker may be another one in ``F`` (gpt-oss ends a call with ``<|call|>``, the stand-in with ``<|end|>``).
 3. The header is the generation prompt (``add_generation_prompt`` minus the prompt): text at the end of
    the literal before a turn that the sentinel render adds after it (Mistral's leading space, Qwen3's
    empty ``<think></think>`` on the last turn) is the turn's *lead*, produced by the model at inference.
-4. Reasoning and tool calls are told apart from content the same way: render once with all reasoning
-   (then all tool calls) removed and take, per turn, the difference of the two spans. A field whose
-   removal changes nothing was not rendered: tool calls are then an error, reasoning a counted skip
-   (Qwen3 drops reasoning from turns before the last user query by design).
+4. Reasoning and tool calls are told apart from content the same way: render once with them replaced by
+   sentinels and take, per turn, the difference of the two spans. One render serves both when every
+   marked turn then differs by exactly its sentinel; otherwise (and for a turn with both) one render per
+   field. A field whose removal changes nothing was not rendered: tool calls are then an error, reasoning
+   a counted skip (Qwen3 drops reasoning from turns before the last user query by design). A part nested
+   in another keeps its kind.
 5. The end-of-turn part is the end marker that closes the turn, the newlines after it, and an eos
    the template appends after a final assistant turn (Phi-3).
 
