@@ -330,7 +330,7 @@ class CheckpointConfig:
     """Save with torch.distributed.checkpoint.async_save."""
     export_hf: bool = False
     """After the last step, convert the final checkpoint into a Hugging Face directory <run_dir>/hf
-    (rank 0, streaming, as tools/convert_checkpoint.py megasft-to-hf does)."""
+    (rank 0, streaming, as megasft convert megasft-to-hf does)."""
 
     def root(self, run_dir: str) -> Path:
         """Where checkpoints and `latest` live: `dir`, or <run_dir>/checkpoints."""

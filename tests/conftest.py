@@ -17,6 +17,7 @@ QUICK_MODULES = {
     "test_data_preprocess", "test_data_reliability", "test_data_chat_schema", "test_data_chat_templates",
     "test_data_epochs", "test_data_mixture", "test_model_init", "test_checkpoint_verify", "test_attention_backends",
     "test_model_families_gemma", "test_hf_export", "test_cli", "test_data_formats", "test_data_cache",
+    "test_data_chat_audit", "test_data_chat_families",
 }
 
 # tools/preprocess_data.py caches tokenised inputs in ~/.cache/megasft by default: tests (and the ranks

@@ -9,7 +9,7 @@ import pytest
 
 from megasft.data.chat.schema import normalize_record
 from megasft.data.formats import DataError, parse_line
-from megasft.data.templates import CONTENT, EOT, OTHER, REASONING, TOOL_CALL, ChatEncoder, TemplateError, \
+from megasft.data.templates import CONTENT, EOT, HEADER, OTHER, REASONING, TOOL_CALL, ChatEncoder, TemplateError, \
     get_template
 from megasft.data.tokenizer import load_tokenizer
 from tests.chat_cases import family_tokenizer_dir
@@ -79,7 +79,8 @@ def test_content_null_with_tool_calls_is_accepted_and_the_call_is_trained(tok_di
     """Was: content null rejected; content "" kept with the tool call silently dropped."""
     conv = parse_line(json.dumps(RECORD).encode(), "f", 1)
     template = get_template("jinja", load_tokenizer(tok_dir).config)
-    got = [(t, k) for t, k, _ in parts(template, conv) if k != OTHER]
+    got = [(t, k) for t, k, _ in parts(template, conv) if k not in (OTHER, HEADER)]
+    assert [t for t, k, _ in parts(template, conv) if k == HEADER] == ["<|im_start|>assistant\n"] * 2
     assert got == [("<think>\n", CONTENT), ("use add", REASONING), ("\n</think>\n\n", CONTENT),
                    ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', TOOL_CALL),
                    ("<|im_end|>\n", EOT), ("<think>\n", CONTENT), ("the tool said 3", REASONING),
@@ -132,7 +133,7 @@ def test_train_reasoning_policy(tok_dir, policy, expected):
     enc = ChatEncoder(tok, get_template("jinja", tok.config), train_reasoning=policy)
     conv = normalize_record(RECORD)
     (ids, mask, kinds), = enc.encode_parts([conv])
-    trained_reasoning = tok.decode(ids[(kinds == REASONING) & (mask == 1)].tolist())
+    trained_reasoning = tok.decode(ids[(kinds % 8 == REASONING) & (mask == 1)].tolist())
     assert trained_reasoning == "".join(expected)
 
 
@@ -166,10 +167,13 @@ def test_compiling_is_linear_in_turns(tok_dir):
     calls = []
     original = template._render
     template._render = lambda *a, **k: (calls.append(len(a[0])), original(*a, **k))[1]
-    for turns in (4, 50):
+    for turns in (4, 50, 50):
         calls.clear()
         msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}",
-                 **({"reasoning_content": "r"} if i % 2 else {})} for i in range(turns)]
+                 **({"reasoning_content": "r"} if i % 4 == 1 else {}),
+                 **({"tool_calls": [CALL], "content": None} if i % 4 == 3 else {})} for i in range(turns)]
         template.render(normalize_record({"messages": msgs}))
         full = [n for n in calls if n == turns]
-        assert len(full) == 3 and len(calls) == 5  # text, sentinels, no-reasoning; two renders of the first prompt
+        # text, sentinels, reasoning and calls marked in one; the first prompt's two renders, memoised by its
+        # roles after the first conversation
+        assert len(full) == 3 and len(calls) == (5 if turns == 4 else 3)

@@ -15,7 +15,7 @@ from megasft.commands import HelpFormatter
 from megasft.data.formats import FORMATS, UNREADABLE, DataError
 from megasft.data.cache import default_cache_dir
 from megasft.data.preprocess import LONG_POLICIES, NEEDS_TOKENIZER, PreprocessOptions, format_summary, preprocess
-from megasft.data.templates import MASK_MODES, TemplateError
+from megasft.data.templates import MASK_MODES, REASONING_POLICIES, TemplateError
 from megasft.data.tokenizer import TokenizerError
 
 
@@ -32,9 +32,14 @@ def parse_args(argv=None) -> PreprocessOptions:
                    help="sentencepiece .model, tokenizer.json, or their directory; not needed for pretokenized input")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="bound on pretokenized input_ids (the model's vocab_size; None: the tokenizer's)")
-    p.add_argument("--template", default="llama3", help="llama3 | chatml | jinja | path to tokenizer_config.json")
+    p.add_argument("--template", default="llama3",
+                   help="llama3 | chatml | a built-in family (see README) | jinja | path to a tokenizer dir, "
+                        "tokenizer_config.json or .jinja; @NAME picks a named template")
     p.add_argument("--mask-mode", default="completion_eot", choices=MASK_MODES, help="which tokens are trained")
     p.add_argument("--last-turn-only", action="store_true", help="train only the last assistant turn")
+    p.add_argument("--train-reasoning", default="all", choices=REASONING_POLICIES,
+                   help="reasoning trained: all (every turn the template renders it for: its own history policy) | "
+                        "last (the last assistant turn's) | none")
     p.add_argument("--format", default="auto", choices=FORMATS, dest="input_format",
                    help="record format (auto: told per line from its keys)")
     p.add_argument("--seq-len", type=int, default=None, help="longest kept conversation in tokens (None: no limit)")

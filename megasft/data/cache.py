@@ -2,7 +2,7 @@
 
 An entry is keyed by the blake2b of the input file's bytes and of every setting that changes what
 preprocessing makes of them: the tokenizer file's sha256 and its tokenizer_config.json, the template
-(name and Jinja source), mask mode, last-turn-only, input format, seq_len and long policy, skip-bad,
+(name and Jinja source), mask mode, last-turn-only, train-reasoning, input format, seq_len and long policy, skip-bad,
 the vocabulary bound, and the source code of the modules that parse, render and tokenise. So a re-run
 that adds an input file tokenises only that file; one that changes any setting (or megasft's data
 code) misses every entry and tokenises everything. Nothing is ever invalidated in place: a stale entry
@@ -25,6 +25,7 @@ from typing import Optional
 
 import numpy as np
 
+from megasft.data.chat.parts import UNATTRIBUTED
 from megasft.data.indexed import IndexedDataset, file_digest
 
 # Modules whose code decides the bytes of an entry: a change to any of them is a new key.
@@ -51,7 +52,8 @@ def settings_key(opts, tok, template) -> str:
         "tokenizer_config": tok.config if tok is not None else None,
         "template": template.name if template is not None else None,
         "template_source": getattr(template, "source", None),
-        "mask_mode": opts.mask_mode, "last_turn_only": opts.last_turn_only, "input_format": opts.input_format,
+        "mask_mode": opts.mask_mode, "last_turn_only": opts.last_turn_only,
+        "train_reasoning": opts.train_reasoning, "input_format": opts.input_format,
         "seq_len": opts.seq_len, "long_policy": opts.long_policy, "skip_bad": opts.skip_bad,
         "vocab_size": opts.vocab_size, "code": code_digest(),
     }
@@ -96,5 +98,8 @@ def copy_documents(src: IndexedDataset, builder, max_tokens: int = 1 << 24) -> N
         # Whole documents up to max_tokens (at least one, however long).
         e = max(d + 1, int(np.searchsorted(offsets, offsets[d] + max_tokens, side="right")) - 1)
         a, b = int(offsets[d]), int(offsets[e])
-        builder.add_many(src.tokens[a:b], src.mask[a:b], np.diff(offsets[d:e + 1]), rows[d:e])
+        parts = None
+        if builder.has_parts:   # an entry written without parts (none are) reads as unattributed
+            parts = src.parts[a:b] if src.parts is not None else np.full(b - a, UNATTRIBUTED, dtype=np.uint8)
+        builder.add_many(src.tokens[a:b], src.mask[a:b], np.diff(offsets[d:e + 1]), rows[d:e], parts=parts)
         d = e

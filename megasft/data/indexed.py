@@ -1,10 +1,12 @@
-"""Memory-mapped indexed dataset: one directory, four files.
+"""Memory-mapped indexed dataset: one directory, four files (and two optional ones).
 
 - ``tokens.bin``   token ids of all documents back to back, at the smallest dtype holding vocab_size
                    (uint16 below 65536 — Llama-3's 128k vocabulary needs uint32);
 - ``loss_mask.bin`` one uint8 per token, 1 = trained (a byte, not a bit: any document slice is then a
                    plain mmap view, and it costs less than the tokens themselves);
 - ``doc_offsets.idx`` int64 [n_docs + 1], document d is tokens[off[d]:off[d+1]] (an ``.npy`` file);
+- ``parts.bin``   optional, one uint8 per token: the role and part of the conversation it comes from
+                   (:mod:`megasft.data.chat.parts`), for ``megasft inspect --audit``; training never reads it;
 - ``meta.json``    tokenizer hash, template, mask mode, special ids, counts (incl. dropped reasons),
                    the largest token id and a blake2b digest of each of the data files;
 - ``doc_rows.idx`` (optional) int64 [n_docs], the line / row of each document in its input file
@@ -34,6 +36,7 @@ from typing import Optional
 import numpy as np
 
 TOKENS, MASK, OFFSETS, META, ROWS = "tokens.bin", "loss_mask.bin", "doc_offsets.idx", "meta.json", "doc_rows.idx"
+PARTS = "parts.bin"
 VERIFY_MODES = ("full", "sizes")
 RERUN = "re-run megasft preprocess to rewrite the dataset"
 
@@ -112,7 +115,8 @@ class IndexedDatasetBuilder:
     hidden sibling of ``out_dir`` (hashed as written), renamed over ``out_dir`` by finish. Used as a
     context manager, an exception deletes the partial files and leaves ``out_dir`` untouched."""
 
-    def __init__(self, out_dir: str | Path, vocab_size: Optional[int], overwrite: bool = False) -> None:
+    def __init__(self, out_dir: str | Path, vocab_size: Optional[int], overwrite: bool = False,
+                 parts: bool = False) -> None:
         self.dir, self.overwrite = Path(out_dir), overwrite
         target = Path(os.path.abspath(self.dir))
         check_replaceable(target, overwrite)   # before any work, not after an hour of tokenising
@@ -124,8 +128,9 @@ class IndexedDatasetBuilder:
                           "choose an --output in a writable directory") from None
         self.dtype = token_dtype(vocab_size)
         self.vocab_size = vocab_size
-        self._files = {TOKENS: open(self.tmp / TOKENS, "wb"), MASK: open(self.tmp / MASK, "wb")}
-        self._hashes = {TOKENS: _new_hash(), MASK: _new_hash()}
+        names = (TOKENS, MASK, PARTS) if parts else (TOKENS, MASK)
+        self._files = {name: open(self.tmp / name, "wb") for name in names}
+        self._hashes = {name: _new_hash() for name in names}
         self._lengths = array.array("q")   # 8 bytes a document, not a Python int's 36
         self._rows = array.array("q")
         self._max_id = -1
@@ -137,19 +142,29 @@ class IndexedDatasetBuilder:
         if exc_type is not None:
             self.abort()
 
-    def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
-        """Append one document."""
-        self.add_many(ids, mask, [len(ids)])
+    @property
+    def has_parts(self) -> bool:
+        return PARTS in self._files
 
-    def add_many(self, ids: np.ndarray, mask: np.ndarray, lengths, rows=None) -> None:
+    def add(self, ids: np.ndarray, mask: np.ndarray, parts: Optional[np.ndarray] = None) -> None:
+        """Append one document."""
+        self.add_many(ids, mask, [len(ids)], parts=parts)
+
+    def add_many(self, ids: np.ndarray, mask: np.ndarray, lengths, rows=None,
+                 parts: Optional[np.ndarray] = None) -> None:
         """Append documents given back to back (one write per file for a whole chunk); ``rows``: the
-        line / row of each in its input file (-1: not known)."""
+        line / row of each in its input file (-1: not known); ``parts`` (uint8 per token) is required
+        by a builder made with ``parts=True`` and refused by one without."""
         if len(ids) != len(mask) or len(ids) != sum(lengths):
             raise ValueError(f"ids ({len(ids)}), mask ({len(mask)}) and sum(lengths) ({sum(lengths)}) must agree")
+        if (parts is not None) != (PARTS in self._files) or (parts is not None and len(parts) != len(ids)):
+            raise ValueError(f"parts ({None if parts is None else len(parts)}) must be given, one per token, exactly "
+                             "when the builder was made with parts=True")
         ids = np.asarray(ids)
         if len(ids):
             self._max_id = max(self._max_id, int(ids.max()))   # meta's max_token_id: the vocab check is O(1)
-        for name, data in ((TOKENS, ids.astype(self.dtype, copy=False)), (MASK, np.asarray(mask, dtype=np.uint8))):
+        data = [(TOKENS, ids.astype(self.dtype, copy=False)), (MASK, np.asarray(mask, dtype=np.uint8))]
+        for name, data in data + ([(PARTS, np.asarray(parts, dtype=np.uint8))] if parts is not None else []):
             buf = data.tobytes()
             self._files[name].write(buf)
             self._hashes[name].update(buf)
@@ -208,7 +223,8 @@ def _check_sizes(d: Path, meta: dict, offsets: np.ndarray) -> None:
     if int(offsets[0]) != 0 or int(offsets[-1]) != n_tokens or (len(offsets) > 1 and (np.diff(offsets) < 0).any()):
         raise DatasetError(f"{d / OFFSETS}: offsets run {int(offsets[0])}..{int(offsets[-1])} (or decrease) but "
                            f"{recorded}; the index is corrupt: {RERUN}")
-    for name, want in ((TOKENS, n_tokens * itemsize), (MASK, n_tokens)):
+    optional = [(PARTS, n_tokens)] if PARTS in meta.get("blake2b", {}) else []
+    for name, want in [(TOKENS, n_tokens * itemsize), (MASK, n_tokens)] + optional:
         size = (d / name).stat().st_size
         if size != want:
             raise DatasetError(f"{d / name}: {size} bytes but {recorded} ({want} bytes); the file is truncated "
@@ -247,7 +263,7 @@ class IndexedDataset:
             self.meta: dict = json.loads(meta_file.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise DatasetError(f"{meta_file}: not valid JSON ({e}): {RERUN}") from None
-        for name in (TOKENS, MASK, OFFSETS):
+        for name in (TOKENS, MASK, OFFSETS) + ((PARTS,) if PARTS in self.meta.get("blake2b", {}) else ()):
             if not (self.dir / name).is_file():
                 raise DatasetError(f"{self.dir / name} is missing; the dataset is incomplete: {RERUN}")
         try:
@@ -263,6 +279,10 @@ class IndexedDataset:
         self.tokens = np.memmap(self.dir / TOKENS, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
         self.mask = np.memmap(self.dir / MASK, dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
         self.lengths = np.diff(np.asarray(self.offsets))
+        has_parts = PARTS in self.meta.get("blake2b", {})
+        self.parts: Optional[np.ndarray] = None if not has_parts else \
+            np.memmap(self.dir / PARTS, dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
+        """uint8 per token (role * 8 + part) where preprocessing recorded it, else None."""
 
     def __len__(self) -> int:
         return len(self.lengths)

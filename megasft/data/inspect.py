@@ -47,4 +47,5 @@ def format_meta(dataset: IndexedDataset) -> str:
     s = m.get("summary", {})
     return (f"{dataset.dir}: {m['num_docs']:,} documents, {m['num_tokens']:,} tokens ({m['token_dtype']}), "
             f"template={m.get('template')} mask_mode={m.get('mask_mode')} last_turn_only={m.get('last_turn_only')} "
+            f"train_reasoning={m.get('train_reasoning', 'all')} "
             f"trained fraction={s.get('trained_fraction', float('nan')):.3f}")

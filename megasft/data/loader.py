@@ -79,7 +79,7 @@ class PackedLoader:
         if too_long.any():
             d = int(self.doc_indices[np.flatnonzero(too_long)[0]])
             raise ValueError(f"{self.dataset.dir}: document {d} has {int(self.dataset.lengths[d])} tokens > "
-                             f"seq_len={seq_len}; re-run preprocess_data.py with --seq-len {seq_len}")
+                             f"seq_len={seq_len}; re-run megasft preprocess with --seq-len {seq_len}")
         self.pad_id = self.dataset.pad_id
         self.epochs, self.epoch_tail = epochs, epoch_tail
         self.state = LoaderState()

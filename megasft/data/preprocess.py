@@ -1,5 +1,5 @@
 """Chat records (JSONL, Parquet, Arrow / datasets ``save_to_disk``) -> indexed dataset, tokenised by a
-pool of worker processes (logic behind ``tools/preprocess_data.py``).
+pool of worker processes (logic behind ``megasft preprocess``).
 
 Records are read in chunks in the main process (JSONL lines as bytes, table rows as Arrow slices, see
 :mod:`megasft.data.readers`), parsed + rendered + tokenised by workers (each holds its own tokenizer),
@@ -31,8 +31,10 @@ from megasft.data.cache import PreprocessCache, copy_documents, settings_key
 from megasft.data.formats import FORMATS, DataError, Pretokenized, parse_item
 from megasft.data.indexed import DatasetError, IndexedDatasetBuilder, check_replaceable, token_dtype
 from megasft.data.readers import ROW, file_chunks, input_files, is_columnar
-from megasft.data.summary import Summary, check_kept, format_summary, histogram_bucket  # noqa: F401 (re-exported)
-from megasft.data.templates import MASK_MODES, ChatEncoder, get_template
+from megasft.data.summary import (Summary, check_kept, format_parts, format_summary,  # noqa: F401 (re-exported)
+                                  histogram_bucket)
+from megasft.data.chat import parts as part_codes
+from megasft.data.templates import MASK_MODES, REASONING_POLICIES, ChatEncoder, get_template
 from megasft.data.tokenizer import load_tokenizer
 
 LONG_POLICIES = ("drop", "truncate")
@@ -55,6 +57,9 @@ class PreprocessOptions:
     """all | completion | completion_eot."""
     last_turn_only: bool = False
     """Train only the last assistant turn of each conversation."""
+    train_reasoning: str = "all"
+    """Reasoning trained: all (of every turn the template renders it for: its own history policy, e.g. Qwen3
+    renders it only after the last user message) | last (the last assistant turn's) | none."""
     input_format: str = "auto"
     """auto | messages | sharegpt | alpaca | pretokenized."""
     seq_len: Optional[int] = None
@@ -80,7 +85,8 @@ class PreprocessOptions:
 
     def validate(self) -> None:
         for name, value, choices in (("mask_mode", self.mask_mode, MASK_MODES), ("input_format", self.input_format, FORMATS),
-                                     ("long_policy", self.long_policy, LONG_POLICIES)):
+                                     ("long_policy", self.long_policy, LONG_POLICIES),
+                                     ("train_reasoning", self.train_reasoning, REASONING_POLICIES)):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
         if not 0 <= self.max_bad_fraction <= 1:
@@ -104,6 +110,8 @@ class ChunkResult:
     truncated: int
     read: int
     dropped: list  # (reason, "file:line: ..." or None) per dropped line, in input order
+    parts: np.ndarray  # uint8 part code per token of ``ids``
+    notes: dict  # fields not rendered -> count, this chunk
 
 
 # ---------------------------------------------------------------- worker side
@@ -123,7 +131,8 @@ def _init_worker(opts: PreprocessOptions) -> None:
     # One tokenising thread per process: the processes are the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok, template, vocab = _load(opts)
-    encoder = ChatEncoder(tok, template, opts.mask_mode, opts.last_turn_only) if tok is not None else None
+    encoder = None if tok is None else ChatEncoder(tok, template, opts.mask_mode, opts.last_turn_only,
+                                                   train_reasoning=opts.train_reasoning)
     _WORKER.update(opts=opts, vocab=vocab, encoder=encoder)
 
 
@@ -159,14 +168,17 @@ def process_chunk(chunk) -> ChunkResult:
                 raise
             dropped.append((line, e.reason, str(e)))
     conversations = [r for _, r in records if not isinstance(r, Pretokenized)]
-    encoded = iter(encoder.encode_many(conversations) if conversations else ())
-    ids_out, mask_out, lengths, rows, truncated = [], [], [], [], 0
+    if encoder is not None:
+        encoder.notes.clear()
+    encoded = iter(encoder.encode_parts(conversations) if conversations else ())
+    ids_out, mask_out, parts_out, lengths, rows, truncated = [], [], [], [], [], 0
     for line, record in records:
         if isinstance(record, Pretokenized):
             ids, mask = record.input_ids, record.loss_mask.copy()
             mask[0] = 0  # nothing predicts a document's first token
+            parts = np.full(len(ids), part_codes.UNATTRIBUTED, dtype=np.uint8)
         else:
-            ids, mask = next(encoded)
+            ids, mask, parts = next(encoded)
         ids, mask, was_truncated, reason = _apply_length_policy(ids, mask, opts)
         truncated += was_truncated
         if reason is not None:
@@ -174,13 +186,15 @@ def process_chunk(chunk) -> ChunkResult:
             continue
         ids_out.append(ids)
         mask_out.append(mask)
+        parts_out.append(parts[:len(ids)])
         lengths.append(len(ids))
         rows.append(line)
     dropped.sort(key=lambda d: d[0])
     cat = (lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt))
     # Ship ids at the dataset's dtype: a quarter of the bytes through the pool's pipe for uint16.
     return ChunkResult(path, cat(ids_out, token_dtype(vocab)), cat(mask_out, np.uint8), lengths, rows, truncated,
-                       len(chunk), [(reason, msg) for _, reason, msg in dropped])
+                       len(chunk), [(reason, msg) for _, reason, msg in dropped], cat(parts_out, np.uint8),
+                       dict(encoder.notes) if encoder is not None else {})
 
 
 # ---------------------------------------------------------------- main side
@@ -251,10 +265,16 @@ class _FileSink:
 
     def __init__(self, builder: IndexedDatasetBuilder, own: bool) -> None:
         self.builder, self.own, self.summary, self.hist = builder, own, Summary(files_tokenized=1), Counter()
+        self.part_tokens, self.part_trained = np.zeros(256, np.int64), np.zeros(256, np.int64)
 
     def add(self, res: ChunkResult) -> None:
         s = self.summary
-        self.builder.add_many(res.ids, res.mask, res.lengths, res.rows)
+        self.builder.add_many(res.ids, res.mask, res.lengths, res.rows, parts=res.parts)
+        total, trained = part_codes.count(res.parts, res.mask)
+        self.part_tokens += total
+        self.part_trained += trained
+        for note, n in res.notes.items():
+            s.not_rendered[note] = s.not_rendered.get(note, 0) + n
         self.hist.update(histogram_bucket(n) for n in res.lengths)
         s.read += res.read
         s.kept += len(res.lengths)
@@ -270,6 +290,7 @@ class _FileSink:
 
     def close(self, path: str) -> Summary:
         self.summary.histogram = {k: self.hist[k] for k in sorted(self.hist)}
+        self.summary.parts = part_codes.as_table(self.part_tokens, self.part_trained)
         if self.own:   # a cache entry: finished on its own, with its summary
             self.builder.finish({"input": path, "summary": asdict(self.summary)})
         return self.summary
@@ -315,7 +336,8 @@ def _from_cache(files: list[str], opts: PreprocessOptions, cache: PreprocessCach
     entries = [cache.entry(p) for p in files]
     by_path = dict(zip(files, entries))
     missing = list(dict.fromkeys(p for p, e in zip(files, entries) if cache.load(e) is None))   # each once
-    _tokenize(missing, opts, lambda p: _FileSink(IndexedDatasetBuilder(by_path[p], vocab, overwrite=True), True),
+    _tokenize(missing, opts, lambda p: _FileSink(IndexedDatasetBuilder(by_path[p], vocab, overwrite=True,
+                                                                       parts=True), True),
               Summary())
     docs = []
     fresh = set(missing)   # tokenised by this run: the first mention of each counts so, any repeat as cached
@@ -342,7 +364,7 @@ def preprocess(opts: PreprocessOptions) -> Summary:
     tok, template, vocab = _load(opts)
     summary = Summary()
     start = time.perf_counter()
-    with IndexedDatasetBuilder(opts.output, vocab, overwrite=opts.overwrite) as builder:
+    with IndexedDatasetBuilder(opts.output, vocab, overwrite=opts.overwrite, parts=True) as builder:
         if opts.cache_dir:
             cache = PreprocessCache(opts.cache_dir, settings_key(opts, tok, template))
             docs = _from_cache(files, opts, cache, vocab, builder, summary)
@@ -356,8 +378,8 @@ def preprocess(opts: PreprocessOptions) -> Summary:
             "tokenizer": str(Path(opts.tokenizer).resolve()) if opts.tokenizer else None,
             "tokenizer_sha256": tok.sha256 if tok is not None else None,
             "template": template.name if template is not None else None,
-            "mask_mode": opts.mask_mode, "last_turn_only": opts.last_turn_only, "input_format": opts.input_format,
-            "seq_len": opts.seq_len, "long_policy": opts.long_policy, "inputs": files, "docs_per_input": docs,
+            "mask_mode": opts.mask_mode, "last_turn_only": opts.last_turn_only,
+            "train_reasoning": opts.train_reasoning, "input_format": opts.input_format, "seq_len": opts.seq_len, "long_policy": opts.long_policy, "inputs": files, "docs_per_input": docs,
             "cache_dir": str(Path(opts.cache_dir).resolve()) if opts.cache_dir else None, **specials,
             "summary": {**asdict(summary), "trained_fraction": summary.trained_fraction},
         })

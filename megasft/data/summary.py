@@ -1,5 +1,5 @@
-"""The report of a preprocessing run: what was read, kept, dropped (and why), the length histogram,
-and the rule that a run with too much bad input, or nothing kept, writes nothing."""
+"""The report of a preprocessing run: what was read, kept, dropped (and why), tokens per role and
+part (trained / all), what the template did not render, the length histogram, and the rule that a run with too much bad input, or nothing kept, writes nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,6 +22,11 @@ class Summary:
     """First few skipped bad lines as 'file:line: reason: detail'."""
     histogram: dict = field(default_factory=dict)
     """Kept-document length bucket upper bound -> count."""
+    parts: dict = field(default_factory=dict)
+    """"role/part" (e.g. "assistant/content", "user/other", "template/other") -> [tokens, trained tokens] of
+    the kept documents (megasft.data.chat.parts)."""
+    not_rendered: dict = field(default_factory=dict)
+    """Fields the template did not render, skipped and counted (e.g. reasoning Qwen3 drops from history)."""
     seconds: float = 0.0
     files_tokenized: int = 0
     files_cached: int = 0
@@ -35,9 +40,13 @@ class Summary:
         """Fold one file's summary into the run's (counts add up; the first bad examples are kept)."""
         for name in ("read", "kept", "truncated", "tokens", "trained_tokens", "files_tokenized", "files_cached"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for mine, theirs in ((self.dropped, other.dropped), (self.bad, other.bad)):
+        for mine, theirs in ((self.dropped, other.dropped), (self.bad, other.bad),
+                             (self.not_rendered, other.not_rendered)):
             for reason, n in theirs.items():
                 mine[reason] = mine.get(reason, 0) + n
+        for name, (tokens, trained) in other.parts.items():
+            have = self.parts.get(name, [0, 0])
+            self.parts[name] = [have[0] + tokens, have[1] + trained]
         self.bad_examples += other.bad_examples[:10 - len(self.bad_examples)]
         for bucket, n in other.histogram.items():
             self.histogram[int(bucket)] = self.histogram.get(int(bucket), 0) + n
@@ -87,6 +96,11 @@ def format_summary(s: Summary) -> str:
     ]
     if s.files_cached:
         lines.append(f"input files          {s.files_tokenized:>12,} tokenised, {s.files_cached:,} from the cache")
+    if s.not_rendered:
+        lines += ["not rendered by the template (skipped, counted):",
+                  *[f"  {note:<34}{n:>8,}" for note, n in sorted(s.not_rendered.items())]]
+    if s.parts:
+        lines += ["tokens per role/part (trained / all):", *format_parts(s.parts)]
     if s.bad_examples:
         lines += ["skipped lines (first %d):" % len(s.bad_examples), *[f"  {m}" for m in s.bad_examples]]
     if s.histogram:
@@ -95,3 +109,9 @@ def format_summary(s: Summary) -> str:
         for bucket, n in s.histogram.items():
             lines.append(f"  {bucket:>7}  {n:>9,}  {'#' * max(1, round(40 * n / peak))}")
     return "\n".join(lines)
+
+
+def format_parts(table: dict) -> list[str]:
+    """Rows of a {"role/part": [tokens, trained]} table (Summary.parts, the audit)."""
+    return [f"  {name:<28}{trained:>12,} / {tokens:<12,} ({trained / max(1, tokens):6.1%})"
+            for name, (tokens, trained) in table.items()]

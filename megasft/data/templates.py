@@ -9,9 +9,10 @@ linear in the number of turns (no re-tokenising of prefixes). Segment boundaries
 tokens or at the newline after a role header, both pre-tokenizer split points of BPE tokenizers
 (Llama-3, Qwen), so both ways give the same ids (tested).
 
-Built-ins (plain Python, no Jinja, fast): ``llama3`` (the Meta-Llama-3-Instruct template; Llama-3.1's
-template additionally injects a dated system header: use its tokenizer_config.json for that) and
-``chatml``. Any HF ``chat_template`` is supported through :class:`JinjaTemplate`.
+Built-ins in plain Python (no Jinja, fast): ``llama3`` (the Meta-Llama-3-Instruct template) and ``chatml``.
+The other built-in families (``llama3.1``, ``qwen2.5``, ``qwen3``, ``mistral``, ``gemma3``, ``phi4``,
+``deepseek-v3``, ``gpt-oss``, ...: :mod:`megasft.data.chat.families`) and any HF ``chat_template`` go
+through :class:`megasft.data.chat.jinja.JinjaTemplate`.
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ REASONING_POLICIES = ("all", "last", "none")
 # Segment kinds. The parts of an assistant turn: the lead (text the template puts between the generation
 # prompt and the content, which the model produces at inference: Mistral's space, Qwen3's empty <think>),
 # its reasoning, content, tool calls, and the end-of-turn marker closing it.
-OTHER, CONTENT, EOT, REASONING, TOOL_CALL, LEAD = 0, 1, 2, 3, 4, 5
+# HEADER is the generation prompt opening an assistant turn (prompt text, trained only with mask_mode=all).
+OTHER, CONTENT, EOT, REASONING, TOOL_CALL, LEAD, HEADER = 0, 1, 2, 3, 4, 5, 6
 PART_NAMES = {OTHER: "other", CONTENT: "content", EOT: "end-of-turn", REASONING: "reasoning",
-              TOOL_CALL: "tool call", LEAD: "lead"}
+              TOOL_CALL: "tool call", LEAD: "lead", HEADER: "header"}
 
 # The chat_template of Meta-Llama-3-8B-Instruct's tokenizer_config.json, which Llama3Template reproduces
 # without Jinja (benchmarks compare against transformers rendering it).
@@ -47,8 +49,8 @@ class TemplateError(ValueError):
 
 class Segment(NamedTuple):
     text: str
-    kind: int  # OTHER, or the assistant part it belongs to (CONTENT, REASONING, TOOL_CALL, LEAD, EOT)
-    turn: int  # index of the assistant turn for its parts, -1 otherwise
+    kind: int  # OTHER, HEADER, or the assistant part it belongs to (CONTENT, REASONING, TOOL_CALL, LEAD, EOT)
+    turn: int  # index of the assistant turn for its parts, -1 otherwise (OTHER, HEADER)
 
 
 @dataclass
@@ -98,7 +100,8 @@ class Llama3Template(ChatTemplate):
         for m in messages:
             # Role headers and end-of-turn markers are their own segments: identical across turns and
             # conversations, so ChatEncoder tokenises them once (see its cache).
-            segs.append(Segment(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", OTHER, -1))
+            header = Segment(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", OTHER, -1)
+            segs.append(header._replace(kind=HEADER) if m["role"] == "assistant" else header)
             if m["role"] == "assistant":
                 segs += [Segment(m["content"].strip(), CONTENT, turn), Segment("<|eot_id|>", EOT, turn)]
                 turn += 1
@@ -120,7 +123,8 @@ class ChatMLTemplate(ChatTemplate):
         segs = []
         turn = 0
         for m in messages:
-            segs.append(Segment(f"<|im_start|>{m['role']}\n", OTHER, -1))
+            header = Segment(f"<|im_start|>{m['role']}\n", OTHER, -1)
+            segs.append(header._replace(kind=HEADER) if m["role"] == "assistant" else header)
             if m["role"] == "assistant":
                 # The newline after <|im_end|> completes the turn: trained with it, as the Jinja path and
                 # the Qwen training templates do.
@@ -134,12 +138,16 @@ class ChatMLTemplate(ChatTemplate):
 
 
 def get_template(name: str, tokenizer_config: Optional[dict] = None) -> ChatTemplate:
-    """``llama3`` | ``chatml`` | ``jinja`` (the tokenizer's own template) | a path: a tokenizer directory, its
+    """``llama3`` | ``chatml`` | a built-in family (:data:`megasft.data.chat.families.FAMILIES`) | ``jinja`` (the tokenizer's own template) | a path: a tokenizer directory, its
     tokenizer_config.json, or a ``.jinja`` file. See :func:`megasft.data.chat.sources.read_template`."""
     if name == "llama3":
         return Llama3Template()
     if name == "chatml":
         return ChatMLTemplate()
+    from megasft.data.chat.families import FAMILIES, family_template
+
+    if name in FAMILIES:
+        return family_template(name)
     from megasft.data.chat.jinja import JinjaTemplate
     from megasft.data.chat.sources import read_template
 
@@ -175,7 +183,7 @@ class ChatEncoder:
 
     def _trained(self, seg: Segment, last_turn: int, flag: Optional[bool]) -> bool:
         """The mask policy for one segment; ``flag`` is the turn's own train / weight (None: not given)."""
-        if seg.kind == OTHER:
+        if seg.kind in (OTHER, HEADER):
             return self.mask_mode == "all"
         if flag is False:
             return False
@@ -197,31 +205,43 @@ class ChatEncoder:
         return [(ids, mask) for ids, mask, _ in self.encode_parts(conversations)]
 
     def encode_parts(self, conversations: Sequence[Sequence[dict]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(ids, mask, part kind per token) per conversation: the kinds let an audit count trained tokens
-        per part (content, reasoning, tool call, lead, end-of-turn, other)."""
+        """(ids, mask, part code per token) per conversation; the codes (``role * 8 + kind``, see
+        :mod:`megasft.data.chat.parts`) let an audit count trained tokens per role and part."""
+        from megasft.data.chat import parts
+
         rendered = [self.render(c) for c in conversations]
+        whole = self._whole_text()
+        if whole:  # finer pieces: template text split by role (the ids do not depend on the split)
+            pieces = [parts.runs(segs, conv) for (segs, _), conv in zip(rendered, conversations)]
+        else:      # segment by segment the split would change the ids: template text keeps role 0
+            pieces = [[(s.text, parts.code(parts.ASSISTANT if s.turn >= 0 or s.kind == HEADER else 0, s.kind), i)
+                       for i, s in enumerate(segs)] for segs, _ in rendered]
         out = []
-        for (segs, turn_flags), (ids, counts) in zip(rendered, self._encode_rendered([segs for segs, _ in rendered])):
+        for (segs, turn_flags), runs, (ids, counts) in zip(rendered, pieces,
+                                                           self._encode_texts([[r[0] for r in rs] for rs in pieces])):
             last_turn = max((s.turn for s in segs), default=-1)
-            flags = [self._trained(s, last_turn, turn_flags[s.turn] if s.turn >= 0 else None) for s in segs]
-            mask = np.repeat(np.array(flags, dtype=np.uint8), counts)
+            flags = np.array([self._trained(s, last_turn, turn_flags[s.turn] if s.turn >= 0 else None) for s in segs],
+                             dtype=np.uint8)
+            mask = np.repeat(flags[[r[2] for r in runs]], counts) if runs else np.zeros(0, np.uint8)
             if len(mask):
                 mask[0] = 0  # nothing predicts a document's first token
-            out.append((ids, mask, np.repeat(np.array([s.kind for s in segs], dtype=np.uint8), counts)))
+            out.append((ids, mask, np.repeat(np.array([r[1] for r in runs], dtype=np.uint8), counts)))
         return out
 
-    def _encode_rendered(self, rendered: list[list[Segment]]):
-        """(ids, tokens per segment) per conversation."""
-        whole = self.whole_text if self.whole_text is not None else hasattr(self.tokenizer, "encode_joined")
-        if whole:  # tokenise each conversation's text once (HF); the tokenizer reports tokens per segment
-            yield from self.tokenizer.encode_joined([[s.text for s in segs] for segs in rendered])
+    def _whole_text(self) -> bool:
+        return self.whole_text if self.whole_text is not None else hasattr(self.tokenizer, "encode_joined")
+
+    def _encode_texts(self, rendered: list[list[str]]):
+        """(ids, tokens per text piece) per conversation."""
+        if self._whole_text():  # tokenise each conversation's text once (HF); the tokenizer reports tokens per piece
+            yield from self.tokenizer.encode_joined(rendered)
             return
         # Segment by segment (backends without offsets, e.g. sentencepiece).
-        pieces = self._encode_segments([s.text for segs in rendered for s in segs])
+        pieces = self._encode_segments([t for texts in rendered for t in texts])
         k = 0
-        for segs in rendered:
-            mine = pieces[k:k + len(segs)]
-            k += len(segs)
+        for texts in rendered:
+            mine = pieces[k:k + len(texts)]
+            k += len(texts)
             lengths = [len(p) for p in mine]
             ids = np.fromiter(itertools.chain.from_iterable(mine), dtype=np.int64, count=sum(lengths))
             yield ids, np.array(lengths, dtype=np.int64)
@@ -246,5 +266,5 @@ class ChatEncoder:
         (generate until ``tokenizer.eot_id``)."""
         # Encoded exactly like training data (same segmentation), so a trained prompt prefix has the same ids.
         segs = self.template.render(messages, add_generation_prompt=True)
-        ids, _ = next(iter(self._encode_rendered([segs])))
+        ids, _ = next(iter(self._encode_texts([[s.text for s in segs]])))
         return ids.tolist()

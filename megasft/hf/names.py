@@ -244,7 +244,7 @@ def assemble_canonical(pieces: Iterable[tuple[str, int, int, torch.Tensor]]) -> 
 def gather_hf_state(chunks: list[nn.Module], ps, dtype: torch.dtype = torch.float32):
     """The whole model as HF-named full tensors on the layout's rank 0 (None elsewhere). Collective.
     Meant for small models (it moves every shard through rank 0); large exports stream from a
-    checkpoint with tools/convert_checkpoint.py instead."""
+    checkpoint with megasft convert instead."""
     import torch.distributed as dist
 
     mine = []

@@ -150,7 +150,7 @@ def write_tokenizer_files(tokenizer: str | Path, template_name: str, out: Path,
         except (ImportError, AttributeError) as err:   # no transformers, or one without this converter
             # The weights are written by now: an export at the end of a run must not fail here.
             print(f"megasft: warning: {out / 'tokenizer.json'} not written ({type(err).__name__}: {err}); "
-                  "install transformers>=5 (pip install -e '.[hf]') and re-export with tools/convert_checkpoint.py "
+                  "install transformers>=5 (pip install -e '.[hf]') and re-export with megasft convert "
                   "megasft-to-hf; tokenizer.model is there", flush=True)
     names = special_token_names(tok, template)
     if rust is not None:

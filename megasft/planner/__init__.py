@@ -1,6 +1,6 @@
 """Memory/throughput planner: does a layout fit a cluster, how fast will it run, which is best.
 
-Library entry points (``tools/plan.py`` is a thin CLI over them):
+Library entry points (``megasft plan`` is a thin CLI over them):
 
     plan(cfg, cluster, assumptions) -> Plan          per-stage memory, bubble, FLOPs, comm, step time, MFU
     check_fits(plan) -> Plan                         raises PlanError naming the overflowing number

@@ -21,7 +21,7 @@ def format_layout(plan: Plan) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    """The full breakdown ``tools/plan.py`` prints for one layout."""
+    """The full breakdown ``megasft plan`` prints for one layout."""
     cluster, m = plan.cluster, plan.config.model
     gpu = cluster.gpu
     worst = plan.worst

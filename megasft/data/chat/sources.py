@@ -66,8 +66,10 @@ def read_template(name: str, tokenizer_config: Optional[dict] = None) -> tuple[s
                 named_templates(config.get("chat_template"))
             origin = str(path)
         else:
-            raise TemplateError(f"template {name!r} is not one of llama3, chatml, jinja, nor an existing tokenizer "
-                                "directory, tokenizer_config.json or .jinja file")
+            from megasft.data.chat.families import FAMILIES
+
+            raise TemplateError(f"template {name!r} is not a built-in (llama3, chatml, {', '.join(FAMILIES)}), nor "
+                                "jinja, nor an existing tokenizer directory, tokenizer_config.json or .jinja file")
     if not found:
         raise TemplateError(f"{origin} has no chat template: save one as {TEMPLATE_FILE} next to the tokenizer, "
                             "or pass --template llama3 | chatml | a .jinja file")
