@@ -164,7 +164,7 @@ def decode(model: LlamaStage, prompt: Sequence[int], stop_ids, sampling: Samplin
     """Generate after `prompt` until a stop id, max_new_tokens or the model's context length.
     With the KV cache each step feeds only the newest token; without it, the whole sequence.
     `on_token(tokens so far)` is called after each new token (streaming output)."""
-    device = model._inv_freq.device
+    device = next(model.parameters()).device
     vocab, limit = model.cfg.vocab_size, model.cfg.max_position_embeddings
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
     cache = KVCache() if use_cache else None

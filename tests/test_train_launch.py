@@ -35,5 +35,6 @@ def test_start_up_errors_are_one_line_under_the_launcher(data, tmp_path):
     out = megasft_train(*train_args(data, tmp_path / "b", "model.vocab_size=500"))
     assert out.returncode == 2
     assert out.stderr.splitlines() == [
-        f"megasft.train: {data}: token id 1002 >= model.vocab_size=500 (the dataset's tokenizer has 1003 tokens); "
-        "set model.vocab_size to at least 1003 or re-run megasft preprocess with the model's tokenizer"], out.stderr
+        f"megasft.train: {data}: token id 639 >= model.vocab_size=500 in document 0; the largest is 1002 "
+        "(preprocessed without a tokenizer, --vocab-size 1003); set model.vocab_size to at least 1003, or re-run "
+        "megasft preprocess with the model's tokenizer or --vocab-size"], out.stderr
