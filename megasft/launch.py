@@ -62,7 +62,10 @@ def launch_local(nproc: int, train_argv: list[str]) -> int:
         torchrun.run(args)
         return 0
     except ChildFailedError as err:
-        rank, failure = min(err.failures.items())
+        # A rank megasft stopped itself (its line printed by rank 0) outranks the ranks the agent
+        # then terminated (exit -15).
+        reported = [(r, f) for r, f in sorted(err.failures.items()) if f.exitcode in REPORTED_CODES]
+        rank, failure = reported[0] if reported else min(err.failures.items())
         if failure.exitcode in REPORTED_CODES:
             return failure.exitcode
         stderr = logging.StreamHandler(sys.stderr)

@@ -14,6 +14,7 @@ import ctypes
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -100,6 +101,7 @@ def describe_start(cfg: Config, ps: ParallelState, trainer) -> str:
 
 
 EXIT_STARTUP, EXIT_CHECKPOINT, EXIT_DIVERGED, EXIT_HUNG = 2, 3, 4, 5
+REPORT_GRACE_S = 2.0   # see report()
 
 
 def report(message: str, code: int, rank: Optional[int] = None) -> int:
@@ -109,6 +111,10 @@ def report(message: str, code: int, rank: Optional[int] = None) -> int:
         rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         print(f"megasft.train: {message}", file=sys.stderr, flush=True)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The launcher stops every rank once one exits; the others wait a moment so that rank 0,
+        # which reaches the same error at the same time, exits first with its line printed.
+        time.sleep(REPORT_GRACE_S)
     return code
 
 

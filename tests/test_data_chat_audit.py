@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from megasft.commands import inspect_data
+from megasft.commands import preprocess as preprocess_data
 from megasft.data.audit import format_audit, run_audit
 from megasft.data.chat import parts
 from megasft.data.chat.schema import normalize_record
@@ -15,10 +17,8 @@ from megasft.data.indexed import DatasetError, IndexedDataset, IndexedDatasetBui
 from megasft.data.preprocess import PreprocessOptions, preprocess
 from megasft.data.templates import ChatEncoder, get_template
 from megasft.data.tokenizer import load_tokenizer
-from tests.chat_cases import family_records, family_tokenizer_dir
-from tests.test_data_chat_schema import RECORD, TOOLS_JINJA
-from megasft.commands import inspect_data
-from megasft.commands import preprocess as preprocess_data
+from tests.chat_cases import family_records
+from tests.test_data_chat_schema import RECORD, tok_dir  # noqa: F401 (tok_dir: the same fixture)
 
 pytestmark = pytest.mark.quick
 
@@ -29,16 +29,6 @@ CHAT = {"messages": [
     {"role": "assistant", "content": "the answer", "reasoning_content": "think first"},
     {"role": "user", "content": "weather Paris"},
     {"role": "assistant", "content": "sunny", "reasoning_content": "look it up"}]}
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    src = family_tokenizer_dir("qwen3")
-    (out / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
-    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}), encoding="utf-8")
-    (out / "chat_template.jinja").write_text(TOOLS_JINJA, encoding="utf-8")
-    return out
 
 
 def _encode(tok_dir, records, **kw):

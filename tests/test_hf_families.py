@@ -32,6 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SUPPORTED = sorted(FAMILIES)
 
 
+def run_config_round_trip(out: Path, run_dir: Path, source_config: dict):
+    """The run directory's config.yaml keeps config.json: the config of init_from_hf=`out` is
+    written to `run_dir`, read back and exported to the same config.json; returns (that ModelConfig,
+    a single-process stage with `out`'s weights loaded)."""
+    cfg = Config.from_dict({"model": {"init_from_hf": str(out)}}).validate()
+    cfg.save(run_dir / "config.yaml")
+    reread = Config.load(str(run_dir / "config.yaml")).validate()
+    assert hf_config_from_model(reread.model, "float32") == source_config
+    stage = LlamaStage(reread.model, ParallelState.single(), list(range(reread.model.num_layers)), True, True)
+    load_hf_into(stage, out)
+    return cfg.model, stage
+
+
 def _config(family: str, **changes) -> dict:
     """The config.json dict transformers writes for the tiny model of `family`, changed."""
     config = hf_model(family_fields(family)).config.to_dict()
@@ -188,14 +201,7 @@ def test_round_trip_is_bit_identical_and_transformers_reproduces_megasft(tmp_pat
     source_config = json.loads((tmp_path / "src" / "config.json").read_text())
     assert json.loads((out / "config.json").read_text()) == source_config
 
-    # The run directory's config.yaml keeps config.json: written, read back, exported, the same.
-    cfg = Config.from_dict({"model": {"init_from_hf": str(out)}}).validate()
-    cfg.save(tmp_path / "run" / "config.yaml")
-    reread = Config.load(str(tmp_path / "run" / "config.yaml")).validate()
-    assert hf_config_from_model(reread.model, "float32") == source_config
-
-    stage = LlamaStage(reread.model, ParallelState.single(), list(range(fields["num_layers"])), True, True)
-    load_hf_into(stage, out)
+    _, stage = run_config_round_trip(out, tmp_path / "run", source_config)
     ids = torch.randint(0, fields["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
     assert type(hf).__name__ == source_config["architectures"][0]

@@ -23,11 +23,11 @@ from megasft.checkpoint.convert import hf_to_megasft, megasft_to_hf
 from megasft.checkpoint.errors import CheckpointMismatch
 from megasft.checkpoint.meta import model_differences, model_shape
 from megasft.config import Config, ConfigError
-from megasft.hf.config import hf_config_from_model, model_fields_from_hf
-from megasft.hf.io import load_hf_into
+from megasft.hf.config import model_fields_from_hf
 from megasft.model.llama import LlamaStage
 from megasft.parallel_state import ParallelState
 from tests.oracle import PHI3_LONGROPE, family_fields, hf_model
+from tests.test_hf_families import run_config_round_trip
 from tests.test_hf_interop import logits_of
 
 transformers = pytest.importorskip("transformers")
@@ -72,16 +72,9 @@ def test_round_trip_is_bit_identical_and_transformers_reproduces_megasft(tmp_pat
     source_config = json.loads((tmp_path / "src" / "config.json").read_text())
     assert json.loads((out / "config.json").read_text()) == source_config
 
-    cfg = Config.from_dict({"model": {"init_from_hf": str(out)}}).validate()
-    m = cfg.model
+    m, stage = run_config_round_trip(out, tmp_path / "run", source_config)
     assert (m.family, m.partial_rotary_factor, m.original_max_position_embeddings, m.sliding_window) == (
         "phi3", fields.get("partial_rotary_factor", 1.0), fields["original_max_position_embeddings"], 3)
-    cfg.save(tmp_path / "run" / "config.yaml")
-    reread = Config.load(str(tmp_path / "run" / "config.yaml")).validate()
-    assert hf_config_from_model(reread.model, "float32") == source_config
-
-    stage = LlamaStage(reread.model, ParallelState.single(), list(range(fields["num_layers"])), True, True)
-    load_hf_into(stage, out)
     # 12 tokens per row: longer than longrope's L0 = 8, so transformers takes long_factor
     ids = torch.randint(0, fields["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     if old_form == "su":
