@@ -79,6 +79,7 @@ def zb_h1_orders(p: int, m: int) -> tuple[tuple[tuple[str, int], ...], ...]:
     return tuple(orders)
 
 
+@lru_cache(maxsize=256)
 def peak_in_flight(p: int, r: int, m: int) -> int:
     """Most micro-batches stage r holds between their F and their W in the ZB-H1 order."""
     held = peak = 0
@@ -88,6 +89,7 @@ def peak_in_flight(p: int, r: int, m: int) -> int:
     return peak
 
 
+@lru_cache(maxsize=64)   # the Layout's theory, read on every pipelined train step
 def simulated_bubble(p: int, m: int) -> float:
     """Idle fraction of the unit-cost ZB-H1 timeline (each stage busy 3m units of its length)."""
     orders = zb_h1_orders(p, m)

@@ -255,8 +255,7 @@ class Trainer:
         weight check rides on the stop flag's reduction (a skipped step changed no weight)."""
         bad = not skipped and not math.isfinite(self.optimizer.max_abs_main_param())
         flags = torch.tensor([1.0 if self.stop_requested else 0.0, 1.0 if bad else 0.0])
-        if self.ps.world_size > 1:
-            collectives.all_reduce(flags, self.ps.world_group, op=dist.ReduceOp.MAX)   # stop together
+        collectives.all_reduce(flags, self.ps.world_group, op=dist.ReduceOp.MAX)   # stop together (no-op alone)
         return bool(flags[0].item()), not bool(flags[1].item())
 
     def _eval_and_log(self, eval_loader, writer) -> None:
