@@ -149,8 +149,16 @@ class ParallelConfig:
     """Tensor-parallel size (keep inside a node)."""
     pp: int = 1
     """Pipeline-parallel size."""
+    cp: int = 1
+    """Context-parallel size: each packed row is split along the sequence over cp ranks (every
+    document cut into 2*cp load-balanced chunks, megasft.context_parallel); for rows longer than
+    one TP group can hold. Ranks are laid out TP fastest, then CP, then DP, then PP."""
+    cp_comm: str = "ring"
+    """How attention crosses the CP split: ring (K/V blocks passed around the CP ring, overlapped
+    with the block computation) | a2a (Ulysses all-to-all from sequence to head sharding; needs
+    num_attention_heads / tp divisible by cp)."""
     dp: Optional[int] = None
-    """Data-parallel size; None means world_size // (tp * pp)."""
+    """Data-parallel size; None means world_size // (tp * cp * pp)."""
     sequence_parallel: bool = False
     """Shard activations along the sequence in norm/dropout regions (needs tp > 1 to matter)."""
     virtual_pipeline_size: int = 1
@@ -352,6 +360,7 @@ CHOICES = {
     ("model", "norm_backend"): ("auto", "torch", "compile", "apex", "te"),
     ("model", "recompute"): ("none", "selective", "full"),
     ("optim", "adamw_kernel"): ("auto", "fused", "reference"),
+    ("parallel", "cp_comm"): ("ring", "a2a"),
     ("parallel", "pipeline_schedule"): ("auto", "1f1b", "interleaved", "all_forward_all_backward", "zb_h1"),
     ("data", "epoch_tail"): ("fill", "drop"),
     ("train", "precision"): ("bf16", "fp32"),

@@ -175,35 +175,45 @@ class Layout:
     chunk_layers: tuple[int, ...]        # decoder layers of each of the pp*v chunks, model order
     kv_heads_per_rank: int
     kv_copies: int                       # TP ranks holding the same kv head (1 = split)
+    cp: int = 1                          # context-parallel ranks sharing each row
+    cp_comm: str = "ring"                # ring | a2a (parallel.cp_comm)
 
     @classmethod
     def resolve(cls, cfg: Config, world_size: int) -> "Layout":
         """Check every rule that ties the parallel sizes to the model and the batch; raise
         ConfigError naming the fix. cfg must have passed Config.validate()."""
         m, p, d = cfg.model, cfg.parallel, cfg.data
-        tp, pp, v = p.tp, p.pp, p.virtual_pipeline_size
+        tp, cp, pp, v = p.tp, p.cp, p.pp, p.virtual_pipeline_size
         _check_tp(cfg)
-        if world_size < 1 or world_size % (tp * pp):
+        model_ranks = tp * cp * pp
+        if world_size < 1 or world_size % model_ranks:
+            names, sizes = ("tp*cp*pp", f"{tp}*{cp}*{pp}") if cp > 1 else ("tp*pp", f"{tp}*{pp}")
             raise ConfigError(
-                f"world_size={world_size} is not divisible by tp*pp={tp}*{pp}={tp * pp}; "
-                f"run on a multiple of {tp * pp} processes or choose tp*pp in {divisors(world_size)}")
-        dp = world_size // (tp * pp)
+                f"world_size={world_size} is not divisible by {names}={sizes}={model_ranks}; "
+                f"run on a multiple of {model_ranks} processes or choose {names} in {divisors(world_size)}")
+        dp = world_size // model_ranks
         if p.dp is not None and p.dp != dp:
-            raise ConfigError(f"parallel.dp={p.dp} but world_size={world_size} / (tp={tp} * pp={pp}) = {dp}; "
+            split = f"tp={tp} * cp={cp} * pp={pp}" if cp > 1 else f"tp={tp} * pp={pp}"
+            raise ConfigError(f"parallel.dp={p.dp} but world_size={world_size} / ({split}) = {dp}; "
                               f"set parallel.dp={dp} or leave it unset")
+        if cp > 1:
+            _check_cp(cfg)
         schedule = resolve_schedule(p.pipeline_schedule, pp, v)
         counts = chunk_layer_counts(m.num_layers, pp * v, p.pipeline_layers)
         sp = p.sequence_parallel and tp > 1
-        if sp and d.seq_len % tp:
-            raise ConfigError(f"sequence_parallel needs seq_len divisible by tp: seq_len={d.seq_len}, tp={tp}; "
-                              f"use seq_len={math.ceil(d.seq_len / tp) * tp}")
+        if sp and d.seq_len % (tp * cp):
+            # Under CP each rank's s/cp tokens are what SP splits over tp.
+            need, names = (tp * cp, f"tp*cp: seq_len={d.seq_len}, tp={tp}, cp={cp}") if cp > 1 else \
+                (tp, f"tp: seq_len={d.seq_len}, tp={tp}")
+            raise ConfigError(f"sequence_parallel needs seq_len divisible by {names}; "
+                              f"use seq_len={math.ceil(d.seq_len / need) * need}")
         micro = split_rows(d.global_batch_tokens, d.seq_len, dp, d.micro_batch_size)
         per = dp * d.micro_batch_size
         good = max(pp, micro // pp * pp) * per * d.seq_len
         check_micro_batches(schedule, micro, pp, f"use global_batch_tokens={good}")
         kv_local, kv_copies = kv_partition(m.kv_heads, tp)
         layout = cls(world_size, tp, pp, dp, v, sp, schedule, micro, d.micro_batch_size, d.seq_len,
-                     m.hidden_size, tuple(counts), kv_local, kv_copies)
+                     m.hidden_size, tuple(counts), kv_local, kv_copies, cp, p.cp_comm)
         if cfg.train.fp8 != "off":
             _check_fp8_gemms(cfg, layout)
         return layout
@@ -237,8 +247,9 @@ class Layout:
     # ----------------------------------------------------------------- activations, schedule
     @property
     def activation_shape(self) -> tuple[int, int, int]:
-        """Shape of the activation passed between stages: [s/tp if SP else s, b, h]."""
-        s = self.seq_len // self.tp if self.sequence_parallel else self.seq_len
+        """Shape of the activation passed between stages: [s/cp/tp if SP else s/cp, b, h]."""
+        s = self.seq_len // self.cp
+        s = s // self.tp if self.sequence_parallel else s
         return (s, self.micro_batch_size, self.hidden_size)
 
     def in_flight(self, pp_rank: int) -> int:
@@ -254,8 +265,22 @@ class Layout:
 
     def describe(self) -> str:
         pipeline = f"pp {self.pp} ({self.schedule}{f', v={self.v}' if self.v > 1 else ''})" if self.pp > 1 else "pp 1"
-        return (f"tp {self.tp}{' + SP' if self.sequence_parallel else ''} x {pipeline} x dp {self.dp} "
+        cp = f" x cp {self.cp} ({self.cp_comm})" if self.cp > 1 else ""
+        return (f"tp {self.tp}{' + SP' if self.sequence_parallel else ''}{cp} x {pipeline} x dp {self.dp} "
                 f"= {self.world_size} ranks")
+
+
+def _check_cp(cfg: Config) -> None:
+    """The rules context parallelism adds (megasft.context_parallel)."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    cp, step = p.cp, 2 * p.cp
+    if d.seq_len % step:
+        raise ConfigError(f"parallel.cp={cp} cuts every row into 2*cp={step} load-balanced chunks: seq_len={d.seq_len} "
+                          f"is not a multiple of {step}; use seq_len={math.ceil(d.seq_len / step) * step}")
+    if p.cp_comm == "a2a" and (m.num_attention_heads // p.tp) % cp:
+        heads = m.num_attention_heads // p.tp
+        raise ConfigError(f"parallel.cp_comm=a2a scatters each TP rank's {heads} query heads over cp={cp} ranks, "
+                          f"which needs cp to divide them; choose cp in {divisors(heads)} or cp_comm=ring")
 
 
 def _check_tp(cfg: Config) -> None:
