@@ -156,7 +156,8 @@ class ParallelConfig:
     cp_comm: str = "ring"
     """How attention crosses the CP split: ring (K/V blocks passed around the CP ring, overlapped
     with the block computation) | a2a (Ulysses all-to-all from sequence to head sharding; needs
-    num_attention_heads / tp divisible by cp)."""
+    num_attention_heads / tp divisible by cp) | allgather (every rank gathers the rows' full K/V:
+    simplest, any window or soft-cap, holds the full K/V per layer)."""
     dp: Optional[int] = None
     """Data-parallel size; None means world_size // (tp * cp * pp)."""
     sequence_parallel: bool = False
@@ -360,7 +361,7 @@ CHOICES = {
     ("model", "norm_backend"): ("auto", "torch", "compile", "apex", "te"),
     ("model", "recompute"): ("none", "selective", "full"),
     ("optim", "adamw_kernel"): ("auto", "fused", "reference"),
-    ("parallel", "cp_comm"): ("ring", "a2a"),
+    ("parallel", "cp_comm"): ("ring", "a2a", "allgather"),
     ("parallel", "pipeline_schedule"): ("auto", "1f1b", "interleaved", "all_forward_all_backward", "zb_h1"),
     ("data", "epoch_tail"): ("fill", "drop"),
     ("train", "precision"): ("bf16", "fp32"),

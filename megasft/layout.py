@@ -244,6 +244,11 @@ class Layout:
     def holds_head(self, pp_rank: int, local: int) -> bool:
         return self.chunk_index(pp_rank, local) == self.pp * self.v - 1
 
+    @property
+    def doc_multiple(self) -> int:
+        """Every document is padded to a multiple of this many tokens: 2*cp chunks under CP."""
+        return 2 * self.cp if self.cp > 1 else 1
+
     # ----------------------------------------------------------------- activations, schedule
     @property
     def activation_shape(self) -> tuple[int, int, int]:

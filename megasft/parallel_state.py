@@ -1,8 +1,12 @@
-"""ParallelState: the one object that knows the (pp, dp, tp) rank grid and its process groups.
+"""ParallelState: the one object that knows the (pp, dp, cp, tp) rank grid and its process groups.
 
-Ranks are laid out TP-fastest, then DP, then PP, as in Megatron-LM:
+Ranks are laid out TP-fastest, then CP (context parallel), then DP, then PP, as in Megatron-LM:
 
-    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+    rank = pp_rank * (dp * cp * tp) + dp_rank * (cp * tp) + cp_rank * tp + tp_rank
+
+CP ranks share every row (each holds s/cp of its tokens) and hold the same weights, so gradients
+are reduced, and ZeRO-1 shards the optimizer, over the dp x cp ranks of a stage (the "grad" group;
+it is the dp group when cp = 1). The data loader shards rows over dp only.
 
 Worked example, 16 ranks with tp=2, pp=4 (so dp=2):
 
@@ -36,25 +40,28 @@ from megasft import collectives
 from megasft.config import ConfigError
 
 
-def rank_grid(world_size: int, tp: int, pp: int) -> dict[str, list[list[int]]]:
-    """Pure function: the rank lists of every tp / dp / pp / embedding group for a layout."""
-    if tp < 1 or pp < 1 or world_size % (tp * pp):
+def rank_grid(world_size: int, tp: int, pp: int, cp: int = 1) -> dict[str, list[list[int]]]:
+    """Pure function: the rank lists of every tp / cp / dp / grad (dp x cp) / pp / embedding /
+    stage group for a layout."""
+    if tp < 1 or pp < 1 or cp < 1 or world_size % (tp * cp * pp):
         divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        names, sizes = ("tp*cp*pp", f"{tp}*{cp}*{pp}") if cp > 1 else ("tp*pp", f"{tp}*{pp}")
         raise ConfigError(
-            f"world_size={world_size} is not divisible by tp*pp={tp}*{pp}={tp * pp}; "
-            f"launch a multiple of {tp * pp} processes or choose tp*pp in {divisors}")
-    dp = world_size // (tp * pp)
+            f"world_size={world_size} is not divisible by {names}={sizes}={tp * cp * pp}; "
+            f"launch a multiple of {tp * cp * pp} processes or choose {names} in {divisors}")
+    dp = world_size // (tp * cp * pp)
+    P, D, C, T = range(pp), range(dp), range(cp), range(tp)
 
-    def rank(p: int, d: int, t: int) -> int:
-        return p * dp * tp + d * tp + t
+    def rank(p: int, d: int, c: int, t: int) -> int:
+        return ((p * dp + d) * cp + c) * tp + t
 
-    tp_groups = [[rank(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)]
-    dp_groups = [[rank(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)]
-    pp_groups = [[rank(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
-    embedding_groups = [sorted({g[0], g[-1]}) for g in pp_groups]
-    stage_groups = [[rank(p, d, t) for d in range(dp) for t in range(tp)] for p in range(pp)]
-    return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups, "embedding": embedding_groups,
-            "stage": stage_groups}
+    pp_groups = [[rank(p, d, c, t) for p in P] for d in D for c in C for t in T]
+    return {"tp": [[rank(p, d, c, t) for t in T] for p in P for d in D for c in C],
+            "cp": [[rank(p, d, c, t) for c in C] for p in P for d in D for t in T],
+            "dp": [[rank(p, d, c, t) for d in D] for p in P for c in C for t in T],
+            "grad": [[rank(p, d, c, t) for d in D for c in C] for p in P for t in T],
+            "pp": pp_groups, "embedding": [sorted({g[0], g[-1]}) for g in pp_groups],
+            "stage": [[rank(p, d, c, t) for d in D for c in C for t in T] for p in P]}
 
 
 @dataclass
@@ -69,10 +76,14 @@ class ParallelState:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    cp: int = 1
+    cp_rank: int = 0
     world_group: Optional[dist.ProcessGroup] = None    # all ranks of this layout
     tp_group: Optional[dist.ProcessGroup] = None
     pp_group: Optional[dist.ProcessGroup] = None
-    dp_group: Optional[dist.ProcessGroup] = None
+    dp_group: Optional[dist.ProcessGroup] = None       # ranks holding different rows (the loader's split)
+    cp_group: Optional[dist.ProcessGroup] = None       # ranks sharing each row, s/cp tokens each
+    grad_group: Optional[dist.ProcessGroup] = None     # dp x cp: gradient reduction and ZeRO-1 shards
     embedding_group: Optional[dist.ProcessGroup] = None
     stage_group: Optional[dist.ProcessGroup] = None    # dp x tp ranks of this pipeline stage
     # Global ranks of this rank's pipeline group, in stage order (p2p addresses by global rank).
@@ -83,22 +94,26 @@ class ParallelState:
     _subgroups: dict = field(default_factory=dict, repr=False)
     heartbeat: Optional["Heartbeat"] = field(default=None, repr=False)   # torchrun jobs only
 
+    def __post_init__(self) -> None:
+        if self.grad_group is None and self.cp == 1:   # states built by hand (tests): dp is the grad group
+            self.grad_group = self.dp_group
+
     # ------------------------------------------------------------------ build
     @classmethod
     def single(cls, device: str | torch.device = "cpu") -> "ParallelState":
-        """The tp=pp=dp=1 state of a plain single-process run (no process group needed)."""
+        """The tp=pp=dp=cp=1 state of a plain single-process run (no process group needed)."""
         return cls(rank=0, world_size=1, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0,
                    device=torch.device(device))
 
     @classmethod
-    def from_env(cls, tp: int = 1, pp: int = 1, timeout_s: float = 120.0) -> "ParallelState":
+    def from_env(cls, tp: int = 1, pp: int = 1, timeout_s: float = 120.0, cp: int = 1) -> "ParallelState":
         """Initialise torch.distributed from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
         MASTER_ADDR/PORT) and build the groups, every one with `timeout_s` (parallel.timeout_s),
         and start this rank's heartbeat. NCCL on CUDA, gloo on CPU."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         # Validate before the rendezvous so a wrong layout fails at once on every rank, not as a hang.
-        rank_grid(world_size, tp, pp)
+        rank_grid(world_size, tp, pp, cp)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
@@ -107,12 +122,12 @@ class ParallelState:
             backend, device = "gloo", torch.device("cpu")
         if world_size == 1 and not dist.is_initialized() and "MASTER_ADDR" not in os.environ:
             state = cls.single(device)
-            state.tp, state.pp = tp, pp
+            state.tp, state.pp, state.cp = tp, pp, cp
             return state
         timeout = datetime.timedelta(seconds=timeout_s)
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
-        state = cls.build(tp, pp, device, timeout=timeout)
+        state = cls.build(tp, pp, device, timeout=timeout, cp=cp)
         state.heartbeat = Heartbeat(dist.distributed_c10d._get_default_store(), rank, world_size,
                                     interval_s=min(5.0, max(0.2, timeout_s / 5)))
         return state
@@ -120,7 +135,7 @@ class ParallelState:
     @classmethod
     def build(cls, tp: int, pp: int, device: torch.device | str = "cpu",
               ranks: Optional[list[int]] = None,
-              timeout: Optional[datetime.timedelta] = None) -> Optional["ParallelState"]:
+              timeout: Optional[datetime.timedelta] = None, cp: int = 1) -> Optional["ParallelState"]:
         """Build the groups on an already initialised default process group.
 
         `ranks` lays the grid over a subset of the default group (tests check several layouts in
@@ -131,7 +146,7 @@ class ParallelState:
         """
         ranks = list(range(dist.get_world_size())) if ranks is None else list(ranks)
         me = dist.get_rank()
-        grid = rank_grid(len(ranks), tp, pp)
+        grid = rank_grid(len(ranks), tp, pp, cp)
         # new_group is collective over the default group: every process creates every group, in order.
         groups = {}
         # Sub-groups of consecutive TP ranks (ranks sharing a replicated kv head when tp > kv heads).
@@ -141,21 +156,27 @@ class ParallelState:
             grid[f"tp{d}"] = [g[i:i + d] for g in grid["tp"] for i in range(0, tp, d)]
         # With pp == 1 the stage is the whole layout: reuse the world group.
         stage = ["stage"] if pp > 1 else []
-        for kind in ["world", "tp", "dp", "pp", "embedding"] + stage + [f"tp{d}" for d in sub_sizes]:
+        # With cp == 1 the grad group is the dp group: reuse it.
+        cp_kinds = ["cp", "grad"] if cp > 1 else []
+        for kind in ["world", "tp", "dp", "pp", "embedding"] + cp_kinds + stage + [f"tp{d}" for d in sub_sizes]:
             for local in grid[kind]:
                 members = [ranks[i] for i in local]
                 group = dist.new_group(members, timeout=timeout) if len(members) > 1 else None
                 if me in members:
                     groups[kind] = (group, members)
                     # The communication ledger books traffic by group kind (kv sub-groups are TP).
-                    collectives.name_group(group, "tp" if kind.startswith("tp") else kind)
+                    # The ledger books the grad group's traffic as DP, as the planner counts it.
+                    collectives.name_group(group, {"grad": "dp"}.get(kind, "tp" if kind.startswith("tp") else kind))
         if me not in ranks:
             return None
         rank, world_size = ranks.index(me), len(ranks)
-        dp = world_size // (tp * pp)
-        return cls(rank=rank, world_size=world_size, tp=tp, pp=pp, dp=dp,
-                   tp_rank=rank % tp, dp_rank=(rank // tp) % dp, pp_rank=rank // (tp * dp),
+        dp = world_size // (tp * cp * pp)
+        return cls(rank=rank, world_size=world_size, tp=tp, pp=pp, dp=dp, cp=cp,
+                   tp_rank=rank % tp, cp_rank=(rank // tp) % cp, dp_rank=(rank // (tp * cp)) % dp,
+                   pp_rank=rank // (tp * cp * dp),
                    world_group=groups["world"][0], tp_group=groups["tp"][0], dp_group=groups["dp"][0],
+                   cp_group=groups["cp"][0] if cp > 1 else None,
+                   grad_group=groups["grad" if cp > 1 else "dp"][0],
                    pp_group=groups["pp"][0],
                    # Middle stages (pp > 2) belong to no embedding group.
                    embedding_group=groups.get("embedding", (None,))[0],
@@ -175,6 +196,17 @@ class ParallelState:
         return self._subgroups[size]
 
     # ------------------------------------------------------------- properties
+    @property
+    def grad_ranks(self) -> int:
+        """Ranks the gradients are reduced over (dp x cp): the ZeRO-1 shard count."""
+        return self.dp * self.cp
+
+    @property
+    def first_replica(self) -> bool:
+        """Whether this rank is the one of its dp x cp replicas that writes shared state (weights
+        every DP and CP rank holds alike)."""
+        return self.dp_rank == 0 and self.cp_rank == 0
+
     @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
@@ -221,7 +253,8 @@ class ParallelState:
                 f"the timeout — raise parallel.timeout_s ({first})"), reporter
 
     def describe(self) -> str:
-        return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp} "
+        cp = f"cp {self.cp_rank}/{self.cp} " if self.cp > 1 else ""
+        return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp} {cp}"
                 f"pp {self.pp_rank}/{self.pp} dp {self.dp_rank}/{self.dp} on {self.device}")
 
 

@@ -83,17 +83,18 @@ def child_argv(argv) -> list[str]:
 def describe_start(cfg: Config, ps: ParallelState, trainer) -> str:
     n_params = sum(p.numel() for p in trainer.params)
     layout = trainer.layout
-    expected = 12 * n_params / (layout.dp if cfg.parallel.distributed_optimizer else 1)
+    expected = 12 * n_params / (layout.dp * layout.cp if cfg.parallel.distributed_optimizer else 1)
     measured = trainer.optimizer.state_bytes()
     return "\n".join([
-        f"megasft: world {ps.world_size} = tp {ps.tp} x pp {ps.pp} x dp {ps.dp} on {ps.device}"
+        f"megasft: world {ps.world_size} = tp {ps.tp}{f' x cp {ps.cp} ({layout.cp_comm})' if ps.cp > 1 else ''} "
+        f"x pp {ps.pp} x dp {ps.dp} on {ps.device}"
         f"{' (sequence parallel)' if layout.sequence_parallel else ''}, "
         f"precision {cfg.train.precision}"
         f"{f' + FP8 GEMMs ({cfg.train.fp8})' if cfg.train.fp8 != 'off' else ''}",
         f"model: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, vocab {cfg.model.vocab_size} "
         f"(padded {cfg.model.padded_vocab_size(ps.tp)}); {n_params:,} parameters on rank 0",
         trainer.optimizer.describe(),
-        f"optimizer state on rank 0: measured {measured:,} bytes vs 12*N/DP = {expected:,.0f} "
+        f"optimizer state on rank 0: measured {measured:,} bytes vs 12*N/{'DP' if ps.cp == 1 else '(DP*CP)'} = {expected:,.0f} "
         f"(ratio {measured / expected:.4f})",
         f"data: {cfg.data.rows_per_step()} rows x {cfg.data.seq_len} tokens per step, "
         f"{cfg.data.micro_batch_size} rows per micro-batch, {layout.micro_batches} micro-batches per rank",
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
 
     stop = StopSignal().install()   # before the (possibly long) model build and weight loading
     stop_with_launcher()
-    ps = ParallelState.from_env(layout.tp, layout.pp, timeout_s=cfg.parallel.timeout_s)
+    ps = ParallelState.from_env(layout.tp, layout.pp, timeout_s=cfg.parallel.timeout_s, cp=layout.cp)
     archived = archive_previous_run(cfg) if ps.rank == 0 else None   # train.overwrite=true
     if ps.world_size > 1:
         dist.barrier(group=ps.world_group)   # no rank reads the run folder before it is moved
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
     try:   # before any step: bad data or a bad checkpoint fails here, naming the file and what differs
         train_loader, eval_loader = build_loaders(cfg.data, cfg.train.seed, ps.dp_rank, ps.dp,
                                                   cfg.model.vocab_size, epochs=cfg.train.epochs,
-                                                  steps=cfg.train.steps)
+                                                  steps=cfg.train.steps, doc_multiple=layout.doc_multiple)
         if train_loader.total_steps is not None:   # train.epochs: the schedule's length is the data's
             cfg.train.steps = train_loader.total_steps
         trainer = Trainer(cfg, ps, stop=stop, layout=layout)

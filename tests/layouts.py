@@ -11,12 +11,13 @@ import torch.distributed as dist
 from torch.testing import assert_close
 
 from megasft.config import Config, ModelConfig
+from megasft.context_parallel.sharding import local_token_index, split_micro_batch
 from megasft.hf.names import canonical_pieces, load_hf_state_dict
 from megasft.model.llama import LlamaStage
 from megasft.optim import grad_buffer
 from megasft.parallel_state import ParallelState
 from megasft.pipeline.tied import tied_copies
-from megasft.tensor_parallel.comm import gather_last_dim
+from megasft.tensor_parallel.comm import all_reduce, gather_last_dim
 from megasft.tensor_parallel.layers import sync_replicated_grads
 from megasft.training.loop import Trainer
 from tests.oracle import (canonical_reference, hf_model, model_batch, packed_batch, reference_loss,
@@ -74,6 +75,8 @@ class Case:
     zero1: bool = True
     tied: bool = False
     fast: bool = False     # the performance options: FAST_PARALLEL, FAST_MODEL, late param gathers
+    cp: int = 1
+    cp_comm: str = "ring"
 
     def __str__(self) -> str:   # the pytest id
         return self.name
@@ -95,7 +98,7 @@ def sft_config(model_fields: dict, hf_dir: str, case: Case, run: Run) -> Config:
     """fp32 SFT config of `case` starting from the HF directory the reference model was saved to."""
     parallel = {"tp": case.tp, "pp": case.pp, "virtual_pipeline_size": case.virtual,
                 "pipeline_schedule": case.schedule, "sequence_parallel": case.sequence_parallel,
-                "distributed_optimizer": case.zero1}
+                "distributed_optimizer": case.zero1, "cp": case.cp, "cp_comm": case.cp_comm}
     return Config.from_dict({
         "model": {**model_fields, **(FAST_MODEL if case.fast else {}), "init_from_hf": hf_dir},
         "parallel": {**parallel, **(FAST_PARALLEL if case.fast else {})},
@@ -112,7 +115,7 @@ def train_cases(cases: list[Case], run: Run, model_fields: Callable[[Case], dict
     global batch. Returns {case name: losses, weight pieces, tied copies, coordinates}."""
     results = {}
     for case in cases:
-        ps = ParallelState.build(case.tp, case.pp, ranks=list(case.ranks))
+        ps = ParallelState.build(case.tp, case.pp, ranks=list(case.ranks), cp=case.cp)
         if ps is None:
             continue
         cfg = sft_config(model_fields(case), hf_dir(case), case, run)
@@ -121,7 +124,7 @@ def train_cases(cases: list[Case], run: Run, model_fields: Callable[[Case], dict
             losses = train_this_rank(trainer, global_batches, case.micro_batch_size)
             weights = weight_pieces(trainer)   # inside: it waits for an overlapped param all-gather
         results[case.name] = {"losses": losses, "weights": weights, "pp_rank": ps.pp_rank,
-                              "coords": (ps.dp_rank, ps.tp_rank),
+                              "coords": (ps.dp_rank, ps.cp_rank, ps.tp_rank),
                               "tied": [p.detach().clone() for p in tied_copies(trainer.params)]}
     return results
 
@@ -200,36 +203,61 @@ def assert_pieces_match(pieces: list[tuple], reference: dict, layout: str, run: 
     return seen
 
 
+def gather_cp_tokens(local: torch.Tensor, batch, cp_group) -> torch.Tensor:
+    """Every CP rank's [s/cp, b, ...] tokens back in row order: [s, b, ...] (the identity at cp 1)."""
+    if cp_group is None:
+        return local
+    cp = dist.get_world_size(cp_group)
+    parts = [torch.empty_like(local) for _ in range(cp)]
+    dist.all_gather(parts, local.contiguous(), group=cp_group)
+    b = local.shape[1]
+    full = torch.empty((b * local.shape[0] * cp, *local.shape[2:]), dtype=local.dtype)
+    for r, part in enumerate(parts):
+        full[local_token_index(batch.cu_seqlens, cp, r)] = part.transpose(0, 1).reshape(-1, *local.shape[2:])
+    return full.view(b, -1, *local.shape[2:]).transpose(0, 1)
+
+
 def assert_losses_match(losses: list[float], reference: list[float], layout: str) -> None:
     assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=1e-6,
                  msg=lambda m: f"{layout}: losses {losses} vs {reference}: {m}")
 
 
-def check_tp_equivalence(tp: int, sp: bool, fields: dict, rows: list[list[int]], seq: int) -> None:
-    """megasft at tp (+SP) on packed `rows` vs the transformers model of `fields` run on each
-    document alone: every document's logits (max abs diff < 1e-4), the masked loss sum and count,
-    and every parameter's gradient. Called on every rank of a world of at least tp ranks."""
-    ps = ParallelState.build(tp, 1)
+def check_tp_equivalence(tp: int, sp: bool, fields: dict, rows: list[list[int]], seq: int, cp: int = 1,
+                         cp_comm: str = "ring", ranks=None) -> None:
+    """megasft at tp (+SP) (x cp by `cp_comm`) on packed `rows` vs the transformers model of
+    `fields` run on each document alone: every document's logits (max abs diff < 1e-4), the masked
+    loss sum and count, and every parameter's gradient. Called on every rank of the world; the
+    layout runs on `ranks` (default: the first tp*cp)."""
+    ps = ParallelState.build(tp, 1, ranks=list(ranks or range(tp * cp)), cp=cp)
+    if ps is None:
+        return
     hf = hf_model(fields, seed=1)
     batch = packed_batch(rows, seq, fields["vocab_size"], seed=2)
     ref_sum, ref_count, ref_logits = reference_loss(hf, batch)
     (ref_sum / ref_count).backward()
 
     stage = LlamaStage(ModelConfig(**fields), ps, list(range(fields["num_layers"])), True, True,
-                       sequence_parallel=sp)
+                       sequence_parallel=sp, cp_comm=cp_comm)
     load_hf_state_dict(stage, hf.state_dict())
+    mine = split_micro_batch(model_batch(batch), cp, ps.cp_rank)   # this CP rank's s/cp tokens
 
     with torch.no_grad():   # logits and packing isolation: every document as if alone
-        logits = gather_last_dim(stage(model_batch(batch).without_labels()), ps.tp_group)
+        logits = gather_last_dim(stage(mine.without_labels()), ps.tp_group)
+        logits = gather_cp_tokens(logits, mine, ps.cp_group)                           # [s, b, V]
         for (r, start, n), ref in zip(batch["docs"], ref_logits):
             got = logits[start:start + n, r, :fields["vocab_size"]]
             assert (got - ref).abs().max() < 1e-4, f"logits differ for document at row {r}+{start}"
 
-    loss_sum, count = stage(model_batch(batch))
+    loss_sum, count = stage(mine)
+    # Each CP rank holds the loss of its own tokens: the row's is their sum.
+    total, count = all_reduce(loss_sum.detach().clone(), ps.cp_group), all_reduce(count.double(), ps.cp_group)
     assert int(count) == int(ref_count)
-    assert_close(loss_sum, ref_sum.detach(), rtol=1e-5, atol=1e-5)
+    assert_close(total, ref_sum.detach(), rtol=1e-5, atol=1e-5)
     (loss_sum / count).backward()
     sync_replicated_grads(stage.parameters(), lambda p: p.grad)
+    for p in stage.parameters():   # CP ranks hold partial gradients of the same weights
+        if cp > 1:
+            dist.all_reduce(p.grad, group=ps.cp_group)
     ref_grads = canonical_reference(hf, grads=True)   # Phi-3's fused tensors split by transformers' rule
     seen = set()
     for name, dim, offset, piece in canonical_pieces(stage, grads=True):

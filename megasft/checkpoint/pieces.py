@@ -144,12 +144,12 @@ def _add(out: dict, key: str, fb: FlatBlock, dtype: torch.dtype, tensor: torch.T
 
 def model_state(chunks: list[nn.Module], ps) -> dict[str, TensorPieces]:
     """``model/<hf name>`` -> this rank's blocks of the model weights (views of the parameters).
-    Only DP rank 0 writes: every DP rank holds the same weights."""
+    Only the first DP x CP replica writes: every DP and CP rank holds the same weights."""
     out: dict[str, TensorPieces] = {}
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             flat = param.detach().view(-1)   # must be a view: loading writes through it
-            write = ps.dp_rank == 0 and writes_here(param, ps)
+            write = ps.first_replica and writes_here(param, ps)
             for fb in flat_blocks(name, param, 0, param.numel()):
                 view = flat[fb.flat_start:fb.flat_start + math.prod(fb.shape)].view(fb.shape)
                 _add(out, MODEL_PREFIX + fb.name, fb, param.dtype, view, write)
@@ -158,11 +158,11 @@ def model_state(chunks: list[nn.Module], ps) -> dict[str, TensorPieces]:
 
 def optimizer_state(optimizer, chunks: list[nn.Module], ps) -> dict[str, TensorPieces]:
     """``optim/<row>/<hf name>`` -> this rank's blocks of the fp32 main params and Adam moments,
-    as views of ``optimizer.shard_state``. Under ZeRO-1 DP ranks hold disjoint columns and all
-    write; a replicated optimizer is written by DP rank 0."""
+    as views of ``optimizer.shard_state``. Under ZeRO-1 the DP x CP ranks hold disjoint columns and
+    all write; a replicated optimizer is written by the first replica."""
     params = {slot.name: slot.param for b in optimizer.grad_buffer.buckets for slot in b.slots}
     local_names = {id(p): n for chunk in chunks for n, p in chunk.named_parameters()}
-    dp_writes = optimizer.distributed or ps.dp_rank == 0
+    dp_writes = optimizer.distributed or ps.first_replica
     out: dict[str, TensorPieces] = {}
     for shard in optimizer.param_shards():
         param = params[shard.name]

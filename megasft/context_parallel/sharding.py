@@ -19,7 +19,11 @@ A rank's tokens are ordered segment by segment, chunk r before chunk 2cp-1-r, so
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+
+from megasft.data.batch import MicroBatch
 
 
 def padded_length(n: int, cp: int) -> int:
@@ -57,3 +61,22 @@ def local_token_index(cu_seqlens: torch.Tensor, cp: int, rank: int) -> torch.Ten
     offsets = torch.arange(int(run.sum()), device=cu.device) - torch.repeat_interleave(
         torch.cumsum(run, 0) - run, run)
     return torch.repeat_interleave(first, run) + offsets
+
+
+def split_micro_batch(batch: MicroBatch, cp: int, rank: int) -> MicroBatch:
+    """CP rank `rank`'s tokens of a micro-batch of full rows (labels shifted first: the target of a
+    chunk's last token is the next chunk's first token, held by another rank)."""
+    if cp == 1:
+        return batch
+    b, s = batch.input_ids.shape
+    if s % (2 * cp):
+        raise ValueError(f"rows of {s} tokens do not split into 2*cp={2 * cp} chunks")
+    index = local_token_index(batch.cu_seqlens, cp, rank).to(batch.input_ids.device)   # [b*s/cp]
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1)[index].view(b, s // cp)
+
+    return dataclasses.replace(
+        batch, input_ids=take(batch.input_ids), position_ids=take(batch.position_ids),
+        labels=None if batch.labels is None else take(batch.targets()), labels_shifted=batch.labels is not None,
+        cp=cp, token_index=index)

@@ -32,18 +32,46 @@ class MicroBatch:
     cu_seqlens: torch.Tensor             # [segments + 1] int32 over the flattened b*s tokens
     max_seqlen: int                      # longest segment
     labels: Optional[torch.Tensor] = None   # [b, s] int64, IGNORE_INDEX where not trained; None = no loss
+    # Context parallelism (megasft.context_parallel.sharding.split_micro_batch): this batch holds
+    # one CP rank's s/cp tokens of each row. cu_seqlens and max_seqlen stay the FULL rows' (what
+    # attention across the split needs), token_index [b*s/cp] says which of the full rows'
+    # flattened tokens these are, and labels hold next-token targets already (shifted on the full
+    # row, since a chunk's last token is trained on a token another rank holds).
+    cp: int = 1
+    token_index: Optional[torch.Tensor] = None
+    labels_shifted: bool = False
+
+    def targets(self) -> Optional[torch.Tensor]:
+        """Next-token targets [b, s(/cp)]: position t is trained on the label of the token after it."""
+        if self.labels is None or self.labels_shifted:
+            return self.labels
+        return shift_labels(self.labels)
 
     @property
     def trained_tokens(self) -> int:
         """Tokens that contribute to the loss, after the next-token shift."""
         if self.labels is None:
             return 0
-        return int((shift_labels(self.labels) != IGNORE_INDEX).sum())
+        return int((self.targets() != IGNORE_INDEX).sum())
 
     @property
     def segment_lengths(self) -> torch.Tensor:
-        """Length of every document (and padding tail) in the flattened tokens. [segments] int64"""
+        """Length of every document (and padding tail) in the flattened full rows. [segments] int64"""
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+
+    def token_doc_lengths(self) -> torch.Tensor:
+        """Length of each held token's whole document (not of its CP chunk). [b, s(/cp)] int64"""
+        lengths = self.segment_lengths
+        full = torch.repeat_interleave(lengths, lengths, output_size=self.input_ids.numel() * self.cp)   # [b*s]
+        return self.local(full.view(self.input_ids.shape[0], -1))
+
+    def local(self, full: torch.Tensor) -> torch.Tensor:
+        """This batch's tokens of a tensor over the full rows: [b, s, ...] -> [b, s/cp, ...]."""
+        if self.token_index is None:
+            return full
+        b = full.shape[0]
+        flat = full.reshape(-1, *full.shape[2:])[self.token_index.to(full.device)]
+        return flat.view(b, -1, *full.shape[2:])
 
     def to(self, device: torch.device) -> "MicroBatch":
         """The same micro-batch with its tensors on `device` (non-blocking from pinned memory)."""

@@ -35,7 +35,7 @@ import numpy as np
 from megasft.config import split_rows
 from megasft.data.batch import MicroBatch
 from megasft.data.indexed import DatasetError, IndexedDataset
-from megasft.data.packing import build_micro_batch, pack_best_fit
+from megasft.data.packing import build_micro_batch, pack_best_fit, padded_lengths
 
 
 EPOCH_TAILS = ("fill", "drop")
@@ -59,7 +59,7 @@ class PackedLoader:
     def __init__(self, dataset: IndexedDataset | str, seq_len: int, global_batch_tokens: int,
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
                  shuffle: bool = True, doc_indices: Optional[Sequence[int]] = None,
-                 epochs: Optional[int] = None, epoch_tail: str = "fill") -> None:
+                 epochs: Optional[int] = None, epoch_tail: str = "fill", doc_multiple: int = 1) -> None:
         self.dataset = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
         split_rows(global_batch_tokens, seq_len, dp_size, micro_batch_size)   # the config's rule, its message
         self.rows_per_step = global_batch_tokens // seq_len
@@ -75,11 +75,15 @@ class PackedLoader:
         self.doc_indices = np.arange(len(self.dataset)) if doc_indices is None else np.asarray(doc_indices, np.int64)
         if len(self.doc_indices) == 0:
             raise ValueError(f"{self.dataset.dir}: no documents to load")
-        too_long = self.dataset.lengths[self.doc_indices] > seq_len
+        # Under context parallelism every document takes a multiple of 2*cp slots (megasft.context_parallel).
+        self.doc_multiple = doc_multiple
+        self.lengths = padded_lengths(self.dataset.lengths, doc_multiple)   # [docs] slots per document
+        too_long = self.lengths[self.doc_indices] > seq_len
         if too_long.any():
             d = int(self.doc_indices[np.flatnonzero(too_long)[0]])
-            raise ValueError(f"{self.dataset.dir}: document {d} has {int(self.dataset.lengths[d])} tokens > "
-                             f"seq_len={seq_len}; re-run megasft preprocess with --seq-len {seq_len}")
+            padded = f" (padded to {int(self.lengths[d])}, a multiple of 2*cp)" if doc_multiple > 1 else ""
+            raise ValueError(f"{self.dataset.dir}: document {d} has {int(self.dataset.lengths[d])} tokens{padded} > "
+                             f"seq_len={seq_len}; re-run megasft preprocess with --seq-len {seq_len - doc_multiple + 1}")
         self.pad_id = self.dataset.pad_id
         self.epochs, self.epoch_tail = epochs, epoch_tail
         self.state = LoaderState()
@@ -93,7 +97,7 @@ class PackedLoader:
         if epoch not in self._plans:
             rng = np.random.default_rng([self.seed, epoch])
             docs = self.doc_indices[rng.permutation(len(self.doc_indices))] if self.shuffle else self.doc_indices
-            rows = [[int(docs[i]) for i in row] for row in pack_best_fit(self.dataset.lengths[docs], self.seq_len)]
+            rows = [[int(docs[i]) for i in row] for row in pack_best_fit(self.lengths[docs], self.seq_len)]
             if self.shuffle:
                 rows = [rows[i] for i in rng.permutation(len(rows))]
             # Keep the current and the next epoch: a filled step reaches one boundary further.
@@ -206,7 +210,7 @@ class PackedLoader:
         out = []
         for k in range(0, len(mine), self.micro_batch_size):
             rows = [[self.dataset[d] for d in row] for row in mine[k:k + self.micro_batch_size]]
-            out.append(build_micro_batch(rows, self.seq_len, self.pad_id))
+            out.append(build_micro_batch(rows, self.seq_len, self.pad_id, self.doc_multiple))
         return out
 
     # ------------------------------------------------------------------ checkpointing
@@ -215,7 +219,7 @@ class PackedLoader:
         return {"epoch": st.epoch, "rows_consumed": st.rows_consumed, "deferred": [list(d) for d in st.deferred],
                 "dropped_rows": st.dropped_rows, "seed": self.seed, "seq_len": self.seq_len,
                 "num_docs": len(self.doc_indices), "rows_per_step": self.rows_per_step,
-                "epoch_tail": self.epoch_tail}
+                "epoch_tail": self.epoch_tail, "doc_multiple": self.doc_multiple}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore (epoch, rows consumed). The plan must be the same one: same seed, seq_len, documents."""
@@ -224,10 +228,11 @@ class PackedLoader:
                                "data.train_path; resume with the same data.sources, or set "
                                "data.reset_order_on_resume=true to start the data order afresh")
         for key, mine in (("seed", self.seed), ("seq_len", self.seq_len), ("num_docs", len(self.doc_indices)),
-                          ("epoch_tail", self.epoch_tail)):
+                          ("epoch_tail", self.epoch_tail), ("doc_multiple", self.doc_multiple)):
             if state.get(key, mine) != mine:
                 raise DatasetError(f"data state was saved with {key}={state[key]} but this loader has {key}={mine}; "
-                                   "resume with the same data, seq_len and seed, or set "
+                                   "resume with the same data, seq_len, seed and parallel.cp (documents are "
+                                   "padded to 2*cp under context parallelism, which changes the packing), or set "
                                    "data.reset_order_on_resume=true to start the data order afresh")
         self.state = LoaderState(int(state["epoch"]), int(state["rows_consumed"]),
                                  [(int(e), int(r)) for e, r in state.get("deferred", [])],
@@ -244,23 +249,26 @@ def split_documents(num_docs: int, eval_fraction: float, seed: int) -> tuple[np.
 
 
 def build_loaders(data, seed: int, dp_rank: int = 0, dp_size: int = 1, vocab_size: Optional[int] = None,
-                  epochs: Optional[int] = None, steps: Optional[int] = None) -> tuple[PackedLoader, Optional[PackedLoader]]:
+                  epochs: Optional[int] = None, steps: Optional[int] = None,
+                  doc_multiple: int = 1) -> tuple[PackedLoader, Optional[PackedLoader]]:
     """(train loader, eval loader or None) from a DataConfig: eval from ``eval_path`` if given, else a
     seeded ``eval_fraction`` of the training documents. With ``vocab_size`` (the model's), a dataset
     holding a token id >= vocab_size is a DatasetError here, before any step (see
     :meth:`IndexedDataset.check_trainable`); so is an empty one. ``epochs`` (train.epochs) limits
     the training stream; its ``total_steps`` is then the run's step count. With ``data.sources`` the
-    loaders are megasft.data.mixture's (``steps``, train.steps, sizes its start-up plan)."""
+    loaders are megasft.data.mixture's (``steps``, train.steps, sizes its start-up plan).
+    ``doc_multiple`` (Layout.doc_multiple: 2*cp under context parallelism) pads every document."""
     if getattr(data, "sources", None):
         from megasft.data.mixture import build_mixture
 
-        return build_mixture(data, seed, dp_rank, dp_size, vocab_size, steps=steps)
+        return build_mixture(data, seed, dp_rank, dp_size, vocab_size, steps=steps, doc_multiple=doc_multiple)
     if data.train_path is None:
         raise ValueError("data.train_path is not set; point it at a directory written by megasft preprocess")
     train_ds = IndexedDataset(data.train_path)
     train_ds.check_trainable(vocab_size)
     common = dict(seq_len=data.seq_len, global_batch_tokens=data.global_batch_tokens,
-                  micro_batch_size=data.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
+                  micro_batch_size=data.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
+                  doc_multiple=doc_multiple)
     train_docs, eval_docs = split_documents(len(train_ds), 0.0 if data.eval_path else data.eval_fraction, seed)
     train = PackedLoader(train_ds, shuffle=data.shuffle, doc_indices=train_docs, epochs=epochs,
                          epoch_tail=data.epoch_tail, **common)

@@ -72,7 +72,7 @@ class SourceState:
 class Source:
     """One source: its dataset, its train documents' plan per epoch, trained tokens per document."""
 
-    def __init__(self, cfg: SourceConfig, data, seed: int, vocab_size: Optional[int]) -> None:
+    def __init__(self, cfg: SourceConfig, data, seed: int, vocab_size: Optional[int], doc_multiple: int = 1) -> None:
         self.cfg, self.name, self.epochs, self.weight = cfg, cfg.name, cfg.epochs, cfg.weight
         self.dataset = IndexedDataset(cfg.path)
         self.dataset.check_trainable(vocab_size)
@@ -81,7 +81,7 @@ class Source:
         # A per-source seed: sources of equal size must not share one shuffle.
         self.plan = PackedLoader(self.dataset, data.seq_len, data.global_batch_tokens, data.micro_batch_size,
                                  seed=seed * 2**32 + zlib.crc32(cfg.name.encode()), shuffle=data.shuffle,
-                                 doc_indices=self.train_docs)
+                                 doc_indices=self.train_docs, doc_multiple=doc_multiple)
         self.doc_trained = doc_trained_tokens(self.dataset)
         self.tokens = int(self.dataset.lengths[self.train_docs].sum())
         self.trained_per_epoch = int(self.doc_trained[self.train_docs].sum())
@@ -132,7 +132,8 @@ class MixtureLoader:
     """Global batches of rows drawn from several sources (module docstring); the PackedLoader interface."""
 
     def __init__(self, sources: list[Source], seq_len: int, global_batch_tokens: int, micro_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, steps: Optional[int] = None) -> None:
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, steps: Optional[int] = None,
+                 doc_multiple: int = 1) -> None:
         split_rows(global_batch_tokens, seq_len, dp_size, micro_batch_size)
         pads = {s.dataset.pad_id for s in sources}
         if len(pads) > 1:
@@ -140,7 +141,7 @@ class MixtureLoader:
                                "preprocess every source with the same tokenizer")
         self.sources, self.pad_id = sources, pads.pop()
         self.seq_len, self.micro_batch_size, self.seed = seq_len, micro_batch_size, seed
-        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.dp_rank, self.dp_size, self.doc_multiple = dp_rank, dp_size, doc_multiple
         self.rows_per_step = global_batch_tokens // seq_len
         self.rows_per_rank = self.rows_per_step // dp_size
         self.targets = targets(sources)
@@ -215,7 +216,7 @@ class MixtureLoader:
         out = []
         for k in range(0, len(mine), self.micro_batch_size):
             docs = [[self.sources[i].dataset[d] for d in row] for i, row in mine[k:k + self.micro_batch_size]]
-            out.append(build_micro_batch(docs, self.seq_len, self.pad_id))
+            out.append(build_micro_batch(docs, self.seq_len, self.pad_id, self.doc_multiple))
         return out
 
     def __iter__(self):
@@ -267,6 +268,7 @@ class MixtureLoader:
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         return {"kind": "mixture", "seed": self.seed, "seq_len": self.seq_len, "rows_per_step": self.rows_per_step,
+                "doc_multiple": self.doc_multiple,
                 "sources": [{"name": s.name, "num_docs": len(s.train_docs), "epoch": st.epoch, "row": st.row,
                              "trained": st.trained, "deferred": [list(d) for d in st.deferred]}
                             for s, st in zip(self.sources, self.state)]}
@@ -274,13 +276,14 @@ class MixtureLoader:
     def load_state_dict(self, state: dict) -> None:
         """Restore every source's position. The sources (names, documents), seed and seq_len must be the
         ones saved; weights may change (the shortfall rule steers toward the new targets)."""
-        fix = ("resume with the same data.sources, seq_len and seed, or set data.reset_order_on_resume=true "
-               "to start the data order afresh")
+        fix = ("resume with the same data.sources, seq_len, seed and parallel.cp (documents are padded to "
+               "2*cp under context parallelism), or set data.reset_order_on_resume=true to start the data "
+               "order afresh")
         if state.get("kind") != "mixture":
             raise DatasetError(f"the checkpoint's data state is of a single data.train_path run, this run reads "
                                f"data.sources; {fix}")
-        for key, mine in (("seed", self.seed), ("seq_len", self.seq_len)):
-            if state[key] != mine:
+        for key, mine in (("seed", self.seed), ("seq_len", self.seq_len), ("doc_multiple", self.doc_multiple)):
+            if state.get(key, 1 if key == "doc_multiple" else None) != mine:
                 raise DatasetError(f"data state was saved with {key}={state[key]} but this run has {key}={mine}; {fix}")
         saved = {s["name"]: s for s in state["sources"]}
         mine_names = [s.name for s in self.sources]
@@ -308,15 +311,16 @@ class MixtureEval:
 
 
 def build_mixture(data, seed: int, dp_rank: int = 0, dp_size: int = 1, vocab_size: Optional[int] = None,
-                  steps: Optional[int] = None) -> tuple[MixtureLoader, Optional[MixtureEval]]:
+                  steps: Optional[int] = None, doc_multiple: int = 1) -> tuple[MixtureLoader, Optional[MixtureEval]]:
     """(train stream, per-source eval splits or None) from a DataConfig with ``sources``."""
     from megasft.config_sources import check_paths_exist
 
     check_paths_exist(data)
     configs = read_sources(data.sources)
-    sources = [Source(c, data, seed, vocab_size) for c in configs]
+    sources = [Source(c, data, seed, vocab_size, doc_multiple) for c in configs]
     common = dict(seq_len=data.seq_len, global_batch_tokens=data.global_batch_tokens,
-                  micro_batch_size=data.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
+                  micro_batch_size=data.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
+                  doc_multiple=doc_multiple)
     train = MixtureLoader(sources, steps=steps, **common)
     evals = {}
     for src in sources:

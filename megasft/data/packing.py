@@ -81,14 +81,23 @@ def packing_efficiency(lengths: Sequence[int], rows: Sequence[Sequence[int]], se
     return float(np.sum(np.asarray(lengths, dtype=np.int64))) / max(1, len(rows) * seq_len)
 
 
+def padded_lengths(lengths: np.ndarray, multiple: int) -> np.ndarray:
+    """Document lengths rounded up to `multiple` (the slots each takes in a row; 1 = unpadded)."""
+    return lengths if multiple == 1 else -(-lengths // multiple) * multiple
+
+
 def build_micro_batch(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], seq_len: int,
-                      pad_id: int) -> MicroBatch:
+                      pad_id: int, doc_multiple: int = 1) -> MicroBatch:
     """One micro-batch from rows of (ids, loss_mask) documents.
 
     labels[r, t] = input_ids[r, t] where trained else IGNORE_INDEX (HF convention, the loss shifts);
     the first token of every document is IGNORE_INDEX, so the shifted loss never predicts across a
     document boundary. Padding tails are their own segment (positions 0..), untrained. cu_seqlens runs over the
     flattened [b * s] tokens, row r occupying r*s .. (r+1)*s.
+
+    With `doc_multiple` m > 1 (context parallelism: m = 2*cp) every document's segment is padded to a
+    multiple of m with untrained pad tokens at its end (positions continuing), which no real token
+    attends to, so the real tokens' logits are unchanged.
     """
     b = len(rows)
     input_ids = np.full((b, seq_len), pad_id, dtype=np.int64)   # [b, s]
@@ -100,13 +109,14 @@ def build_micro_batch(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], s
         pos = 0
         for ids, mask in docs:
             n = len(ids)
-            if pos + n > seq_len:
-                raise ValueError(f"row {r} holds {pos + n} tokens > seq_len={seq_len}")
+            slots = -(-n // doc_multiple) * doc_multiple
+            if pos + slots > seq_len:
+                raise ValueError(f"row {r} holds {pos + slots} tokens > seq_len={seq_len}")
             input_ids[r, pos:pos + n] = ids
             labels[r, pos:pos + n] = np.where(np.asarray(mask, dtype=bool), input_ids[r, pos:pos + n], IGNORE_INDEX)
             labels[r, pos] = IGNORE_INDEX
-            position_ids[r, pos:pos + n] = arange[:n]
-            pos += n
+            position_ids[r, pos:pos + slots] = arange[:slots]
+            pos += slots
             cu.append(r * seq_len + pos)
         if pos < seq_len:
             position_ids[r, pos:] = arange[:seq_len - pos]

@@ -248,7 +248,7 @@ def gather_hf_state(chunks: list[nn.Module], ps, dtype: torch.dtype = torch.floa
     import torch.distributed as dist
 
     mine = []
-    if ps.dp_rank == 0:
+    if ps.first_replica:
         mine = [(n, d, o, p.to(dtype=dtype, device="cpu").clone())
                 for chunk in chunks for n, d, o, p in canonical_pieces(chunk)]
     if ps.world_size == 1:

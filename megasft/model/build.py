@@ -29,7 +29,8 @@ def build_model(cfg: Config, ps: ParallelState, layout: Optional[Layout] = None)
     for i, layer_ids in enumerate(layout.rank_chunks(ps.pp_rank)):
         chunks.append(LlamaStage(m, ps, layer_ids, pre_process=layout.holds_embedding(ps.pp_rank, i),
                                  post_process=layout.holds_head(ps.pp_rank, i),
-                                 sequence_parallel=layout.sequence_parallel, neftune_seed=cfg.train.seed))
+                                 sequence_parallel=layout.sequence_parallel, neftune_seed=cfg.train.seed,
+                                 cp_comm=layout.cp_comm))
     for chunk in chunks:
         if m.init_from_hf:
             from megasft.hf.io import load_hf_into

@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megasft.config import ModelConfig
-from megasft.data.batch import MicroBatch, shift_labels
+from megasft.context_parallel.attention import context_parallel_attention
+from megasft.data.batch import MicroBatch
 from megasft.layout import kv_partition
 from megasft.model.attention import attention, resolve_backend
 from megasft.model.families import family_of, layer_window
@@ -55,11 +56,15 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention; query heads split over TP, kv heads split or (tp > nkv) replicated."""
+    """Grouped-query attention; query heads split over TP, kv heads split or (tp > nkv) replicated.
+    Under context parallelism (ps.cp > 1) the core attends across the CP ranks' chunks of each
+    row by `cp_comm` (ring | a2a, megasft.context_parallel)."""
 
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool, backend: str, layer: int = 0):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool, backend: str, layer: int = 0,
+                 cp_comm: str = "ring"):
         super().__init__()
         self.group, self.sequence_parallel, self.backend = ps.tp_group, sequence_parallel, backend
+        self.cp_group, self.cp_comm = ps.cp_group, cp_comm
         self.recompute_core = cfg.recompute == "selective"
         d, nq, nkv = cfg.head_size, cfg.num_attention_heads, cfg.kv_heads
         self.head_dim, self.local_q = d, nq // ps.tp
@@ -91,11 +96,16 @@ class Attention(nn.Module):
             core = cached_attention(q, k, v, self.window, self.scale, self.softcap)
             return self.o_proj(core.reshape(s, b, -1))
         if self.recompute_core and self.training:
-            core = checkpoint(attention, q, k, v, cu_seqlens, max_seqlen, self.backend, self.window,
-                              self.scale, self.softcap, use_reentrant=False)
-        else:                                                               # [s, b, nq/tp, d]
-            core = attention(q, k, v, cu_seqlens, max_seqlen, self.backend, self.window, self.scale, self.softcap)
-        return self.o_proj(core.reshape(s, b, -1))                          # [s(/tp), b, h]
+            core = checkpoint(self.core, q, k, v, cu_seqlens, max_seqlen, use_reentrant=False)
+        else:                                                               # [s(/cp), b, nq/tp, d]
+            core = self.core(q, k, v, cu_seqlens, max_seqlen)
+        return self.o_proj(core.reshape(s, b, -1))                          # [s(/cp)(/tp), b, h]
+
+    def core(self, q, k, v, cu_seqlens, max_seqlen):
+        if self.cp_group is not None:   # this rank's s/cp tokens; cu_seqlens are the full rows'
+            return context_parallel_attention(q, k, v, cu_seqlens, max_seqlen, self.cp_group, self.cp_comm,
+                                              self.backend, self.window, self.scale, self.softcap)
+        return attention(q, k, v, cu_seqlens, max_seqlen, self.backend, self.window, self.scale, self.softcap)
 
 
 class MLP(nn.Module):
@@ -143,12 +153,13 @@ class DecoderLayer(nn.Module):
     (attn_post_norm, mlp_post_norm) and calls its pre-MLP norm mlp_pre_norm (HF
     pre_feedforward_layernorm, where Llama's mlp_norm is HF post_attention_layernorm)."""
 
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool, backend: str, layer: int = 0):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool, backend: str, layer: int = 0,
+                 cp_comm: str = "ring"):
         super().__init__()
         self.gemma = family_of(cfg.family).gemma
         self.rope_local = cfg.rope_local_theta is not None and layer_window(cfg, layer) is not None
         self.attn_norm = _norm(cfg, ps, sequence_parallel)
-        self.attention = Attention(cfg, ps, sequence_parallel, backend, layer)
+        self.attention = Attention(cfg, ps, sequence_parallel, backend, layer, cp_comm)
         if self.gemma:
             self.attn_post_norm = _norm(cfg, ps, sequence_parallel)
             self.mlp_pre_norm = _norm(cfg, ps, sequence_parallel)
@@ -179,7 +190,8 @@ class LlamaStage(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, layer_ids: list[int], pre_process: bool,
-                 post_process: bool, sequence_parallel: bool = False, neftune_seed: int = 0):
+                 post_process: bool, sequence_parallel: bool = False, neftune_seed: int = 0,
+                 cp_comm: str = "ring"):
         super().__init__()
         self.cfg, self.group = cfg, ps.tp_group
         self.sequence_parallel = sequence_parallel   # resolved: Layout.sequence_parallel
@@ -193,7 +205,7 @@ class LlamaStage(nn.Module):
             # Same seed on every TP rank (the noise is added to the replicated embedding output),
             # a different one per data-parallel rank (different documents).
             self.neftune_generator = torch.Generator().manual_seed(neftune_seed * 1_000_003 + ps.dp_rank)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, ps, self.sequence_parallel, backend, i)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, ps, self.sequence_parallel, backend, i, cp_comm)
                                      for i in layer_ids})
         if post_process:
             self.norm = _norm(cfg, ps, self.sequence_parallel)
@@ -228,7 +240,7 @@ class LlamaStage(nn.Module):
         if not self.post_process:
             return hidden_states
         x = enter_tp_region(self.norm(hidden_states), self.group, self.sequence_parallel)   # [s, b, h]
-        target = None if batch.labels is None else shift_labels(batch.labels).t()          # [s, b]
+        target = None if batch.labels is None else batch.targets().t()                  # [s(/cp), b]
         if hasattr(self, "lm_head"):
             return self.lm_head(x, target)
         # Tied without pipelining: the embedding's own weight, which its forward already waited for.
@@ -288,13 +300,14 @@ class LMHead(ColumnParallelLinear):
 def neftune_noise(batch: MicroBatch, emb: torch.Tensor, alpha: float, generator: torch.Generator,
                   group, sequence_parallel: bool) -> torch.Tensor:
     """NEFTune (Jain et al. 2023): uniform noise in +-alpha/sqrt(L*d), L the length of the token's
-    own document (so packing does not change the noise a document gets). Drawn for the full
-    [s, b, h] on every TP rank from the same generator, then sliced under SP, so all TP ranks agree."""
-    b, s = batch.input_ids.shape
-    d = emb.shape[-1]
-    lengths = batch.segment_lengths.cpu()
-    doc_len = torch.repeat_interleave(lengths, lengths).view(b, s).t().unsqueeze(-1)   # [s, b, 1]
+    own document (so packing does not change the noise a document gets). Drawn for the full rows
+    [s, b, h] on every TP and CP rank from the same generator, then this CP rank's tokens taken
+    and sliced under SP, so every rank agrees with the unsplit row."""
+    b = batch.input_ids.shape[0]
+    s, d = int(batch.cu_seqlens[-1]) // max(b, 1), emb.shape[-1]
+    doc_len = batch.token_doc_lengths().cpu().t().unsqueeze(-1)                       # [s(/cp), b, 1]
     noise = torch.rand((s, b, d), generator=generator).mul_(2).sub_(1)
+    noise = batch.local(noise.transpose(0, 1)).transpose(0, 1)                        # [s(/cp), b, d]
     noise = noise * (alpha / torch.sqrt(doc_len.float() * d))
     if sequence_parallel:
         noise = scatter_to_sp(noise, group)

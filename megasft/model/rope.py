@@ -129,9 +129,7 @@ class Rope:
         angles = positions * self.inv_freq.to(position_ids.device)           # [s, b, r/2]
         if self.long_inv_freq is not None:
             # Each token takes its own document's factor (module docstring); no host sync.
-            lengths = batch.segment_lengths.to(position_ids.device)
-            doc_len = torch.repeat_interleave(lengths, lengths, output_size=position_ids.numel())
-            doc_len = doc_len.view(position_ids.shape).t()                  # [s, b]
+            doc_len = batch.token_doc_lengths().to(position_ids.device).t()    # [s(/cp), b]
             long = (doc_len > self.long_after).unsqueeze(-1)
             angles = torch.where(long, positions * self.long_inv_freq.to(position_ids.device), angles)
         emb = torch.cat([angles, angles], dim=-1).unsqueeze(2)               # [s, b, 1, r]

@@ -87,10 +87,10 @@ class DistributedOptimizer:
         # Overlap needs several buckets; without it one bucket means one collective per step.
         overlap = parallel.overlap_grad_reduce or parallel.overlap_param_gather
         bucket_numel = int(parallel.bucket_size_mb * 2 ** 20 / 4) if overlap else None
-        self.grad_buffer = GradBuffer(list(named_params), state.dp_group, shard=self.distributed,
+        self.grad_buffer = GradBuffer(list(named_params), state.grad_group, shard=self.distributed,
                                       bucket_numel=bucket_numel, overlap=parallel.overlap_grad_reduce)
-        # The norm sums over TP and PP always, and over DP only where DP ranks hold disjoint shards.
-        self.norm_groups = [state.tp_group, state.pp_group] + ([state.dp_group] if self.distributed else [])
+        # The norm sums over TP and PP always, and over DP x CP only where those ranks hold disjoint shards.
+        self.norm_groups = [state.tp_group, state.pp_group] + ([state.grad_group] if self.distributed else [])
         self.embedding_group = state.embedding_group
         self.params = [slot.param for bucket in self.grad_buffer.buckets for slot in bucket.slots]
         self.shard_state = torch.zeros(3, self.grad_buffer.shard_numel, dtype=torch.float32,

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megasft import collectives
 from megasft.config import Config
+from megasft.context_parallel.sharding import split_micro_batch
 from megasft.data.batch import MicroBatch
 from megasft.layout import Layout
 from megasft.model.build import build_model
@@ -109,8 +110,10 @@ class Trainer:
         """Count the global trained tokens, run the pipeline schedule; returns (result, count)."""
         micro_batches = [mb.to(self.ps.device) for mb in micro_batches]
         count = torch.tensor([sum(mb.trained_tokens for mb in micro_batches)], dtype=torch.float64)
-        collectives.all_reduce(count, self.ps.dp_group)
+        collectives.all_reduce(count, self.ps.dp_group)   # counted on the full rows: CP ranks agree
         global_count = int(count.item())
+        # Context parallelism: each CP rank keeps its s/cp tokens of every row (labels shifted first).
+        micro_batches = [split_micro_batch(mb, self.ps.cp, self.ps.cp_rank) for mb in micro_batches]
         # An all-padding global batch trains nothing; scale 0 keeps the step well-defined.
         scale = 1.0 / global_count if global_count else 0.0
         for chunk in self.chunks:

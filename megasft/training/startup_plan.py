@@ -49,7 +49,7 @@ def data_lines(cfg: Config, layout: Layout) -> list[str]:
         return [f"data        no dataset at {path} yet: steps per epoch unknown"]
     try:
         loader, _ = build_loaders(cfg.data, cfg.train.seed, 0, layout.dp, cfg.model.vocab_size,
-                                  epochs=cfg.train.epochs)
+                                  epochs=cfg.train.epochs, doc_multiple=layout.doc_multiple)
     except DatasetError as err:
         return [f"data        {err}"]
     rows = loader.rows_per_epoch()
