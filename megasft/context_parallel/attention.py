@@ -28,7 +28,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     (megasft.context_parallel.sharding); `cu_seqlens` / `max_seqlen` describe the FULL rows (over
     the b*s flattened tokens, every segment a multiple of 2*cp). Returns [s/cp, b, nq, d], what
     block-causal attention over the full rows gives these tokens. `backend` is resolved
-    (megasft.model.attention.resolve_backend); ring runs its own per-block kernel (block_kernel.py)."""
+    (megasft.model.attention.resolve_backend); ring runs its own per-block kernel (block_kernel.py: the
+    torch one on every backend for now, flash_attn on CUDA included)."""
     if comm not in COMMS:
         raise ValueError(f"cp_comm {comm!r} is not one of {COMMS}")
     cp = dist.get_world_size(group)
