@@ -9,6 +9,7 @@ over a ring implementation, the quantity NCCL's bus bandwidth is defined on (Pat
     all-reduce of N bytes over n ranks       2 (n-1)/n * N
     all-gather to an N-byte output           (n-1)/n * N
     reduce-scatter of an N-byte input        (n-1)/n * N
+    all-to-all of an N-byte input            (n-1)/n * N  (the slice a rank keeps is not sent)
     p2p send of N bytes                      N            (receives are counted apart, as "recv")
 
 so the ledger measures which collectives ran on which tensors, and the planner's analytic volume
@@ -174,25 +175,56 @@ def recv(t: torch.Tensor, peer: int, group: Group, tag: int) -> float:
     return seconds
 
 
+class P2PWork:
+    """A posted batch of ("send" | "recv", tensor, peer global rank, tag) operations. ``wait()``
+    waits for all of them and returns the seconds this rank waited; it keeps the tensors alive
+    until then. With `synchronize`, a CUDA wait also waits for the device (NCCL's work.wait() only
+    orders streams), so the seconds are the transfer's; without it the consumer's stream is
+    ordered after the transfer and the seconds are the host's blocked time only."""
+
+    def __init__(self, ops: list[tuple[str, torch.Tensor, int, int]], group: Group, synchronize: bool):
+        self.ops, self.group, self.synchronize = ops, group, synchronize
+        # Posted in the order given: the order is what matches messages where tags are ignored (NCCL).
+        posted = [dist.P2POp(dist.isend if way == "send" else dist.irecv, t, peer, tag=tag)
+                  for way, t, peer, tag in ops]
+        self.works = dist.batch_isend_irecv(posted) if posted else []
+
+    def wait(self) -> float:
+        if not self.ops:
+            return 0.0
+        start = time.perf_counter()
+        for work in self.works:
+            work.wait()
+        device = self.ops[0][1].device
+        if self.synchronize and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        if LEDGER.recording:
+            for way in ("send", "recv"):
+                sizes = [_nbytes(t) for w, t, _, _ in self.ops if w == way]
+                if sizes:   # the wait is one: it is booked on the sends when there are any
+                    booked = seconds if way == "send" or len(sizes) == len(self.ops) else 0.0
+                    LEDGER.add(self.group, way, sum(sizes), booked, calls=len(sizes))
+        self.ops, self.works = [], []
+        return seconds
+
+
+def start_p2p(ops: list[tuple[str, torch.Tensor, int, int]], group: Group) -> P2PWork:
+    """Post p2p operations as one batch and return without waiting, so the caller computes while
+    they travel (the context-parallel ring); call ``wait()`` before using a received tensor."""
+    return P2PWork(ops, group, synchronize=False)
+
+
 def batch_p2p(ops: list[tuple[str, torch.Tensor, int, int]], group: Group) -> float:
     """Post ("send" | "recv", tensor, peer global rank, tag) operations as one batch, in the order
     given (the order is what matches messages where tags are ignored, NCCL), and wait for all.
     Returns the seconds this rank waited."""
-    if not ops:
-        return 0.0
-    posted = [dist.P2POp(dist.isend if way == "send" else dist.irecv, t, peer, tag=tag)
-              for way, t, peer, tag in ops]
-    start = time.perf_counter()
-    for work in dist.batch_isend_irecv(posted):
-        work.wait()
-    device = ops[0][1].device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)   # NCCL work.wait() only orders streams
-    seconds = time.perf_counter() - start
-    if LEDGER.recording:
-        for way in ("send", "recv"):
-            sizes = [_nbytes(t) for w, t, _, _ in ops if w == way]
-            if sizes:   # the wait is one: it is booked on the sends when there are any
-                booked = seconds if way == "send" or len(sizes) == len(ops) else 0.0
-                LEDGER.add(group, way, sum(sizes), booked, calls=len(sizes))
-    return seconds
+    return P2PWork(ops, group, synchronize=True).wait()
+
+
+def all_to_all_single(out: torch.Tensor, x: torch.Tensor, group: Group, async_op: bool = False):
+    """Equal-split all-to-all: dim-0 slice j of this rank's `x` lands in slice i (this rank's index
+    in `group`) of rank j's `out`."""
+    n = _size(group)
+    return _run(lambda: dist.all_to_all_single(out, x, group=group, async_op=async_op), x, group,
+                "all_to_all", (n - 1) / n * _nbytes(x), async_op)
