@@ -15,6 +15,11 @@ resharding is an uninterrupted run of the same config that saved along the way:
           TP2xPP2, saved from there, exported with megasft-to-hf -> bit-identical tensors
   corrupt a copy of ref/step_4 with one byte flipped in the file rank 3 verifies
                                                              -> every rank refuses it, naming that file
+  cp      CP2xDP2 (ring, ZeRO-1 over the 4 dp x cp ranks): resume at step 4 exact; reshard
+          step 2 to CP1xDP4, run 3-4, then to TP2xCP2 (a2a), run 5-6 -> equal to cp_ref within fp32
+          tolerance. Documents are padded to 2*cp = 4 in every CP run and, to read the same rows, in
+          the CP1 one (a real cp=1 run pads nothing and refuses the cp=2 data position, see
+          test_data_loader)
 """
 from __future__ import annotations
 
@@ -76,11 +81,12 @@ def make_config(tmp: str, name: str, tp: int, pp: int, world: int, **overrides) 
 
 def setup(tmp: str, name: str, tp: int, pp: int, **overrides):
     """Trainer, loader and Checkpointer of one layout on ranks 0-3, resumed per checkpoint.load."""
-    ps = ParallelState.build(tp, pp, ranks=[0, 1, 2, 3])
+    doc_multiple = overrides.pop("doc_multiple", 1)
+    ps = ParallelState.build(tp, pp, ranks=[0, 1, 2, 3], cp=overrides.get("parallel", {}).get("cp", 1))
     cfg = make_config(tmp, name, tp, pp, 4, **overrides)
     torch.manual_seed(cfg.train.seed)
     loader = PackedLoader(f"{tmp}/data", SEQ, SEQ * ROWS, cfg.data.micro_batch_size, ps.dp_rank, ps.dp,
-                          seed=cfg.train.seed)
+                          seed=cfg.train.seed, doc_multiple=doc_multiple)
     trainer = Trainer(cfg, ps, log=False)
     ckpt = Checkpointer(cfg, ps)
     ckpt.resume(trainer, loader)
@@ -120,6 +126,16 @@ def _rank_main(tmp: str) -> dict:
     out["vpp_resume"] = run(tmp, "vpp_resume", 2, 2, checkpoint={"load": vpp_ckpt}, **vpp)
     out["vpp_reshard"] = run(tmp, "vpp_reshard", 1, 1, mbs=2, model={"num_layers": 4},   # replicated optimizer
                              parallel={"distributed_optimizer": False}, checkpoint={"load": vpp_ckpt})
+    # Context parallelism: exact resume at CP2xDP2, resharding CP2 -> CP1 -> CP2 (with TP2).
+    cp2 = dict(doc_multiple=4)
+    out["cp_ref"] = run(tmp, "cp_ref", 1, 1, parallel={"cp": 2}, checkpoint={"save_interval": 2, "keep_last": 0},
+                        **cp2)
+    cp_ref = f"{tmp}/cp_ref/ckpt"
+    out["cp_resume"] = run(tmp, "cp_resume", 1, 1, parallel={"cp": 2}, checkpoint={"load": f"{cp_ref}/{step_name(4)}"},
+                           **cp2)
+    out["cp_to1"] = run(tmp, "cp_to1", 1, 1, stop_after=4, checkpoint={"load": f"{cp_ref}/{step_name(2)}"}, **cp2)
+    out["cp_to2"] = run(tmp, "cp_to2", 2, 1, parallel={"cp": 2, "cp_comm": "a2a"},
+                        checkpoint={"load": f"{tmp}/cp_to1/ckpt"}, **cp2)
     for tied in (False, True):   # load the converted HF model at TP2xPP2 and save it from there
         trainer, loader, ckpt = setup(tmp, f"hf_rt_{tied}", 2, 2, model={"tie_embeddings": tied},
                                       checkpoint={"load": f"{tmp}/imported_{tied}"})
@@ -138,6 +154,12 @@ def _rank_main(tmp: str) -> dict:
         refused = str(err)
     out["corrupt"] = ([refused], [])   # (the message as this rank's "losses", no weights)
     return out
+
+
+def meta_layout(step_dir: Path) -> tuple[int, int, int]:
+    """(tp, cp, dp) a checkpoint was saved at."""
+    layout = read_meta(step_dir)["layout"]
+    return layout["tp"], layout["cp"], layout["dp"]
 
 
 def global_weights(results: list[dict], name: str) -> dict[str, torch.Tensor]:
@@ -185,6 +207,16 @@ def test_resume_reshard_and_hf_round_trip(tmp_path):
     assert meta["step"] == 6 and meta["consumed_tokens"] == 6 * SEQ * ROWS
     uninterrupted = read_meta(tmp_path / "noisy_ref" / "ckpt" / step_name(6))
     assert meta["loader"] == uninterrupted["loader"] and meta["layout"]["dp"] == 2
+    # CP: exact resume; resharding CP2xDP2 -> CP1xDP4 -> TP2xCP2xDP1 within fp32 tolerance.
+    cp_ref, cp_w = losses["cp_ref"], global_weights(results, "cp_ref")
+    assert losses["cp_resume"] == cp_ref[4:]
+    for name, tensor in global_weights(results, "cp_resume").items():
+        assert torch.equal(tensor, cp_w[name]), name
+    assert meta_layout(tmp_path / "cp_ref" / "ckpt" / step_name(2)) == (1, 2, 2)
+    assert meta_layout(tmp_path / "cp_to1" / "ckpt" / step_name(4)) == (1, 1, 4)
+    assert_close(torch.tensor(losses["cp_to1"] + losses["cp_to2"]), torch.tensor(cp_ref[2:]), rtol=1e-5, atol=1e-6)
+    for name, tensor in global_weights(results, "cp_to2").items():
+        assert_close(tensor, cp_w[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
     # HF -> megasft (loaded and re-saved at TP2xPP2) -> HF: bit-identical tensors.
     for tied in (False, True):
         out = megasft_to_hf(tmp_path / f"hf_rt_{tied}" / "ckpt", tmp_path / f"export_{tied}", dtype="fp32",

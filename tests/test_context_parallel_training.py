@@ -18,12 +18,17 @@ RUN = Run(seq=32, rows=4, lr=1e-3, warmup=1, steps=3)
 # 8 query heads over 2 kv heads: a2a scatters heads/tp over cp (8/4 at cp 4, 4/2 at tp 2 x cp 2).
 FIELDS = tiny_fields(num_attention_heads=8, num_kv_heads=2)
 CASES = [
-    Case("cp2-allgather", (0, 1), cp=2, cp_comm="allgather"),
-    Case("tp2-cp2-sp-allgather", (0, 1, 2, 3), tp=2, cp=2, cp_comm="allgather", sequence_parallel=True,
-         micro_batch_size=2),
-    Case("cp2-pp2-1f1b-allgather", (4, 5, 6, 7), cp=2, pp=2, cp_comm="allgather"),
-    Case("cp2-dp2-zero1-overlap-fused-loss-allgather", (4, 5, 6, 7), cp=2, cp_comm="allgather", fast=True),
-    Case("tp2-cp2-pp2-allgather", tuple(range(8)), tp=2, cp=2, pp=2, cp_comm="allgather", sequence_parallel=True),
+    Case("cp2-ring", (0, 1), cp=2),
+    Case("cp2-a2a", (2, 3), cp=2, cp_comm="a2a"),
+    Case("cp2-allgather-recompute-full", (4, 5), cp=2, cp_comm="allgather"),
+    Case("cp2-ring-recompute-selective", (6, 7), cp=2),
+    Case("tp2-cp2-sp-ring", (0, 1, 2, 3), tp=2, cp=2, sequence_parallel=True, micro_batch_size=2),
+    Case("cp2-pp2-1f1b-ring", (4, 5, 6, 7), cp=2, pp=2),
+    Case("cp2-pp2-interleaved-a2a", (0, 1, 2, 3), cp=2, pp=2, virtual=2, cp_comm="a2a"),
+    Case("cp2-dp2-zero1-overlap-fused-loss-ring", (4, 5, 6, 7), cp=2, fast=True),
+    Case("cp4-a2a", (0, 1, 2, 3), cp=4, cp_comm="a2a"),
+    Case("cp4-ring", (4, 5, 6, 7), cp=4),
+    Case("tp2-cp2-pp2-sp-ring", tuple(range(8)), tp=2, cp=2, pp=2, sequence_parallel=True),
 ]
 
 
@@ -34,29 +39,41 @@ def global_batches() -> list[dict]:
                          seed=30 + s) for s in range(RUN.steps)]
 
 
-def _rank_main(hf_dir: str) -> dict:
-    return train_cases(CASES, RUN, lambda case: FIELDS, lambda case: hf_dir, global_batches())
+def _fields(case: Case) -> dict:
+    """Interleaving needs 4 layers for its pp * v = 4 chunks (the reference starts from the same
+    4-layer directory); the recompute cases say which in their name."""
+    recompute = next((r for r in ("full", "selective") if f"recompute-{r}" in case.name), "none")
+    return {**FIELDS, "recompute": recompute, **({"num_layers": 4} if case.virtual > 1 else {})}
+
+
+def _rank_main(hf_dirs: dict) -> dict:
+    return train_cases(CASES, RUN, _fields, lambda case: hf_dirs[_fields(case)["num_layers"]], global_batches())
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    hf_dir = tmp_path_factory.mktemp("hf")
-    model = hf_model(FIELDS, seed=7)
-    model.save_pretrained(hf_dir)
-    ref_losses = reference_training(model, global_batches(), RUN.lr, RUN.warmup, RUN.steps)
-    per_rank = run_ranks(_rank_main, 8, str(hf_dir), timeout=900)
-    return ref_losses, {n: p.detach() for n, p in model.named_parameters()}, per_rank
+    """Plain-PyTorch runs of the 2- and 4-layer models, and every case's results."""
+    refs, dirs = {}, {}
+    for layers in (2, 4):
+        model = hf_model({**FIELDS, "num_layers": layers}, seed=7)
+        dirs[layers] = str(tmp_path_factory.mktemp(f"hf{layers}"))
+        model.save_pretrained(dirs[layers])
+        losses = reference_training(model, global_batches(), RUN.lr, RUN.warmup, RUN.steps)
+        refs[layers] = (losses, {n: p.detach() for n, p in model.named_parameters()})
+    return refs, run_ranks(_rank_main, 8, dirs, timeout=900)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_cp_train_steps_match_plain_pytorch(trained, case):
-    ref_losses, ref_weights, per_rank = trained
+    refs, per_rank = trained
+    ref_losses, ref_weights = refs[_fields(case)["num_layers"]]
     check_case(case, per_rank, ref_losses, ref_weights, RUN)
 
 
 # Model level: one forward/backward of packed rows at cp 2 and 4 vs transformers per document.
 MODEL_ROWS, MODEL_SEQ = [[16, 8], [8, 16], [32]], 32     # padding tails of 8 in rows 0 and 1
-MODEL_CASES = [(1, False, 2, "allgather"), (1, False, 4, "allgather"), (2, True, 2, "allgather")]
+MODEL_CASES = [(1, False, cp, comm) for cp in (2, 4) for comm in ("ring", "a2a", "allgather")] + \
+    [(2, True, 2, "ring"), (2, True, 2, "a2a")]
 
 
 def _model_main() -> list:
