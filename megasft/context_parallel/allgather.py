@@ -13,10 +13,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megasft.context_parallel.sharding import local_token_index
-from megasft.model.attention import capped_attention, segment_ids
+from megasft.model.attention import masked_attention, segment_ids
 from megasft.tensor_parallel.comm import gather_from_sp
 
 
@@ -40,11 +39,4 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     mask = (seg[q_idx].unsqueeze(2) == seg[k_idx].unsqueeze(1)) & (k_idx.unsqueeze(1) <= q_idx.unsqueeze(2))
     if window is not None:
         mask &= q_idx.unsqueeze(2) - k_idx.unsqueeze(1) < window
-    mask = mask.unsqueeze(1)                                                       # [b, 1, s/cp, s]
-    qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k_all, v_all))                # [b, heads, s, d]
-    if softcap is None:
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
-                                             enable_gqa=kh.shape[1] != qh.shape[1])
-    else:
-        out = capped_attention(qh, kh, vh, mask, scale, softcap)
-    return out.permute(2, 0, 1, 3)
+    return masked_attention(q, k_all, v_all, mask.unsqueeze(1), scale, softcap)   # mask [b, 1, s/cp, s]

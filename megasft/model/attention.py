@@ -83,7 +83,11 @@ def block_causal_mask(cu_seqlens: torch.Tensor, b: int, s: int, window: Optional
 
 def _sdpa(q, k, v, cu_seqlens, max_seqlen, window, scale, softcap):
     s, b = q.shape[:2]
-    mask = block_causal_mask(cu_seqlens, b, s, window)
+    return masked_attention(q, k, v, block_causal_mask(cu_seqlens, b, s, window), scale, softcap)
+
+
+def masked_attention(q, k, v, mask, scale, softcap):
+    """q [sq, b, nq, d], k/v [sk, b, nkv, d] under a boolean mask [b, 1, sq, sk] -> [sq, b, nq, d]."""
     qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))         # [b, heads, s, d]
     if softcap is None:
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
