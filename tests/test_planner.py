@@ -34,7 +34,7 @@ def _run_cli(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------ the Llama-3.1 example configs
 @pytest.mark.parametrize("name,nodes", [("llama3.1_8b", 1), ("llama3.1_70b", 8), ("llama3.1_405b", 128),
-                                        ("gemma3_27b", 4)])
+                                        ("gemma3_27b", 4), ("llama3.1_70b_32k", 8), ("llama3.1_405b_128k", 128)])
 def test_example_configs_validate_and_fit_their_cluster(name, nodes):
     cfg = pin(Config.load(str(CONFIGS / f"{name}.yaml")), nodes * 8)
     result = check_fits(plan(cfg, make_cluster(nodes, 8, "h100-80gb")))

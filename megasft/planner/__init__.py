@@ -9,6 +9,9 @@ Library entry points (``megasft plan`` is a thin CLI over them):
     pin(cfg, world_size) -> Config                   a config with parallel.dp resolved, as plan() uses
     rank_state_bytes(cfg, pp_rank) -> StateBytes     exact weight/grad/optimizer bytes of one rank
     forward_flops_per_token(model, seq_len, ...)     exact GEMM + attention FLOPs per token
+
+Context parallelism (parallel.cp, cp_comm ring | a2a): megasft.planner.context_parallel holds the
+exchange volumes, the ring's overlap with the block attention and the ring-or-a2a rule.
 """
 from megasft.planner.assumptions import Assumptions
 from megasft.planner.estimate import Plan, PlanError, StageMemory, check_fits, plan

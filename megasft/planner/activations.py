@@ -44,6 +44,13 @@ Assumptions, stated once:
   (Korthikanti Sec. 4.2.2: keep the shard, all-gather again in backward) says otherwise.
 * Full recomputation keeps only each layer's input (``e*h/shard``) and rematerialises one layer
   at a time in backward; RoPE multiplies by constant cos/sin tables, so it keeps nothing per layer.
+
+Context parallelism (parallel.cp) gives each rank s/cp tokens of every row, so every per-token term
+above multiplies ``s*b/cp`` tokens (:func:`local_tokens`): activation memory falls as 1/cp. The
+attention core changes with the exchange (``megasft.planner.context_parallel``): the ring keeps the
+same saved tensors over the local tokens (K/V blocks from other ranks are in flight only while the
+layer runs, a transient); all-to-all runs the core on the head shard, so the core's output and the
+o_proj input are two tensors, and kv heads repeated for the exchange are kept at their repeated count.
 """
 from __future__ import annotations
 
@@ -67,6 +74,11 @@ def _sequence_shard(cfg: Config) -> int:
     return cfg.parallel.tp if layout_of(cfg).sequence_parallel else 1
 
 
+def local_tokens(cfg: Config) -> int:
+    """Tokens of one micro-batch a rank computes: s*b, or s*b/cp under context parallelism."""
+    return cfg.data.seq_len * cfg.data.micro_batch_size // cfg.parallel.cp
+
+
 def layer_bytes_per_token(cfg: Config, assumptions: Assumptions) -> float:
     """Bytes one TP rank keeps per token for one layer without recomputation (attention core apart)."""
     m, t = cfg.model, cfg.parallel.tp
@@ -88,13 +100,28 @@ def attention_core_bytes_per_token(cfg: Config) -> float:
     additive [b, 1, s, s] mask row of the token (e*s bytes; one mask per layer, not per head).
 
     Neither path stores Korthikanti et al. 2022 eq. (1)'s 5as/h probabilities term; megasft has no
-    attention dropout.
+    attention dropout. Under context parallelism a local query's mask row still spans all s keys,
+    and the all-to-all exchange adds :func:`a2a_extra_bytes_per_token`.
     """
     m, s = cfg.model, cfg.data.seq_len
     heads = m.num_attention_heads // cfg.parallel.tp
+    core = 4.0 * heads + a2a_extra_bytes_per_token(cfg)
     if uses_flash_attention(cfg):
-        return 4.0 * heads
-    return 4.0 * heads + float(ELEMENT_BYTES[cfg.train.precision] * s)
+        return core
+    return core + float(ELEMENT_BYTES[cfg.train.precision] * s)
+
+
+def a2a_extra_bytes_per_token(cfg: Config) -> float:
+    """What cp_comm=a2a keeps beyond the ring per local token: the core's head-sharded output next
+    to the o_proj input (e*a_t*d), and K and V at their repeated head count k_a instead of k_t."""
+    from megasft.planner.context_parallel import a2a_kv_heads
+
+    layout = layout_of(cfg)
+    if layout.cp == 1 or layout.cp_comm != "a2a":
+        return 0.0
+    m, e = cfg.model, ELEMENT_BYTES[cfg.train.precision]
+    q_heads, kv = m.num_attention_heads // layout.tp, layout.kv_heads_per_rank
+    return float(e * m.head_size * (q_heads + 2 * (a2a_kv_heads(kv, layout.cp) - kv)))
 
 
 @dataclass(frozen=True)
@@ -109,7 +136,7 @@ class LayerActivations:
 
 def layer_activations(cfg: Config, assumptions: Assumptions) -> LayerActivations:
     """Per-layer, per-micro-batch activation bytes under ``model.recompute``."""
-    tokens = cfg.data.seq_len * cfg.data.micro_batch_size
+    tokens = local_tokens(cfg)
     body = layer_bytes_per_token(cfg, assumptions) * tokens
     core = attention_core_bytes_per_token(cfg) * tokens
     full = body + core
@@ -144,9 +171,9 @@ def loss_bytes(cfg: Config, assumptions: Assumptions) -> float:
     The logits exist for one micro-batch at a time (1F1B runs each micro-batch's loss backward
     right after its forward); chunking the loss over tokens would bound them by the chunk.
     """
-    m, p, d = cfg.model, cfg.parallel, cfg.data
+    m, p = cfg.model, cfg.parallel
     e = ELEMENT_BYTES[cfg.train.precision]
-    tokens = d.seq_len * d.micro_batch_size
+    tokens = local_tokens(cfg)
     chunk = min(tokens, assumptions.loss_chunk_tokens or tokens)
     logits = chunk * m.padded_vocab_size(p.tp) // p.tp * (FP32_BYTES + e)
     norm = ((FP32_BYTES + e) * m.hidden_size + FP32_BYTES) / _sequence_shard(cfg)

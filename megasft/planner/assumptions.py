@@ -34,3 +34,7 @@ class Assumptions:
     """Caching-allocator slack as a fraction of the memory PyTorch allocates."""
     p2p_overlap: float = 0.0
     """Fraction of pipeline send/recv time hidden behind compute (0 = all on the critical path)."""
+    cp_latency_us: float = 10.0
+    """Fixed cost of one context-parallel exchange (a ring step's send/recv pair or one all-to-all)
+    before its bytes move: NCCL launch plus a network round trip, ~5-20 us across InfiniBand. It is
+    what makes many small ring steps lose to fewer all-to-alls at large cp and short rows."""

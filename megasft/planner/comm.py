@@ -19,8 +19,14 @@ megabytes or more.
   A rank sends one message per boundary of its chunks (the model's first chunk sends no gradient,
   its last no activation); the link time counts send and receive, 2 messages per chunk.
 * Tied embeddings under PP: the first and last stage all-reduce the embedding's fp32 gradient.
+* CP (parallel.cp > 1): the ring's K/V and dK/dV blocks or the all-to-alls of q/k/v/out, per layer
+  (formulas, overlap and the ring-or-a2a rule in ``megasft.planner.context_parallel``). CP also
+  shrinks everything else per rank: TP collectives, pipeline messages and the loss run on s/cp
+  tokens of each row.
 * DP with the distributed optimizer (ZeRO-1; Rajbhandari et al. 2020): reduce-scatter of the fp32
   gradients, then all-gather of the updated bf16 weights — 1.5x the bytes of a bf16 all-reduce.
+  The group is the dp*cp ranks holding the same weights (a row's cp ranks each hold part of its
+  gradient), laid out over tp*cp*dp consecutive ranks.
   Without it: an fp32 all-reduce. ``overlap_grad_reduce`` runs the reduction bucket by bucket
   during the last micro-batch's backward, ``overlap_param_gather`` the all-gather during the next
   step's first forward; what the compute cannot hide (at least one bucket each) stays exposed —
@@ -31,9 +37,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megasft.config import Config
-from megasft.planner.activations import ELEMENT_BYTES
+from megasft.planner.activations import ELEMENT_BYTES, local_tokens
+from megasft.planner.assumptions import Assumptions
+from megasft.planner.context_parallel import cp_bytes_per_micro_batch, cp_exposed_seconds
 from megasft.planner.hardware import Cluster
-from megasft.planner.memory import GRAD_BYTES, WEIGHT_BYTES, rank_parameters
+from megasft.planner.memory import GRAD_BYTES, WEIGHT_BYTES, rank_parameters, zero_shards
 from megasft.planner.pinned import layout_of
 
 
@@ -49,8 +57,12 @@ class RankComm:
     tp_bytes: float
     pp_bytes: float
     dp_bytes: float
+    cp_bytes: float
     tp_seconds_per_micro_batch: float
     """TP collective time inside one micro-batch's forward+backward on this rank."""
+    cp_seconds_per_micro_batch: float
+    """Context-parallel exchange time per micro-batch that compute does not hide (ring steps
+    beyond their block attention, or every all-to-all)."""
     pp_seconds_per_micro_batch: float
     """Pipeline send/recv time per micro-batch (all chunks of this rank), before overlap."""
     dp_reduce_seconds: float
@@ -65,15 +77,16 @@ class RankComm:
 
 def tp_bytes_per_micro_batch(cfg: Config, pp_rank: int) -> float:
     """TP collective bytes one rank sends per micro-batch (forward, recompute and backward)."""
-    m, p, d = cfg.model, cfg.parallel, cfg.data
+    m, p = cfg.model, cfg.parallel
     if p.tp == 1:
         return 0.0
-    activation = d.seq_len * d.micro_batch_size * m.hidden_size * ELEMENT_BYTES[cfg.train.precision]
+    tokens = local_tokens(cfg)
+    activation = tokens * m.hidden_size * ELEMENT_BYTES[cfg.train.precision]
     unit = ring_fraction(p.tp) * activation  # one all-gather or one reduce-scatter
     per_layer = (4 + 4 + (4 if m.recompute == "full" else 0)) * unit  # forward, backward, recompute
     ends = (pp_rank == 0) + (pp_rank == p.pp - 1)  # embedding / LM head collective pairs
     # Vocab-parallel cross-entropy: all-reduces of the fp32 max, target logit and sum-exp per token.
-    loss_stats = 3 * 2 * ring_fraction(p.tp) * d.seq_len * d.micro_batch_size * 4 if pp_rank == p.pp - 1 else 0
+    loss_stats = 3 * 2 * ring_fraction(p.tp) * tokens * 4 if pp_rank == p.pp - 1 else 0
     return sum(layout_of(cfg).rank_chunk_layers(pp_rank)) * per_layer + ends * 2 * unit + loss_stats
 
 
@@ -112,10 +125,10 @@ def tied_embedding_bytes(cfg: Config, pp_rank: int) -> float:
 
 
 def pp_message_bytes(cfg: Config) -> float:
-    """One activation (or its gradient) between pipeline stages: [s(/tp under SP), b, h]."""
-    m, p, d = cfg.model, cfg.parallel, cfg.data
+    """One activation (or its gradient) between pipeline stages: [s/cp(/tp under SP), b, h]."""
+    m, p = cfg.model, cfg.parallel
     shard = p.tp if layout_of(cfg).sequence_parallel else 1
-    return d.seq_len * d.micro_batch_size * m.hidden_size * ELEMENT_BYTES[cfg.train.precision] / shard
+    return local_tokens(cfg) * m.hidden_size * ELEMENT_BYTES[cfg.train.precision] / shard
 
 
 def pp_bytes_per_micro_batch(cfg: Config) -> float:
@@ -129,18 +142,21 @@ def pp_bytes_per_micro_batch(cfg: Config) -> float:
 def predicted_bytes(cfg: Config, pp_rank: int) -> dict[str, float]:
     """Bytes one rank of stage ``pp_rank`` sends per optimizer step, by group kind — the quantity
     the communication ledger (megasft.collectives) measures (its scalar all-reduces of losses,
-    counts and norms are left out: a few bytes)."""
+    counts and norms are left out: a few bytes). "cp" is the context-parallel exchange (ring
+    sends or all-to-all bytes to other ranks, megasft.planner.context_parallel); the gradient
+    reduction over the dp*cp ranks is booked as "dp"."""
     m = layout_of(cfg).micro_batches
     reduce_bytes, gather_bytes = dp_bytes_per_step(cfg, pp_rank)
     return {"tp": tp_bytes_per_micro_batch(cfg, pp_rank) * m + tp_grad_sync_bytes(cfg, pp_rank),
             "pp": pp_messages_per_micro_batch(cfg, pp_rank) * pp_message_bytes(cfg) * m,
+            "cp": cp_bytes_per_micro_batch(cfg, pp_rank) * m,
             "dp": reduce_bytes + gather_bytes,
             "embedding": tied_embedding_bytes(cfg, pp_rank)}
 
 
 def dp_bytes_per_step(cfg: Config, pp_rank: int) -> tuple[float, float]:
-    """(gradient reduction bytes, weight all-gather bytes) one rank sends per step."""
-    p, dp = cfg.parallel, layout_of(cfg).dp
+    """(gradient reduction bytes, weight all-gather bytes) one rank sends per step, over dp*cp ranks."""
+    p, dp = cfg.parallel, zero_shards(cfg)
     if dp == 1:
         return 0.0, 0.0
     n = rank_parameters(cfg, pp_rank).total
@@ -149,14 +165,15 @@ def dp_bytes_per_step(cfg: Config, pp_rank: int) -> tuple[float, float]:
     return 2 * ring_fraction(dp) * n * GRAD_BYTES, 0.0
 
 
-def rank_comm(cfg: Config, cluster: Cluster, pp_rank: int) -> RankComm:
+def rank_comm(cfg: Config, cluster: Cluster, pp_rank: int, assumptions: Assumptions = Assumptions()) -> RankComm:
     """Communication of a rank of stage ``pp_rank`` on ``cluster`` (cfg validated, dp resolved)."""
-    p, layout = cfg.parallel, layout_of(cfg)
-    dp = layout.dp
+    p = cfg.parallel
+    dp = zero_shards(cfg)
     tp_mb = tp_bytes_per_micro_batch(cfg, pp_rank)
     pp_mb = pp_bytes_per_micro_batch(cfg)
     reduce_bytes, gather_bytes = dp_bytes_per_step(cfg, pp_rank)
-    # TP groups are tp consecutive ranks, DP groups span dp*tp ranks, a PP group spans the world.
+    # TP groups are tp consecutive ranks, the dp*cp gradient groups span dp*cp*tp ranks, a PP
+    # group spans the world.
     tp_bw = cluster.group_bandwidth(p.tp)
     dp_bw = cluster.group_bandwidth(dp * p.tp)
     pp_bw = cluster.group_bandwidth(cluster.world_size)
@@ -167,7 +184,9 @@ def rank_comm(cfg: Config, cluster: Cluster, pp_rank: int) -> RankComm:
         tp_bytes=sent["tp"],
         pp_bytes=sent["pp"],
         dp_bytes=reduce_bytes + gather_bytes,
+        cp_bytes=sent["cp"],
         tp_seconds_per_micro_batch=tp_mb / tp_bw,
+        cp_seconds_per_micro_batch=cp_exposed_seconds(cfg, cluster, pp_rank, assumptions),
         pp_seconds_per_micro_batch=pp_mb / pp_bw,
         dp_reduce_seconds=reduce_s,
         dp_gather_seconds=gather_s,

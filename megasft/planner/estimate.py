@@ -6,6 +6,7 @@ data-parallel communication and the optimizer update:
     t_mb    = GEMM FLOPs / (peak * matmul_eff) + attention FLOPs / (peak * attention_eff)
               + memory-bound elementwise traffic / HBM bandwidth
               + TP collectives + pipeline p2p            (per micro-batch, slowest pp rank)
+              + CP exchange not hidden by attention      (megasft.planner.context_parallel)
     t_pipe  = (m + bubble_slots) * t_mb                  bubble_slots = p-1, or (p-1)/v interleaved
                                                          (Narayanan et al. 2021 Sec. 2.2)
     t_step  = t_pipe + DP exposed + optimizer (memory-bound AdamW over this rank's shard)
@@ -26,10 +27,11 @@ from megasft.model.presets import count_parameters
 from megasft.planner.activations import ELEMENT_BYTES, in_flight_layers, layer_activations, loss_bytes
 from megasft.planner.assumptions import Assumptions
 from megasft.planner.comm import RankComm, rank_comm
+from megasft.planner.context_parallel import cp_transient_bytes, ring_merge_bytes
 from megasft.planner.flops import executed_flops_per_micro_batch, model_flops_per_step
 from megasft.planner.hardware import GIB, Cluster
 from megasft.planner.memory import OPTIMIZER_BYTES, largest_parameter, rank_state_bytes
-from megasft.planner.pinned import layout_of, pin
+from megasft.planner.pinned import layout_of, pin, resolved_once
 
 # AdamW reads the fp32 master weight, m, v and gradient (16 B), writes weight, m, v (12 B) and the
 # bf16 copy of the weight (2 B): it is bound by memory bandwidth, not FLOPs.
@@ -122,9 +124,11 @@ def stage_memory(cfg: Config, pp_rank: int, assumptions: Assumptions) -> StageMe
     held = in_flight_layers(cfg, pp_rank)
     # Under full recompute the rematerialised layer and its gradient temporaries coexist; otherwise
     # the gradient temporaries of the layer in backward are bounded by that layer's activations.
-    # A parameter's model-dtype .grad lives until the hook folds it into main_grad.
+    # A parameter's model-dtype .grad lives until the hook folds it into main_grad; under CP the
+    # ring's in-flight K/V and dK/dV blocks (or the all-to-all's send copy) sit beside them.
     working = (layer.full * (2 if cfg.model.recompute == "full" else 1)
-               + largest_parameter(cfg, pp_rank) * ELEMENT_BYTES[cfg.train.precision])
+               + largest_parameter(cfg, pp_rank) * ELEMENT_BYTES[cfg.train.precision]
+               + cp_transient_bytes(cfg))
     transient, kind = working, "layer backward"
     if pp_rank == cfg.parallel.pp - 1:
         loss = loss_bytes(cfg, assumptions)
@@ -139,22 +143,38 @@ def stage_memory(cfg: Config, pp_rank: int, assumptions: Assumptions) -> StageMe
         transient_kind=kind, overhead=overhead)
 
 
+def fits_memory(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions()) -> bool:
+    """Whether every stage of a pinned config fits (the memory half of :func:`plan`, for the search)."""
+    with resolved_once():
+        return all(stage_memory(cfg, rank, assumptions).total <= cluster.memory_bytes
+                   for rank in range(cfg.parallel.pp))
+
+
 def plan(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions()) -> Plan:
     """Plan ``cfg`` on ``cluster``; validates the config for the cluster's world size first."""
-    cfg = pin(cfg, cluster.world_size)
+    return plan_pinned(pin(cfg, cluster.world_size), cluster, assumptions)
+
+
+def plan_pinned(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions()) -> Plan:
+    """:func:`plan` of a config already pinned for the cluster's world size (megasft.planner.pinned)."""
+    with resolved_once():
+        return _plan(cfg, cluster, assumptions)
+
+
+def _plan(cfg: Config, cluster: Cluster, assumptions: Assumptions) -> Plan:
     layout, gpu = layout_of(cfg), cluster.gpu
     peak = gpu.peak_tflops * 1e12
     stages, comms, per_mb, tails = [], [], [], []
     for rank in range(layout.pp):
         stages.append(stage_memory(cfg, rank, assumptions))
-        comm = rank_comm(cfg, cluster, rank)
+        comm = rank_comm(cfg, cluster, rank, assumptions)
         comms.append(comm)
         gemm, attention = executed_flops_per_micro_batch(cfg, rank, assumptions)
         compute = (gemm / (peak * assumptions.matmul_efficiency)
                    + attention / (peak * assumptions.attention_efficiency)
                    + _elementwise_seconds(cfg, cluster, rank, assumptions))
         p2p = comm.pp_seconds_per_micro_batch * (1 - assumptions.p2p_overlap)
-        per_mb.append(compute + comm.tp_seconds_per_micro_batch + p2p)
+        per_mb.append(compute + comm.tp_seconds_per_micro_batch + comm.cp_seconds_per_micro_batch + p2p)
         tails.append(_tail_seconds(cfg, cluster, rank, comm, compute))
     t_mb = max(per_mb)
     pipeline = (layout.micro_batches + layout.bubble_slots) * t_mb
@@ -167,10 +187,12 @@ def plan(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions()
 
 
 def _elementwise_seconds(cfg: Config, cluster: Cluster, pp_rank: int, assumptions: Assumptions) -> float:
-    """Memory-bound time of one micro-batch on a rank: its layers' activations streamed through HBM."""
+    """Memory-bound time of one micro-batch on a rank: its layers' activations streamed through HBM,
+    and under ring CP the merging of partial attention results."""
     passes = assumptions.elementwise_passes + (1 if cfg.model.recompute == "full" else 0)
     layers = sum(layout_of(cfg).rank_chunk_layers(pp_rank))
-    return passes * layer_activations(cfg, assumptions).full * layers / (cluster.gpu.hbm_gbps * 1e9)
+    per_layer = passes * layer_activations(cfg, assumptions).full + ring_merge_bytes(cfg)
+    return per_layer * layers / (cluster.gpu.hbm_gbps * 1e9)
 
 
 def _backward_share(cfg: Config) -> float:

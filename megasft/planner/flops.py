@@ -12,6 +12,10 @@ and PaLM's MFU (Chowdhery et al. 2022, App. B) do, so MFU is comparable across f
 Executed FLOPs, which set the step time, add what really runs: the padded vocabulary, the
 causal kernels' half square (``Assumptions.causal_attention``) and recomputation's extra forward.
 
+Under context parallelism each rank runs the GEMMs of its s/cp tokens and, with every document cut
+into 2*cp chunks of which it holds an early and a late one (megasft.context_parallel.sharding),
+exactly 1/cp of the causal square — whichever exchange (ring or all-to-all) brings it the keys.
+
 A layer with a sliding window W < s (Mistral; Gemma's sliding_attention layers) has each query
 attend to at most W keys: its square is s x W (model FLOPs) and, causal, W * (1 - W / (2s)) keys
 per query on average (s/2 at W = s), instead of s and s/2.
@@ -62,6 +66,21 @@ def model_flops_per_step(cfg: Config) -> float:
     return 3 * forward_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.data.global_batch_tokens
 
 
+def layer_attention_flops(cfg: Config, layer: int, causal: bool) -> float:
+    """Forward FLOPs of one layer's attention core (Q K^T and P V) on one rank for one micro-batch:
+    its a/tp heads over its s*b/cp queries, each attending to the row's average key count."""
+    m, d = cfg.model, cfg.data
+    width = m.num_attention_heads // cfg.parallel.tp * m.head_size
+    tokens = d.seq_len * d.micro_batch_size // cfg.parallel.cp
+    return 4 * width * attended_keys(m, layer, d.seq_len, causal) * tokens
+
+
+def attention_passes(recompute: str) -> int:
+    """Forward-equivalents of the attention core per micro-batch: forward + a backward of two, and
+    one more forward under selective or full recomputation."""
+    return 3 if recompute == "none" else 4
+
+
 def executed_flops_per_micro_batch(cfg: Config, pp_rank: int, assumptions: Assumptions) -> tuple[float, float]:
     """(GEMM FLOPs, attention FLOPs) one rank of stage ``pp_rank`` executes per micro-batch.
 
@@ -70,14 +89,11 @@ def executed_flops_per_micro_batch(cfg: Config, pp_rank: int, assumptions: Assum
     Sec. 5: selective costs ~2-4 % extra FLOPs, full ~33 %).
     """
     m, p, d = cfg.model, cfg.parallel, cfg.data
-    tokens = d.seq_len * d.micro_batch_size
+    tokens = d.seq_len * d.micro_batch_size // p.cp
     layer_ids = [i for chunk in layout_of(cfg).rank_chunks(pp_rank) for i in chunk]
-    recompute = cfg.model.recompute
-    gemm_passes = 4 if recompute == "full" else 3
-    attention_passes = 3 if recompute == "none" else 4
-    width = m.num_attention_heads // p.tp * m.head_size
-    keys = sum(attended_keys(m, i, d.seq_len, assumptions.causal_attention) for i in layer_ids)
+    gemm_passes = 4 if cfg.model.recompute == "full" else 3
     gemm = gemm_passes * 2 * layer_matmul_parameters(m, p.tp) * len(layer_ids) * tokens
     if pp_rank == p.pp - 1:
         gemm += 3 * 2 * m.hidden_size * (m.padded_vocab_size(p.tp) // p.tp) * tokens
-    return gemm, attention_passes * 4 * width * keys * tokens
+    attention = sum(layer_attention_flops(cfg, i, assumptions.causal_attention) for i in layer_ids)
+    return gemm, attention_passes(cfg.model.recompute) * attention

@@ -24,7 +24,9 @@ Training state per local parameter (Micikevicius et al. 2018 mixed precision; Ra
   in fp32 runs too (the master copy is kept regardless of the model dtype).
 
 Each bucket of the flat buffers is padded to a multiple of ``shards * SHARD_ALIGN`` elements
-(shards = dp with the distributed optimizer, else 1) and each DP rank owns an equal 1/shards slice.
+(shards = dp * cp with the distributed optimizer, else 1: the cp ranks of a row hold the same
+weights and reduce their gradients with the data-parallel ones) and each of those ranks owns an
+equal 1/shards slice.
 Without ``overlap_grad_reduce`` / ``overlap_param_gather`` there is one bucket, plus a last one for the parameters whose
 gradients the model sums across ranks itself before the DP reduction (``ParamSpec.model_grad_sync``: the
 pipeline-tied embedding copy, norm weights under SP, kv projections replicated when
@@ -124,6 +126,12 @@ def model_synced_parameters(cfg: Config, pp_rank: int) -> int:
     return synced
 
 
+def zero_shards(cfg: Config) -> int:
+    """Ranks that hold the same weights and reduce their gradients together: dp * cp."""
+    layout = layout_of(cfg)
+    return layout.dp * layout.cp
+
+
 def buffer_numel(n: int, shards: int) -> int:
     """Elements of a flat buffer holding n parameters, padded so ``shards`` equal slices stay aligned."""
     multiple = shards * SHARD_ALIGN
@@ -156,7 +164,7 @@ def rank_state_bytes(cfg: Config, pp_rank: int = 0) -> StateBytes:
     """
     params = rank_parameters(cfg, pp_rank)
     n = params.total
-    shards = layout_of(cfg).dp if cfg.parallel.distributed_optimizer else 1
+    shards = zero_shards(cfg) if cfg.parallel.distributed_optimizer else 1
     synced = model_synced_parameters(cfg, pp_rank)
     padded = buffer_numel(n - synced, shards) + (buffer_numel(synced, shards) if synced else 0)
     return StateBytes(parameters=n, weights=n * WEIGHT_BYTES[cfg.train.precision],

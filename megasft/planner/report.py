@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from megasft.layout import INTERLEAVED, NO_PIPELINE, ZB_H1
+from megasft.planner.activations import local_tokens
+from megasft.planner.context_parallel import A2A, RING, a2a_possible, cp_exposed_seconds, layer_bytes
 from megasft.planner.estimate import Plan, StageMemory
 from megasft.planner.hardware import GIB
 from megasft.planner.search import candidate_of
@@ -41,7 +43,9 @@ def format_plan(plan: Plan) -> str:
         f"pipeline bubble   {plan.bubble * 100:.1f} % ({_bubble_formula(plan)})",
         f"model FLOPs/step  {plan.model_flops:.3e} (6*N*T + 12*L*h*s*T, Narayanan et al. 2021 eq. 3)",
         f"comm/step/rank    TP {_max(plan, 'tp_bytes'):.1f} GB, PP {_max(plan, 'pp_bytes'):.2f} GB, "
-        f"DP {_max(plan, 'dp_bytes'):.2f} GB",
+        + (f"CP {_max(plan, 'cp_bytes'):.1f} GB, " if plan.layout.cp > 1 else "")
+        + f"DP {_max(plan, 'dp_bytes'):.2f} GB",
+        *_context_parallel_lines(plan),
         f"step time         {plan.step_seconds:.2f} s ({plan.micro_batch_seconds * 1e3:.0f} ms per micro-batch "
         f"on the slowest stage)",
         f"throughput        {plan.tokens_per_second:,.0f} tokens/s ({plan.tokens_per_second / cluster.world_size:,.0f} "
@@ -55,8 +59,7 @@ def _memory_rows(plan: Plan, stage: StageMemory) -> list[str]:
     rows = [
         (f"{cfg.train.precision} weights", f"{stage.parameters:,} params", stage.weights),
         ("fp32 main grads", "4 B/param", stage.grads),
-        ("optimizer shard", f"12 B/param / dp {cfg.parallel.dp}" if cfg.parallel.distributed_optimizer
-         else "12 B/param (no ZeRO-1)", stage.optimizer),
+        ("optimizer shard", _shard_label(plan), stage.optimizer),
         ("activations", f"{stage.in_flight_layers} layer-micro-batches in flight x "
          f"{stage.activations / max(stage.in_flight_layers, 1) / 2**20:.0f} MiB", stage.activations),
         (stage.transient_kind, "largest transient buffer", stage.transient),
@@ -67,6 +70,34 @@ def _memory_rows(plan: Plan, stage: StageMemory) -> list[str]:
     lines.append(f"  {'total':<62}{stage.total / GIB:8.2f} GiB of {cluster.gpu.memory_gib:.1f} -> {verdict} "
                  f"({(cluster.memory_bytes - stage.total) / GIB:+.1f} GiB headroom)")
     return lines
+
+
+def _shard_label(plan: Plan) -> str:
+    layout = plan.layout
+    if not plan.config.parallel.distributed_optimizer:
+        return "12 B/param (no ZeRO-1)"
+    if layout.cp > 1:
+        return f"12 B/param / (dp {layout.dp} x cp {layout.cp})"
+    return f"12 B/param / dp {layout.dp}"
+
+
+def _context_parallel_lines(plan: Plan) -> list[str]:
+    """What CP costs: tokens per rank, the exchange per layer, what compute hides, the other exchange."""
+    layout, cfg = plan.layout, plan.config
+    if layout.cp == 1:
+        return []
+    slowest = max(range(layout.pp), key=lambda r: plan.comm[r].cp_seconds_per_micro_batch)
+    exposed = plan.comm[slowest].cp_seconds_per_micro_batch
+    forward, backward = layer_bytes(cfg)
+    line = (f"context parallel  cp {layout.cp} ({layout.cp_comm}): {local_tokens(cfg):,} tokens per rank; per layer "
+            f"{forward / 2**20:.1f} MiB forward + {backward / 2**20:.1f} MiB backward sent; "
+            f"{exposed * 1e3:.1f} ms/micro-batch not hidden by compute")
+    other = A2A if layout.cp_comm == RING else RING
+    if other == A2A and not a2a_possible(cfg):
+        return [line, f"                  a2a impossible: cp {layout.cp} does not divide "
+                      f"{cfg.model.num_attention_heads // layout.tp} query heads per TP rank"]
+    alternative = cp_exposed_seconds(cfg, plan.cluster, slowest, plan.assumptions, other)
+    return [line, f"                  cp_comm={other} would leave {alternative * 1e3:.1f} ms/micro-batch exposed"]
 
 
 def _stage_sample(plan: Plan) -> list[StageMemory]:
