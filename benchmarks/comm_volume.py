@@ -26,15 +26,17 @@ from megasft.planner.comm import predicted_bytes
 from megasft.planner.pinned import pin
 from megasft.training.loop import Trainer
 
-# name: (tp, pp, virtual, sequence parallel, ZeRO-1, overlap, tied embeddings)
+# name: (tp, pp, virtual, sequence parallel, ZeRO-1, overlap, tied embeddings, cp, cp_comm)
 LAYOUTS = {
-    "TP2 x PP2 x DP2, ZeRO-1": (2, 2, 1, False, True, False, False),
-    "TP2 x PP2 x DP2, SP, interleaved v2": (2, 2, 2, True, True, False, False),
-    "TP2 x DP4, ZeRO-1 + overlap, SP": (2, 1, 1, True, True, True, False),
-    "TP8": (8, 1, 1, False, True, False, False),
-    "PP2 x DP4, tied, plain DP": (1, 2, 1, False, False, False, True),
+    "TP2 x PP2 x DP2, ZeRO-1": (2, 2, 1, False, True, False, False, 1, "ring"),
+    "TP2 x PP2 x DP2, SP, interleaved v2": (2, 2, 2, True, True, False, False, 1, "ring"),
+    "TP2 x DP4, ZeRO-1 + overlap, SP": (2, 1, 1, True, True, True, False, 1, "ring"),
+    "TP8": (8, 1, 1, False, True, False, False, 1, "ring"),
+    "PP2 x DP4, tied, plain DP": (1, 2, 1, False, False, False, True, 1, "ring"),
+    "TP2 x CP2 (ring) x DP2, SP, ZeRO-1": (2, 1, 1, True, True, False, False, 2, "ring"),
+    "CP4 (a2a) x PP2, ZeRO-1": (1, 2, 1, False, True, False, False, 4, "a2a"),
 }
-KINDS = ("tp", "pp", "dp", "embedding")
+KINDS = ("tp", "cp", "pp", "dp", "embedding")
 
 
 def parse_args(argv=None):
@@ -48,10 +50,11 @@ def parse_args(argv=None):
 
 
 def measure(args, ps: ParallelState, layout) -> dict:
-    tp, pp, virtual, sp, zero1, overlap, tied = layout
+    tp, pp, virtual, sp, zero1, overlap, tied, cp, cp_comm = layout
     cfg = bench_config(args, args.seq_len, args.rows, 1, 2, lr=1e-4)
     p = cfg.parallel
     p.tp, p.pp, p.virtual_pipeline_size, p.sequence_parallel = tp, pp, virtual, sp
+    p.cp, p.cp_comm = cp, cp_comm
     p.distributed_optimizer, p.overlap_grad_reduce, p.overlap_param_gather = zero1, overlap, overlap
     p.dp, cfg.model.tie_embeddings = None, tied
     cfg.validate()
@@ -59,10 +62,11 @@ def measure(args, ps: ParallelState, layout) -> dict:
     trainer = Trainer(cfg, ps, log=False)
     rng = np.random.default_rng(args.seed)
     docs = sft_documents(lognormal_lengths(args.rows * 6, 60.0, 1.0, args.seq_len, 8, rng), args.vocab, rng)
-    rows = pack_steps(docs, args.seq_len, args.rows)[0]
+    multiple = 2 * cp if cp > 1 else 1                   # the loader's CP padding
+    rows = pack_steps(docs, args.seq_len, args.rows, multiple)[0]
     per_rank = args.rows // ps.dp
     mine = rows[ps.dp_rank * per_rank:(ps.dp_rank + 1) * per_rank]
-    micro = packed_micro_batches(docs, mine, args.seq_len, 1)
+    micro = packed_micro_batches(docs, mine, args.seq_len, 1, doc_multiple=multiple)
     trainer.train_step(micro)
     collectives.LEDGER.start()
     trainer.train_step(micro)
@@ -78,7 +82,7 @@ def worker(args) -> None:
     dist.init_process_group("gloo")
     rows = []
     for name, layout in LAYOUTS.items():
-        ps = ParallelState.build(layout[0], layout[1])
+        ps = ParallelState.build(layout[0], layout[1], cp=layout[7])
         mine = measure(args, ps, layout)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)

@@ -22,7 +22,7 @@ import torch
 
 from megasft.config import Config
 from megasft.data.batch import MicroBatch
-from megasft.data.packing import build_micro_batch, pack_best_fit
+from megasft.data.packing import build_micro_batch, pack_best_fit, padded_lengths
 
 IGNORE = -100
 Document = tuple[np.ndarray, np.ndarray]   # (token ids, loss mask: 1 where trained)
@@ -57,20 +57,23 @@ def sft_documents(lengths: Sequence[int], vocab: int, rng: np.random.Generator,
     return docs
 
 
-def pack_steps(docs: Sequence[Document], seq_len: int, rows_per_step: int) -> list[list[list[int]]]:
-    """Best-fit-decreasing rows over all documents, cut into steps of `rows_per_step` rows (a
-    trailing partial step is dropped). Each step is a list of rows of document indices."""
-    rows = pack_best_fit([len(ids) for ids, _ in docs], seq_len)
+def pack_steps(docs: Sequence[Document], seq_len: int, rows_per_step: int,
+               doc_multiple: int = 1) -> list[list[list[int]]]:
+    """Best-fit-decreasing rows over all documents (each taking its length rounded up to
+    `doc_multiple`, as the loader pads them for context parallelism), cut into steps of
+    `rows_per_step` rows (a trailing partial step is dropped). Each step is a list of rows of
+    document indices."""
+    rows = pack_best_fit(padded_lengths(np.array([len(ids) for ids, _ in docs]), doc_multiple), seq_len)
     order = np.random.default_rng(0).permutation(len(rows))   # rows of mixed fill in every step
     rows = [rows[i] for i in order]
     return [rows[i:i + rows_per_step] for i in range(0, len(rows) - rows_per_step + 1, rows_per_step)]
 
 
 def packed_micro_batches(docs: Sequence[Document], step_rows: list[list[int]], seq_len: int,
-                         rows_per_micro_batch: int, pad_id: int = 0) -> list[dict]:
+                         rows_per_micro_batch: int, pad_id: int = 0, doc_multiple: int = 1) -> list[dict]:
     """megasft's loader format (input_ids, labels, position_ids, cu_seqlens, ...) for one step."""
     return [build_micro_batch([[docs[d] for d in row] for row in step_rows[i:i + rows_per_micro_batch]],
-                              seq_len, pad_id)
+                              seq_len, pad_id, doc_multiple)
             for i in range(0, len(step_rows), rows_per_micro_batch)]
 
 

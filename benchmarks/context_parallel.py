@@ -14,7 +14,7 @@ wait. Reported per configuration (maximum over the CP ranks):
                ranks compete for cores, so times are indicative; the bytes are exact)
   cp bytes     bytes this rank sent over the CP group per step (megasft.collectives' ledger), and
                the analytic volume (megasft.context_parallel.volume.attention_bytes x layers,
-               forward + backward): the ring sends (cp-1) K/V blocks forward and (cp-1) K/V plus
+               forward + what recompute resends (volume.recompute_bytes) + backward): the ring sends (cp-1) K/V blocks forward and (cp-1) K/V plus
                cp fp32 dK/dV blocks backward, 2 (cp-1)/cp of the layer's full K/V forward.
 
 With --recompute selective the attention core is recomputed in backward, which removes the
@@ -34,7 +34,7 @@ from common import format_table, relaunch_under_torchrun
 from megasft import collectives
 from megasft.config import ModelConfig
 from megasft.context_parallel.sharding import split_micro_batch
-from megasft.context_parallel.volume import attention_bytes
+from megasft.context_parallel.volume import attention_bytes, recompute_bytes
 from megasft.data.packing import build_micro_batch
 from megasft.model.llama import LlamaStage
 from megasft.parallel_state import ParallelState
@@ -109,11 +109,13 @@ def run_config(args, cp: int, comm: str, batch):
         loss_sum.backward()
         times.append(time.perf_counter() - start)
     report = collectives.LEDGER.stop()
-    sent = sum(e["bytes"] for op, e in report.get("cp", {}).items() if op != "recv")
     fwd, bwd = attention_bytes(comm, cp, int(mine.input_ids.numel()), args.heads, args.kv_heads,
                                args.hidden // args.heads, 4)
+    sent = sum(e["bytes"] for op, e in report.get("cp", {}).items() if op != "recv")
+    shapes = (comm, cp, int(mine.input_ids.numel()), args.heads, args.kv_heads, args.hidden // args.heads, 4)
+    again = recompute_bytes(*shapes, args.recompute)
     return {"activations": saved.total, "step": statistics.median(times[1:]), "sent": sent,
-            "analytic": args.layers * (fwd + bwd)}
+            "analytic": args.layers * (fwd + again + bwd)}
 
 
 class _null:

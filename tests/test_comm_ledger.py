@@ -23,18 +23,26 @@ from tests.multiproc import run_ranks
 from tests.oracle import packed_batch, select_rows
 
 SEQ, ROWS, H, FFN, LAYERS, HEADS, KV, D, VOCAB = 32, 4, 64, 128, 2, 4, 2, 16, 256
-CASES = {   # name: (ranks, tp, pp, sequence parallel, overlap)
-    "tp2_pp2_dp2_zero1": (8, 2, 2, False, False),
-    "tp2_dp2_zero1_sp_overlap": (4, 2, 1, True, True),
+CASES = {   # name: (ranks, tp, pp, sequence parallel, overlap, cp, cp_comm, recompute)
+    "tp2_pp2_dp2_zero1": (8, 2, 2, False, False, 1, "ring", "none"),
+    "tp2_dp2_zero1_sp_overlap": (4, 2, 1, True, True, 1, "ring", "none"),
+    "tp2_cp2_dp2_zero1_sp_ring": (8, 2, 1, True, False, 2, "ring", "none"),
+    "cp2_dp2_zero1_a2a": (4, 1, 1, False, False, 2, "a2a", "none"),
+    "cp2_a2a_recompute_selective": (2, 1, 1, False, False, 2, "a2a", "selective"),
+    "cp2_ring_recompute_full": (2, 1, 1, False, False, 2, "ring", "full"),
 }
+# Documents of multiples of 2*cp = 4 tokens (the loader's CP padding), with a padding tail.
+CP_ROWS = [[20, 12], [32], [8, 8, 16], [28]]
 
 
-def _config(tp: int, pp: int, sp: bool, overlap: bool) -> Config:
+def _config(tp: int, pp: int, sp: bool, overlap: bool, cp: int = 1, cp_comm: str = "ring",
+            recompute: str = "none") -> Config:
     return Config.from_dict({
         "model": {"vocab_size": VOCAB, "hidden_size": H, "intermediate_size": FFN, "num_layers": LAYERS,
                   "num_attention_heads": HEADS, "num_kv_heads": KV, "max_position_embeddings": 64,
-                  "make_vocab_size_divisible_by": 8},
-        "parallel": {"tp": tp, "pp": pp, "sequence_parallel": sp, "distributed_optimizer": True,
+                  "make_vocab_size_divisible_by": 8, "recompute": recompute},
+        "parallel": {"tp": tp, "pp": pp, "cp": cp, "cp_comm": cp_comm, "sequence_parallel": sp,
+                     "distributed_optimizer": True,
                      "overlap_grad_reduce": overlap, "overlap_param_gather": overlap, "bucket_size_mb": 0.05},
         "data": {"seq_len": SEQ, "global_batch_tokens": SEQ * ROWS, "micro_batch_size": 1},
         "train": {"steps": 3, "precision": "fp32"},
@@ -42,13 +50,13 @@ def _config(tp: int, pp: int, sp: bool, overlap: bool) -> Config:
 
 
 def _measure(name: str) -> dict:
-    world, tp, pp, sp, overlap = CASES[name]
-    ps = ParallelState.build(tp, pp, ranks=list(range(world)))
+    world, tp, pp, sp, overlap, cp, comm, recompute = CASES[name]
+    ps = ParallelState.build(tp, pp, ranks=list(range(world)), cp=cp)
     if ps is None:
         return {}
-    cfg = _config(tp, pp, sp, overlap)
+    cfg = _config(tp, pp, sp, overlap, cp, comm, recompute)
     trainer = Trainer(cfg, ps, log=False)
-    batch = packed_batch([[20, 12], [32], [9, 9, 14], [30]], SEQ, VOCAB, seed=3)
+    batch = packed_batch(CP_ROWS if cp > 1 else [[20, 12], [32], [9, 9, 14], [30]], SEQ, VOCAB, seed=3)
     per_rank = ROWS // ps.dp
     mine = list(range(ps.dp_rank * per_rank, (ps.dp_rank + 1) * per_rank))
     micro = [select_rows(batch, [r]) for r in mine]
@@ -65,23 +73,41 @@ def _ranks(names: list[str]) -> dict:
     return {name: _measure(name) for name in names}
 
 
-def analytic(tp: int, pp: int, dp: int, sp: bool, pp_rank: int) -> dict:
+def analytic(tp: int, pp: int, dp: int, sp: bool, pp_rank: int, cp: int = 1, cp_comm: str = "ring",
+             recompute: str = "none") -> dict:
     """Bytes a rank of stage pp_rank sends in one step, from the dimensions alone (fp32)."""
     micro_batches, first, last = ROWS // dp, pp_rank == 0, pp_rank == pp - 1
     layers = LAYERS // pp
     ring = (tp - 1) / tp
-    act = SEQ * H * 4                                     # one micro-batch's [s, 1, h] activation
+    s = SEQ // cp                                         # this rank's tokens of a row
+    act = s * H * 4                                       # one micro-batch's [s/cp, 1, h] activation
     # Per layer: forward 2 all-reduces (or 2 all-gathers + 2 reduce-scatters), backward the same.
     tp_mb = layers * 8 * ring * act + (first + last) * 2 * ring * act
-    tp_mb += last * 3 * 2 * ring * SEQ * 4               # cross-entropy max / target / sum-exp
+    tp_mb += last * 3 * 2 * ring * s * 4                 # cross-entropy max / target / sum-exp
+    # CP per layer: ring forward sends cp-1 K/V blocks, backward the K/V again plus cp fp32 dK/dV
+    # hops (the last one home); a2a forward 4 all-to-alls (q, k, v, out) of (cp-1)/cp, backward 4.
+    # Recompute resends the forward's — all of it, except a2a's output all-to-all under selective
+    # (torch's checkpoint stops once backward has its tensors, and nothing saved follows it).
+    # Full recompute also reruns the layer's forward TP collectives.
+    kv = 2 * s * (KV // tp) * D * 4
+    q_heads, kv_heads = HEADS // tp, KV // tp
+    if cp == 1:
+        cp_layer = 0.0
+    elif cp_comm == "ring":
+        cp_layer = (cp - 1) * kv * (1 + (recompute != "none")) + (cp - 1) * kv + cp * kv
+    else:
+        call = (cp - 1) / cp * s * D * 4                  # one head's all-to-all
+        again = {"none": 0, "selective": q_heads + 2 * kv_heads, "full": 2 * q_heads + 2 * kv_heads}[recompute]
+        cp_layer = call * (2 * (2 * q_heads + 2 * kv_heads) + again)
     norms = (layers * 2 + last) * H if sp else 0          # SP: partial norm gradients summed over TP
     vocab = VOCAB // tp
     per_layer = H * (HEADS * D // tp) * 2 + 2 * H * (KV * D // tp) + 3 * H * (FFN // tp) + 2 * H
     params = layers * per_layer + first * vocab * H + last * (vocab * H + H)
-    dp_ring = (dp - 1) / dp
+    dp_ring = (dp * cp - 1) / (dp * cp)                  # ZeRO-1 over the dp x cp ranks
     return {"tp": micro_batches * tp_mb + 2 * ring * norms * 4,
             "pp": micro_batches * (act / (tp if sp else 1)) if pp > 1 else 0.0,
             "dp": dp_ring * params * 4 * 2,              # fp32 grad reduce-scatter + fp32 weight all-gather
+            "cp": micro_batches * layers * cp_layer,
             "embedding": 0.0}
 
 
@@ -93,11 +119,11 @@ def measured():
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_measured_bytes_equal_analytic_and_planner(measured, name):
-    world, tp, pp, sp, _ = CASES[name]
+    world, tp, pp, sp, _, cp, comm, recompute = CASES[name]
     outs = measured[name]
     assert len(outs) == world
     for out in outs:
-        expected = analytic(tp, pp, out["dp"], sp, out["pp_rank"])
+        expected = analytic(tp, pp, out["dp"], sp, out["pp_rank"], cp, comm, recompute)
         for kind, want in expected.items():
             got = collectives.sent_bytes(out["report"], kind)
             planned = out["predicted"][kind]

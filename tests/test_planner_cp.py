@@ -105,11 +105,12 @@ def test_ring_volume(tp, kv_per_rank, recompute):
     kv_full = SEQ * kv_per_rank * D * e                        # one of K or V of the whole row
     forward = (cp - 1) * 2 * n * kv_per_rank * D * e
     assert forward == 2 * (cp - 1) / cp * kv_full              # (cp-1)/cp of the full K and V
-    backward = (cp - 1) * 2 * n * kv_per_rank * D * (e + RING_GRAD_BYTES)
+    # K/V round again, and the fp32 dK/dV sums: cp hops, the last one bringing them home.
+    backward = forward + cp * 2 * n * kv_per_rank * D * RING_GRAD_BYTES
     assert layer_bytes(cfg) == pytest.approx((forward, backward))
     forwards = 1 if recompute == "none" else 2                 # recompute reruns the exchange
     assert predicted_bytes(cfg, 0)["cp"] == pytest.approx(rows * LAYERS * (forwards * forward + backward))
-    assert layer_bytes(cfg, grad_bytes=2)[1] == pytest.approx((cp - 1) * 2 * n * kv_per_rank * D * (e + 2))
+    assert layer_bytes(cfg, grad_bytes=2)[1] == pytest.approx(forward + cp * 2 * n * kv_per_rank * D * 2)
 
 
 @pytest.mark.parametrize("cp,kv_moved", [(2, 2), (4, 4)])   # cp=4 > 2 kv heads: each repeated twice
@@ -135,7 +136,8 @@ def test_ring_exposes_only_what_the_block_attention_cannot_hide():
     attention = 4 * HEADS * D * (SEQ / 2) * n / (989e12 * a.attention_efficiency)
     step = attention / cp
     t_fwd = 10e-6 + 2 * block / bw
-    t_bwd = 10e-6 + 2 * n * KV * D * (e + RING_GRAD_BYTES) / bw
+    # A backward ring step carries K/V and the dK/dV sums (cp hops of those over cp-1 steps).
+    t_bwd = 10e-6 + 2 * n * KV * D * (e + cp / (cp - 1) * RING_GRAD_BYTES) / bw
     for recompute, forwards in (("none", 1), ("full", 2)):
         cfg = _tiny(cp, recompute=recompute)
         expected = LAYERS * (cp - 1) * (forwards * max(0, t_fwd - step) + max(0, t_bwd - 2 * step))

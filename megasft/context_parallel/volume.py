@@ -7,6 +7,8 @@ communication ledger books under kind "cp" (megasft.collectives), for the planne
   a2a   forward  q, k, v out and the output back, each all-to-all
                  sending (cp-1)/cp of its input                         (cp-1)/cp * t d (2 nq + 2 nkv f) * e
         backward the same all-to-alls on the gradients, reversed        the same
+  allgather  forward  all-gather of K and V                             (cp-1) * 2 t nkv d * e
+             backward reduce-scatter of dK and dV                       the same
 
 t is the rank's tokens (b * s / cp), nq / nkv its heads (after TP), e the activations' element
 size, f = kv_repeats(nkv, cp) the kv-head repetition the a2a path needs when cp does not divide nkv.
@@ -31,4 +33,24 @@ def attention_bytes(comm: str, cp: int, tokens: int, nq: int, nkv: int, head_dim
         heads = 2 * nq + 2 * nkv * kv_repeats(nkv, cp)
         volume = (cp - 1) / cp * tokens * head_dim * heads * element_bytes
         return volume, volume
-    raise ValueError(f"cp_comm {comm!r} is not one of ('ring', 'a2a')")
+    if comm == "allgather":
+        volume = float((cp - 1) * 2 * tokens * nkv * head_dim * element_bytes)
+        return volume, volume
+    raise ValueError(f"cp_comm {comm!r} is not one of ('ring', 'a2a', 'allgather')")
+
+
+def recompute_bytes(comm: str, cp: int, tokens: int, nq: int, nkv: int, head_dim: int, element_bytes: int,
+                    recompute: str) -> float:
+    """Bytes the backward's recomputation resends (model.recompute). torch's non-reentrant
+    checkpoint stops recomputing once every tensor backward needs is back, so under `selective`
+    (the attention core checkpointed) a2a does not resend the output's all-to-all — nothing
+    saved comes after it — while the ring reruns whole (its output and lse are what it saves) and
+    all-gather regathers K/V; `full` (the layer checkpointed) reruns every exchange, since o_proj
+    needs the core's output."""
+    if recompute == "none" or cp == 1:
+        return 0.0
+    forward, _ = attention_bytes(comm, cp, tokens, nq, nkv, head_dim, element_bytes)
+    if comm == "a2a" and recompute == "selective":
+        kv = 2 * nkv * kv_repeats(nkv, cp)
+        return forward * (nq + kv) / (2 * nq + kv)
+    return forward

@@ -13,8 +13,8 @@ while the next one arrives. Per layer and micro-batch a rank sends
     forward    (cp-1) * 2 * n*k_t*d*e    = 2(cp-1)/cp * s*b*k_t*d*e: (cp-1)/cp of the layer's
                                            full K and V (every rank receives every block but its own)
     backward   (cp-1) * 2 * n*k_t*d*e    K and V go round again (only the local block is saved)
-             + (cp-1) * 2 * n*k_t*d*g    the dK/dV partial sums travel with them, one hop a step,
-                                           and reach the block's owner after cp-1 hops
+             + cp * 2 * n*k_t*d*g        the dK/dV partial sums travel with them, one hop a step,
+                                           and a last hop brings them to the block's owner
 
 a2a (Jacobs et al. 2023, "DeepSpeed Ulysses"): all-to-alls turn the sequence shard into a head
 shard for the attention core and back; each sends (cp-1)/cp of its local tensor:
@@ -27,7 +27,9 @@ query heads find theirs after the exchange (:func:`a2a_kv_heads`). a2a needs cp 
 (megasft.layout._check_cp).
 
 Recomputation reruns the forward exchange: model.recompute=selective checkpoints the attention core,
-which under CP is the whole CP attention, exchange included; full reruns the layer.
+which under CP is the whole CP attention, exchange included; full reruns the layer. torch's
+checkpoint stops recomputing once backward has what it needs, so under selective a2a skips the
+output's all-to-all (megasft.context_parallel.volume.recompute_bytes).
 
 Time. With load-balanced chunks every one of a rank's cp ring steps is 1/cp of its attention
 (megasft.context_parallel.sharding: each step pairs 2 of the rank's 2*cp chunk-units), and the
@@ -67,6 +69,7 @@ from __future__ import annotations
 import math
 
 from megasft.config import Config
+from megasft.context_parallel.volume import ACCUMULATOR_BYTES, attention_bytes, recompute_bytes
 from megasft.planner.activations import ELEMENT_BYTES, FP32_BYTES, local_tokens
 from megasft.planner.assumptions import Assumptions
 from megasft.planner.flops import layer_attention_flops
@@ -74,10 +77,8 @@ from megasft.planner.hardware import Cluster
 from megasft.planner.pinned import layout_of
 
 RING, A2A = "ring", "a2a"
-RING_GRAD_BYTES = 4
-"""Bytes of a dK/dV element sent round the ring in backward: fp32, as the partial sums of cp ranks
-are accumulated. The runtime (megasft.context_parallel) fixes the real dtype; if it sends the model
-dtype, pass ``grad_bytes=ELEMENT_BYTES[precision]`` (or change this) and the ledger test follows."""
+RING_GRAD_BYTES = ACCUMULATOR_BYTES
+"""Bytes of a dK/dV element sent round the ring in backward: the runtime's fp32 accumulators."""
 
 
 def a2a_kv_heads(kv_heads: int, cp: int) -> int:
@@ -104,18 +105,18 @@ def layer_bytes(cfg: Config, comm: str | None = None, grad_bytes: int = RING_GRA
     if cp == 1:
         return 0.0, 0.0
     comm = comm or cfg.parallel.cp_comm
-    if comm == RING:
-        kv = 2 * kv_block_bytes(cfg)                                  # K and V
-        return (cp - 1) * kv, (cp - 1) * (kv + 2 * kv_block_bytes(cfg, grad_bytes))
     m, layout = cfg.model, layout_of(cfg)
-    heads = 2 * (m.num_attention_heads // layout.tp) + 2 * a2a_kv_heads(layout.kv_heads_per_rank, cp)
-    one_way = (cp - 1) / cp * local_tokens(cfg) * heads * m.head_size * ELEMENT_BYTES[cfg.train.precision]
-    return one_way, one_way
+    # The runtime's own volume model (what the ledger books), on this rank's shapes.
+    forward, backward = attention_bytes(comm, cp, local_tokens(cfg), m.num_attention_heads // layout.tp,
+                                        layout.kv_heads_per_rank, m.head_size, ELEMENT_BYTES[cfg.train.precision])
+    if comm == RING and grad_bytes != ACCUMULATOR_BYTES:   # what-if: dK/dV sent in another dtype
+        backward += layout.cp * 2 * kv_block_bytes(cfg, grad_bytes) - layout.cp * 2 * kv_block_bytes(cfg, ACCUMULATOR_BYTES)
+    return forward, backward
 
 
 def exchanges_per_layer(cfg: Config, comm: str) -> tuple[int, int]:
     """(forward, backward) exchanges per layer: ring steps or all-to-alls."""
-    return (cfg.parallel.cp - 1,) * 2 if comm == RING else (4, 4)
+    return (cfg.parallel.cp - 1,) * 2 if comm == RING else (2, 2) if comm == "allgather" else (4, 4)
 
 
 def _forwards(cfg: Config) -> int:
@@ -126,7 +127,10 @@ def _forwards(cfg: Config) -> int:
 def cp_bytes_per_micro_batch(cfg: Config, pp_rank: int, grad_bytes: int = RING_GRAD_BYTES) -> float:
     """CP bytes one rank of stage ``pp_rank`` sends per micro-batch (forward, recompute, backward)."""
     forward, backward = layer_bytes(cfg, grad_bytes=grad_bytes)
-    return sum(layout_of(cfg).rank_chunk_layers(pp_rank)) * (_forwards(cfg) * forward + backward)
+    m, layout = cfg.model, layout_of(cfg)
+    again = recompute_bytes(layout.cp_comm, layout.cp, local_tokens(cfg), m.num_attention_heads // layout.tp,
+                            layout.kv_heads_per_rank, m.head_size, ELEMENT_BYTES[cfg.train.precision], m.recompute)
+    return sum(layout.rank_chunk_layers(pp_rank)) * (forward + again + backward)
 
 
 def cp_bandwidth(cfg: Config, cluster: Cluster) -> float:
@@ -145,7 +149,7 @@ def cp_exposed_seconds(cfg: Config, cluster: Cluster, pp_rank: int, assumptions:
     forward, backward = layer_bytes(cfg, comm, grad_bytes)
     steps_f, steps_b = exchanges_per_layer(cfg, comm)
     layers = [i for chunk in layout_of(cfg).rank_chunks(pp_rank) for i in chunk]
-    if comm == A2A:
+    if comm != RING:   # all-to-alls / all-gathers sit between the projections and the core
         per_layer = _forwards(cfg) * (steps_f * latency + forward / bw) + steps_b * latency + backward / bw
         return len(layers) * per_layer
     rate = cluster.gpu.peak_tflops * 1e12 * assumptions.attention_efficiency
