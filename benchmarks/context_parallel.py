@@ -131,7 +131,7 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     rank = dist.get_rank()
     batch = long_row(args.seq_len, args.vocab)
-    rows = []
+    rows, base_act = [], None
     for cp, comm in CONFIGS:
         mine = run_config(args, cp, comm, batch)
         gathered = [None] * dist.get_world_size()
@@ -139,12 +139,11 @@ def worker(args) -> None:
         if rank == 0:
             got = [g for g in gathered if g is not None]
             act = max(g["activations"] for g in got)
+            base_act = base_act or act   # cp 1 comes first
             rows.append([f"cp {cp}" + (f" {comm}" if cp > 1 else ""), f"{act / 2**20:,.1f}",
-                         f"{act / base_act:.3f}" if rows else "1.000", f"{max(g['step'] for g in got):.3f}",
+                         f"{act / base_act:.3f}", f"{max(g['step'] for g in got):.3f}",
                          f"{max(g['sent'] for g in got) / 2**20:,.2f}", f"{got[0]['analytic'] / 2**20:,.2f}",
                          f"{max(g['sent'] for g in got) / got[0]['analytic']:.4f}" if cp > 1 else "-"])
-            if cp == 1:
-                base_act = act
     if rank == 0:
         print(f"one row of {args.seq_len} tokens (documents of 9/16, 1/4, 1/8, 1/16 of it), hidden {args.hidden}, "
               f"{args.heads} heads / {args.kv_heads} kv, {args.layers} layers, fp32, recompute {args.recompute}")
