@@ -258,7 +258,12 @@ def check_tp_equivalence(tp: int, sp: bool, fields: dict, rows: list[list[int]],
     for p in stage.parameters():   # CP ranks hold partial gradients of the same weights
         if cp > 1:
             dist.all_reduce(p.grad, group=ps.cp_group)
-    ref_grads = canonical_reference(hf, grads=True)   # Phi-3's fused tensors split by transformers' rule
+    assert_grads_match(stage, canonical_reference(hf, grads=True))   # fused tensors split by transformers' rule
+
+
+def assert_grads_match(stage, ref_grads: dict) -> None:
+    """Every gradient piece this rank holds equals its slice of the reference gradient (by
+    canonical name), and every reference gradient was checked."""
     seen = set()
     for name, dim, offset, piece in canonical_pieces(stage, grads=True):
         ref = ref_grads[name]
