@@ -312,9 +312,10 @@ def reference_moe_training(model, global_batches: list[dict], lr: float, warmup:
     """reference_training for a MoE model: each step minimises the global-token SFT loss plus
     aux_coef (z_coef) times the mean over the step's micro-batches of micro_batch_size rows of
     transformers' load-balancing loss (the z-loss). Returns {losses (SFT), aux (mean per step),
-    min_gap (smallest top-k routing gap seen)}; `model` ends with the final weights."""
+    min_gap (smallest top-k router-logit gap seen), load ([MoE layers, E] top-k picks summed over
+    the steps)}; `model` ends with the final weights."""
     opt, sched = _reference_optimizer(model, lr, warmup, total, weight_decay)
-    out = {"losses": [], "aux": [], "min_gap": math.inf}
+    out = {"losses": [], "aux": [], "min_gap": math.inf, "load": 0}
     for batch in global_batches:
         opt.zero_grad()
         ref = reference_moe(model, batch, micro_batch_size)
@@ -327,6 +328,9 @@ def reference_moe_training(model, global_batches: list[dict], lr: float, warmup:
         out["losses"].append(sft.item())
         out["aux"].append(aux.item())
         out["min_gap"] = min(out["min_gap"], ref["min_gap"])
+        k, experts = model.config.num_experts_per_tok, ref["router_logits"][0][0].shape[-1]
+        out["load"] = out["load"] + sum(torch.stack([torch.bincount(x.topk(k).indices.reshape(-1), minlength=experts)
+                                                     for x in layers]) for layers in ref["router_logits"])
     return out
 
 
