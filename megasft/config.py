@@ -20,7 +20,7 @@ from megasft.config_fields import field_problem
 from megasft.config_read import build_section, unknown_message, yaml_message
 from megasft.config_sources import SourceConfig, check_sources, read_sources
 from megasft.errors import ConfigError
-from megasft.model.families import FAMILIES, family_problem, gemma_problem, rope_field_problem
+from megasft.model.families import FAMILIES, family_problem, gemma_problem, moe_problem, rope_field_problem
 
 if TYPE_CHECKING:   # config stays importable without torch for the tools that only read it
     import torch
@@ -51,7 +51,7 @@ class ModelConfig:
     preset: Optional[str] = None
     """Name from megasft.model.presets (e.g. 'llama3.1-8b'); explicit fields override it."""
     family: str = "llama"
-    """llama | qwen2 | qwen3 | mistral | gemma2 | gemma3_text | phi3: the Hugging Face model_type (megasft.model.families). With
+    """llama | qwen2 | qwen3 | mistral | gemma2 | gemma3_text | phi3 | qwen3_moe | mixtral: the Hugging Face model_type (megasft.model.families). With
     model.init_from_hf it comes from config.json, as every architecture field does."""
     vocab_size: int = 32000
     """Tokenizer vocabulary size (the embedding is padded beyond it; padded rows are never predicted)."""
@@ -104,6 +104,32 @@ class ModelConfig:
     rope_local_theta: Optional[float] = None
     """Gemma 3: RoPE base of the sliding_attention layers (rope_local_base_freq; no rope_scaling
     there); None = rope_theta."""
+    num_experts: int = 0
+    """Routed experts per mixture-of-experts layer (families qwen3_moe, mixtral; megasft.model.moe);
+    0 = a dense model."""
+    moe_top_k: int = 2
+    """Experts each token is routed to (HF num_experts_per_tok)."""
+    moe_intermediate_size: Optional[int] = None
+    """A routed expert's SwiGLU inner width (Qwen3-MoE's moe_intermediate_size); None =
+    intermediate_size (Mixtral's experts are as wide as a dense MLP)."""
+    moe_norm_topk_prob: bool = True
+    """Renormalise a token's top-k routing probabilities to sum to 1 (Mixtral always; Qwen3-MoE's
+    norm_topk_prob)."""
+    moe_dense_layers: Optional[list] = None
+    """Decoder layers of a MoE model that keep the dense MLP (intermediate_size wide): e.g. [0, 1, 2]
+    for first-k-dense (DeepSeek's first_k_dense_replace=3); Qwen3-MoE's mlp_only_layers and
+    decoder_sparse_step are read into this list. None = experts on every layer."""
+    moe_aux_loss_coef: float = 0.001
+    """Weight of the load-balancing loss added to the SFT loss (Switch Transformer eq. 4, as
+    transformers' router_aux_loss_coef * load_balancing_loss_func, per micro-batch; see
+    megasft.model.moe). 0 trains without it (it is still logged). Not read from config.json."""
+    moe_z_loss_coef: float = 0.0
+    """Weight of the router z-loss (Zoph et al. 2022, ST-MoE eq. 5): the mean over MoE layers and
+    tokens of logsumexp(router logits)^2; 0 = off."""
+    moe_experts_backend: str = "auto"
+    """How a rank runs its local experts: loop (two GEMMs per expert) | grouped_mm
+    (torch._grouped_mm over all of them, no weight copies) | auto (grouped_mm on CUDA in bf16 on
+    sm90+ where torch has it, else loop)."""
     make_vocab_size_divisible_by: int = 128
     """The embedding rows are padded to a multiple of this times tp (GEMM-friendly shapes)."""
     attention_backend: str = "auto"
@@ -360,6 +386,7 @@ CHOICES = {
     ("model", "attention_backend"): ("auto", "sdpa", "torch_varlen", "flash_attn"),
     ("model", "norm_backend"): ("auto", "torch", "compile", "apex", "te"),
     ("model", "recompute"): ("none", "selective", "full"),
+    ("model", "moe_experts_backend"): ("auto", "loop", "grouped_mm"),
     ("optim", "adamw_kernel"): ("auto", "fused", "reference"),
     ("parallel", "cp_comm"): ("ring", "a2a", "allgather"),
     ("parallel", "pipeline_schedule"): ("auto", "1f1b", "interleaved", "all_forward_all_backward", "zb_h1"),
@@ -448,7 +475,7 @@ class Config:
                 f"choose num_kv_heads in {divisors(m.num_attention_heads)}")
         problem = family_problem(m.family, m.qkv_bias, m.qk_norm, m.sliding_window) or gemma_problem(m)
         problem = problem or rope_field_problem(m.family, m.rope_scaling, m.partial_rotary_factor,
-                                                m.original_max_position_embeddings)
+                                                m.original_max_position_embeddings) or moe_problem(m)
         if problem:
             raise ConfigError(problem)
         if p.overlap_param_gather and not p.distributed_optimizer:
@@ -487,6 +514,9 @@ def _check_fp8(m: ModelConfig, t: TrainConfig) -> None:
     if t.precision != "bf16":
         raise ConfigError(f"train.fp8={t.fp8} runs FP8 GEMMs on bf16 params and activations; set "
                           f"train.precision=bf16 (now {t.precision}) or train.fp8=off")
+    if m.num_experts:
+        raise ConfigError(f"train.fp8={t.fp8} runs the dense TP linears in FP8, not the routed experts of a "
+                          f"mixture-of-experts model (model.num_experts={m.num_experts}); set train.fp8=off")
     if m.recompute == "full":
         # torch.utils.checkpoint re-runs the layers during backward, outside the FP8 autocast,
         # so the recomputed GEMMs would be bf16 and differ from the forward's FP8 ones.

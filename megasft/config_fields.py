@@ -61,6 +61,11 @@ RANGES: dict[str, Range] = {
     "model.attn_logit_softcapping": POSITIVE,
     "model.final_logit_softcapping": POSITIVE,
     "model.rope_local_theta": POSITIVE,
+    "model.num_experts": NON_NEGATIVE,          # 0 = dense
+    "model.moe_top_k": AT_LEAST_1,
+    "model.moe_intermediate_size": AT_LEAST_1,
+    "model.moe_aux_loss_coef": NON_NEGATIVE,
+    "model.moe_z_loss_coef": NON_NEGATIVE,
     "model.make_vocab_size_divisible_by": AT_LEAST_1,
     "model.init_std": NON_NEGATIVE,
     "model.dropout": HALF_OPEN_UNIT,

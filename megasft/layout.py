@@ -198,6 +198,8 @@ class Layout:
                               f"set parallel.dp={dp} or leave it unset")
         if cp > 1:
             _check_cp(cfg)
+        if m.num_experts:
+            _check_moe(cfg)
         schedule = resolve_schedule(p.pipeline_schedule, pp, v)
         counts = chunk_layer_counts(m.num_layers, pp * v, p.pipeline_layers)
         sp = p.sequence_parallel and tp > 1
@@ -286,6 +288,23 @@ def _check_cp(cfg: Config) -> None:
         heads = m.num_attention_heads // p.tp
         raise ConfigError(f"parallel.cp_comm=a2a scatters each TP rank's {heads} query heads over cp={cp} ranks, "
                           f"which needs cp to divide them; choose cp in {divisors(heads)} or cp_comm=ring")
+
+
+def _check_moe(cfg: Config) -> None:
+    """What a mixture-of-experts model (megasft.model.moe) runs with today: expert-TP cuts every
+    expert's FFN evenly; one pipeline stage and no context parallelism, because the load-balancing
+    loss pools the router statistics of all layers of a micro-batch (transformers' formula) and
+    pooling across stages and CP ranks is not built yet."""
+    from megasft.model.families import moe_ffn_size
+
+    m, p = cfg.model, cfg.parallel
+    ffn = moe_ffn_size(m)
+    if ffn % p.tp:
+        raise ConfigError(f"tp={p.tp} does not divide the experts' FFN width {ffn} (model.moe_intermediate_size); "
+                          f"choose tp in {[x for x in divisors(m.num_attention_heads) if ffn % x == 0]}")
+    if p.pp > 1 or p.cp > 1:
+        raise ConfigError(f"mixture-of-experts models (model.num_experts={m.num_experts}) run with pp=1 and cp=1 "
+                          f"for now (got pp={p.pp}, cp={p.cp}); use tp and dp, or a dense model")
 
 
 def _check_tp(cfg: Config) -> None:

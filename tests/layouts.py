@@ -112,7 +112,8 @@ def sft_config(model_fields: dict, hf_dir: str, case: Case, run: Run) -> Config:
 def train_cases(cases: list[Case], run: Run, model_fields: Callable[[Case], dict],
                 hf_dir: Callable[[Case], str], global_batches: list[dict]) -> dict:
     """On this rank of the spawned world: train every case this rank takes part in, one step per
-    global batch. Returns {case name: losses, weight pieces, tied copies, coordinates}."""
+    global batch. Returns {case name: losses, MoE aux losses and the train record's MoE fields,
+    weight pieces, tied copies, coordinates}."""
     results = {}
     for case in cases:
         ps = ParallelState.build(case.tp, case.pp, ranks=list(case.ranks), cp=case.cp)
@@ -121,9 +122,10 @@ def train_cases(cases: list[Case], run: Run, model_fields: Callable[[Case], dict
         cfg = sft_config(model_fields(case), hf_dir(case), case, run)
         trainer = Trainer(cfg, ps, log=False)
         with late_param_gather() if case.fast else contextlib.nullcontext():
-            losses = train_this_rank(trainer, global_batches, case.micro_batch_size)
+            outputs = train_this_rank(trainer, global_batches, case.micro_batch_size)
             weights = weight_pieces(trainer)   # inside: it waits for an overlapped param all-gather
-        results[case.name] = {"losses": losses, "weights": weights, "pp_rank": ps.pp_rank,
+        results[case.name] = {"losses": [o.loss for o in outputs], "weights": weights, "pp_rank": ps.pp_rank,
+                              "aux": [o.aux_loss for o in outputs], "moe_record": trainer._moe_record(outputs[-1]),
                               "coords": (ps.dp_rank, ps.cp_rank, ps.tp_rank),
                               "tied": [p.detach().clone() for p in tied_copies(trainer.params)]}
     return results
@@ -155,16 +157,16 @@ def check_case(case: Case, per_rank: list[dict], ref_losses: list[float], ref_we
     assert seen == set(ref_weights), f"{case}: weights not checked: {set(ref_weights) - seen}"
 
 
-def train_this_rank(trainer, global_batches: list[dict], micro_batch_size: int) -> list[float]:
+def train_this_rank(trainer, global_batches: list[dict], micro_batch_size: int) -> list:
     """One train step per global batch on this DP rank's contiguous share of its rows, cut into
-    micro-batches; returns the global-batch losses."""
+    micro-batches; returns each step's StepOutput."""
     ps = trainer.ps
     losses = []
     for batch in global_batches:
         per_rank = batch["input_ids"].shape[0] // ps.dp
         mine = list(range(ps.dp_rank * per_rank, (ps.dp_rank + 1) * per_rank))
         micro = [select_rows(batch, mine[i:i + micro_batch_size]) for i in range(0, per_rank, micro_batch_size)]
-        losses.append(trainer.train_step(micro).loss)
+        losses.append(trainer.train_step(micro))
     return losses
 
 
@@ -258,7 +260,12 @@ def check_tp_equivalence(tp: int, sp: bool, fields: dict, rows: list[list[int]],
     for p in stage.parameters():   # CP ranks hold partial gradients of the same weights
         if cp > 1:
             dist.all_reduce(p.grad, group=ps.cp_group)
-    ref_grads = canonical_reference(hf, grads=True)   # Phi-3's fused tensors split by transformers' rule
+    assert_grads_match(stage, canonical_reference(hf, grads=True))   # fused tensors split by transformers' rule
+
+
+def assert_grads_match(stage, ref_grads: dict) -> None:
+    """Every gradient piece this rank holds equals its slice of the reference gradient (by
+    canonical name), and every reference gradient was checked."""
     seen = set()
     for name, dim, offset, piece in canonical_pieces(stage, grads=True):
         ref = ref_grads[name]

@@ -64,6 +64,20 @@ def family_fields(family: str, **overrides) -> dict:
     return fields
 
 
+def moe_fields(family: str, **overrides) -> dict:
+    """megasft ModelConfig fields of a tiny mixture-of-experts model: Qwen3-MoE with 3 layers, the
+    middle one dense (mlp_only_layers), 8 experts of width 32, top-2 without renormalisation;
+    Mixtral with 2 layers of 4 experts (width intermediate_size), top-2, a 3-token window.
+    Auxiliary-loss weights large enough that their gradients are far above fp32 rounding of the
+    SFT gradient, so a test comparing gradients would see a missing or mis-scaled aux term."""
+    moe = {"qwen3_moe": dict(qk_norm=True, num_layers=3, num_experts=8, moe_top_k=2, moe_intermediate_size=32,
+                             moe_norm_topk_prob=False, moe_dense_layers=[1]),
+           "mixtral": dict(num_experts=4, moe_top_k=2, sliding_window=3, intermediate_size=48)}[family]
+    fields = family_fields("llama", **moe, moe_aux_loss_coef=0.5, moe_z_loss_coef=0.05)
+    fields.update(family=family, **overrides)
+    return fields
+
+
 # megasft family -> (transformers config class, model class, extra config kwargs)
 _HF_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": False}),
@@ -73,7 +87,24 @@ _HF_CLASSES = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {}),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"attention_bias": False}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {}),
 }
+# Router weights of the MoE references: wide enough that a token's k-th and (k+1)-th router logits
+# are far apart (the tests assert a minimum gap), so megasft and transformers, whose logits differ
+# by fp32 rounding, pick the same experts.
+ROUTER_STD = 0.5
+
+
+def _moe_config(fields: dict, family: str) -> dict:
+    """The transformers config kwargs of the MoE fields (eager expert loop: the plain reference)."""
+    if family == "mixtral":
+        return {"num_local_experts": fields["num_experts"], "num_experts_per_tok": fields["moe_top_k"],
+                "sliding_window": fields.get("sliding_window"), "experts_implementation": "eager"}
+    return {"num_experts": fields["num_experts"], "num_experts_per_tok": fields["moe_top_k"],
+            "moe_intermediate_size": fields["moe_intermediate_size"],
+            "norm_topk_prob": fields["moe_norm_topk_prob"], "mlp_only_layers": list(fields.get("moe_dense_layers") or []),
+            "experts_implementation": "eager"}
 
 
 def hf_model(fields: dict, seed: int = 0):
@@ -100,6 +131,8 @@ def hf_model(fields: dict, seed: int = 0):
                  "original_max_position_embeddings": fields["original_max_position_embeddings"]}
     else:
         extra = {**extra, "head_dim": fields.get("head_dim") or fields["hidden_size"] // fields["num_attention_heads"]}
+    if family in ("qwen3_moe", "mixtral"):
+        extra.update(_moe_config(fields, family))
     config = getattr(transformers, config_name)(
         vocab_size=fields["vocab_size"], hidden_size=fields["hidden_size"],
         intermediate_size=fields["intermediate_size"], num_hidden_layers=fields["num_layers"],
@@ -116,6 +149,8 @@ def hf_model(fields: dict, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith(".bias"):       # transformers inits biases to zero
                 p.normal_(0, 0.02)
+            elif name.endswith("mlp.gate.weight"):   # a MoE router
+                p.normal_(0, ROUTER_STD)
             elif family != "llama" and name.endswith("norm.weight"):   # and norm weights to one (0: Gemma's 1 + w)
                 p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.1)
     return model
@@ -124,7 +159,8 @@ def hf_model(fields: dict, seed: int = 0):
 def canonical_reference(model, grads: bool = False) -> dict:
     """The parameters (or their .grad) of a transformers model by the unfused (Llama) names: Phi-3's
     qkv_proj split as its Phi3Attention slices it ([q; k; v], q = heads * hidden_size // heads rows,
-    k and v = kv_heads * that), gate_up_proj as Phi3MLP chunks it ([gate; up])."""
+    k and v = kv_heads * that), gate_up_proj as Phi3MLP chunks it ([gate; up]); the fused experts
+    of Qwen3-MoE / Mixtral per expert as their checkpoints hold them (mlp.experts.E.gate_proj ...)."""
     c = model.config
     d = c.hidden_size // c.num_attention_heads
     out = {}
@@ -134,6 +170,14 @@ def canonical_reference(model, grads: bool = False) -> dict:
             base = name[:-len("qkv_proj.weight")]
             q, k, v = t.split([c.num_attention_heads * d, c.num_key_value_heads * d, c.num_key_value_heads * d])
             out.update({base + "q_proj.weight": q, base + "k_proj.weight": k, base + "v_proj.weight": v})
+        elif name.endswith("mlp.experts.gate_up_proj"):   # transformers 5's fused [E, 2f, h] experts
+            base = name[:-len("gate_up_proj")]
+            for e, expert in enumerate(t):
+                gate, up = expert.chunk(2, dim=0)                 # as Qwen3MoeExperts / MixtralExperts chunk it
+                out.update({f"{base}{e}.gate_proj.weight": gate, f"{base}{e}.up_proj.weight": up})
+        elif name.endswith("mlp.experts.down_proj"):        # [E, h, f]
+            base = name[:-len("down_proj")]
+            out.update({f"{base}{e}.down_proj.weight": expert for e, expert in enumerate(t)})
         elif name.endswith("mlp.gate_up_proj.weight"):
             base = name[:-len("gate_up_proj.weight")]
             gate, up = t.chunk(2, dim=0)
@@ -184,6 +228,49 @@ def reference_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list
     return loss_sum, torch.tensor(count), logits_per_doc
 
 
+def segments(batch: dict) -> list[tuple[int, int, int]]:
+    """(row, start, length) of every segment of a packed batch: the documents and padding tails."""
+    seq = batch["input_ids"].shape[1]
+    cu = batch["cu_seqlens"].tolist()
+    return [(a // seq, a % seq, b - a) for a, b in zip(cu, cu[1:])]
+
+
+def reference_moe(model, batch: dict, micro_batch_size: int) -> dict:
+    """A MoE model's SFT loss and auxiliary losses on a packed batch, every segment (padding tails
+    too) run alone: {loss_sum, count, logits: per-document logits, aux / z: per micro-batch of
+    micro_batch_size rows, router_logits: per micro-batch, per MoE layer [tokens, E] in row-major
+    token order, min_gap: the smallest distance of a token's k-th and (k+1)-th router logit}.
+    aux is transformers' own load_balancing_loss_func over the micro-batch's router logits; z is
+    ST-MoE's mean logsumexp^2 (transformers has none for these models)."""
+    import importlib
+
+    c = model.config
+    balance = importlib.import_module(type(model).__module__).load_balancing_loss_func
+    experts, k = getattr(c, "num_experts", None) or c.num_local_experts, c.num_experts_per_tok
+    docs = {(r, start): n for r, start, n in batch["docs"]}
+    loss_sum, count, logits, per_row = 0.0, 0, [], {}
+    for r, start, n in segments(batch):
+        out = model(input_ids=batch["input_ids"][r:r + 1, start:start + n], output_router_logits=True)
+        per_row.setdefault(r, []).append(out.router_logits)
+        if (r, start) in docs:
+            logits.append(out.logits[0])
+            target = batch["labels"][r, start + 1:start + n]
+            loss_sum = loss_sum + F.cross_entropy(out.logits[0, :-1], target, ignore_index=IGNORE, reduction="sum")
+            count += int((target != IGNORE).sum())
+    result = {"loss_sum": loss_sum, "count": count, "logits": logits, "aux": [], "z": [], "router_logits": []}
+    gaps = []
+    for first in range(0, batch["input_ids"].shape[0], micro_batch_size):
+        rows = [seg for r in range(first, first + micro_batch_size) for seg in per_row[r]]
+        layers = tuple(torch.cat([seg[i] for seg in rows]) for i in range(len(rows[0])))   # [tokens, E] each
+        result["router_logits"].append(layers)
+        result["aux"].append(balance(layers, experts, k))
+        result["z"].append(torch.stack([torch.logsumexp(x, dim=-1).square() for x in layers]).mean())
+        top = torch.stack(layers).detach().topk(k + 1, dim=-1).values    # softmax keeps the order
+        gaps.append(float((top[..., k - 1] - top[..., k]).min()))
+    result["min_gap"] = min(gaps)
+    return result
+
+
 def model_batch(batch: dict) -> MicroBatch:
     """The micro-batch megasft's model consumes (without the reference's 'docs' entry)."""
     return MicroBatch(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
@@ -209,16 +296,49 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def reference_training(model, global_batches: list[dict], lr: float, warmup: int, total: int,
-                       clip: float = 1.0, weight_decay: float = 0.1) -> list[float]:
-    """Plain PyTorch SFT steps: global-token masked loss, AdamW with decay on >=2-D params only,
-    clip_grad_norm_, LambdaLR. Returns the loss of each step; `model` ends with the final weights."""
+def _reference_optimizer(model, lr: float, warmup: int, total: int, weight_decay: float):
+    """torch AdamW with decay on >=2-D params only (transformers' 3-D experts included), LambdaLR."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: warmup_cosine(t, warmup, total, 0.1))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: warmup_cosine(t, warmup, total, 0.1))
+
+
+def reference_moe_training(model, global_batches: list[dict], lr: float, warmup: int, total: int,
+                           micro_batch_size: int, aux_coef: float, z_coef: float, clip: float = 1.0,
+                           weight_decay: float = 0.1) -> dict:
+    """reference_training for a MoE model: each step minimises the global-token SFT loss plus
+    aux_coef (z_coef) times the mean over the step's micro-batches of micro_batch_size rows of
+    transformers' load-balancing loss (the z-loss). Returns {losses (SFT), aux (mean per step),
+    min_gap (smallest top-k router-logit gap seen), load ([MoE layers, E] top-k picks summed over
+    the steps)}; `model` ends with the final weights."""
+    opt, sched = _reference_optimizer(model, lr, warmup, total, weight_decay)
+    out = {"losses": [], "aux": [], "min_gap": math.inf, "load": 0}
+    for batch in global_batches:
+        opt.zero_grad()
+        ref = reference_moe(model, batch, micro_batch_size)
+        aux, z = torch.stack(ref["aux"]).mean(), torch.stack(ref["z"]).mean()
+        sft = ref["loss_sum"] / ref["count"]
+        (sft + aux_coef * aux + z_coef * z).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        sched.step()
+        out["losses"].append(sft.item())
+        out["aux"].append(aux.item())
+        out["min_gap"] = min(out["min_gap"], ref["min_gap"])
+        k, experts = model.config.num_experts_per_tok, ref["router_logits"][0][0].shape[-1]
+        out["load"] = out["load"] + sum(torch.stack([torch.bincount(x.topk(k).indices.reshape(-1), minlength=experts)
+                                                     for x in layers]) for layers in ref["router_logits"])
+    return out
+
+
+def reference_training(model, global_batches: list[dict], lr: float, warmup: int, total: int,
+                       clip: float = 1.0, weight_decay: float = 0.1) -> list[float]:
+    """Plain PyTorch SFT steps: global-token masked loss, AdamW with decay on >=2-D params only,
+    clip_grad_norm_, LambdaLR. Returns the loss of each step; `model` ends with the final weights."""
+    opt, sched = _reference_optimizer(model, lr, warmup, total, weight_decay)
     losses = []
     for batch in global_batches:
         opt.zero_grad()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from megasft.errors import ConfigError
-from megasft.model.families import FAMILIES, Family
+from megasft.model.families import FAMILIES, Family, moe_ffn_size
 
 if TYPE_CHECKING:   # annotations only: megasft.config reads config.json through this module
     from megasft.config import ModelConfig
@@ -104,6 +104,36 @@ def _gemma_fields(config: dict, family: Family, where: str) -> dict:
                 rope_local_theta=local)
 
 
+def _moe_fields(config: dict, family: Family) -> dict:
+    """The mixture-of-experts fields, with transformers' defaults for keys a config.json lacks.
+    Qwen3-MoE's dense layers (mlp_only_layers, and every layer l with (l + 1) % decoder_sparse_step
+    != 0, as Qwen3MoeDecoderLayer decides) become one list."""
+    if not family.moe:
+        return dict(num_experts=0, moe_top_k=2, moe_intermediate_size=None, moe_norm_topk_prob=True,
+                    moe_dense_layers=None)
+    if family.name == "mixtral":
+        return dict(num_experts=config.get("num_local_experts", 8), moe_top_k=config.get("num_experts_per_tok", 2),
+                    moe_intermediate_size=None, moe_norm_topk_prob=True, moe_dense_layers=None)
+    step = config.get("decoder_sparse_step", 1)
+    dense = set(config.get("mlp_only_layers") or []) | {
+        i for i in range(config["num_hidden_layers"]) if (i + 1) % step != 0}
+    return dict(num_experts=config.get("num_experts", config.get("num_local_experts", 128)),
+                moe_top_k=config.get("num_experts_per_tok", 8),
+                moe_intermediate_size=config.get("moe_intermediate_size", 768),
+                moe_norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+                moe_dense_layers=sorted(dense) or None)
+
+
+def _qwen_moe_layer_keys(m: ModelConfig) -> dict:
+    """decoder_sparse_step and mlp_only_layers saying m.moe_dense_layers: the largest step whose
+    skipped layers are all dense, the rest listed (so a source config.json's own form comes back)."""
+    dense = set(m.moe_dense_layers or ())
+    step = max(s for s in range(1, m.num_layers + 1)
+               if all(i in dense for i in range(m.num_layers) if (i + 1) % s != 0))
+    rest = sorted(i for i in dense if (i + 1) % step == 0)
+    return {"decoder_sparse_step": step, "mlp_only_layers": rest}
+
+
 def model_fields_from_hf(config: dict, where: str = "config.json") -> dict:
     """The ModelConfig architecture fields of a HF config dict (ConfigError when megasft cannot
     train that architecture exactly)."""
@@ -124,7 +154,7 @@ def model_fields_from_hf(config: dict, where: str = "config.json") -> dict:
         tie_embeddings=bool(config.get("tie_word_embeddings", family.gemma)),   # Gemma ties by default
         qkv_bias=family.qkv_bias, qk_norm=family.qk_norm,
         sliding_window=config.get("sliding_window", 4096 if family.gemma else None) if family.sliding_window else None,
-        **_gemma_fields(config, family, where))
+        **_gemma_fields(config, family, where), **_moe_fields(config, family))
 
 
 def merge_hf_architecture(model_raw: dict) -> dict:
@@ -185,6 +215,12 @@ def _architecture_keys(m: ModelConfig, family: Family, rope_form: str) -> dict:
                     final_logit_softcapping=m.final_logit_softcapping)
         if family.name == "gemma2":
             keys["attn_logit_softcapping"] = m.attn_logit_softcapping
+    if family.name == "mixtral":
+        keys.update(num_local_experts=m.num_experts, num_experts_per_tok=m.moe_top_k)
+    elif family.moe:   # Qwen3-MoE (its Hub files say num_experts; transformers 5 reads both)
+        keys.update(num_experts=m.num_experts, num_experts_per_tok=m.moe_top_k,
+                    moe_intermediate_size=moe_ffn_size(m), norm_topk_prob=m.moe_norm_topk_prob,
+                    **_qwen_moe_layer_keys(m))
     if family.phi_rope:   # the L0 megasft.model.rope.longrope_original_length uses, made explicit
         keys["original_max_position_embeddings"] = (m.original_max_position_embeddings or (m.rope_scaling or {}).get(
             "original_max_position_embeddings") or m.max_position_embeddings)

@@ -6,7 +6,12 @@ megasft.tensor_parallel.spec) says which. Everything that moves weights between 
 — random init, HF import, HF export, resharding — goes through ``canonical_names`` and
 the spec's split, so the split/merge rules exist exactly once. Families whose HF files fuse
 canonical tensors themselves (Phi-3's qkv_proj, gate_up_proj) are read and written through
-``stored_access`` / ``fuse_stored`` below.
+``stored_access`` / ``fuse_stored`` below, as are families that store them under other names
+(Mixtral's block_sparse_moe.experts.E.w1 for the canonical mlp.experts.E.gate_proj).
+
+Routed experts (megasft.model.moe) are canonical per expert, as the HF files hold them
+(``mlp.experts.E.gate_proj.weight`` ...): the stacked expert parameter of a layer expands its
+``{e}`` names over the experts its ParamSpec says it holds.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from megasft.tensor_parallel.spec import spec_of
 
 # megasft name (regex, layer id captured) -> HF tensor names fused into it, in order.
 _LAYER = "model.layers.{0}."
+_EXPERT = _LAYER + "mlp.experts.{e}."
 NAME_TABLE: list[tuple[str, tuple[str, ...]]] = [
     (r"embedding\.weight", ("model.embed_tokens.weight",)),
     (r"layers\.(\d+)\.attn_norm\.weight", (_LAYER + "input_layernorm.weight",)),
@@ -40,6 +46,10 @@ NAME_TABLE: list[tuple[str, tuple[str, ...]]] = [
     (r"layers\.(\d+)\.mlp_post_norm\.weight", (_LAYER + "post_feedforward_layernorm.weight",)),
     (r"layers\.(\d+)\.mlp\.gate_up\.weight", (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight")),
     (r"layers\.(\d+)\.mlp\.down\.weight", (_LAYER + "mlp.down_proj.weight",)),
+    (r"layers\.(\d+)\.mlp\.router\.weight", (_LAYER + "mlp.gate.weight",)),
+    # every held expert's [gate_proj; up_proj] rows, expert after expert, and its down_proj columns
+    (r"layers\.(\d+)\.mlp\.experts\.gate_up", (_EXPERT + "gate_proj.weight", _EXPERT + "up_proj.weight")),
+    (r"layers\.(\d+)\.mlp\.experts\.down", (_EXPERT + "down_proj.weight",)),
     (r"norm\.weight", ("model.norm.weight",)),
     (r"lm_head\.weight", ("lm_head.weight",)),
 ]
@@ -53,7 +63,13 @@ def canonical_names(name: str, param: nn.Parameter | None = None) -> tuple[str, 
         if match:
             if param is not None and spec_of(param).tied:
                 return ("model.embed_tokens.weight",)
-            return tuple(n.format(*match.groups()) for n in names)
+            if "{e}" not in names[0]:
+                return tuple(n.format(*match.groups()) for n in names)
+            experts = None if param is None else spec_of(param).experts
+            if experts is None:
+                raise KeyError(f"parameter {name!r} stacks routed experts, but no expert range was given")
+            first, count = experts
+            return tuple(n.format(*match.groups(), e=e) for e in range(first, first + count) for n in names)
     raise KeyError(f"parameter {name!r} has no Hugging Face name in megasft.hf.names.NAME_TABLE")
 
 
@@ -78,12 +94,25 @@ def local_from_canonical(param: nn.Parameter, fulls: list[torch.Tensor]) -> torc
 _IN_LAYER = re.compile(r"(model\.layers\.\d+\.)(.+)$")
 
 
+def stored_name(family: str, name: str) -> str:
+    """The name `family`'s HF files give the (unfused) canonical tensor `name` (Family.renamed)."""
+    match = _IN_LAYER.match(name)
+    for pattern, replacement in family_of(family).renamed if match else ():
+        if re.fullmatch(pattern, match.group(2)):
+            return match.group(1) + re.sub(pattern, replacement, match.group(2))
+    return name
+
+
 def stored_locations(family: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, int, int]]:
     """canonical name -> (tensor in `family`'s HF files, its first row there, the fused tensor's
-    rows) for every name of `shapes` (canonical name -> full shape) stored fused; the other
-    canonical tensors are stored as themselves."""
+    rows) for every name of `shapes` (canonical name -> full shape) stored fused or renamed; the
+    other canonical tensors are stored as themselves."""
     out = {}
     for name in shapes:
+        renamed = stored_name(family, name)
+        if renamed != name:   # one canonical tensor under another name: all its rows
+            out[name] = (renamed, 0, shapes[name][0])
+            continue
         match = _IN_LAYER.match(name)
         for stored, parts in family_of(family).fused if match else ():
             if match.group(2) not in parts:
@@ -135,7 +164,7 @@ def fuse_stored(family: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> Ite
         match = _IN_LAYER.match(name)
         group = next(((st, parts) for st, parts in fused if match and match.group(2) in parts), None)
         if group is None:
-            yield name, tensor
+            yield stored_name(family, name), tensor
             continue
         stored, parts = match.group(1) + group[0], group[1]
         pending.setdefault(stored, {})[match.group(2)] = tensor

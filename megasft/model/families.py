@@ -3,7 +3,8 @@
 A family is what a Hugging Face ``model_type`` adds to the Llama decoder — biases on q/k/v
 (Qwen2), a per-head RMSNorm on q and k (Qwen3), a sliding attention window (Mistral), Gemma's
 (1 + w) norms around both sublayers, GeGLU and scaled embedding, fused checkpoint tensors and
-partial / longrope rotary embeddings (Phi-3) — and which ``config.json`` keys it reads. The
+partial / longrope rotary embeddings (Phi-3), mixture-of-experts MLPs (Qwen3-MoE, Mixtral) — and
+which ``config.json`` keys it reads. The
 decoder reads ModelConfig flags and numbers (``qkv_bias``, ``qk_norm``, ``sliding_window``,
 ``layer_types``, soft-caps, ...) and, for what a family fixes for every size, its Family
 (``gemma``); megasft.hf.config turns config.json into those fields through the spec here and
@@ -53,6 +54,13 @@ class Family:
     concatenates along dim 0, in order); megasft.hf.names splits them on import, fuses on export."""
     phi_rope: bool = False
     """Reads partial_rotary_factor and the top-level original_max_position_embeddings (Phi-3)."""
+    moe: bool = False
+    """Mixture-of-experts MLPs (megasft.model.moe): reads num_experts, num_experts_per_tok, ...;
+    a model of this family needs model.num_experts > 0 and a dense family forbids it."""
+    renamed: tuple[tuple[str, str], ...] = ()
+    """Per-layer tensors the HF checkpoint stores under another name: (regex over the canonical
+    in-layer name, its stored name as a re.sub replacement), e.g. Mixtral's experts' w1 for the
+    canonical (Qwen3-MoE) gate_proj; megasft.hf.names renames on import and export."""
 
     @property
     def known_keys(self) -> frozenset[str]:
@@ -63,6 +71,10 @@ _SILU = {"hidden_act": "silu", "attention_dropout": 0.0}
 # Qwen's windows apply only to layers >= max_window_layers and only with use_sliding_window:
 # megasft implements one window for every layer, so it reads Qwen configs with windows off.
 _QWEN = {**_SILU, "use_sliding_window": False}
+# Every MoE family's: the expert count as transformers 5 writes it (num_local_experts; Qwen's Hub
+# files say num_experts), top-k, and the training-only aux-loss switches (megasft's coefficient is
+# model.moe_aux_loss_coef, not the file's).
+_MOE_KEYS = frozenset({"num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits"})
 _GEMMA = {"hidden_activation": "gelu_pytorch_tanh", "attention_dropout": 0.0, "attention_bias": False,
           "use_bidirectional_attention": None}
 _GEMMA_KEYS = frozenset({"sliding_window", "query_pre_attn_scalar", "final_logit_softcapping", "hidden_act",
@@ -86,6 +98,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            keys=_GEMMA_KEYS | {"rope_local_base_freq", "sliding_window_pattern", "_sliding_window_pattern"}),
     # Phi-3 / Phi-4: Llama's math in fused tensors (transformers' Phi3Attention slices qkv_proj
     # as [q; k; v], Phi3MLP chunks gate_up_proj as [gate; up]); Mistral's window when set.
+    # Qwen3-MoE: Qwen3's attention with routed SwiGLU experts on every layer not kept dense by
+    # decoder_sparse_step / mlp_only_layers; the HF files hold each expert's tensors by name.
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm=True, moe=True, fixed={**_QWEN, "attention_bias": False},
+           keys=frozenset({"max_window_layers", "sliding_window"}) | _MOE_KEYS | {
+               "num_experts", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"}),
+    # Mixtral: Mistral's attention (and window), every layer MoE with intermediate_size-wide experts
+    # and renormalised top-k weights; stored as block_sparse_moe.{gate, experts.E.w1/w2/w3}.
+    Family("mixtral", "MixtralForCausalLM", sliding_window=True, moe=True, fixed={**_SILU, "router_jitter_noise": 0.0},
+           keys=frozenset({"sliding_window"}) | _MOE_KEYS,
+           renamed=((r"mlp\.experts\.(\d+)\.gate_proj\.weight", r"block_sparse_moe.experts.\1.w1.weight"),
+                    (r"mlp\.experts\.(\d+)\.down_proj\.weight", r"block_sparse_moe.experts.\1.w2.weight"),
+                    (r"mlp\.experts\.(\d+)\.up_proj\.weight", r"block_sparse_moe.experts.\1.w3.weight"),
+                    (r"mlp\.gate\.weight", "block_sparse_moe.gate.weight"))),
     Family("phi3", "Phi3ForCausalLM", sliding_window=True, phi_rope=True,
            fixed={**_SILU, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_bias": False},
            keys=frozenset({"sliding_window", "original_max_position_embeddings", "partial_rotary_factor"}),
@@ -171,4 +196,47 @@ def rope_field_problem(family: str, rope_scaling, partial_rotary_factor: float,
     if original_max_position_embeddings is not None:
         return (f"model.original_max_position_embeddings={original_max_position_embeddings} is a phi3 field; "
                 f"for family {family} put it in model.rope_scaling")
+    return None
+
+
+def is_moe_layer(m, layer: int) -> bool:
+    """Whether decoder layer `layer` of ModelConfig `m` has routed experts (else the dense MLP)."""
+    return m.num_experts > 0 and layer not in (m.moe_dense_layers or ())
+
+
+def moe_ffn_size(m) -> int:
+    """A routed expert's SwiGLU inner width (Mixtral's equals the dense intermediate_size)."""
+    return m.moe_intermediate_size or m.intermediate_size
+
+
+def moe_problem(m) -> str | None:
+    """Why the mixture-of-experts fields of ModelConfig `m` do not fit its family, or None."""
+    moe_families = [n for n, f in FAMILIES.items() if f.moe]
+    f = family_of(m.family)
+    if f.moe and m.num_experts == 0:
+        return (f"model.family={m.family} is a mixture-of-experts family; set model.num_experts (its routed "
+                "experts per layer, HF num_experts / num_local_experts)")
+    if not f.moe:
+        if m.num_experts:
+            return (f"model.num_experts={m.num_experts} needs a mixture-of-experts family: set model.family "
+                    f"in {moe_families}, or model.num_experts=0 for a dense {m.family} model")
+        if m.moe_dense_layers:
+            return "model.moe_dense_layers is only for mixture-of-experts models (model.num_experts > 0); leave it unset"
+        return None
+    if m.moe_top_k > m.num_experts:
+        return (f"model.moe_top_k={m.moe_top_k} exceeds model.num_experts={m.num_experts}; route each token to "
+                f"at most {m.num_experts} experts")
+    dense = list(m.moe_dense_layers or ())
+    bad = [i for i in dense if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < m.num_layers]
+    if bad or len(set(dense)) != len(dense):
+        return (f"model.moe_dense_layers={dense} must list distinct layer ids in [0, {m.num_layers}) "
+                f"(num_layers={m.num_layers})")
+    if m.family == "mixtral":
+        if dense:
+            return "model.family=mixtral has experts on every layer; leave model.moe_dense_layers unset"
+        if not m.moe_norm_topk_prob:
+            return "model.family=mixtral always renormalises its top-k routing weights; set model.moe_norm_topk_prob=true"
+        if m.moe_intermediate_size not in (None, m.intermediate_size):
+            return (f"model.family=mixtral's experts are intermediate_size={m.intermediate_size} wide; leave "
+                    f"model.moe_intermediate_size unset (now {m.moe_intermediate_size})")
     return None

@@ -10,7 +10,10 @@ sequence collectives act on a contiguous leading dim. Inputs are packed rows: ``
 
 What a family changes is read from ModelConfig and its Family (megasft.model.families): q/k/v
 biases, q/k norms, per-layer sliding windows, and for Gemma (1 + w) norms around both sublayers,
-GeGLU, the scaled embedding, the attention scale and the attention / final logit soft-caps.
+GeGLU, the scaled embedding, the attention scale and the attention / final logit soft-caps. A
+mixture-of-experts model (Qwen3-MoE, Mixtral) has megasft.model.moe's MoE in place of the dense MLP
+on its MoE layers; those layers also return their router statistics, and the last chunk returns
+the micro-batch's auxiliary losses beside the loss.
 """
 from __future__ import annotations
 
@@ -27,9 +30,10 @@ from megasft.context_parallel.attention import context_parallel_attention
 from megasft.data.batch import MicroBatch
 from megasft.layout import kv_partition
 from megasft.model.attention import attention, resolve_backend
-from megasft.model.families import family_of, layer_window
+from megasft.model.families import family_of, is_moe_layer, layer_window
 from megasft.model.fused import norm_kernel, resolve_norm_backend, swiglu_kernel
 from megasft.model.kv_cache import KVCache, cached_attention
+from megasft.model.moe import MoE, moe_groups, moe_losses
 from megasft.model.rope import Rope, apply_rope
 from megasft.parallel_state import ParallelState
 from megasft.tensor_parallel.comm import scatter_to_sp
@@ -151,7 +155,8 @@ def _head_norm(cfg: ModelConfig, ps: ParallelState) -> RMSNorm:
 class DecoderLayer(nn.Module):
     """x + attention(norm(x)), then + mlp(norm(x)); Gemma also norms each sublayer's output
     (attn_post_norm, mlp_post_norm) and calls its pre-MLP norm mlp_pre_norm (HF
-    pre_feedforward_layernorm, where Llama's mlp_norm is HF post_attention_layernorm)."""
+    pre_feedforward_layernorm, where Llama's mlp_norm is HF post_attention_layernorm). A MoE layer
+    (``self.moe``) has the routed experts as its mlp and returns (x, RouterStats)."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool, backend: str, layer: int = 0,
                  cp_comm: str = "ring"):
@@ -166,7 +171,8 @@ class DecoderLayer(nn.Module):
             self.mlp_post_norm = _norm(cfg, ps, sequence_parallel)
         else:
             self.mlp_norm = _norm(cfg, ps, sequence_parallel)
-        self.mlp = MLP(cfg, ps, sequence_parallel)
+        self.moe = is_moe_layer(cfg, layer)
+        self.mlp = MoE(cfg, ps, sequence_parallel) if self.moe else MLP(cfg, ps, sequence_parallel)
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache: Optional[KVCache] = None):
@@ -174,6 +180,9 @@ class DecoderLayer(nn.Module):
         if self.gemma:
             attn = self.attn_post_norm(attn)
         x = x + F.dropout(attn, self.dropout, self.training)
+        if self.moe:   # no MoE family is a Gemma
+            out, stats = self.mlp(self.mlp_norm(x))
+            return x + F.dropout(out, self.dropout, self.training), stats
         if not self.gemma:
             return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
         return x + F.dropout(self.mlp_post_norm(self.mlp(self.mlp_pre_norm(x))), self.dropout, self.training)
@@ -186,7 +195,8 @@ class LlamaStage(nn.Module):
     forward(batch, hidden_states) takes the MicroBatch (megasft.data.batch) and, on non-first
     chunks, the incoming activation. It returns the activation [s(/tp), b, h], or on the last chunk
     the vocab-parallel logits [s, b, V/tp] — or ``(loss_sum, valid_count)`` when the batch carries
-    labels. ``cache`` (megasft.model.kv_cache, generation at tp=pp=1) keeps past keys/values.
+    labels, ``(loss_sum, valid_count, MoELosses)`` for a mixture-of-experts model (whose chunk then
+    holds every layer: the load-balancing loss pools the routers of all of them). ``cache`` (megasft.model.kv_cache, generation at tp=pp=1) keeps past keys/values.
     """
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, layer_ids: list[int], pre_process: bool,
@@ -207,6 +217,7 @@ class LlamaStage(nn.Module):
             self.neftune_generator = torch.Generator().manual_seed(neftune_seed * 1_000_003 + ps.dp_rank)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, ps, self.sequence_parallel, backend, i, cp_comm)
                                      for i in layer_ids})
+        self.moe_groups = moe_groups(ps, self.sequence_parallel)
         if post_process:
             self.norm = _norm(cfg, ps, self.sequence_parallel)
             vocab = Shard(cfg.vocab_size, ps.tp, ps.tp_rank, padded=padded_vocab)
@@ -230,6 +241,7 @@ class LlamaStage(nn.Module):
             hidden_states = self._embed(batch)
         rope = {local: r.cos_sin(batch, hidden_states.dtype) for local, r in self._rope.items()}  # [s, b, 1, r]
         cu_seqlens, max_seqlen = batch.cu_seqlens, int(batch.max_seqlen)
+        router_stats = []
         for layer in self.layers.values():
             cos, sin = rope[layer.rope_local]
             if self.recompute_layers and self.training:
@@ -237,14 +249,20 @@ class LlamaStage(nn.Module):
                                            use_reentrant=False)
             else:
                 hidden_states = layer(hidden_states, cos, sin, cu_seqlens, max_seqlen, cache)
+            if layer.moe:
+                hidden_states, stats = hidden_states
+                router_stats.append(stats)
         if not self.post_process:
             return hidden_states
         x = enter_tp_region(self.norm(hidden_states), self.group, self.sequence_parallel)   # [s, b, h]
         target = None if batch.labels is None else batch.targets().t()                  # [s(/cp), b]
         if hasattr(self, "lm_head"):
-            return self.lm_head(x, target)
-        # Tied without pipelining: the embedding's own weight, which its forward already waited for.
-        return self.output(x, self.embedding.weight, target)
+            out = self.lm_head(x, target)
+        else:   # tied without pipelining: the embedding's own weight, which its forward already waited for
+            out = self.output(x, self.embedding.weight, target)
+        if target is None or not router_stats:
+            return out
+        return (*out, moe_losses(router_stats, self.cfg.num_experts, self.moe_groups))
 
     def _embed(self, batch: MicroBatch) -> torch.Tensor:
         emb = self.embedding(batch.input_ids)                               # [s(/tp), b, h]

@@ -1,5 +1,5 @@
 """Named model shapes (Llama-3.1 8B/70B/405B, Qwen2.5 0.5B/72B, Qwen3-8B, Mistral-7B-v0.1, Gemma-2-9B,
-Gemma-3-27B, tiny test models) and exact parameter counts.
+Gemma-3-27B, Phi, the MoE Qwen3-30B-A3B and Mixtral-8x7B, tiny test models) and exact parameter counts.
 
 A preset is a dict of :class:`megasft.config.ModelConfig` field values. ``Config.from_dict`` merges
 it under the user's explicit ``model:`` keys, so ``model: {preset: llama3.1-8b, recompute: full}``
@@ -16,6 +16,7 @@ import copy
 from typing import TYPE_CHECKING
 
 from megasft.errors import ConfigError
+from megasft.model.families import is_moe_layer, moe_ffn_size
 
 if TYPE_CHECKING:   # annotations only: config.py reads the presets at load time
     from megasft.config import ModelConfig
@@ -108,6 +109,17 @@ PRESETS: dict[str, dict] = {
                       "tie_embeddings": False, "qkv_bias": False},
     # Test/example shapes: GQA (2 kv heads for 4 query heads) so tp=2 splits kv heads and tp=4
     # replicates them; the variants cover tied embeddings and Qwen2-style q/k/v biases.
+    # Qwen3-30B-A3B: 128 experts of width 768 on every layer, 8 routed per token (3.3B active).
+    "qwen3-30b-a3b": {**_QWEN_COMMON, "family": "qwen3_moe", "qk_norm": True, "vocab_size": 151936,
+                      "hidden_size": 2048, "intermediate_size": 6144, "num_layers": 48,
+                      "num_attention_heads": 32, "num_kv_heads": 4, "head_dim": 128,
+                      "max_position_embeddings": 40960, "tie_embeddings": False, "num_experts": 128,
+                      "moe_top_k": 8, "moe_intermediate_size": 768, "moe_norm_topk_prob": True},
+    # Mixtral-8x7B-v0.1: 8 experts as wide as Mistral-7B's MLP on every layer, 2 per token, no window.
+    "mixtral-8x7b": {"family": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_layers": 32, "num_attention_heads": 32, "num_kv_heads": 8, "rms_norm_eps": 1e-5,
+                     "rope_theta": 1000000.0, "rope_scaling": None, "max_position_embeddings": 32768,
+                     "tie_embeddings": False, "qkv_bias": False, "num_experts": 8, "moe_top_k": 2},
     "tiny": {**_TINY_COMMON, "tie_embeddings": False, "qkv_bias": False},
     "tiny-tied": {**_TINY_COMMON, "tie_embeddings": True, "qkv_bias": False},
     "tiny-qkv-bias": {**_TINY_COMMON, "tie_embeddings": False, "qkv_bias": True},
@@ -124,9 +136,10 @@ def preset_fields(name: str) -> dict:
     return copy.deepcopy(PRESETS[name])
 
 
-def layer_parameter_count(model: ModelConfig) -> int:
-    """Parameters of one decoder layer: GQA attention (with q/k/v biases and q/k norms when the
-    family has them), SwiGLU MLP and the two RMSNorm weights (four for Gemma)."""
+def layer_parameter_count(model: ModelConfig, layer: int = 0) -> int:
+    """Parameters of decoder layer `layer`: GQA attention (with q/k/v biases and q/k norms when the
+    family has them), the SwiGLU MLP or its MoE (router [E, h] and E experts) and the two RMSNorm
+    weights (four for Gemma)."""
     h, d, f = model.hidden_size, model.head_size, model.intermediate_size
     q_width, kv_width = model.num_attention_heads * d, model.kv_heads * d
     attention = h * q_width + 2 * h * kv_width + q_width * h  # q, k, v, o projections
@@ -135,6 +148,8 @@ def layer_parameter_count(model: ModelConfig) -> int:
     if model.qk_norm:
         attention += 2 * d  # one [d] RMSNorm weight each for q and k (Qwen3)
     mlp = 3 * h * f  # gate, up (h -> f) and down (f -> h)
+    if is_moe_layer(model, layer):
+        mlp = model.num_experts * (3 * h * moe_ffn_size(model) + h)   # each expert's SwiGLU and router row
     return attention + mlp + norms_per_layer(model) * h
 
 
@@ -156,4 +171,4 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> int:
     embedding = vocab * model.hidden_size
     head = 0 if model.tie_embeddings else vocab * model.hidden_size
     final_norm = model.hidden_size
-    return embedding + head + final_norm + model.num_layers * layer_parameter_count(model)
+    return embedding + head + final_norm + sum(layer_parameter_count(model, i) for i in range(model.num_layers))

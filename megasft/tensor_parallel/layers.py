@@ -35,7 +35,8 @@ def tp_shards(size: int, group: Group) -> Shard:
     return Shard(size, world, group_rank(group))
 
 
-def _new_weight(rows: int, cols: int, split: TPSplit, dtype: torch.dtype) -> nn.Parameter:
+def new_weight(rows: int, cols: int, split: TPSplit, dtype: torch.dtype = torch.float32) -> nn.Parameter:
+    """An uninitialised [rows, cols] parameter cut from its canonical tensors by `split`."""
     # Real values come from megasft.model.build.init_weights or the HF import (layout-independent);
     # empty here avoids paying twice.
     return set_spec(nn.Parameter(torch.empty(rows, cols, dtype=dtype)), split=split)
@@ -63,7 +64,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         split = TPSplit(0, tuple(out_parts))
         out_local = sum(p.local for p in out_parts)
-        self.weight = _new_weight(out_local, in_features, split, dtype)   # [out/tp, in]
+        self.weight = new_weight(out_local, in_features, split, dtype)   # [out/tp, in]
         self.bias = None
         if bias:
             self.bias = set_spec(nn.Parameter(torch.empty(out_local, dtype=dtype)), split=split)
@@ -82,7 +83,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
         split = TPSplit(1, (tp_shards(in_features, group),))
-        self.weight = _new_weight(out_features, split.parts[0].local, split, dtype)   # [out, in/tp]
+        self.weight = new_weight(out_features, split.parts[0].local, split, dtype)   # [out, in/tp]
         self.gemm: GemmFn = F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ class VocabParallelEmbedding(nn.Module):
         self.group, self.sequence_parallel = group, sequence_parallel
         shard = Shard(vocab_size, group_size(group), group_rank(group), padded=padded_vocab_size)
         self.vocab_start, self.vocab_end = shard.start, shard.start + shard.local
-        self.weight = _new_weight(shard.local, hidden_size, TPSplit(0, (shard,)), dtype)  # [V/tp, h]
+        self.weight = new_weight(shard.local, hidden_size, TPSplit(0, (shard,)), dtype)  # [V/tp, h]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.t()                                                 # [b, s] -> [s, b]

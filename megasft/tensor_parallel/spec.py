@@ -14,7 +14,11 @@ tensors). Its spec records
                    the optimizer step (norm weights under sequence parallelism, replicated kv heads);
   tied             a copy of the pipeline-tied embedding (the LM head on the last stage, the
                    embedding on the first), whose gradients are summed over the embedding group;
-  pp_copies        pipeline stages holding a copy (2 for a pipeline-tied embedding).
+  pp_copies        pipeline stages holding a copy (2 for a pipeline-tied embedding);
+  experts          (first, count): the routed experts of a MoE layer whose weights this parameter
+                   stacks, each expert its own canonical tensors (megasft.model.moe); None for
+                   every other parameter. Expert parallelism reads it to reduce expert gradients
+                   over their own data-parallel group.
 
 The global grad norm counts each copy 1 / (tp_copies * pp_copies); parameters whose gradients the
 model sums itself (``model_grad_sync``) wait in a bucket of their own before the DP reduction.
@@ -112,6 +116,7 @@ class ParamSpec:
     grad_sync_group: Optional[dist.ProcessGroup] = None
     tied: bool = False
     pp_copies: int = 1
+    experts: Optional[tuple[int, int]] = None
 
     @property
     def copies(self) -> int:

@@ -6,6 +6,16 @@ micro-batch and all-reduced over data-parallel ranks; each micro-batch back-prop
 ``loss_sum / global_count``. Summed over micro-batches and DP ranks (gradients are reduced with a
 sum), the update is the gradient of ``sum of token losses / global trained tokens`` whatever the
 micro-batch split, DP size or packing.
+
+Mixture-of-experts auxiliary losses (megasft.model.moe) are per micro-batch, as transformers computes
+them for the batch it is given: each micro-batch back-propagates ``coef * aux / n``, n the number
+of micro-batches in the global batch (over all DP ranks), so the update adds the gradient of the
+mean of the micro-batches' aux losses — transformers' own aux loss when the global batch is one
+micro-batch, and what HF Trainer's gradient accumulation with DDP averaging adds otherwise (every
+micro-batch has the same s*b token slots, so this is also the token-weighted mean). The SFT loss
+keeps its global trained-token normalisation; the logged ``loss`` is the SFT loss alone and
+``aux_loss`` (unweighted, the mean over micro-batches) is logged beside it, with the tokens each
+expert of each layer received since the last log point (``expert_load``).
 """
 from __future__ import annotations
 
@@ -68,6 +78,8 @@ class StepOutput:
     lr: float
     skipped: bool
     bubble: Optional[tuple[float, float]] = None   # (measured, theory) with pipelining
+    aux_loss: Optional[float] = None   # MoE: mean load-balancing loss of the micro-batches (unweighted)
+    z_loss: Optional[float] = None     # MoE: mean router z-loss of the micro-batches (unweighted)
 
 
 class Trainer:
@@ -93,18 +105,33 @@ class Trainer:
         self.faults = Faults.from_env(ps.layout_ranks[ps.rank])
         self.comm = CommStats(cfg, ps)   # train.comm_stats: the ledger on logged steps
         self.generate_eval = GenerateEval.from_config(cfg, ps)   # train.generate_eval_interval; None when off
+        self.expert_load: Optional[torch.Tensor] = None   # MoE: [layers, E] tokens since the last log point
 
     # ------------------------------------------------------------------ one step
-    def forward_step(self, loss_scale: float):
+    def forward_step(self, loss_scale: float, moe_scale: float = 0.0):
+        """`loss_scale` 1 / (trained tokens of the global batch); `moe_scale` 1 / (micro-batches of
+        the global batch), the weight of a micro-batch's MoE auxiliary losses."""
         def step(chunk_index: int, batch: MicroBatch, input_tensor: Optional[torch.Tensor]):
             chunk = self.chunks[chunk_index]
             with self.fp8_autocast():   # one FP8 region per chunk forward; backward runs outside
                 out = chunk(batch, input_tensor)
             if not chunk.post_process:
                 return out
-            loss_sum, count = out
-            return loss_sum * loss_scale, {"loss_sum": loss_sum.detach(), "tokens": count}
+            loss_sum, count, *moe = out
+            loss, stats = loss_sum * loss_scale, {"loss_sum": loss_sum.detach(), "tokens": count}
+            if moe:
+                loss = loss + self._moe_loss(moe[0], chunk.training) * moe_scale
+                stats.update(aux_loss=moe[0].aux.detach(), z_loss=moe[0].z.detach())
+            return loss, stats
         return step
+
+    def _moe_loss(self, moe, training: bool) -> torch.Tensor:
+        """The micro-batch's weighted auxiliary losses; counts its expert load while training."""
+        m = self.cfg.model
+        if training:
+            self.expert_load = moe.load if self.expert_load is None else self.expert_load + moe.load
+        loss = moe.aux * m.moe_aux_loss_coef if m.moe_aux_loss_coef else moe.aux.new_zeros(())
+        return loss + moe.z * m.moe_z_loss_coef if m.moe_z_loss_coef else loss
 
     def run_schedule(self, micro_batches: list[MicroBatch], forward_only: bool):
         """Count the global trained tokens, run the pipeline schedule; returns (result, count)."""
@@ -120,7 +147,7 @@ class Trainer:
             chunk.train(not forward_only)
         overlap = self.cfg.parallel.overlap_grad_reduce and not forward_only
         result = schedules.forward_backward(
-            self.forward_step(scale), micro_batches, self.ps, num_chunks=self.layout.v,
+            self.forward_step(scale, 1.0 / (len(micro_batches) * self.ps.dp)), micro_batches, self.ps, num_chunks=self.layout.v,
             tensor_shape=self.layout.activation_shape, dtype=self.cfg.train.dtype,
             forward_only=forward_only, schedule=self.layout.schedule,
             no_sync=self.optimizer.grad_buffer.no_sync if overlap else None, weight_store=self.weight_store)
@@ -129,10 +156,18 @@ class Trainer:
     def global_loss_sum(self, stats: dict) -> float:
         """Sum of token losses over the global batch, made known on every rank. Only the last
         stage's first TP rank contributes, so TP copies are not counted twice."""
-        mine = self.ps.is_last_stage and self.ps.tp_rank == 0
-        value = torch.tensor([float(stats.get("loss_sum", 0.0)) if mine else 0.0], dtype=torch.float64)
-        collectives.all_reduce(value, self.ps.world_group)
-        return float(value.item())
+        return self.global_sums(stats, ("loss_sum",))[0]
+
+    def global_sums(self, stats: dict, keys: tuple[str, ...]) -> list[float]:
+        """The schedule's `keys` summed over the global batch, known on every rank, in one
+        all-reduce. Only the last stage's first TP rank contributes; of the MoE losses, which every
+        CP rank of a micro-batch holds whole, only the first CP rank."""
+        ps = self.ps
+        mine = ps.is_last_stage and ps.tp_rank == 0
+        values = torch.tensor([float(stats.get(k, 0.0)) if mine and (k == "loss_sum" or ps.cp_rank == 0) else 0.0
+                               for k in keys], dtype=torch.float64)
+        collectives.all_reduce(values, ps.world_group)
+        return values.tolist()
 
     def train_step(self, micro_batches: list[MicroBatch]) -> StepOutput:
         faults, n = self.faults, self.step + 1
@@ -143,7 +178,10 @@ class Trainer:
         self.optimizer.zero_grad()
         result, global_count = self.run_schedule(micro_batches, forward_only=False)
         # The loss is the same number on every rank, so a non-finite one skips the step everywhere.
-        loss = self.global_loss_sum(result.stats) / max(global_count, 1)
+        moe = self.cfg.model.num_experts > 0
+        sums = self.global_sums(result.stats, ("loss_sum", "aux_loss", "z_loss") if moe else ("loss_sum",))
+        loss = sums[0] / max(global_count, 1)
+        aux = [x / (len(micro_batches) * self.ps.dp) for x in sums[1:]] if moe else [None, None]
         if faults is not None:
             loss = faults.loss(n, loss)
             faults.before_update(n, self.optimizer.grad_buffer.grad_data)
@@ -155,7 +193,7 @@ class Trainer:
         bubble = None
         if self.ps.pp > 1:   # rank 0 is on the first stage, which measures the pipeline's bubble
             bubble = (result.bubble_fraction, self.layout.bubble_fraction)
-        return StepOutput(loss, global_count, step.grad_norm, step.lr, step.skipped, bubble)
+        return StepOutput(loss, global_count, step.grad_norm, step.lr, step.skipped, bubble, *aux)
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -243,15 +281,30 @@ class Trainer:
 
     def _log_train(self, out: StepOutput, window: "metrics.ThroughputWindow", writer) -> None:
         totals = window.close()
+        moe = self._moe_record(out)   # a DP collective: before rank 0 alone goes on
         if writer is None:
             return
         writer.write(metrics.TrainRecord(
             step=self.step, lr=out.lr, loss=out.loss, grad_norm=out.grad_norm, window=totals,
             world_size=self.ps.world_size, peak_tflops=self.cfg.train.peak_tflops,
             peak_mem=metrics.peak_memory_bytes(self.ps.device), skipped=self.optimizer.skipped_total,
-            bubble=out.bubble).as_dict() | self.comm.as_record())
+            bubble=out.bubble).as_dict() | self.comm.as_record() | moe)
         if self.comm.report is not None:
             metrics.note(writer, self.comm.line(self.step))
+
+    def _moe_record(self, out: StepOutput) -> dict:
+        """MoE fields of a train record: the last step's aux losses and the expert load since the
+        last log point, summed over DP (collective over the DP group: every rank calls it)."""
+        if out.aux_loss is None:
+            return {}
+        load = self.expert_load
+        if load is None:   # no training micro-batch since the last log point
+            return {"aux_loss": out.aux_loss, "z_loss": out.z_loss}
+        load = load.clone()
+        collectives.all_reduce(load, self.ps.dp_group)
+        self.expert_load = None
+        layers = [i for i, layer in self.chunks[0].layers.items() if layer.moe]
+        return {"aux_loss": out.aux_loss, "z_loss": out.z_loss, **metrics.expert_load_record(load.cpu(), layers)}
 
     def _should_stop(self, skipped: bool) -> tuple[bool, bool]:
         """(stop requested on some rank, weights finite on every rank) in one MAX all-reduce: the

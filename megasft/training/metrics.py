@@ -142,6 +142,16 @@ class TrainRecord:
         return record
 
 
+def expert_load_record(load: torch.Tensor, layers: list) -> dict:
+    """Train-record fields of the MoE expert load `load` [MoE layers, E] (tokens routed to each
+    expert): the tokens per expert of each layer, each layer's max/mean imbalance (1 = perfectly
+    balanced, E = every token on one expert) and the worst layer's, a scalar for TensorBoard."""
+    imbalance = load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)
+    per_layer = {str(layer): float(x) for layer, x in zip(layers, imbalance.tolist())}
+    return {"expert_load": {str(layer): [int(t) for t in row] for layer, row in zip(layers, load.tolist())},
+            "expert_imbalance": per_layer, "expert_imbalance_max": max(per_layer.values())}
+
+
 def rate(tokens_per_s: float) -> str:
     """12,345 / 2.35M: a token rate in at most 7 columns up to a billion tokens per second."""
     return f"{tokens_per_s / 1e6:.2f}M" if tokens_per_s >= 1e6 else f"{tokens_per_s:,.0f}"

@@ -1,0 +1,238 @@
+"""The mixture-of-experts MLP of a decoder layer: route -> dispatch -> local experts -> combine.
+
+A MoE layer takes the place of a decoder layer's dense SwiGLU MLP (megasft.model.llama.DecoderLayer
+builds one where megasft.model.families.is_moe_layer says so). Every token goes to its top-k of E
+experts, each a SwiGLU MLP of width moe_ffn_size, and their outputs are summed with the routing
+weights. No token is dropped: an expert takes every token routed to it.
+
+The four steps are separate pieces so that expert parallelism replaces only the middle ones:
+
+  route     Router: logits = x W_r^T [T, E], softmax in fp32, top-k, renormalised to sum 1 with
+            moe_norm_topk_prob (Mixtral always; Qwen3-MoE's norm_topk_prob) — transformers'
+            Qwen3MoeTopKRouter / MixtralTopKRouter.
+  dispatch  LocalDispatch.dispatch: the T*k (token, pick) slots ordered by expert, each slot a copy
+            of its token's row -> [T*k, h] grouped by expert, and the rows per expert. With expert
+            parallelism this becomes an all-to-all to the ranks holding the experts.
+  experts   RoutedExperts: each local expert's SwiGLU on its contiguous rows (a loop, or one
+            torch._grouped_mm per projection over all of them).
+  combine   LocalDispatch.combine: the slots back in token order, times their routing weights,
+            summed over each token's k picks (EP: after the reverse all-to-all).
+
+Tensor parallelism (expert-TP): every expert's FFN dim is split over TP like the dense MLP's, so
+the layer's output is a partial sum reduced by the same exit_tp_region. The router is replicated
+and runs on the tokens as they arrive ([s/tp, b] under sequence parallelism, as in Megatron-Core);
+its routing weights enter the TP region as the activations do (f, or the SP all-gather), so the
+backward of that step sums the weights' partial gradients over TP and every rank's router sees the
+full gradient of its own tokens. The router weight is then a replicated parameter whose gradient
+is summed over TP only under SP, like the norms'.
+
+Auxiliary losses, per micro-batch (megasft.training.loop adds them to the backward and logs them):
+
+  load balancing  transformers' ``load_balancing_loss_func`` (Fedus et al. 2021, Switch
+            Transformer, eq. 4-6): over every MoE layer l and token t of the micro-batch, with N the
+            number of (l, t) pairs, f_i = (top-k picks of expert i) / N and P_i = (sum of expert i's
+            softmax probability) / N; aux = E * sum_i f_i * P_i. f is a count and carries no
+            gradient. Like transformers, f and P pool all MoE layers (not a sum of per-layer
+            losses), so each layer returns its RouterStats and the stage combines them (moe_losses).
+            The tokens are all s*b slots of the micro-batch, padding included, as transformers
+            counts them without an attention mask (and Megatron-Core does).
+  z-loss    ST-MoE (Zoph et al. 2022, eq. 5): mean over the same (l, t) pairs of
+            logsumexp(router logits)^2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megasft import collectives
+from megasft.config import ModelConfig
+from megasft.errors import ConfigError
+from megasft.model.families import moe_ffn_size
+from megasft.model.fused import resolve_norm_backend, swiglu_kernel
+from megasft.parallel_state import ParallelState, group_size
+from megasft.tensor_parallel.comm import Group, all_gather_dim0, reduce_from_tp
+from megasft.tensor_parallel.layers import enter_tp_region, exit_tp_region, mark_replicated, new_weight, tp_shards
+from megasft.tensor_parallel.spec import TPSplit, set_spec
+
+
+class RouterStats(NamedTuple):
+    """One MoE layer's router statistics over the tokens its router saw (this rank's share)."""
+
+    counts: torch.Tensor       # [E] top-k picks per expert (float, no gradient)
+    prob_sum: torch.Tensor     # [E] sum over tokens of the softmax probabilities
+    lse_sq_sum: torch.Tensor   # [] sum over tokens of logsumexp(logits)^2
+    tokens: int
+
+
+@dataclass(frozen=True)
+class MoELosses:
+    """A micro-batch's auxiliary losses (unweighted; the coefficients are applied by the loop) and
+    its expert load."""
+
+    aux: torch.Tensor          # [] the load-balancing loss
+    z: torch.Tensor            # [] the router z-loss
+    load: torch.Tensor         # [layers, E] tokens routed to each expert of each MoE layer (no gradient)
+
+
+class Router(nn.Module):
+    """Softmax top-k routing (Mixtral, Qwen3-MoE); the weight is HF's ``mlp.gate.weight`` [E, h]."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool):
+        super().__init__()
+        self.top_k, self.renormalise = cfg.moe_top_k, cfg.moe_norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        mark_replicated(self.weight, ps.tp, ps.tp_group if sequence_parallel else None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [T, E], fp32 probabilities [T, E], routing weights [T, k] in x's dtype, expert ids [T, k])."""
+        logits = F.linear(x, self.weight)
+        probs = torch.softmax(logits.float(), dim=-1)
+        top, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalise:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return logits, probs, top.to(x.dtype), experts
+
+
+def router_stats(logits: torch.Tensor, probs: torch.Tensor, experts: torch.Tensor) -> RouterStats:
+    counts = torch.bincount(experts.reshape(-1), minlength=probs.shape[-1]).to(probs.dtype)
+    lse_sq = torch.logsumexp(logits.float(), dim=-1).square().sum()
+    return RouterStats(counts, probs.sum(dim=0), lse_sq, logits.shape[0])
+
+
+class Dispatched(NamedTuple):
+    """What combine needs to undo a dispatch."""
+
+    inverse: torch.Tensor      # [T*k] position of each (token, pick) slot in the expert order
+    tokens: int
+
+
+class LocalDispatch:
+    """Dispatch and combine when every expert is on this rank (no expert parallelism): a
+    permutation of the (token, pick) slots into expert order and back. Gathers of a permutation
+    only (each token's k copies made by expand), so the backward is deterministic."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def dispatch(self, x: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
+        """x [T, h], expert ids [T, k] -> (rows grouped by expert [T*k, h], rows per expert [E], state)."""
+        tokens, k = experts.shape
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)                   # slot ids in expert order
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        slots = x.unsqueeze(1).expand(tokens, k, x.shape[-1]).reshape(tokens * k, -1)   # [T*k, h]
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        return slots[order], counts, Dispatched(inverse, tokens)
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, state: Dispatched) -> torch.Tensor:
+        """Expert outputs in expert order [T*k, h], routing weights [T, k] -> [T, h]."""
+        k = weights.shape[-1]
+        per_pick = y[state.inverse].view(state.tokens, k, -1)       # [T, k, h]
+        return (per_pick * weights.unsqueeze(-1)).sum(dim=1)
+
+
+def resolve_experts_backend(name: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
+    """'auto' -> grouped_mm on CUDA in bf16 on sm90+ where torch has it, else loop; an explicit
+    grouped_mm this torch lacks is an error."""
+    has_grouped = hasattr(torch, "_grouped_mm")
+    if name == "grouped_mm" and not has_grouped:
+        raise ConfigError(f"model.moe_experts_backend=grouped_mm needs torch._grouped_mm, which torch "
+                          f"{torch.__version__} lacks; use moe_experts_backend=loop or auto")
+    if name != "auto":
+        return name
+    cuda_ok = device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    return "grouped_mm" if has_grouped and cuda_ok else "loop"
+
+
+class RoutedExperts(nn.Module):
+    """`count` SwiGLU experts (global ids first .. first+count-1), each's FFN dim split over TP.
+
+    gate_up [count * 2f/tp, h] stacks every expert's [gate_proj; up_proj] rows (this rank's shard
+    of each), down [h, count * f/tp] their down_proj columns: 2-D parameters cut from the per-expert
+    canonical tensors by an ordinary TPSplit, so init, HF import/export, checkpoints and ZeRO-1 treat
+    them like any other weight, while gate_up.view(count, 2f/tp, h) and down.t().view(count, f/tp, h)
+    are the per-expert matrices a grouped GEMM takes without copying.
+    """
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, first: int, count: int):
+        super().__init__()
+        shard = tp_shards(moe_ffn_size(cfg), ps.tp_group)
+        self.count, self.ffn = count, shard.local
+        self.gate_up = new_weight(count * 2 * shard.local, cfg.hidden_size, TPSplit(0, (shard, shard) * count))
+        self.down = new_weight(cfg.hidden_size, count * shard.local, TPSplit(1, (shard,) * count))
+        for p in (self.gate_up, self.down):
+            set_spec(p, experts=(first, count))
+        self.swiglu = swiglu_kernel(resolve_norm_backend(cfg.norm_backend, ps.device))
+        # 'auto' is resolved on the first forward, where the device and dtype are known.
+        self.requested = cfg.moe_experts_backend
+        self.backend = None if self.requested == "auto" else resolve_experts_backend(self.requested, ps.device, None)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by expert [N, h], rows per expert [count] -> partial outputs [N, h]."""
+        if self.backend is None:
+            self.backend = resolve_experts_backend(self.requested, x.device, x.dtype)
+        w1 = self.gate_up.view(self.count, 2 * self.ffn, -1)             # [E_l, 2f/tp, h]
+        w2 = self.down.t().view(self.count, self.ffn, -1)                # [E_l, f/tp, h] = down_proj^T per expert
+        if self.backend == "grouped_mm":
+            offsets = counts.cumsum(0).to(torch.int32)
+            hidden = torch._grouped_mm(x, w1.transpose(1, 2), offs=offsets)      # [N, 2f/tp]
+            return torch._grouped_mm(self.swiglu(hidden), w2, offs=offsets)      # [N, h]
+        outs = [self.swiglu(F.linear(rows, w1[e])) @ w2[e] for e, rows in enumerate(x.split(counts.tolist()))]
+        return torch.cat(outs)
+
+
+class MoE(nn.Module):
+    """A decoder layer's MoE MLP at EP=1: every expert on this rank, expert-TP over ps.tp_group.
+    forward returns (output [s(/tp), b, h], RouterStats)."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool):
+        super().__init__()
+        self.group, self.sequence_parallel = ps.tp_group, sequence_parallel
+        self.router = Router(cfg, ps, sequence_parallel)
+        self.dispatcher = LocalDispatch(cfg.num_experts)   # a plain object: no parameters
+        self.experts = RoutedExperts(cfg, ps, 0, cfg.num_experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        s, b, h = x.shape
+        logits, probs, weights, experts = self.router(x.reshape(-1, h))     # [s(/tp)*b, E], [.., k]
+        stats = router_stats(logits, probs, experts)
+        k = weights.shape[-1]
+        # Tokens, routing weights and expert ids enter the TP region together ([s/tp] -> [s] under SP).
+        tokens = enter_tp_region(x, self.group, self.sequence_parallel).reshape(-1, h)          # [s*b, h]
+        weights = enter_tp_region(weights.view(s, b, k), self.group, self.sequence_parallel).reshape(-1, k)
+        if self.sequence_parallel:
+            experts = all_gather_dim0(experts.view(s, b, k), self.group).reshape(-1, k)          # ids: no gradient
+        rows, counts, state = self.dispatcher.dispatch(tokens, experts)
+        out = self.dispatcher.combine(self.experts(rows, counts), weights, state)              # [s*b, h] partial
+        return exit_tp_region(out.view(-1, b, h), self.group, self.sequence_parallel), stats   # [s(/tp), b, h]
+
+
+def moe_losses(stats: list[RouterStats], num_experts: int, groups: list[Group]) -> MoELosses:
+    """The micro-batch's load-balancing and z-loss from every MoE layer's RouterStats (see the module
+    docstring). `groups` hold the other shares of the micro-batch's tokens (the TP group under
+    sequence parallelism): their statistics are summed — probabilities with Megatron's g (all-reduce
+    forward, identity backward), since every rank back-propagates the same loss."""
+    load = torch.stack([s.counts for s in stats])                           # [layers, E]
+    prob_sum = torch.stack([s.prob_sum for s in stats]).sum(dim=0)          # [E]
+    lse_sq = torch.stack([s.lse_sq_sum for s in stats]).sum()
+    pairs = sum(s.tokens for s in stats)                                    # (layer, token) pairs here
+    for group in groups:
+        if group_size(group) > 1:
+            load = load.clone()
+            collectives.all_reduce(load, group)
+            prob_sum, lse_sq = reduce_from_tp(prob_sum, group), reduce_from_tp(lse_sq, group)
+            pairs *= group_size(group)
+    fraction = load.sum(dim=0) / pairs                                       # f_i
+    aux = num_experts * (fraction * (prob_sum / pairs)).sum()
+    return MoELosses(aux, lse_sq / pairs, load)
+
+
+def moe_groups(ps: ParallelState, sequence_parallel: bool) -> list[Optional[object]]:
+    """The groups over which one micro-batch's router tokens are spread: TP under sequence
+    parallelism, and CP (each rank holds s/cp of every row)."""
+    return [ps.tp_group if sequence_parallel else None, ps.cp_group]

@@ -1,0 +1,136 @@
+"""Mixture-of-experts layers (Qwen3-MoE, Mixtral) against transformers, on real gloo processes.
+
+For each case megasft runs a packed batch at tp 1 / tp 2 / tp 2 + SP, and transformers' own
+Qwen3MoeForCausalLM / MixtralForCausalLM (eager expert loop) runs every segment of it alone: the
+router logits of every layer, the expert load, the logits of every document, the SFT loss, the
+load-balancing loss (transformers' load_balancing_loss_func), the z-loss and every parameter's
+gradient of SFT + aux_coef * aux + z_coef * z must agree.
+
+Identical top-k selection: random weights make exact ties measure-zero; each case asserts that
+the reference's k-th and (k+1)-th router logits are at least MIN_GAP apart for every token and
+layer, and that megasft's router logits equal the reference's within LOGIT_TOL, far below it —
+so both pick the same experts (then the expert loads must match exactly, which is checked too).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from megasft.config import ModelConfig
+from megasft.hf.names import load_canonical
+from megasft.model.llama import LlamaStage
+from megasft.model.moe import Router
+from megasft.parallel_state import ParallelState
+from megasft.tensor_parallel.comm import all_gather_dim0, gather_last_dim
+from megasft.tensor_parallel.layers import sync_replicated_grads
+from tests.layouts import assert_grads_match
+from tests.multiproc import run_ranks
+from tests.oracle import canonical_reference, hf_model, model_batch, moe_fields, packed_batch, reference_moe
+
+pytest.importorskip("transformers")
+
+# (name, family, tp, sequence_parallel, model field overrides)
+CASES = [
+    ("qwen3moe-tp1", "qwen3_moe", 1, False, {}),
+    ("qwen3moe-tp2", "qwen3_moe", 2, False, {}),
+    ("qwen3moe-tp2-sp", "qwen3_moe", 2, True, {}),
+    ("qwen3moe-tp2-grouped-mm-recompute", "qwen3_moe", 2, False,
+     dict(moe_experts_backend="grouped_mm", recompute="full")),
+    ("mixtral-tp1", "mixtral", 1, False, {}),
+    ("mixtral-tp2-sp", "mixtral", 2, True, {}),
+]
+ROWS = [[5, 7, 4], [9, 3]]      # two packed rows of 16 tokens; the second ends in padding
+SEQ = 16
+MIN_GAP = 1e-3      # router logits are O(4); fp32 rounding of megasft vs transformers is ~1e-6
+LOGIT_TOL = 1e-5
+
+
+def _capture_router_logits(stage) -> list:
+    """Each Router's logits of every forward, in layer order (a test-side hook)."""
+    seen = []
+    for module in stage.modules():
+        if isinstance(module, Router):
+            module.register_forward_hook(lambda m, args, out: seen.append(out[0].detach()))
+    return seen
+
+
+def _check_case(family: str, tp: int, sp: bool, overrides: dict) -> None:
+    ps = ParallelState.build(tp, 1, ranks=list(range(tp)))
+    if ps is None:
+        return
+    fields = moe_fields(family, **overrides)
+    hf = hf_model(fields, seed=1)
+    batch = packed_batch(ROWS, SEQ, fields["vocab_size"], seed=2)
+    ref = reference_moe(hf, batch, micro_batch_size=len(ROWS))    # the whole batch: one micro-batch
+    assert ref["min_gap"] > MIN_GAP, f"test batch has a near-tie in routing: gap {ref['min_gap']:.2g}"
+    ref_aux, ref_z = ref["aux"][0], ref["z"][0]
+    total = ref["loss_sum"] / ref["count"] + fields["moe_aux_loss_coef"] * ref_aux + fields["moe_z_loss_coef"] * ref_z
+    total.backward()
+
+    stage = LlamaStage(ModelConfig(**fields), ps, list(range(fields["num_layers"])), True, True, sequence_parallel=sp)
+    weights = canonical_reference(hf)
+    load_canonical(stage, lambda name, shape: weights[name])
+    router_logits = _capture_router_logits(stage)
+    mb = model_batch(batch)
+    b = len(ROWS)
+    with torch.no_grad():   # logits and packing isolation: every document as if alone
+        logits = gather_last_dim(stage(mb.without_labels()), ps.tp_group)              # [s, b, V]
+        for (r, start, n), expected in zip(batch["docs"], ref["logits"]):
+            got = logits[start:start + n, r, :fields["vocab_size"]]
+            assert (got - expected).abs().max() < 1e-4, f"logits differ for document at row {r}+{start}"
+    router_logits.clear()
+
+    loss_sum, count, moe = stage(mb)
+    for layer, (got, expected) in enumerate(zip(router_logits, ref["router_logits"][0])):
+        got = all_gather_dim0(got.view(-1, b, got.shape[-1]), ps.tp_group if sp else None)   # [s, b, E]
+        got = got.transpose(0, 1).reshape(-1, got.shape[-1])      # the reference's row-major token order
+        assert (got - expected).abs().max() < LOGIT_TOL, f"router logits of MoE layer {layer} differ"
+        expected_load = torch.bincount(expected.topk(fields["moe_top_k"]).indices.reshape(-1),
+                                       minlength=fields["num_experts"]).float()
+        assert torch.equal(moe.load[layer], expected_load), f"expert load of MoE layer {layer}"
+    assert len(router_logits) == len(ref["router_logits"][0]) == moe.load.shape[0]
+    assert int(count) == ref["count"]
+    assert_close(loss_sum, ref["loss_sum"].detach(), rtol=1e-5, atol=1e-5)
+    assert_close(moe.aux, ref_aux.detach(), rtol=1e-5, atol=1e-6)
+    assert_close(moe.z, ref_z.detach(), rtol=1e-5, atol=1e-5)
+    (loss_sum / count + fields["moe_aux_loss_coef"] * moe.aux + fields["moe_z_loss_coef"] * moe.z).backward()
+    sync_replicated_grads(stage.parameters(), lambda p: p.grad)
+    assert_grads_match(stage, canonical_reference(hf, grads=True))
+
+
+def _rank_main() -> list[str]:
+    done = []
+    for name, family, tp, sp, overrides in CASES:
+        try:
+            _check_case(family, tp, sp, overrides)
+        except AssertionError as err:
+            raise AssertionError(f"case {name}: {err}") from err
+        done.append(name)
+    return done
+
+
+def test_moe_matches_transformers():
+    results = run_ranks(_rank_main, 2, timeout=300)
+    assert results[0] == [name for name, *_ in CASES]
+
+
+def _aux_gradient_share(family: str) -> float:
+    """|d(aux_coef * aux + z_coef * z)/d router| / |d total/d router| of the first MoE layer."""
+    fields = moe_fields(family)
+    hf = hf_model(fields, seed=1)
+    ref = reference_moe(hf, packed_batch(ROWS, SEQ, fields["vocab_size"], seed=2), len(ROWS))
+    router = next(p for n, p in hf.named_parameters() if n.endswith("mlp.gate.weight"))
+    aux = fields["moe_aux_loss_coef"] * ref["aux"][0] + fields["moe_z_loss_coef"] * ref["z"][0]
+    (g_aux,) = torch.autograd.grad(aux, router, retain_graph=True)
+    (g_all,) = torch.autograd.grad(ref["loss_sum"] / ref["count"] + aux, router)
+    return float(g_aux.norm() / g_all.norm())
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_aux_losses_carry_a_visible_share_of_the_router_gradient(family):
+    """The test models' aux weights make the auxiliary losses' part of the router gradient far
+    above the 1e-5 tolerance the gradient comparison allows, so a dropped or mis-scaled aux term
+    fails test_moe_matches_transformers."""
+    assert _aux_gradient_share(family) > 1e-2

@@ -1,0 +1,81 @@
+"""Mixture-of-experts training steps (Qwen3-MoE, Mixtral) against plain PyTorch: transformers' model
++ torch.optim.AdamW (same param groups) + clip_grad_norm_ + LambdaLR, minimising the global-token
+SFT loss plus the weighted mean over micro-batches of transformers' load-balancing loss (and the
+z-loss). Weights after 3 steps, the SFT losses, the logged aux losses and the logged expert load
+must agree at tp 1 and tp 2 (+SP), with DP and ZeRO-1.
+
+The aux loss is per micro-batch, so the reference depends on how a step's rows are cut into
+micro-batches: rows go to DP ranks in contiguous shares and are cut into micro-batches of
+micro_batch_size rows there, which is the same partition of the global batch at any DP size — one
+reference per (family, micro_batch_size).
+
+One spawned world of 4 ranks runs every case; each case is its own test item.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.layouts import Case, Run, check_case, train_cases
+from tests.multiproc import run_ranks
+from tests.oracle import canonical_reference, hf_model, moe_fields, packed_batch, reference_moe_training
+
+pytest.importorskip("transformers")
+
+RUN = Run(seq=16, rows=4, lr=1e-3, warmup=1, steps=3)
+MIN_GAP = 1e-3     # as tests.test_moe: the k-th and (k+1)-th router logits of every token stay apart
+CASES = [
+    Case("qwen3moe-tp1-mb1", (0,)),
+    Case("qwen3moe-tp1-mb2", (1,), micro_batch_size=2),
+    Case("qwen3moe-tp2-mb1", (2, 3), tp=2),
+    Case("qwen3moe-tp2-dp2-zero1-sp-mb2", (0, 1, 2, 3), tp=2, micro_batch_size=2, sequence_parallel=True),
+    Case("mixtral-tp1-dp2-zero1-mb1", (0, 1)),
+    Case("mixtral-tp2-dp2-zero1-overlap-fused-loss-mb1", (0, 1, 2, 3), tp=2, fast=True),
+]
+
+
+def _family(case: Case) -> str:
+    return "mixtral" if case.name.startswith("mixtral") else "qwen3_moe"
+
+
+def global_batches() -> list[dict]:
+    lens = [[5, 7, 4], [9, 3], [16], [2, 2, 2, 2], [11], [6, 6]]
+    return [packed_batch([lens[(i + s) % len(lens)] for i in range(RUN.rows)], RUN.seq, 300, seed=10 + s)
+            for s in range(RUN.steps)]
+
+
+def _rank_main(hf_dirs: dict) -> dict:
+    return train_cases(CASES, RUN, lambda case: moe_fields(_family(case)), lambda case: hf_dirs[_family(case)],
+                       global_batches())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Every reference run (per family and micro-batch size) and every case's results, once."""
+    root = tmp_path_factory.mktemp("hf")
+    hf_dirs, refs = {}, {}
+    for family in ("qwen3_moe", "mixtral"):
+        fields = moe_fields(family)
+        hf_dirs[family] = str(root / family)
+        hf_model(fields, seed=5).save_pretrained(hf_dirs[family])
+        for mb in sorted({c.micro_batch_size for c in CASES if _family(c) == family}):
+            model = hf_model(fields, seed=5)
+            ref = reference_moe_training(model, global_batches(), RUN.lr, RUN.warmup, RUN.steps, mb,
+                                         fields["moe_aux_loss_coef"], fields["moe_z_loss_coef"])
+            assert ref["min_gap"] > MIN_GAP, f"{family}: near-tie in routing, gap {ref['min_gap']:.2g}"
+            refs[family, mb] = ref, canonical_reference(model)
+    return refs, run_ranks(_rank_main, 4, hf_dirs, timeout=900)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_moe_train_steps_match_plain_pytorch(trained, case):
+    refs, per_rank = trained
+    ref, weights = refs[_family(case), case.micro_batch_size]
+    check_case(case, per_rank, ref["losses"], weights, RUN)
+    for out in (r[case.name] for r in per_rank if case.name in r):
+        # the mean over micro-batches of fp32 sums of O(1) terms: rounding ~1e-7 relative
+        assert torch.allclose(torch.tensor(out["aux"]), torch.tensor(ref["aux"]), rtol=1e-5), (out["aux"], ref["aux"])
+        record = out["moe_record"]
+        load = {layer: tokens for layer, tokens in zip(record["expert_load"], ref["load"].tolist())}
+        assert record["expert_load"] == load, "tokens per expert over the 3 steps differ from the reference's"
+        assert record["expert_imbalance_max"] == max(record["expert_imbalance"].values()) >= 1.0
