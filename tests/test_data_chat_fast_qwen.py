@@ -2,9 +2,9 @@
 compiler gives for the same template: the same segments (text, part, turn) and not-rendered notes, hence the
 same ids, labels and per-token parts under every mask mode and reasoning policy. Compared against the
 compiler on megasft's built-in family template (always) and on the original Qwen template
-(../shared/chat_templates), on every conversation of the benchmark's tool-calling + reasoning set, the
-family's chat cases and the edge cases below; conversations the renderer leaves to the compiler still come
-out the same."""
+(../shared/chat_templates; skipped without it), on every conversation of the benchmark's tool-calling +
+reasoning set (its first 300 in the quick tier, all 2000 with qwen3 in the slow one), the family's chat cases
+and the edge cases below; conversations the renderer leaves to the compiler still come out the same."""
 from __future__ import annotations
 
 from collections import Counter
@@ -21,7 +21,6 @@ from megasft.data.tokenizer import load_tokenizer
 from tests.chat_cases import LOOKUP_TOOLS, WEATHER_TOOL, chat_templates_dir, conversations_for, family_records, \
     family_tokenizer_dir, tool_reasoning_records
 
-pytestmark = pytest.mark.quick
 TEMPLATES = chat_templates_dir()
 KEYS = {"qwen2.5": "qwen2_5", "qwen3": "qwen3"}   # built-in name -> tests.chat_cases family / original file stem
 BENCH_SET = 2000   # benchmarks/preprocess.py's default --tool-conversations (seed 0)
@@ -113,18 +112,31 @@ def same_segments(fast: QwenTemplate, ref: JinjaTemplate, conv, gen: bool) -> No
     assert fast.render_text(conv, gen) == ref.render_text(conv, gen)
 
 
-@pytest.mark.parametrize("family, which", REFERENCES)
-def test_segments_equal_the_compiler_on_the_benchmark_tool_set(family, which, bench_set):
-    """Every conversation of the benchmark's default tool set for qwen3, the template it runs (its first 500 for
-    qwen2.5: ~1 ms of compiling each), as preprocessing renders them (no generation prompt)."""
+def check_tool_set(family: str, which: str, convs) -> None:
+    """As preprocessing renders them (no generation prompt), every one by the fast path."""
     ref, fast = reference(family, which), family_template(family)
-    for conv in bench_set if family == "qwen3" else bench_set[:500]:
+    for conv in convs:
         mine, theirs = Counter(), Counter()
         assert fast.render(conv, False, mine) == ref.render(conv, False, theirs)
         assert mine == theirs
     assert fast.fallbacks == 0
 
 
+@pytest.mark.quick
+@pytest.mark.parametrize("family, which", REFERENCES)
+def test_segments_equal_the_compiler_on_the_benchmark_tool_set_start(family, which, bench_set):
+    check_tool_set(family, which, bench_set[:300])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["built-in", "original"])
+def test_segments_equal_the_compiler_on_the_whole_benchmark_tool_set(which, bench_set):
+    """Every conversation of the benchmark's default tool set, with qwen3, the template it runs (~1 ms of
+    compiling each: 4-8 s, hence not in the quick tier)."""
+    check_tool_set("qwen3", which, bench_set)
+
+
+@pytest.mark.quick
 @pytest.mark.parametrize("family, which", REFERENCES)
 def test_segments_equal_the_compiler_on_chat_and_edge_cases(family, which):
     ref, fast = reference(family, which), family_template(family)
@@ -146,6 +158,7 @@ def same_outcome(fast: QwenTemplate, ref: JinjaTemplate, conv) -> None:
         assert fast.render(conv) == expected
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("family, which", REFERENCES)
 def test_what_it_does_not_cover_goes_to_the_compiler(family, which):
     ref, fast = reference(family, which), family_template(family)
@@ -157,6 +170,7 @@ def test_what_it_does_not_cover_goes_to_the_compiler(family, which):
         assert fast.fallbacks == k + 1, conv
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("family, which", REFERENCES)
 def test_ids_labels_and_parts_equal_the_compiler(family, which, bench_set):
     """Every mask mode x reasoning policy; last-turn-only, per-turn train flags and segment-by-segment
@@ -179,6 +193,7 @@ def test_ids_labels_and_parts_equal_the_compiler(family, which, bench_set):
     assert fast.fallbacks == 0
 
 
+@pytest.mark.quick
 def test_recognised_templates_get_the_fast_renderer(tmp_path):
     for family in KEYS:
         builtin = get_template(family)
@@ -196,6 +211,7 @@ def test_recognised_templates_get_the_fast_renderer(tmp_path):
     assert not isinstance(get_template("llama3.1"), QwenTemplate)
 
 
+@pytest.mark.quick
 @pytest.mark.skipif(TEMPLATES is None, reason="../shared/chat_templates is absent (set MEGASFT_CHAT_TEMPLATES)")
 def test_the_originals_are_recognised():
     assert {digest((TEMPLATES / f"{KEYS[f]}.jinja").read_text(encoding="utf-8")): f for f in KEYS} == ORIGINALS
