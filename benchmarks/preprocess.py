@@ -8,10 +8,11 @@ tokenise (no mask, nothing written) on the same data, in the same run.
 
 Data: synthetic chats of Zipf-distributed pseudo-words: a set of 2-8 turn conversations and one of
 50-turn conversations (Llama-3 template, megasft's plain-Python built-in), and a tool-calling + reasoning
-set (a tools list, assistant reasoning_content, tool calls with content null, tool replies; 1-3 user
-questions each) through the Jinja path: megasft's qwen3 built-in (its own Jinja template, unsandboxed)
-and the same template from a .jinja file (sandboxed, as any user template), against transformers
-rendering the same template text. A byte-level BPE tokenizer (Llama-3 pre-tokenizer, 8k vocab) is
+set (tests.chat_cases.tool_reasoning_records: a tools list, assistant reasoning_content, tool calls with
+content null, tool replies; 1-3 user questions each) through Qwen3: megasft's qwen3 built-in and the same
+template from a .jinja file (both recognised as Qwen3's and rendered by the plain-Python renderer of
+megasft.data.chat.qwen), and that text with a comment added (not recognised: the Jinja mask compiler, sandboxed
+as any user template), against transformers rendering the template text. A byte-level BPE tokenizer (Llama-3 pre-tokenizer, 8k vocab) is
 trained on the data first. Token counts of all paths are checked equal.
 """
 from __future__ import annotations
@@ -32,20 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megasft.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from megasft.data.chat.families import FAMILIES  # noqa: E402
 from megasft.data.templates import LLAMA3_HF_CHAT_TEMPLATE  # noqa: E402
+from tests.chat_cases import make_words, tool_reasoning_records  # noqa: E402  (the tool set, shared with its tests)
 from tests.data_fixtures import train_bpe_tokenizer  # noqa: E402  (a real BPE tokenizer made locally)
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>",
             "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
             "</tool_response>"]
-TOOLS = [{"type": "function", "function": {
-    "name": name, "description": f"Look up the {name.split('_')[1]}.",
-    "parameters": {"type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
-                   "required": ["query"]}}} for name in ("get_weather", "get_stock", "search_docs")]
-
-
-def make_words(rng: random.Random, n: int = 3000) -> list[str]:
-    letters = "etaoinshrdlcumwfgypbvkjxqz"
-    return ["".join(rng.choices(letters, weights=range(26, 0, -1), k=rng.randint(1, 9))) for _ in range(n)]
 
 
 def make_conversation(rng: random.Random, words: list[str], turns: int) -> dict:
@@ -61,34 +54,9 @@ def make_conversation(rng: random.Random, words: list[str], turns: int) -> dict:
     return {"messages": msgs}
 
 
-def make_tool_conversation(rng: random.Random, words: list[str]) -> dict:
-    """1-3 questions; each answered after 0-2 tool calls (content null, reasoning on the call turn), the final
-    answer with reasoning."""
-    weights = [1 / (k + 1) for k in range(len(words))]
-
-    def sentence(k: int) -> str:
-        return " ".join(rng.choices(words, weights=weights, k=k)).capitalize() + "."
-
-    msgs = [{"role": "system", "content": sentence(12)}]
-    for q in range(rng.randint(1, 3)):
-        msgs.append({"role": "user", "content": sentence(rng.randint(6, 20))})
-        for c in range(rng.randint(0, 2)):
-            call_id = f"call_{q}_{c}"
-            msgs.append({"role": "assistant", "content": None, "reasoning_content": sentence(rng.randint(8, 30)),
-                         "tool_calls": [{"id": call_id, "type": "function", "function": {
-                             "name": rng.choice(TOOLS)["function"]["name"],
-                             "arguments": {"query": sentence(4), "limit": rng.randint(1, 9)}}}]})
-            msgs.append({"role": "tool", "tool_call_id": call_id, "content": sentence(rng.randint(10, 40))})
-        msgs.append({"role": "assistant", "reasoning_content": sentence(rng.randint(10, 40)),
-                     "content": " ".join(sentence(rng.randint(4, 20)) for _ in range(rng.randint(1, 4)))})
-    return {"tools": TOOLS, "messages": msgs}
-
-
-def write_set(path: Path, rng: random.Random, words: list[str], n: int, turns) -> Path:
+def write_set(path: Path, records) -> Path:
     with open(path, "w", encoding="utf-8") as f:
-        for _ in range(n):
-            record = make_tool_conversation(rng, words) if turns == "tools" else \
-                make_conversation(rng, words, turns() if callable(turns) else turns)
+        for record in records:
             f.write(json.dumps(record) + "\n")
     return path
 
@@ -308,19 +276,25 @@ def main() -> None:
     words = make_words(rng)
     work = Path(tempfile.mkdtemp(prefix="megasft_bench_pre_"))
     sets = {
-        "2-8 turns": write_set(work / "short.jsonl", rng, words, args.conversations, lambda: 2 * rng.randint(1, 4)),
-        "50 turns": write_set(work / "long.jsonl", rng, words, args.long_conversations, 50),
-        "tools+reasoning": write_set(work / "tools.jsonl", rng, words, args.tool_conversations, "tools"),
+        "2-8 turns": write_set(work / "short.jsonl", (make_conversation(rng, words, 2 * rng.randint(1, 4))
+                                                      for _ in range(args.conversations))),
+        "50 turns": write_set(work / "long.jsonl", (make_conversation(rng, words, 50)
+                                                    for _ in range(args.long_conversations))),
+        "tools+reasoning": write_set(work / "tools.jsonl", tool_reasoning_records(args.tool_conversations, args.seed)),
     }
     corpus = [m["content"] for line in open(sets["2-8 turns"], encoding="utf-8") for m in json.loads(line)["messages"]]
     corpus += [json.dumps(json.loads(line)["messages"][2:4]) for line in open(sets["tools+reasoning"], encoding="utf-8")]
     tok_dir = train_bpe_tokenizer(corpus[:22000], SPECIALS, 8000, work / "tok")
-    qwen3_file = work / "qwen3.jinja"
+    qwen3_file, unrecognised = work / "qwen3.jinja", work / "qwen3_commented.jinja"
     qwen3_file.write_text(FAMILIES["qwen3"].source, encoding="utf-8")
-    # set -> (megasft templates, the template text transformers renders, its bos / eos)
-    templates = {"2-8 turns": (["llama3"], LLAMA3_HF_CHAT_TEMPLATE, "<|begin_of_text|>", "<|eot_id|>"),
-                 "50 turns": (["llama3"], LLAMA3_HF_CHAT_TEMPLATE, "<|begin_of_text|>", "<|eot_id|>"),
-                 "tools+reasoning": (["qwen3", str(qwen3_file)], FAMILIES["qwen3"].source, None, "<|im_end|>")}
+    # the same rendering from a text megasft does not recognise: the Jinja compiler's cost
+    unrecognised.write_text(FAMILIES["qwen3"].source + "{#- not Qwen's text -#}", encoding="utf-8")
+    # set -> ({label: megasft template}, the template text transformers renders, its bos / eos)
+    templates = {"2-8 turns": ({"": "llama3"}, LLAMA3_HF_CHAT_TEMPLATE, "<|begin_of_text|>", "<|eot_id|>"),
+                 "50 turns": ({"": "llama3"}, LLAMA3_HF_CHAT_TEMPLATE, "<|begin_of_text|>", "<|eot_id|>"),
+                 "tools+reasoning": ({" qwen3": "qwen3", " .jinja file": str(qwen3_file),
+                                      " Jinja compiler": str(unrecognised)}, FAMILIES["qwen3"].source, None,
+                                     "<|im_end|>")}
     print(f"{os.cpu_count()} CPUs; workers={args.workers}; best of {args.repeat}; data in {work}")
     print(f"{'set':<10} | {'method':<40} | {'tokens':>10} | {'wall s':>7} | {'tokens/s':>10} | {'CPU s':>6} | "
           f"{'tok/CPU-s':>10}")
@@ -330,8 +304,7 @@ def main() -> None:
             continue
         ours, source, bos, eos = templates[name]
         methods = {"transformers apply_chat_template (1 proc)": lambda: transformers_loop(path, tok_dir, source, bos, eos)}
-        for template in ours:
-            label = "" if len(ours) == 1 else (" .jinja file" if template.endswith(".jinja") else f" {template}")
+        for label, template in ours.items():
             methods[f"megasft{label} (1 worker)"] = lambda t=template: megasft_run(path, tok_dir, work / "out1", 1, t)
             methods[f"megasft{label} ({args.workers} workers)"] = \
                 lambda t=template: megasft_run(path, tok_dir, work / "outN", args.workers, t)

@@ -4,6 +4,7 @@ tokens. Built locally, nothing downloaded."""
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import random
@@ -96,6 +97,47 @@ def family_records(family: str, n: int = 6, seed: int = 0) -> list[dict]:
         if tools_list:
             record["tools"] = [WEATHER_TOOL]
         out.append(record)
+    return out
+
+
+LOOKUP_TOOLS = [{"type": "function", "function": {
+    "name": name, "description": f"Look up the {name.split('_')[1]}.",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+                   "required": ["query"]}}} for name in ("get_weather", "get_stock", "search_docs")]
+
+
+def make_words(rng: random.Random, n: int = 3000) -> list[str]:
+    """Pseudo-words of 1-9 letters, frequent letters likelier."""
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    return ["".join(rng.choices(letters, weights=range(26, 0, -1), k=rng.randint(1, 9))) for _ in range(n)]
+
+
+def tool_reasoning_records(n: int, seed: int = 0) -> list[dict]:
+    """The tool-calling + reasoning set of benchmarks/preprocess.py (and of the Qwen renderer's tests): a
+    3-function tools list; 1-3 questions, each answered after 0-2 tool calls (content null, reasoning on the
+    call turn, a tool reply) by a final answer with reasoning; sentences of Zipf-distributed pseudo-words."""
+    rng = random.Random(seed)
+    words = make_words(rng)
+    cum = list(itertools.accumulate(1 / (k + 1) for k in range(len(words))))   # Zipf-like word frequencies
+
+    def sentence(k: int) -> str:
+        return " ".join(rng.choices(words, cum_weights=cum, k=k)).capitalize() + "."
+
+    out = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": sentence(12)}]
+        for q in range(rng.randint(1, 3)):
+            msgs.append({"role": "user", "content": sentence(rng.randint(6, 20))})
+            for c in range(rng.randint(0, 2)):
+                call_id = f"call_{q}_{c}"
+                msgs.append({"role": "assistant", "content": None, "reasoning_content": sentence(rng.randint(8, 30)),
+                             "tool_calls": [{"id": call_id, "type": "function", "function": {
+                                 "name": rng.choice(LOOKUP_TOOLS)["function"]["name"],
+                                 "arguments": {"query": sentence(4), "limit": rng.randint(1, 9)}}}]})
+                msgs.append({"role": "tool", "tool_call_id": call_id, "content": sentence(rng.randint(10, 40))})
+            msgs.append({"role": "assistant", "reasoning_content": sentence(rng.randint(10, 40)),
+                         "content": " ".join(sentence(rng.randint(4, 20)) for _ in range(rng.randint(1, 4)))})
+        out.append({"tools": LOOKUP_TOOLS, "messages": msgs})
     return out
 
 

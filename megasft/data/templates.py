@@ -9,10 +9,12 @@ linear in the number of turns (no re-tokenising of prefixes). Segment boundaries
 tokens or at the newline after a role header, both pre-tokenizer split points of BPE tokenizers
 (Llama-3, Qwen), so both ways give the same ids (tested).
 
-Built-ins in plain Python (no Jinja, fast): ``llama3`` (the Meta-Llama-3-Instruct template) and ``chatml``.
-The other built-in families (``llama3.1``, ``qwen2.5``, ``qwen3``, ``mistral``, ``gemma3``, ``phi4``,
-``deepseek-v3``, ``gpt-oss``, ...: :mod:`megasft.data.chat.families`) and any HF ``chat_template`` go
-through :class:`megasft.data.chat.jinja.JinjaTemplate`.
+Built-ins in plain Python (no Jinja, fast): ``llama3`` (the Meta-Llama-3-Instruct template) and ``chatml``;
+``qwen2.5`` / ``qwen3`` and a template recognised as theirs (the originals Qwen ships) render in plain Python
+with the Jinja compiler as fallback (:mod:`megasft.data.chat.qwen`). The other built-in families
+(``llama3.1``, ``mistral``, ``gemma3``, ``phi4``, ``deepseek-v3``, ``gpt-oss``, ...:
+:mod:`megasft.data.chat.families`) and any other HF ``chat_template`` go through
+:class:`megasft.data.chat.jinja.JinjaTemplate`.
 """
 from __future__ import annotations
 
@@ -149,10 +151,11 @@ def get_template(name: str, tokenizer_config: Optional[dict] = None) -> ChatTemp
     if name in FAMILIES:
         return family_template(name)
     from megasft.data.chat.jinja import JinjaTemplate
+    from megasft.data.chat.qwen import accelerated
     from megasft.data.chat.sources import read_template
 
     source, config = read_template(name, tokenizer_config)
-    return JinjaTemplate(source, name, config)
+    return accelerated(JinjaTemplate(source, name, config))
 
 
 @dataclass

@@ -4,7 +4,8 @@ A built-in family is a named Jinja template shipped with megasft (:mod:`megasft.
 written after the official template's rendering) with the family's special tokens, compiled into masks
 by the same template-agnostic compiler as any other template (:mod:`megasft.data.chat.jinja`), plus its
 documented end-of-turn attribution. ``llama3`` and ``chatml`` stay plain-Python templates (fast; tested
-equal to their Jinja originals). Nothing is read from ``../shared`` at run time: the copies of the
+equal to their Jinja originals); ``qwen2.5`` and ``qwen3`` have plain-Python renderers giving the compiler's
+segments (:mod:`megasft.data.chat.qwen`), with the compiler as their fallback. Nothing is read from ``../shared`` at run time: the copies of the
 originals there are the references the tests compare against.
 """
 from __future__ import annotations
@@ -53,8 +54,10 @@ FAMILIES: dict[str, Family] = {
 
 
 def family_template(name: str):
-    """The JinjaTemplate of built-in family ``name`` (a key of FAMILIES)."""
+    """The template of built-in family ``name`` (a key of FAMILIES): its JinjaTemplate, or for qwen2.5 / qwen3
+    the plain-Python renderer with the JinjaTemplate as its fallback (:mod:`megasft.data.chat.qwen`)."""
     from megasft.data.chat.jinja import JinjaTemplate
+    from megasft.data.chat.qwen import accelerated
 
     family = FAMILIES[name]
-    return JinjaTemplate(family.source, name, family.tokens(), trusted=True)
+    return accelerated(JinjaTemplate(family.source, name, family.tokens(), trusted=True))
