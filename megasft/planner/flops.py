@@ -78,6 +78,6 @@ def executed_flops_per_micro_batch(cfg: Config, pp_rank: int, assumptions: Assum
     width = m.num_attention_heads // p.tp * m.head_size
     keys = sum(attended_keys(m, i, d.seq_len, assumptions.causal_attention) for i in layer_ids)
     gemm = gemm_passes * 2 * layer_matmul_parameters(m, p.tp) * len(layer_ids) * tokens
-    if pp_rank == p.pp - 1:
+    if pp_rank == layout_of(cfg).head_rank:
         gemm += 3 * 2 * m.hidden_size * (m.padded_vocab_size(p.tp) // p.tp) * tokens
     return gemm, attention_passes * 4 * width * keys * tokens

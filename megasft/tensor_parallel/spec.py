@@ -14,7 +14,9 @@ tensors). Its spec records
                    the optimizer step (norm weights under sequence parallelism, replicated kv heads);
   tied             a copy of the pipeline-tied embedding (the LM head on the last stage, the
                    embedding on the first), whose gradients are summed over the embedding group;
-  pp_copies        pipeline stages holding a copy (2 for a pipeline-tied embedding).
+  pp_copies        pipeline chunks holding a copy (2 for a pipeline-tied embedding);
+  tied_head        that copy is the LM head's (checkpoints store the embedding's copy; under ZBV
+                   both are on the first stage).
 
 The global grad norm counts each copy 1 / (tp_copies * pp_copies); parameters whose gradients the
 model sums itself (``model_grad_sync``) wait in a bucket of their own before the DP reduction.
@@ -112,6 +114,7 @@ class ParamSpec:
     grad_sync_group: Optional[dist.ProcessGroup] = None
     tied: bool = False
     pp_copies: int = 1
+    tied_head: bool = False
 
     @property
     def copies(self) -> int:

@@ -124,9 +124,10 @@ class Trainer:
         return result, global_count
 
     def global_loss_sum(self, stats: dict) -> float:
-        """Sum of token losses over the global batch, made known on every rank. Only the last
-        stage's first TP rank contributes, so TP copies are not counted twice."""
-        mine = self.ps.is_last_stage and self.ps.tp_rank == 0
+        """Sum of token losses over the global batch, made known on every rank. Only the first TP
+        rank of the stage holding the loss (the last; the first under ZBV) contributes, so TP
+        copies are not counted twice."""
+        mine = self.ps.pp_rank == self.layout.head_rank and self.ps.tp_rank == 0
         value = torch.tensor([float(stats.get("loss_sum", 0.0)) if mine else 0.0], dtype=torch.float64)
         collectives.all_reduce(value, self.ps.world_group)
         return float(value.item())
