@@ -23,7 +23,8 @@ from megasft.hf.names import assemble_canonical
 from megasft.layout import Layout, bubble_fraction, bubble_slots, chunk_ranks, in_flight, resolve_schedule
 from megasft.parallel_state import ParallelState
 from megasft.pipeline.zero_bubble import B_PASS, F_PASS, W_PASS, zero_bubble_store
-from megasft.pipeline.zero_bubble_v import simulated_bubble_v, zbv_orders, zbv_timeline_length
+from megasft.pipeline.zero_bubble_v import (greedy_orders, paper_orders, simulated_bubble_v, zbv_orders,
+                                            zbv_timeline_length)
 from megasft.training.loop import Trainer
 from tests.layouts import (Case, Run, assert_losses_match, assert_pieces_match, check_case, sft_config,
                            tied_and_untied_references, train_cases, train_this_rank, weight_pieces)
@@ -66,10 +67,11 @@ def _acyclic(orders_global, needs) -> bool:
     return seen == len(indegree)
 
 
+@pytest.mark.parametrize("build", [paper_orders, greedy_orders], ids=["paper", "greedy"])
 @pytest.mark.parametrize("p", [2, 3, 4, 8])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 16])
-def test_orders_run_every_pass_once_and_respect_the_v(p, m):
-    orders = zbv_orders(p, m)
+def test_orders_run_every_pass_once_and_respect_the_v(build, p, m):
+    orders = build(p, m)
     ranks = chunk_ranks("zbv", p, 2)
     as_global = []
     for r, order in enumerate(orders):
@@ -87,12 +89,15 @@ def test_orders_run_every_pass_once_and_respect_the_v(p, m):
         as_global.append([(kind, mine[local], k) for kind, local, k in order])
     assert sum(map(len, as_global)) == 6 * p * m
     assert _acyclic(as_global, _v_dependencies(p)), "the orders wait on each other: blocking receives would hang"
-    # The last rank cannot start before the first micro-batch's p - 1 chunk forwards; each rank
-    # is busy 6m units: nothing beats 6m + p - 1, and the orders reach it for m >= p.
+    # The last rank cannot start before the first micro-batch's p - 1 chunk forwards and is busy
+    # 6m units after: nothing beats 6m + p - 1. The greedy orders reach it for m >= p, the
+    # paper's for m >= 1.5p; zbv_orders takes the shorter.
     finish = zbv_timeline_length(orders, p)
     assert finish >= 6 * m + p - 1
-    if m >= p:
+    if m >= (p if build is greedy_orders else 1.5 * p):
         assert finish == 6 * m + p - 1
+    chosen = zbv_timeline_length(zbv_orders(p, m), p)
+    assert chosen <= finish and (m < p or chosen == 6 * m + p - 1)
 
 
 @pytest.mark.parametrize("p, m", [(2, 2), (2, 8), (4, 4), (4, 8), (4, 16), (8, 8), (8, 32)])

@@ -11,12 +11,19 @@ micro-batch's p - 1 chunk forwards: (p-1) of a step's 6m + p - 1 chunk-pass unit
 (p-1)/(6m+p-1) for m >= p where 1F1B has (p-1)/(m+p-1). Every rank holds at most 2p chunk
 activations between their F and W — the p whole-stage micro-batches 1F1B's first stage holds.
 
-The pass orders (zbv_orders) come from a list-scheduling simulation with unit costs, the kind of
-greedy construction the paper's Sec. 3 uses: whenever a rank is free it runs the first ready pass
-of PRIORITY, forwards only while fewer than 2p chunk activations are held. Replayed
-(zero_bubble.replay), the orders reach the bound 6m + p - 1 for every p <= 12 and p <= m <= 48 we
-tried (tests/test_pipeline_zbv.py checks p <= 8), and, since the replay completes, executing them
-with blocking receives and non-blocking sends cannot deadlock whatever the real costs are.
+Two constructions give the pass orders (zbv_orders), each replayed with unit costs
+(zero_bubble.replay), and the shorter timeline wins, the paper's on a tie:
+
+* the paper's hand-made order (as torch's ScheduleZBVZeroBubble builds it): it reaches the bound
+  6m + p - 1 once m is at least about 1.5p, and its critical path crosses ranks a fixed number
+  of times, so message latency costs it a constant, not one hop per micro-batch;
+* a list-scheduling simulation, the kind of greedy construction the paper's Sec. 3 uses:
+  whenever a rank is free it runs the first ready pass of PRIORITY, forwards only while fewer
+  than 2p chunk activations are held. It reaches the bound for every m >= p (all p <= 12,
+  m <= 48 tried), which the paper's order misses for p <= m < 1.5p, e.g. p = m = 4.
+
+Since the replay completes, executing an order with blocking receives and non-blocking sends
+cannot deadlock whatever the real costs are (tests/test_pipeline_zbv.py checks the orders).
 """
 from __future__ import annotations
 
@@ -44,8 +51,54 @@ def v_chunks(p: int, r: int) -> tuple[int, int]:
 
 @lru_cache(maxsize=64)
 def zbv_orders(p: int, m: int) -> tuple[tuple[tuple[str, int, int], ...], ...]:
-    """Per rank, the ZBV order of (pass, local chunk, micro-batch) for p ranks, m micro-batches.
-    Each chunk runs its F, B and W in micro-batch order; W of a chunk in the order of its B's."""
+    """Per rank, the ZBV order of (pass, local chunk, micro-batch) for p ranks, m micro-batches:
+    the paper's, or the greedy one where that is shorter (module docstring). Each chunk runs its
+    F, B and W in micro-batch order."""
+    paper, greedy = paper_orders(p, m), greedy_orders(p, m)
+    return paper if zbv_timeline_length(paper, p) <= zbv_timeline_length(greedy, p) else greedy
+
+
+def paper_orders(p: int, m: int) -> tuple[tuple[tuple[str, int, int], ...], ...]:
+    """ZB-V as the paper draws it (Qi et al. 2023, Sec. 6), built for n = max(m, 2p-1)
+    micro-batches and the passes of those beyond m dropped (a subsequence of a deadlock-free order
+    is one). Rank r — Warmup: 2(p-r)-1 forwards of its first chunk, r of (F second, F first), p-r
+    of (F B W second). Steady, until every forward ran: [F first], B W first, F B W second.
+    Cooldown: r of (B first, B second) with their W's deferred, p-r of (B W first), then the
+    deferred W's of the second chunk and of the first."""
+    n = max(m, 2 * p - 1)
+    orders = []
+    for r in range(p):
+        order, nf, nb = [], [0, 0], [0, 0]
+
+        def run(*passes: tuple[str, int]) -> None:
+            for kind, local in passes:
+                counter = nf if kind == F_PASS else nb
+                k = counter[local] - (kind == W_PASS)   # a W follows its own B
+                order.append((kind, local, k))
+                counter[local] += kind != W_PASS
+
+        run(*[(F_PASS, FIRST)] * (2 * (p - r) - 1))                          # Warmup
+        run(*[(F_PASS, SECOND), (F_PASS, FIRST)] * r)
+        run(*[(F_PASS, SECOND), (B_PASS, SECOND), (W_PASS, SECOND)] * (p - r))
+        while nf[SECOND] < nf[FIRST] or nf[FIRST] < n:                      # Steady
+            if nf[FIRST] < n:
+                run((F_PASS, FIRST))
+            run((B_PASS, FIRST), (W_PASS, FIRST), (F_PASS, SECOND), (B_PASS, SECOND), (W_PASS, SECOND))
+        waiting = [nb[FIRST], nb[SECOND]]                                   # Cooldown
+        run(*[(B_PASS, FIRST), (B_PASS, SECOND)] * r)
+        for _ in range(p - r):
+            run((B_PASS, FIRST))
+            order.append((W_PASS, FIRST, waiting[FIRST]))
+            waiting[FIRST] += 1
+        order += [(W_PASS, SECOND, k) for k in range(waiting[SECOND], nb[SECOND])]
+        order += [(W_PASS, FIRST, k) for k in range(waiting[FIRST], nb[FIRST])]
+        orders.append(tuple(pass_ for pass_ in order if pass_[2] < m))
+    return tuple(orders)
+
+
+def greedy_orders(p: int, m: int) -> tuple[tuple[tuple[str, int, int], ...], ...]:
+    """The list-scheduling construction (module docstring): unit time steps, each free rank
+    running the first ready pass of PRIORITY. Each chunk's W's follow the order of its B's."""
     limit = 2 * p                                   # chunk activations held between F and W
     chunks = [v_chunks(p, r) for r in range(p)]
     done: dict = {}                                 # (pass, global chunk, micro-batch) -> end time
