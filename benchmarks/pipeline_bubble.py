@@ -109,11 +109,13 @@ def run_config(ps: ParallelState, schedule: str, v: int, m: int, forward_s: floa
             "stage_bubble": statistics.median(stage_idle)}
 
 
-def rank_main(p: int, ms: list[int], v: int, forward_s: float, steps: int) -> list[dict]:
+def rank_main(p: int, ms: list[int], v: int, forward_s: float, steps: int, schedules: list[str]) -> list[dict]:
     ps = ParallelState.build(1, p)
     rows = []
+    chunks_of = {ONE_F_ONE_B: 1, INTERLEAVED: v, ZB_H1: 1, ZBV: 2}
     for m in ms:
-        for schedule, chunks in ((ONE_F_ONE_B, 1), (INTERLEAVED, v), (ZB_H1, 1), (ZBV, 2)):
+        for schedule in schedules:
+            chunks = chunks_of[schedule]
             out = run_config(ps, schedule, chunks, m, forward_s, steps)
             theory = bubble_fraction(schedule, p, m, chunks)
             name = f"interleaved v={chunks}" if schedule == INTERLEAVED else schedule
@@ -128,19 +130,22 @@ def main() -> None:
     parser.add_argument("--virtual", type=int, default=2)
     parser.add_argument("--forward-ms", type=float, default=150.0, help="forward time per stage; backward is 2x")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--schedules", nargs="+", default=[ONE_F_ONE_B, INTERLEAVED, ZB_H1, ZBV],
+                        help="the first is the 'vs' column's base")
     args = parser.parse_args()
 
     from tests.multiproc import run_ranks
 
     per_rank = run_ranks(rank_main, args.stages, args.stages, args.micro_batches, args.virtual,
-                         args.forward_ms / 1000, args.steps, timeout=1800)
+                         args.forward_ms / 1000, args.steps, args.schedules, timeout=1800)
     print(f"p={args.stages}, t_f={args.forward_ms:g} ms, t_b=2 t_f per stage; median of {args.steps} steps")
-    print(f"{'schedule':<16}{'m':>4}{'theory':>9}{'measured':>10}{'rel.err':>9}  {'peak in-flight':<16}vs 1f1b")
+    print(f"{'schedule':<16}{'m':>4}{'theory':>9}{'measured':>10}{'rel.err':>9}  {'peak in-flight':<16}"
+          f"vs {args.schedules[0]}")
     base = {}
     for i, row in enumerate(per_rank[0]):
         peaks = [rank_rows[i]["peak"] for rank_rows in per_rank]
         err = (row["bubble"] - row["theory"]) / row["theory"]
-        base.setdefault(row["m"], row["bubble"])   # 1f1b comes first for each m
+        base.setdefault(row["m"], row["bubble"])   # the first schedule of each m
         print(f"{row['schedule']:<16}{row['m']:>4}{row['theory']:>9.3f}{row['bubble']:>10.3f}"
               f"{err:>+9.1%}  {str(peaks):<16}{row['bubble'] / base[row['m']]:.2f}")
 

@@ -29,7 +29,7 @@ from megasft.training.loop import Trainer
 from tests.layouts import (Case, Run, assert_losses_match, assert_pieces_match, check_case, sft_config,
                            tied_and_untied_references, train_cases, train_this_rank, weight_pieces)
 from tests.multiproc import run_ranks
-from tests.oracle import packed_batch, tiny_fields
+from tests.oracle import packed_batch, select_rows, tiny_fields
 
 
 # ------------------------------------------------------------------------------ the orders
@@ -218,8 +218,12 @@ def _checkpoint_round_trip(hf_dir: str, root: str) -> dict:
     losses += train_this_rank(one, batches[1:], 1)
     saved_1f1b = one_ckpt.save(one, None)
     back, _ = trainer("zbv", load=str(saved_1f1b))
+    # Evaluation (forward only) of the same weights under both schedules.
+    rows = [select_rows(batches[0], [i]) for i in range(RUN.rows)]
+    evaluated = [t.global_loss_sum(t.run_schedule(rows, forward_only=True)[0].stats) for t in (one, back)]
     return {"losses": losses, "step1": weight_pieces(zbv), "loaded_1f1b": loaded_1f1b,
-            "weights": weight_pieces(one), "loaded_zbv": weight_pieces(back), "step": back.step}
+            "weights": weight_pieces(one), "loaded_zbv": weight_pieces(back), "step": back.step,
+            "evaluated": evaluated}
 
 
 def _rank_main(hf_dirs: dict, root: str) -> dict:
@@ -262,6 +266,10 @@ def test_checkpoint_saved_under_zbv_loads_under_1f1b_and_back(trained):
     # Step 2 under 1f1b continued step 1's optimizer state (Adam moments, the LR schedule's step).
     seen = set()
     for out in outs:
+        # zbv's forward-only run sums the same token losses as 1f1b's (~200 tokens of loss ~7:
+        # fp32 sums in another order agree to ~1e-6 relative).
+        one_f_one_b, zbv = out["evaluated"]
+        assert zbv == pytest.approx(one_f_one_b, rel=1e-6) and one_f_one_b > 0
         assert_losses_match(out["losses"], ref_losses, RESHARD.name)
         seen |= assert_pieces_match(out["weights"], ref_weights, RESHARD.name, RUN)
     assert seen == set(ref_weights)

@@ -86,6 +86,7 @@ class _Stage:
         self.num_chunks, self.forward_only, self.no_sync = num_chunks, forward_only, no_sync
         self.weight_store = weight_store        # zero-bubble schedules: deferred weight gradients
         self.sends: list = []                   # (work, sent activation or None) still in flight
+        self.posted: dict = {}                  # (grad, reverse) -> receives posted ahead, oldest first
         self.p2p = P2P(ps, tensor_shape, dtype) if ps.pp > 1 else None
         self.result = ScheduleResult()
         self.saved = [deque() for _ in range(num_chunks)]             # (input, output) per forward
@@ -141,16 +142,22 @@ class _Stage:
 
     # One message at a time (schedules given as a list of passes): blocking receives, sends left
     # in flight; a sent activation's storage goes once its send completed (release_storage).
-    # reverse: ZBV's way back up the V (P2P.recv_activation).
+    # reverse: ZBV's way back up the V (P2P.recv_activation). A receive can be posted ahead
+    # (prefetch) so the transfer overlaps compute; it is waited for in the same order as without.
+    def prefetch(self, grad: bool, reverse: bool = False) -> None:
+        self.posted.setdefault((grad, reverse), deque()).append(self.p2p.post_recv(grad, reverse))
+
     def recv_activation(self, reverse: bool = False) -> torch.Tensor:
-        x, wait_s = self.p2p.recv_activation(reverse)
-        self.result.idle_s += wait_s
-        return x
+        return self._receive(False, reverse)
 
     def recv_grad(self, reverse: bool = False) -> torch.Tensor:
-        g, wait_s = self.p2p.recv_grad(reverse)
+        return self._receive(True, reverse)
+
+    def _receive(self, grad: bool, reverse: bool) -> torch.Tensor:
+        queue = self.posted.get((grad, reverse))
+        t, wait_s = self.p2p.wait_recv(queue.popleft() if queue else self.p2p.post_recv(grad, reverse))
         self.result.idle_s += wait_s
-        return g
+        return t
 
     def send_activation(self, y: torch.Tensor, reverse: bool = False) -> None:
         self.sends.append((self.p2p.isend_activation(y, reverse), y))

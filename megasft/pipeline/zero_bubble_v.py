@@ -32,7 +32,7 @@ import time
 from collections import deque
 from functools import lru_cache
 
-from megasft.pipeline.zero_bubble import B_PASS, F_PASS, W_PASS, replay
+from megasft.pipeline.zero_bubble import B_PASS, F_PASS, W_PASS, receiving_ahead, replay
 
 FIRST, SECOND = 0, 1   # a rank's local chunks: r (the V's way down) and 2p-1-r (its way up)
 
@@ -188,6 +188,19 @@ class _Turn:
         self.grads: deque = deque()
 
 
+def _receives(ps, kind: str, local: int):
+    """What pass (kind, local) receives over p2p, as (grad, reverse) (P2P.post_recv), or None:
+    forwards their input — except the embedding's and the turn's —, B's their output gradient —
+    except the loss's and the turn's —, W's nothing."""
+    if kind == W_PASS:
+        return None
+    # F of the first chunk and B of the second take from above, the others from below in the V.
+    from_above = (kind == F_PASS) == (local == FIRST)
+    if ps.is_first_stage if from_above else ps.is_last_stage:
+        return None
+    return kind == B_PASS, local == SECOND
+
+
 def _input(st, local: int, turn: _Turn):
     """What chunk `local` consumes: nothing at the embedding (rank 0's first chunk), the hand-over
     at the turn, else the activation of the chunk before it, from the rank before or after."""
@@ -238,7 +251,7 @@ def zero_bubble_v(st) -> None:
     if st.forward_only:
         order = [pass_ for pass_ in order if pass_[0] == F_PASS]
     store, turn = st.weight_store, _Turn()
-    for kind, local, k in order:
+    for kind, local, k in receiving_ahead(st, order, [_receives(ps, kind, local) for kind, local, _ in order]):
         # DP reduction of a bucket starts with each chunk's last micro-batch's B and W, as in 1F1B.
         sync = contextlib.nullcontext() if (st.no_sync is None or k == m - 1) else st.no_sync()
         if kind == F_PASS:
