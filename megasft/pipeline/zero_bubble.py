@@ -143,7 +143,8 @@ def receiving_ahead(st, order, receives):
     reverse) for _Stage.prefetch, or None) LOOKAHEAD passes earlier, so a message travels while
     this rank computes rather than after it asks for it (gloo moves a message once its receive is
     posted; measured on the ZBV benchmark, this took the bubble at m=16 from +40 % over theory to
-    +17 %). Waits keep the order of the passes, so the order stays deadlock-free."""
+    +17 %). Waits keep the order of the passes, so the order stays deadlock-free; the cost is at
+    most LOOKAHEAD receive buffers held early."""
     receives = list(receives) + [None] * LOOKAHEAD
     for i, pass_ in enumerate([None] * LOOKAHEAD + list(order)):
         if receives[i] is not None:
