@@ -165,8 +165,18 @@ def isend(t: torch.Tensor, peer: int, group: Group, tag: int):
 
 def recv(t: torch.Tensor, peer: int, group: Group, tag: int) -> float:
     """Receive into `t` from global rank `peer`; returns the seconds this rank waited."""
+    return wait_recv(irecv(t, peer, tag), t, group)
+
+
+def irecv(t: torch.Tensor, peer: int, tag: int):
+    """Post a receive into `t` from global rank `peer` without waiting; wait_recv completes it."""
+    return dist.irecv(t, peer, tag=tag)
+
+
+def wait_recv(work, t: torch.Tensor, group: Group) -> float:
+    """Wait for a receive posted with irecv; returns the seconds this rank waited."""
     start = time.perf_counter()
-    dist.irecv(t, peer, tag=tag).wait()
+    work.wait()
     if t.is_cuda:
         torch.cuda.synchronize(t.device)   # NCCL work.wait() only orders streams
     seconds = time.perf_counter() - start

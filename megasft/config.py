@@ -189,13 +189,16 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard activations along the sequence in norm/dropout regions (needs tp > 1 to matter)."""
     virtual_pipeline_size: int = 1
-    """Model chunks per pipeline rank; > 1 selects the interleaved 1F1B schedule."""
+    """Model chunks per pipeline rank; > 1 selects the interleaved 1F1B schedule (or, at 2, zbv)."""
     pipeline_layers: Optional[list] = None
     """Explicit layers per pipeline stage (length pp * virtual_pipeline_size); None splits evenly."""
     pipeline_schedule: str = "auto"
-    """auto | 1f1b | interleaved | all_forward_all_backward | zb_h1 (zero bubble: backward split
-    into input and weight gradients, the weight passes filling 1F1B's cool-down bubble; one model
-    chunk per rank, gloo only for now — megasft.pipeline.zero_bubble)."""
+    """auto | 1f1b | interleaved | all_forward_all_backward | zb_h1 | zbv. zb_h1: zero bubble,
+    backward split into input and weight gradients, the weight passes filling 1F1B's cool-down
+    bubble, one model chunk per rank (megasft.pipeline.zero_bubble). zbv: the same split over two
+    chunks per rank placed in a V (virtual_pipeline_size=2; rank r holds chunks r and 2pp-1-r), a
+    near-zero bubble at 1F1B's peak activation memory (megasft.pipeline.zero_bubble_v). Both gloo
+    only for now."""
     distributed_optimizer: bool = True
     """ZeRO-1: shard fp32 main params and Adam moments over the data-parallel group."""
     overlap_grad_reduce: bool = False
@@ -389,7 +392,8 @@ CHOICES = {
     ("model", "moe_experts_backend"): ("auto", "loop", "grouped_mm"),
     ("optim", "adamw_kernel"): ("auto", "fused", "reference"),
     ("parallel", "cp_comm"): ("ring", "a2a", "allgather"),
-    ("parallel", "pipeline_schedule"): ("auto", "1f1b", "interleaved", "all_forward_all_backward", "zb_h1"),
+    ("parallel", "pipeline_schedule"): ("auto", "1f1b", "interleaved", "all_forward_all_backward", "zb_h1",
+                                        "zbv"),
     ("data", "epoch_tail"): ("fill", "drop"),
     ("train", "precision"): ("bf16", "fp32"),
     ("train", "progress_bar"): ("auto", "on", "off"),

@@ -8,12 +8,16 @@ its first backward, how kv heads are cut over TP, the bubble — is written here
 
 Pipeline chunks: with pp stages and v model chunks per rank there are pp*v chunks; chunk c holds a
 contiguous run of layers and lives on pipeline rank c % pp (Megatron's round-robin assignment for
-the interleaved schedule, Narayanan et al. 2021, Sec. 2.2). The embedding is on chunk 0, the final
-norm and LM head on chunk pp*v - 1.
+the interleaved schedule, Narayanan et al. 2021, Sec. 2.2) — except under ZBV, whose two chunks
+per rank form a V (Qi et al. 2023, Sec. 6): rank r holds chunks r and 2pp-1-r, so a micro-batch
+runs down the ranks and back up, and chunks 0 and 2pp-1 are both on rank 0. The embedding is on
+chunk 0, the final norm and LM head on chunk pp*v - 1.
 
 Bubbles (Narayanan et al. 2021, Sec. 2.2), as the fraction of a step a stage idles, equal stage
 costs and free communication: 1F1B and GPipe (p-1)/(m+p-1); interleaved (p-1)/(v*m+p-1);
-ZB-H1 (Qi et al. 2023, F = B = W) (p-1)/(3m+p-1) for m >= p.
+ZB-H1 (Qi et al. 2023, F = B = W) (p-1)/(3m+p-1) for m >= p; ZBV (two half-stage chunks per rank,
+F = B = W per chunk) (p-1)/(6m+p-1) for m >= p: only the last stage's wait for the first
+micro-batch's p-1 chunk forwards is left.
 """
 from __future__ import annotations
 
@@ -25,8 +29,8 @@ from megasft.config import Config, ConfigError, divisors, split_rows
 
 # The one set of schedule names (ParallelConfig.pipeline_schedule accepts these plus "auto").
 NO_PIPELINE, ONE_F_ONE_B, INTERLEAVED, AFAB = "no_pipeline", "1f1b", "interleaved", "all_forward_all_backward"
-ZB_H1 = "zb_h1"
-SCHEDULES = (NO_PIPELINE, ONE_F_ONE_B, INTERLEAVED, AFAB, ZB_H1)
+ZB_H1, ZBV = "zb_h1", "zbv"
+SCHEDULES = (NO_PIPELINE, ONE_F_ONE_B, INTERLEAVED, AFAB, ZB_H1, ZBV)
 
 
 # ------------------------------------------------------------------------------ pure rules
@@ -43,11 +47,24 @@ def resolve_schedule(requested: str, pp: int, v: int) -> str:
     if requested == INTERLEAVED and v == 1:
         raise ConfigError("parallel.pipeline_schedule=interleaved needs virtual_pipeline_size > 1; "
                           "set parallel.virtual_pipeline_size=2 or use pipeline_schedule=1f1b")
+    if requested == ZBV:
+        if v != 2:
+            raise ConfigError(f"parallel.pipeline_schedule=zbv places exactly two model chunks per rank in a V, "
+                              f"but virtual_pipeline_size={v}; set parallel.virtual_pipeline_size=2")
+        return ZBV
     if requested != INTERLEAVED and v > 1:
         raise ConfigError(f"parallel.pipeline_schedule={requested} runs one model chunk per rank, but {v} "
                           "model chunks per rank (virtual_pipeline_size) need the interleaved schedule; "
                           "use pipeline_schedule=interleaved (or auto)")
     return requested
+
+
+def chunk_ranks(schedule: str, pp: int, v: int) -> list[int]:
+    """The pipeline rank of each of the pp*v model chunks, in model order: round-robin (c % pp), or
+    for ZBV the V — chunk c < pp on rank c, chunk c >= pp on rank 2pp-1-c."""
+    if schedule == ZBV:
+        return list(range(pp)) + list(range(pp - 1, -1, -1))
+    return [c % pp for c in range(pp * v)]
 
 
 def check_micro_batches(schedule: str, m: int, pp: int, fix: Optional[str] = None) -> None:
@@ -130,10 +147,15 @@ def in_flight(schedule: str, pp: int, pp_rank: int, m: int, v: int = 1) -> int:
     """Peak number of (micro-batch, chunk) forwards whose activations stage pp_rank holds: the
     warm-up forwards plus the one in steady state, at most all m*v of them. Summed over rank 0's
     interleaved chunks this is Korthikanti et al. 2022's factor (1 + (p-1)/(p v)) (Sec. 4.2.3).
-    ZB-H1 counts a micro-batch until its W pass: every stage holds up to min(p, m)."""
+    ZB-H1 counts a micro-batch until its W pass: every stage holds up to min(p, m). ZBV counts
+    (micro-batch, chunk) pairs until their W: at most 2p on every rank, each half a stage — 1F1B's
+    first-stage peak of p micro-batches."""
     if schedule == ZB_H1:
         from megasft.pipeline.zero_bubble import peak_in_flight
         return peak_in_flight(pp, pp_rank, m)
+    if schedule == ZBV:
+        from megasft.pipeline.zero_bubble_v import peak_in_flight_v
+        return peak_in_flight_v(pp, pp_rank, m)
     return min(warmup_forwards(schedule, pp, pp_rank, m, v) + 1, m * v)
 
 
@@ -144,6 +166,9 @@ def bubble_fraction(schedule: str, pp: int, m: int, v: int = 1) -> float:
     if schedule == ZB_H1:   # (p-1) / (3m + p - 1) for m >= p (Qi et al. 2023, F = B = W)
         from megasft.pipeline.zero_bubble import simulated_bubble
         return simulated_bubble(pp, m)
+    if schedule == ZBV:     # (p-1) / (6m + p - 1) for m >= p (tests/test_pipeline_zbv.py)
+        from megasft.pipeline.zero_bubble_v import simulated_bubble_v
+        return simulated_bubble_v(pp, m)
     return (pp - 1) / ((v if schedule == INTERLEAVED else 1) * m + pp - 1)
 
 
@@ -153,6 +178,8 @@ def bubble_slots(schedule: str, pp: int, v: int = 1) -> float:
         return 0.0
     if schedule == ZB_H1:   # (p-1)(F + B - W) with F = B = W, in units of F + B + W
         return (pp - 1) / 3
+    if schedule == ZBV:     # p-1 chunk forwards, each F/2 of a micro-batch's F + B + W = 3F
+        return (pp - 1) / 6
     return (pp - 1) / v if schedule == INTERLEAVED else float(pp - 1)
 
 
@@ -226,19 +253,23 @@ class Layout:
         return cls.resolve(cfg.validate(), world_size)
 
     # ----------------------------------------------------------------- pipeline chunks
+    def rank_chunk_ids(self, pp_rank: int) -> list[int]:
+        """Global chunk numbers of pipeline rank pp_rank's v chunks, in model order (its local
+        chunk i is the i-th): r, r + pp, ... round-robin; r and 2pp-1-r in the ZBV V."""
+        return [c for c, rank in enumerate(chunk_ranks(self.schedule, self.pp, self.v)) if rank == pp_rank]
+
     def rank_chunk_layers(self, pp_rank: int) -> list[int]:
         """Layer counts of the v chunks pipeline rank pp_rank owns, in chunk order."""
-        return list(self.chunk_layers[pp_rank::self.pp])
+        return [self.chunk_layers[c] for c in self.rank_chunk_ids(pp_rank)]
 
     def rank_chunks(self, pp_rank: int) -> list[list[int]]:
         """Global layer ids of each model chunk held by pipeline rank pp_rank, in chunk order."""
         starts = [sum(self.chunk_layers[:c]) for c in range(len(self.chunk_layers))]
-        return [list(range(starts[c], starts[c] + self.chunk_layers[c]))
-                for c in range(pp_rank, self.pp * self.v, self.pp)]
+        return [list(range(starts[c], starts[c] + self.chunk_layers[c])) for c in self.rank_chunk_ids(pp_rank)]
 
     def chunk_index(self, pp_rank: int, local: int) -> int:
         """Global chunk number of pipeline rank pp_rank's local chunk `local`."""
-        return local * self.pp + pp_rank
+        return self.rank_chunk_ids(pp_rank)[local]
 
     def holds_embedding(self, pp_rank: int, local: int) -> bool:
         return self.chunk_index(pp_rank, local) == 0
@@ -250,6 +281,11 @@ class Layout:
     def doc_multiple(self) -> int:
         """Every document is padded to a multiple of this many tokens: 2*cp chunks under CP."""
         return 2 * self.cp if self.cp > 1 else 1
+
+    @property
+    def head_rank(self) -> int:
+        """The pipeline rank holding the final norm, LM head and loss: the last, or 0 under ZBV."""
+        return chunk_ranks(self.schedule, self.pp, self.v)[-1]
 
     # ----------------------------------------------------------------- activations, schedule
     @property

@@ -129,12 +129,11 @@ def flat_blocks(name: str, param: nn.Parameter, a: int, b: int) -> list[FlatBloc
 
 def writes_here(param: nn.Parameter, ps) -> bool:
     """Whether this rank stores `param`'s blocks (the first of its TP copies; the pipeline-tied LM
-    head's copy is stored by the embedding on the first stage)."""
+    head's copy is stored by the embedding's, on the first stage)."""
     spec = spec_of(param)
     if spec.tp_copies > 1 and ps.tp_rank % spec.tp_copies:
         return False
-    pipeline_copy = spec.tied and spec.pp_copies > 1
-    return not (pipeline_copy and not ps.is_first_stage)
+    return not (spec.tied and spec.pp_copies > 1 and spec.tied_head)
 
 
 def _add(out: dict, key: str, fb: FlatBlock, dtype: torch.dtype, tensor: torch.Tensor, write: bool) -> None:

@@ -227,10 +227,11 @@ class LlamaStage(nn.Module):
                 self.lm_head = LMHead(cfg.hidden_size, vocab, self.output)        # [V/tp, h]
         if cfg.tie_embeddings and pre_process != post_process:
             # With pipelining a tied head is a second copy of the embedding (same canonical tensor,
-            # so the same init and HF name), kept equal by all-reducing both copies' gradients over
-            # the embedding group (megasft.pipeline.tied). Set before any weight is drawn or loaded.
+            # so the same init and HF name), kept equal by summing both copies' gradients over the
+            # embedding group, or on the rank holding both (ZBV; megasft.pipeline.tied). Set before
+            # any weight is drawn or loaded.
             copy = self.embedding.weight if pre_process else self.lm_head.weight
-            set_spec(copy, tied=True, pp_copies=2)
+            set_spec(copy, tied=True, pp_copies=2, tied_head=not pre_process)
         self._rope = {False: Rope(cfg)}
         if any(layer.rope_local for layer in self.layers.values()):     # Gemma 3's sliding layers
             self._rope[True] = Rope(cfg, local=True)

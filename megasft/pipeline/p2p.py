@@ -65,20 +65,37 @@ class P2P:
         return out
 
     # One message at a time, for schedules whose order is a fixed list of passes (zero bubble):
-    # blocking receives, sends left in flight until finish_sends().
-    def recv_activation(self) -> tuple[torch.Tensor, float]:
-        x = self._empty()
-        return x, collectives.recv(x, self.prev_rank, self.group, ACTIVATION_TAG)
+    # blocking receives, sends left in flight until finish_sends(). reverse: the way back up of
+    # ZBV's V, where activations travel from the next rank to the previous one and gradients from
+    # the previous to the next. Each (sender, receiver, tag) then still carries one stream — on
+    # the way down the activations of one chunk, on the way up those of another — so messages
+    # match in order.
+    def post_recv(self, grad: bool, reverse: bool = False) -> tuple[torch.Tensor, object]:
+        """Post the receive of the next activation (grad=False) or gradient without waiting:
+        (the tensor it lands in, the work to pass to wait_recv)."""
+        t = self._empty()
+        up = self.next_rank if reverse else self.prev_rank         # where activations come from
+        down = self.prev_rank if reverse else self.next_rank       # where gradients come from
+        return t, collectives.irecv(t, down if grad else up, GRAD_TAG if grad else ACTIVATION_TAG)
 
-    def recv_grad(self) -> tuple[torch.Tensor, float]:
-        g = self._empty()
-        return g, collectives.recv(g, self.next_rank, self.group, GRAD_TAG)
+    def wait_recv(self, posted: tuple[torch.Tensor, object]) -> tuple[torch.Tensor, float]:
+        """A posted receive's tensor, once it arrived, and the seconds waited for it."""
+        t, work = posted
+        return t, collectives.wait_recv(work, t, self.group)
 
-    def isend_activation(self, y: torch.Tensor):
-        return collectives.isend(_contiguous(y), self.next_rank, self.group, ACTIVATION_TAG)
+    def recv_activation(self, reverse: bool = False) -> tuple[torch.Tensor, float]:
+        return self.wait_recv(self.post_recv(False, reverse))
 
-    def isend_grad(self, g: torch.Tensor):
-        return collectives.isend(_contiguous(g), self.prev_rank, self.group, GRAD_TAG)
+    def recv_grad(self, reverse: bool = False) -> tuple[torch.Tensor, float]:
+        return self.wait_recv(self.post_recv(True, reverse))
+
+    def isend_activation(self, y: torch.Tensor, reverse: bool = False):
+        return collectives.isend(_contiguous(y), self.prev_rank if reverse else self.next_rank, self.group,
+                                 ACTIVATION_TAG)
+
+    def isend_grad(self, g: torch.Tensor, reverse: bool = False):
+        return collectives.isend(_contiguous(g), self.next_rank if reverse else self.prev_rank, self.group,
+                                 GRAD_TAG)
 
     def _empty(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device=self.device)

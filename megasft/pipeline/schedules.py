@@ -19,6 +19,8 @@ Using Megatron-LM", Sec. 2.2):
                    same idea over p*v virtual stages shrinks the bubble by v.
   ZB-H1            zero bubble (Qi et al. 2023): backward split into B (input grad) and W
                    (weight grad); W passes fill 1F1B's cool-down bubble (zero_bubble.py).
+  ZBV              the same split over two chunks per rank placed in a V, rank r holding
+                   chunks r and 2p-1-r; near-zero bubble at 1F1B's memory (zero_bubble_v.py).
 
 Every stage must call with the same micro-batch list (the loader gives it to all of them), so
 packing metadata needs no communication; only activations and their gradients travel (p2p.py).
@@ -33,11 +35,12 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
-from megasft.layout import (AFAB, INTERLEAVED, NO_PIPELINE, ONE_F_ONE_B, ZB_H1, check_micro_batches,
-                            resolve_schedule, warmup_forwards)
+from megasft.layout import (AFAB, INTERLEAVED, NO_PIPELINE, ONE_F_ONE_B, ZB_H1, ZBV, check_micro_batches,
+                            chunk_ranks, resolve_schedule, warmup_forwards)
 from megasft.parallel_state import ParallelState
 from megasft.pipeline.p2p import P2P, backward_through, release_storage
 from megasft.pipeline.zero_bubble import zero_bubble_h1
+from megasft.pipeline.zero_bubble_v import zero_bubble_v
 
 ForwardStep = Callable[[int, dict, Optional[torch.Tensor]], object]
 
@@ -76,11 +79,14 @@ class _Stage:
 
     def __init__(self, forward_step: ForwardStep, micro_batches: list[dict], ps: ParallelState,
                  num_chunks: int, tensor_shape, dtype: torch.dtype, forward_only: bool,
-                 no_sync: Optional[Callable[[], ContextManager]], weight_store=None):
+                 no_sync: Optional[Callable[[], ContextManager]], weight_store=None, schedule: str = ONE_F_ONE_B):
         self.forward_step, self.micro_batches, self.ps = forward_step, micro_batches, ps
+        # The model's last chunk (the loss) is this rank's last, on the last rank — or on rank 0 (ZBV).
+        self.holds_loss = chunk_ranks(schedule, ps.pp, num_chunks)[-1] == ps.pp_rank
         self.num_chunks, self.forward_only, self.no_sync = num_chunks, forward_only, no_sync
         self.weight_store = weight_store        # zero-bubble schedules: deferred weight gradients
         self.sends: list = []                   # (work, sent activation or None) still in flight
+        self.posted: dict = {}                  # (grad, reverse) -> receives posted ahead, oldest first
         self.p2p = P2P(ps, tensor_shape, dtype) if ps.pp > 1 else None
         self.result = ScheduleResult()
         self.saved = [deque() for _ in range(num_chunks)]             # (input, output) per forward
@@ -88,7 +94,7 @@ class _Stage:
         self.in_flight = 0
 
     def is_loss_chunk(self, chunk: int) -> bool:
-        return self.ps.is_last_stage and chunk == self.num_chunks - 1
+        return self.holds_loss and chunk == self.num_chunks - 1
 
     def forward(self, chunk: int, micro_batch: int, input_tensor: Optional[torch.Tensor]):
         """Run one chunk on one micro-batch; returns the activation to send (None after the loss)."""
@@ -136,22 +142,29 @@ class _Stage:
 
     # One message at a time (schedules given as a list of passes): blocking receives, sends left
     # in flight; a sent activation's storage goes once its send completed (release_storage).
-    def recv_activation(self) -> torch.Tensor:
-        x, wait_s = self.p2p.recv_activation()
-        self.result.idle_s += wait_s
-        return x
+    # reverse: ZBV's way back up the V (P2P.recv_activation). A receive can be posted ahead
+    # (prefetch) so the transfer overlaps compute; it is waited for in the same order as without.
+    def prefetch(self, grad: bool, reverse: bool = False) -> None:
+        self.posted.setdefault((grad, reverse), deque()).append(self.p2p.post_recv(grad, reverse))
 
-    def recv_grad(self) -> torch.Tensor:
-        g, wait_s = self.p2p.recv_grad()
-        self.result.idle_s += wait_s
-        return g
+    def recv_activation(self, reverse: bool = False) -> torch.Tensor:
+        return self._receive(False, reverse)
 
-    def send_activation(self, y: torch.Tensor) -> None:
-        self.sends.append((self.p2p.isend_activation(y), y))
+    def recv_grad(self, reverse: bool = False) -> torch.Tensor:
+        return self._receive(True, reverse)
+
+    def _receive(self, grad: bool, reverse: bool) -> torch.Tensor:
+        queue = self.posted.get((grad, reverse))
+        t, wait_s = self.p2p.wait_recv(queue.popleft() if queue else self.p2p.post_recv(grad, reverse))
+        self.result.idle_s += wait_s
+        return t
+
+    def send_activation(self, y: torch.Tensor, reverse: bool = False) -> None:
+        self.sends.append((self.p2p.isend_activation(y, reverse), y))
         self._reap_sends()
 
-    def send_grad(self, g: torch.Tensor) -> None:
-        self.sends.append((self.p2p.isend_grad(g), None))
+    def send_grad(self, g: torch.Tensor, reverse: bool = False) -> None:
+        self.sends.append((self.p2p.isend_grad(g, reverse), None))
         self._reap_sends()
 
     def _reap_sends(self) -> None:
@@ -313,7 +326,7 @@ def interleaved_1f1b(st: _Stage) -> None:
 
 # ----------------------------------------------------------------------------------- dispatch
 RUNNERS = {NO_PIPELINE: no_pipeline, AFAB: all_forward_all_backward, ONE_F_ONE_B: one_f_one_b,
-           INTERLEAVED: interleaved_1f1b, ZB_H1: zero_bubble_h1}
+           INTERLEAVED: interleaved_1f1b, ZB_H1: zero_bubble_h1, ZBV: zero_bubble_v}
 
 
 def forward_backward(forward_step: ForwardStep, micro_batches: list[dict], ps: ParallelState, *,
@@ -336,11 +349,11 @@ def forward_backward(forward_step: ForwardStep, micro_batches: list[dict], ps: P
         raise ValueError("pipeline schedules need tensor_shape ([s/tp if SP else s, b, h])")
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
-    if name == ZB_H1 and weight_store is None:
-        raise ValueError("the zb_h1 schedule needs the weight_store its chunks' linear layers defer to")
+    if name in (ZB_H1, ZBV) and weight_store is None:
+        raise ValueError(f"the {name} schedule needs the weight_store its chunks' linear layers defer to")
     start = time.perf_counter()
     st = _Stage(forward_step, micro_batches, ps, num_chunks, tensor_shape, dtype, forward_only, no_sync,
-                weight_store)
+                weight_store, name)
     RUNNERS[name](st)
     st.result.wall_s = time.perf_counter() - start
     return st.result

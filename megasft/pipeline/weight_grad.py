@@ -26,29 +26,30 @@ from torch import nn
 
 
 class WeightGradStore:
-    """This rank's queue of deferred weight-gradient computations (callables), one group per B
-    pass, in order."""
+    """This rank's queues of deferred weight-gradient computations (callables), one group per B
+    pass, in order; one queue per key (the model chunk, where a rank runs several)."""
 
     def __init__(self) -> None:
         self.capturing: Optional[list] = None
-        self.groups: deque = deque()
+        self.groups: dict[int, deque] = {}
 
     @contextlib.contextmanager
-    def capture(self) -> Iterator[None]:
-        """Inside: deferred GEMMs queue their weight gradients as one group (one B pass)."""
+    def capture(self, key: int = 0) -> Iterator[None]:
+        """Inside: deferred GEMMs queue their weight gradients as one group (one B pass) under `key`."""
         self.capturing = []
         try:
             yield
         finally:
-            self.groups.append(self.capturing)
+            self.groups.setdefault(key, deque()).append(self.capturing)
             self.capturing = None
 
     def pending(self) -> int:
-        return len(self.groups)
+        return sum(len(queue) for queue in self.groups.values())
 
-    def run_oldest(self) -> None:
-        """The W pass of the oldest B pass: dW = dY^T X for each of its GEMMs, accumulated by autograd."""
-        for weight_grad in self.groups.popleft():
+    def run_oldest(self, key: int = 0) -> None:
+        """The W pass of the oldest B pass under `key`: dW = dY^T X for each of its GEMMs,
+        accumulated by autograd."""
+        for weight_grad in self.groups[key].popleft():
             weight_grad()
 
     @staticmethod

@@ -57,6 +57,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megasft.config import Config
+from megasft.layout import ZBV
 from megasft.model.presets import norms_per_layer
 from megasft.planner.assumptions import Assumptions
 from megasft.planner.pinned import layout_of
@@ -155,10 +156,14 @@ def in_flight_layers(cfg: Config, pp_rank: int) -> int:
     """Layer-micro-batches whose stored activations ``pp_rank`` holds at its peak.
 
     The n in-flight chunk forwards of a rank are, in Megatron's interleaved order, k = 0..n-1 on
-    the rank's model chunk (k // pp) % v; with v = 1 all are the rank's only chunk.
+    the rank's model chunk (k // pp) % v; with v = 1 all are the rank's only chunk. Under ZBV the
+    pass order itself is weighed, each held chunk activation by its chunk's layers.
     """
     layout = layout_of(cfg)
     layers = layout.rank_chunk_layers(pp_rank)
+    if layout.schedule == ZBV:
+        from megasft.pipeline.zero_bubble_v import peak_in_flight_v
+        return peak_in_flight_v(layout.pp, pp_rank, layout.micro_batches, tuple(layers))
     return sum(layers[(k // layout.pp) % len(layers)] for k in range(layout.in_flight(pp_rank)))
 
 

@@ -16,9 +16,11 @@ megabytes or more.
   their fp32 gradients once per step.
 * PP: each micro-batch crossing a chunk boundary sends its activation forward and its gradient
   backward, [s, b, h] (or [s/t, b, h] under SP, where activations between layers are sharded).
-  A rank sends one message per boundary of its chunks (the model's first chunk sends no gradient,
-  its last no activation); the link time counts send and receive, 2 messages per chunk.
-* Tied embeddings under PP: the first and last stage all-reduce the embedding's fp32 gradient.
+  A rank sends one message per boundary of its chunks with another rank (the model's first chunk
+  sends no gradient, its last no activation, and ZBV's turn of the V on the last stage stays
+  local); the link time counts send and receive, 2 messages per chunk.
+* Tied embeddings under PP: the first and last stage all-reduce the embedding's fp32 gradient
+  (ZBV: both copies are on the first stage, summed locally).
 * CP (parallel.cp > 1): the ring's K/V and dK/dV blocks or the all-to-alls of q/k/v/out, per layer
   (formulas, overlap and the ring-or-a2a rule in ``megasft.planner.context_parallel``). CP also
   shrinks everything else per rank: TP collectives, pipeline messages and the loss run on s/cp
@@ -37,6 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megasft.config import Config
+from megasft.layout import chunk_ranks
 from megasft.planner.activations import ELEMENT_BYTES, local_tokens
 from megasft.planner.assumptions import Assumptions
 from megasft.planner.context_parallel import cp_bytes_per_micro_batch, cp_exposed_seconds
@@ -84,9 +87,10 @@ def tp_bytes_per_micro_batch(cfg: Config, pp_rank: int) -> float:
     activation = tokens * m.hidden_size * ELEMENT_BYTES[cfg.train.precision]
     unit = ring_fraction(p.tp) * activation  # one all-gather or one reduce-scatter
     per_layer = (4 + 4 + (4 if m.recompute == "full" else 0)) * unit  # forward, backward, recompute
-    ends = (pp_rank == 0) + (pp_rank == p.pp - 1)  # embedding / LM head collective pairs
+    head = pp_rank == layout_of(cfg).head_rank
+    ends = (pp_rank == 0) + head  # embedding / LM head collective pairs
     # Vocab-parallel cross-entropy: all-reduces of the fp32 max, target logit and sum-exp per token.
-    loss_stats = 3 * 2 * ring_fraction(p.tp) * tokens * 4 if pp_rank == p.pp - 1 else 0
+    loss_stats = 3 * 2 * ring_fraction(p.tp) * tokens * 4 if head else 0
     return sum(layout_of(cfg).rank_chunk_layers(pp_rank)) * per_layer + ends * 2 * unit + loss_stats
 
 
@@ -96,7 +100,7 @@ def tp_grad_sync_bytes(cfg: Config, pp_rank: int) -> float:
     over TP, kv projections over the ranks sharing a kv head."""
     m, layout = cfg.model, layout_of(cfg)
     layers = sum(layout.rank_chunk_layers(pp_rank))
-    over_tp = layers * 2 * m.hidden_size + (m.hidden_size if pp_rank == layout.pp - 1 else 0) \
+    over_tp = layers * 2 * m.hidden_size + (m.hidden_size if pp_rank == layout.head_rank else 0) \
         if layout.sequence_parallel else 0
     if m.qk_norm:
         over_tp += layers * 2 * m.head_size
@@ -109,17 +113,21 @@ def tp_grad_sync_bytes(cfg: Config, pp_rank: int) -> float:
 
 def pp_messages_per_micro_batch(cfg: Config, pp_rank: int) -> int:
     """Messages one rank of stage ``pp_rank`` sends per micro-batch: an activation from every chunk
-    but the model's last, a gradient from every chunk but the model's first."""
-    p = cfg.parallel
-    if p.pp == 1:
+    but the model's last, a gradient from every chunk but the model's first — where the chunk next
+    to it is on another rank."""
+    layout = layout_of(cfg)
+    if layout.pp == 1:
         return 0
-    return 2 * p.virtual_pipeline_size - (pp_rank == 0) - (pp_rank == p.pp - 1)
+    ranks = chunk_ranks(layout.schedule, layout.pp, layout.v)
+    mine = layout.rank_chunk_ids(pp_rank)
+    return sum(c + 1 < len(ranks) and ranks[c + 1] != pp_rank for c in mine) + \
+        sum(c > 0 and ranks[c - 1] != pp_rank for c in mine)
 
 
 def tied_embedding_bytes(cfg: Config, pp_rank: int) -> float:
     """Bytes a first/last-stage rank sends per step all-reducing the tied embedding's gradient."""
-    m, p = cfg.model, cfg.parallel
-    if not m.tie_embeddings or p.pp == 1 or pp_rank not in (0, p.pp - 1):
+    m, p, head = cfg.model, cfg.parallel, layout_of(cfg).head_rank
+    if not m.tie_embeddings or p.pp == 1 or head == 0 or pp_rank not in (0, head):
         return 0.0
     return 2 * ring_fraction(2) * m.padded_vocab_size(p.tp) // p.tp * m.hidden_size * GRAD_BYTES
 

@@ -130,7 +130,7 @@ def stage_memory(cfg: Config, pp_rank: int, assumptions: Assumptions) -> StageMe
                + largest_parameter(cfg, pp_rank) * ELEMENT_BYTES[cfg.train.precision]
                + cp_transient_bytes(cfg))
     transient, kind = working, "layer backward"
-    if pp_rank == cfg.parallel.pp - 1:
+    if pp_rank == layout_of(cfg).head_rank:
         loss = loss_bytes(cfg, assumptions)
         if loss > working:
             transient, kind = loss, "logits/loss"

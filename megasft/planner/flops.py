@@ -93,7 +93,7 @@ def executed_flops_per_micro_batch(cfg: Config, pp_rank: int, assumptions: Assum
     layer_ids = [i for chunk in layout_of(cfg).rank_chunks(pp_rank) for i in chunk]
     gemm_passes = 4 if cfg.model.recompute == "full" else 3
     gemm = gemm_passes * 2 * layer_matmul_parameters(m, p.tp) * len(layer_ids) * tokens
-    if pp_rank == p.pp - 1:
+    if pp_rank == layout_of(cfg).head_rank:
         gemm += 3 * 2 * m.hidden_size * (m.padded_vocab_size(p.tp) // p.tp) * tokens
     attention = sum(layer_attention_flops(cfg, i, assumptions.causal_attention) for i in layer_ids)
     return gemm, attention_passes(cfg.model.recompute) * attention

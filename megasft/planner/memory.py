@@ -10,10 +10,11 @@ megasft shards each weight (``megasft.tensor_parallel.layers``) rather than a ru
 * RMSNorm weights are replicated on every TP rank (with or without sequence parallelism).
 * The embedding and LM head are vocab-parallel over ``padded_vocab_size(tp) / tp`` rows; the padded
   rows are allocated, so they are counted here.
-* The first pipeline stage holds the embedding, the last the final norm and LM head. With tied
-  embeddings and pp > 1 the last stage keeps its own copy of the embedding as the LM head, kept
-  equal by all-reducing their gradients over the embedding group (Megatron-LM's scheme); with
-  pp == 1 the one matrix serves both.
+* The first pipeline stage holds the embedding, the last the final norm and LM head (under ZBV
+  the first holds both: ``Layout.head_rank``). With tied embeddings and pp > 1 the head's chunk
+  keeps its own copy of the embedding as the LM head, kept equal by summing their gradients over
+  the embedding group (Megatron-LM's scheme; on the one rank under ZBV); with pp == 1 the one
+  matrix serves both.
 
 Training state per local parameter (Micikevicius et al. 2018 mixed precision; Rajbhandari et al.
 2020 ZeRO, Sec. 3 "K = 12"), as ``megasft.optim`` allocates it:
@@ -72,9 +73,9 @@ class RankParameters:
     embedding: int
     """Vocab-parallel embedding rows x hidden (first stage only)."""
     lm_head: int
-    """Vocab-parallel LM head (last stage; the tied embedding copy when pp > 1)."""
+    """Vocab-parallel LM head (the head's stage; the tied embedding copy when pp > 1)."""
     final_norm: int
-    """Final RMSNorm weight (last stage only)."""
+    """Final RMSNorm weight (the head's stage only)."""
 
     @property
     def total(self) -> int:
@@ -84,7 +85,7 @@ class RankParameters:
 def rank_parameters(cfg: Config, pp_rank: int) -> RankParameters:
     """Parameters held by any TP/DP rank of pipeline stage ``pp_rank`` (all TP ranks hold the same)."""
     m, p = cfg.model, cfg.parallel
-    first, last = pp_rank == 0, pp_rank == p.pp - 1
+    first, last = pp_rank == 0, pp_rank == layout_of(cfg).head_rank
     vocab_rows = m.padded_vocab_size(p.tp) // p.tp
     layers = sum(layout_of(cfg).rank_chunk_layers(pp_rank)) * tp_layer_parameter_count(m, p.tp)
     head_needed = last and (not m.tie_embeddings or p.pp > 1)

@@ -1,7 +1,7 @@
 """Human-readable text for plans and search results (memory in GiB = 2^30 bytes)."""
 from __future__ import annotations
 
-from megasft.layout import INTERLEAVED, NO_PIPELINE, ZB_H1
+from megasft.layout import INTERLEAVED, NO_PIPELINE, ZB_H1, ZBV
 from megasft.planner.activations import local_tokens
 from megasft.planner.context_parallel import A2A, RING, a2a_possible, cp_exposed_seconds, layer_bytes
 from megasft.planner.estimate import Plan, StageMemory
@@ -10,8 +10,8 @@ from megasft.planner.search import candidate_of
 
 
 def _stage_label(plan: Plan, stage: StageMemory) -> str:
-    last = plan.config.parallel.pp - 1
-    roles = [r for r, yes in (("embedding", stage.pp_rank == 0), ("LM head + loss", stage.pp_rank == last)) if yes]
+    head = plan.layout.head_rank
+    roles = [r for r, yes in (("embedding", stage.pp_rank == 0), ("LM head + loss", stage.pp_rank == head)) if yes]
     return f"pp rank {stage.pp_rank}" + (f" ({', '.join(roles)})" if roles else "")
 
 
@@ -118,6 +118,10 @@ def _bubble_formula(plan: Plan) -> str:
         if m < p.pp:
             return f"ZB-H1 with m={m} < p={p.pp}: its unit-cost timeline"
         return f"ZB-H1 (p-1)/(3m+p-1) = {p.pp - 1}/(3*{m}+{p.pp - 1})"
+    if plan.schedule == ZBV:
+        if m < p.pp:
+            return f"ZBV with m={m} < p={p.pp}: its unit-cost timeline"
+        return f"ZBV (p-1)/(6m+p-1) = {p.pp - 1}/(6*{m}+{p.pp - 1})"
     return f"(p-1)/(m+p-1) = {p.pp - 1}/({m}+{p.pp - 1})"
 
 

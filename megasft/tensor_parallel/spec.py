@@ -14,7 +14,9 @@ tensors). Its spec records
                    the optimizer step (norm weights under sequence parallelism, replicated kv heads);
   tied             a copy of the pipeline-tied embedding (the LM head on the last stage, the
                    embedding on the first), whose gradients are summed over the embedding group;
-  pp_copies        pipeline stages holding a copy (2 for a pipeline-tied embedding);
+  pp_copies        pipeline chunks holding a copy (2 for a pipeline-tied embedding);
+  tied_head        that copy is the LM head's (checkpoints store the embedding's copy; under ZBV
+                   both are on the first stage).
   experts          (first, count): the routed experts of a MoE layer whose weights this parameter
                    stacks, each expert its own canonical tensors (megasft.model.moe); None for
                    every other parameter. Expert parallelism reads it to reduce expert gradients
@@ -117,6 +119,7 @@ class ParamSpec:
     tied: bool = False
     pp_copies: int = 1
     experts: Optional[tuple[int, int]] = None
+    tied_head: bool = False
 
     @property
     def copies(self) -> int:

@@ -154,16 +154,18 @@ class Trainer:
         return result, global_count
 
     def global_loss_sum(self, stats: dict) -> float:
-        """Sum of token losses over the global batch, made known on every rank. Only the last
-        stage's first TP rank contributes, so TP copies are not counted twice."""
+        """Sum of token losses over the global batch, made known on every rank. Only the first TP
+        rank of the stage holding the loss (the last; the first under ZBV) contributes, so TP
+        copies are not counted twice."""
         return self.global_sums(stats, ("loss_sum",))[0]
 
     def global_sums(self, stats: dict, keys: tuple[str, ...]) -> list[float]:
         """The schedule's `keys` summed over the global batch, known on every rank, in one
-        all-reduce. Only the last stage's first TP rank contributes; of the MoE losses, which every
-        CP rank of a micro-batch holds whole, only the first CP rank."""
+        all-reduce. Only the first TP rank of the stage holding the loss contributes (every CP rank
+        holds the loss of its own tokens); of the MoE losses, which every CP rank of a micro-batch
+        holds whole, only the first CP rank."""
         ps = self.ps
-        mine = ps.is_last_stage and ps.tp_rank == 0
+        mine = ps.pp_rank == self.layout.head_rank and ps.tp_rank == 0
         values = torch.tensor([float(stats.get(k, 0.0)) if mine and (k == "loss_sum" or ps.cp_rank == 0) else 0.0
                                for k in keys], dtype=torch.float64)
         collectives.all_reduce(values, ps.world_group)
