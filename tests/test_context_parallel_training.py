@@ -25,6 +25,7 @@ CASES = [
     Case("tp2-cp2-sp-ring", (0, 1, 2, 3), tp=2, cp=2, sequence_parallel=True, micro_batch_size=2),
     Case("cp2-pp2-1f1b-ring", (4, 5, 6, 7), cp=2, pp=2),
     Case("cp2-pp2-zb_h1-ring", (0, 1, 2, 3), cp=2, pp=2, schedule="zb_h1"),
+    Case("cp2-pp2-zbv-ring", (4, 5, 6, 7), cp=2, pp=2, virtual=2, schedule="zbv"),
     Case("cp2-pp2-interleaved-a2a", (0, 1, 2, 3), cp=2, pp=2, virtual=2, cp_comm="a2a"),
     Case("cp2-dp2-zero1-overlap-fused-loss-ring", (4, 5, 6, 7), cp=2, fast=True),
     Case("cp4-a2a", (0, 1, 2, 3), cp=4, cp_comm="a2a"),

@@ -211,11 +211,11 @@ def _checkpoint_round_trip(hf_dir: str, root: str) -> dict:
         return t, ckpt
 
     zbv, zbv_ckpt = trainer("zbv")
-    losses = train_this_rank(zbv, batches[:1], 1)
+    losses = [o.loss for o in train_this_rank(zbv, batches[:1], 1)]
     saved_zbv = zbv_ckpt.save(zbv, None)
     one, one_ckpt = trainer("1f1b", load=str(saved_zbv))
     loaded_1f1b = weight_pieces(one)
-    losses += train_this_rank(one, batches[1:], 1)
+    losses += [o.loss for o in train_this_rank(one, batches[1:], 1)]
     saved_1f1b = one_ckpt.save(one, None)
     back, _ = trainer("zbv", load=str(saved_1f1b))
     # Evaluation (forward only) of the same weights under both schedules.
