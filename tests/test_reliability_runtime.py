@@ -106,7 +106,8 @@ def test_resume_with_other_data_names_the_reset_setting(main, data, tmp_path):
     other = tiny_dataset(tmp_path / "other", docs=30)
     rc, err = main(train_args(other, run, "train.steps=4", *common))
     assert (rc, err) == (2, ["megasft.train: data state was saved with num_docs=40 but this loader has num_docs=30; "
-                             "resume with the same data, seq_len and seed, or set "
+                             "resume with the same data, seq_len, seed and parallel.cp (documents are "
+                             "padded to 2*cp under context parallelism, which changes the packing), or set "
                              "data.reset_order_on_resume=true to start the data order afresh"])
     assert main(train_args(other, run, "train.steps=4", "data.reset_order_on_resume=true", *common))[0] == 0
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
