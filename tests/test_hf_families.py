@@ -182,6 +182,18 @@ def _tensors(directory: Path) -> dict:
     return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+def assert_export_bit_identical(source_dir: Path, out: Path) -> tuple[dict, dict]:
+    """The exported HF directory holds the source's tensors bit for bit and its config.json;
+    returns (source tensors, source config)."""
+    source, exported = _tensors(source_dir), _tensors(out)
+    assert sorted(exported) == sorted(source)
+    for name, tensor in source.items():
+        assert torch.equal(exported[name], tensor), name
+    source_config = json.loads((source_dir / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == source_config
+    return source, source_config
+
+
 ROUND_TRIP = [pytest.param("llama", id="llama"), pytest.param("qwen2", id="qwen2-tied-bias"),
               pytest.param("qwen3", id="qwen3-qk-norm"), pytest.param("mistral", id="mistral-window"),
               pytest.param("gemma2", id="gemma2-softcap-windows"), pytest.param("gemma3_text", id="gemma3-local-rope")]
@@ -194,13 +206,7 @@ def test_round_trip_is_bit_identical_and_transformers_reproduces_megasft(tmp_pat
     hf_to_megasft(tmp_path / "src", tmp_path / "ck", tp=2, pp=2)
     out = megasft_to_hf(tmp_path / "ck", tmp_path / "out", dtype="fp32")
 
-    source, exported = _tensors(tmp_path / "src"), _tensors(out)
-    assert sorted(exported) == sorted(source)
-    for name, tensor in source.items():
-        assert torch.equal(exported[name], tensor), name
-    source_config = json.loads((tmp_path / "src" / "config.json").read_text())
-    assert json.loads((out / "config.json").read_text()) == source_config
-
+    _, source_config = assert_export_bit_identical(tmp_path / "src", out)
     _, stage = run_config_round_trip(out, tmp_path / "run", source_config)
     ids = torch.randint(0, fields["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from megasft.checkpoint.convert import hf_to_megasft, megasft_to_hf
 from megasft.checkpoint.errors import CheckpointMismatch
@@ -27,14 +26,10 @@ from megasft.hf.config import model_fields_from_hf
 from megasft.model.llama import LlamaStage
 from megasft.parallel_state import ParallelState
 from tests.oracle import PHI3_LONGROPE, family_fields, hf_model
-from tests.test_hf_families import run_config_round_trip
+from tests.test_hf_families import assert_export_bit_identical, run_config_round_trip
 from tests.test_hf_interop import logits_of
 
 transformers = pytest.importorskip("transformers")
-
-
-def _tensors(directory: Path) -> dict:
-    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 def _as_transformers4(directory: Path, kind: str) -> None:
@@ -64,13 +59,8 @@ def test_round_trip_is_bit_identical_and_transformers_reproduces_megasft(tmp_pat
     hf_to_megasft(tmp_path / "src", tmp_path / "ck", tp=2, pp=2)
     out = megasft_to_hf(tmp_path / "ck", tmp_path / "out", dtype="fp32")
 
-    source, exported = _tensors(tmp_path / "src"), _tensors(out)
+    source, source_config = assert_export_bit_identical(tmp_path / "src", out)
     assert any(name.endswith("qkv_proj.weight") for name in source)
-    assert sorted(exported) == sorted(source)
-    for name, tensor in source.items():
-        assert torch.equal(exported[name], tensor), name
-    source_config = json.loads((tmp_path / "src" / "config.json").read_text())
-    assert json.loads((out / "config.json").read_text()) == source_config
 
     m, stage = run_config_round_trip(out, tmp_path / "run", source_config)
     assert (m.family, m.partial_rotary_factor, m.original_max_position_embeddings, m.sliding_window) == (

@@ -16,7 +16,9 @@ transformers = pytest.importorskip("transformers")
 PUBLISHED = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-72b": 72_706_203_648, "qwen3-8b": 8_190_735_360,
              "mistral-7b-v0.1": 7_241_732_096, "gemma2-9b": 9_241_705_984,
              # the text decoder of google/gemma-3-27b (the release adds a SigLIP vision tower)
-             "gemma3-27b": 27_009_346_304, "phi-4": 14_659_507_200, "phi-3-mini-4k": 3_821_079_552}
+             "gemma3-27b": 27_009_346_304, "phi-4": 14_659_507_200, "phi-3-mini-4k": 3_821_079_552,
+             # MoE: every expert counted (total, not active, parameters)
+             "qwen3-30b-a3b": 30_532_122_624, "mixtral-8x7b": 46_702_792_704}
 
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
