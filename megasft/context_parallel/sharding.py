@@ -68,15 +68,11 @@ def split_micro_batch(batch: MicroBatch, cp: int, rank: int) -> MicroBatch:
     chunk's last token is the next chunk's first token, held by another rank)."""
     if cp == 1:
         return batch
-    b, s = batch.input_ids.shape
+    s = batch.input_ids.shape[1]
     if s % (2 * cp):
         raise ValueError(f"rows of {s} tokens do not split into 2*cp={2 * cp} chunks")
     index = local_token_index(batch.cu_seqlens, cp, rank).to(batch.input_ids.device)   # [b*s/cp]
-
-    def take(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(-1)[index].view(b, s // cp)
-
+    part = dataclasses.replace(batch, cp=cp, token_index=index)
     return dataclasses.replace(
-        batch, input_ids=take(batch.input_ids), position_ids=take(batch.position_ids),
-        labels=None if batch.labels is None else take(batch.targets()), labels_shifted=batch.labels is not None,
-        cp=cp, token_index=index)
+        part, input_ids=part.local(batch.input_ids), position_ids=part.local(batch.position_ids),
+        labels=None if batch.labels is None else part.local(batch.targets()), labels_shifted=batch.labels is not None)
