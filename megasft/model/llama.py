@@ -323,7 +323,7 @@ def neftune_noise(batch: MicroBatch, emb: torch.Tensor, alpha: float, generator:
     [s, b, h] on every TP and CP rank from the same generator, then this CP rank's tokens taken
     and sliced under SP, so every rank agrees with the unsplit row."""
     b = batch.input_ids.shape[0]
-    s, d = int(batch.cu_seqlens[-1]) // max(b, 1), emb.shape[-1]
+    s, d = batch.input_ids.shape[1] * batch.cp, emb.shape[-1]                            # full rows
     doc_len = batch.token_doc_lengths().cpu().t().unsqueeze(-1)                       # [s(/cp), b, 1]
     noise = torch.rand((s, b, d), generator=generator).mul_(2).sub_(1)
     noise = batch.local(noise.transpose(0, 1)).transpose(0, 1)                        # [s(/cp), b, d]
