@@ -13,6 +13,7 @@ from megasft.data.batch import IGNORE_INDEX, shift_labels
 from megasft.data.indexed import DatasetError
 from megasft.data.loader import PackedLoader
 from megasft.data.packing import build_micro_batch
+from megasft.model.build import init_weights
 from megasft.model.llama import LlamaStage
 from megasft.model.rope import Rope
 from megasft.parallel_state import ParallelState
@@ -71,9 +72,11 @@ def test_split_keeps_every_token_and_shifts_labels_on_the_full_row(cp):
 def test_neftune_noise_at_each_cp_rank_is_the_whole_rows_noise():
     fields = tiny_fields(neftune_alpha=5.0)
     stage = LlamaStage(ModelConfig(**fields), ParallelState.single(), [0, 1], True, True).train()
+    init_weights(stage, seed=0, std=0.02)   # a built stage is uninitialised memory (NaNs would fail equal)
     batch = model_batch(packed_batch([[16, 8], [8, 24]], 32, fields["vocab_size"], seed=4))
     state = stage.neftune_generator.get_state()
     full = stage._embed(batch)                                                   # [s, b, h]
+    assert torch.isfinite(full).all()
     for rank in range(2):
         stage.neftune_generator.set_state(state)
         part = split_micro_batch(batch, 2, rank)
