@@ -238,3 +238,15 @@ def all_to_all_single(out: torch.Tensor, x: torch.Tensor, group: Group, async_op
     n = _size(group)
     return _run(lambda: dist.all_to_all_single(out, x, group=group, async_op=async_op), x, group,
                 "all_to_all", (n - 1) / n * _nbytes(x), async_op)
+
+
+def all_to_all_uneven(out: torch.Tensor, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                      group: Group):
+    """All-to-all with variable splits along dim 0: rows in_splits[j] of `x` go to rank j, and
+    out_splits[i] rows arrive from rank i (expert-parallel token dispatch). Only the rows that
+    leave this rank count as sent."""
+    me = dist.get_rank(group)
+    row = _nbytes(x) // max(x.shape[0], 1)
+    sent = (sum(in_splits) - in_splits[me]) * row
+    return _run(lambda: dist.all_to_all_single(out, x, out_splits, in_splits, group=group), x, group,
+                "all_to_all", sent, False)

@@ -74,6 +74,7 @@ RANGES: dict[str, Range] = {
     "parallel.tp": AT_LEAST_1,
     "parallel.pp": AT_LEAST_1,
     "parallel.cp": AT_LEAST_1,
+    "parallel.ep": AT_LEAST_1,
     "parallel.dp": AT_LEAST_1,
     "parallel.virtual_pipeline_size": AT_LEAST_1,
     "parallel.bucket_size_mb": POSITIVE,

@@ -204,6 +204,7 @@ class Layout:
     kv_copies: int                       # TP ranks holding the same kv head (1 = split)
     cp: int = 1                          # context-parallel ranks sharing each row
     cp_comm: str = "ring"                # ring | a2a (parallel.cp_comm)
+    ep: int = 1                          # expert-parallel ranks (carved from dp)
 
     @classmethod
     def resolve(cls, cfg: Config, world_size: int) -> "Layout":
@@ -226,7 +227,10 @@ class Layout:
         if cp > 1:
             _check_cp(cfg)
         if m.num_experts:
-            _check_moe(cfg)
+            _check_moe(cfg, dp)
+        elif p.ep > 1:
+            raise ConfigError(f"parallel.ep={p.ep} shards routed experts, but this model has none "
+                              f"(model.num_experts=0); leave parallel.ep=1 for a dense model")
         schedule = resolve_schedule(p.pipeline_schedule, pp, v)
         counts = chunk_layer_counts(m.num_layers, pp * v, p.pipeline_layers)
         sp = p.sequence_parallel and tp > 1
@@ -242,7 +246,7 @@ class Layout:
         check_micro_batches(schedule, micro, pp, f"use global_batch_tokens={good}")
         kv_local, kv_copies = kv_partition(m.kv_heads, tp)
         layout = cls(world_size, tp, pp, dp, v, sp, schedule, micro, d.micro_batch_size, d.seq_len,
-                     m.hidden_size, tuple(counts), kv_local, kv_copies, cp, p.cp_comm)
+                     m.hidden_size, tuple(counts), kv_local, kv_copies, cp, p.cp_comm, p.ep)
         if cfg.train.fp8 != "off":
             _check_fp8_gemms(cfg, layout)
         return layout
@@ -309,7 +313,8 @@ class Layout:
     def describe(self) -> str:
         pipeline = f"pp {self.pp} ({self.schedule}{f', v={self.v}' if self.v > 1 else ''})" if self.pp > 1 else "pp 1"
         cp = f" x cp {self.cp} ({self.cp_comm})" if self.cp > 1 else ""
-        return (f"tp {self.tp}{' + SP' if self.sequence_parallel else ''}{cp} x {pipeline} x dp {self.dp} "
+        ep = f" (ep {self.ep})" if self.ep > 1 else ""
+        return (f"tp {self.tp}{' + SP' if self.sequence_parallel else ''}{cp} x {pipeline} x dp {self.dp}{ep} "
                 f"= {self.world_size} ranks")
 
 
@@ -326,11 +331,12 @@ def _check_cp(cfg: Config) -> None:
                           f"which needs cp to divide them; choose cp in {divisors(heads)} or cp_comm=ring")
 
 
-def _check_moe(cfg: Config) -> None:
+def _check_moe(cfg: Config, dp: int) -> None:
     """What a mixture-of-experts model (megasft.model.moe) runs with today: expert-TP cuts every
-    expert's FFN evenly; one pipeline stage and no context parallelism, because the load-balancing
-    loss pools the router statistics of all layers of a micro-batch (transformers' formula) and
-    pooling across stages and CP ranks is not built yet."""
+    expert's FFN evenly; expert parallelism splits the experts evenly over ep of the dp ranks; one
+    pipeline stage and no context parallelism, because the load-balancing loss pools the router
+    statistics of all layers of a micro-batch (transformers' formula) and pooling across stages
+    and CP ranks is not built yet."""
     from megasft.model.families import moe_ffn_size
 
     m, p = cfg.model, cfg.parallel
@@ -338,6 +344,10 @@ def _check_moe(cfg: Config) -> None:
     if ffn % p.tp:
         raise ConfigError(f"tp={p.tp} does not divide the experts' FFN width {ffn} (model.moe_intermediate_size); "
                           f"choose tp in {[x for x in divisors(m.num_attention_heads) if ffn % x == 0]}")
+    if p.ep > 1 and (dp % p.ep or m.num_experts % p.ep):
+        raise ConfigError(f"parallel.ep={p.ep} must divide both dp={dp} (expert-parallel groups are carved from the "
+                          f"dp ranks) and model.num_experts={m.num_experts}; choose ep in "
+                          f"{[e for e in divisors(dp) if m.num_experts % e == 0]}")
     if p.pp > 1 or p.cp > 1:
         raise ConfigError(f"mixture-of-experts models (model.num_experts={m.num_experts}) run with pp=1 and cp=1 "
                           f"for now (got pp={p.pp}, cp={p.cp}); use tp and dp, or a dense model")

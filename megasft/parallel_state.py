@@ -8,6 +8,13 @@ CP ranks share every row (each holds s/cp of its tokens) and hold the same weigh
 are reduced, and ZeRO-1 shards the optimizer, over the dp x cp ranks of a stage (the "grad" group;
 it is the dp group when cp = 1). The data loader shards rows over dp only.
 
+Expert parallelism (mixture-of-experts models) is carved from the DP ranks, as in Megatron-Core:
+ep consecutive dp ranks (dp_rank // ep alike) form an "ep" group whose members hold different
+experts and exchange tokens by all-to-all; ep_rank = dp_rank % ep. An expert weight is therefore
+held alike by the dp / ep ranks of equal ep_rank (x cp): the "expert_grad" group, over which its
+gradient is reduced and its ZeRO-1 state sharded. With dp=4, ep=2: ep groups [d0,d1] [d2,d3],
+expert_grad groups [d0,d2] [d1,d3].
+
 Worked example, 16 ranks with tp=2, pp=4 (so dp=2):
 
     tp groups  (consecutive pairs, inside a node): [0,1] [2,3] [4,5] ... [14,15]
@@ -40,9 +47,9 @@ from megasft import collectives
 from megasft.config import ConfigError
 
 
-def rank_grid(world_size: int, tp: int, pp: int, cp: int = 1) -> dict[str, list[list[int]]]:
-    """Pure function: the rank lists of every tp / cp / dp / grad (dp x cp) / pp / embedding /
-    stage group for a layout."""
+def rank_grid(world_size: int, tp: int, pp: int, cp: int = 1, ep: int = 1) -> dict[str, list[list[int]]]:
+    """Pure function: the rank lists of every tp / cp / dp / grad (dp x cp) / ep / expert_grad /
+    pp / embedding / stage group for a layout."""
     if tp < 1 or pp < 1 or cp < 1 or world_size % (tp * cp * pp):
         divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
         names, sizes = ("tp*cp*pp", f"{tp}*{cp}*{pp}") if cp > 1 else ("tp*pp", f"{tp}*{pp}")
@@ -50,6 +57,10 @@ def rank_grid(world_size: int, tp: int, pp: int, cp: int = 1) -> dict[str, list[
             f"world_size={world_size} is not divisible by {names}={sizes}={tp * cp * pp}; "
             f"launch a multiple of {tp * cp * pp} processes or choose {names} in {divisors}")
     dp = world_size // (tp * cp * pp)
+    if ep < 1 or dp % ep:
+        raise ConfigError(f"parallel.ep={ep} must divide the data-parallel size dp={dp} (expert-parallel "
+                          f"groups are carved from the dp ranks); choose ep in "
+                          f"{[d for d in range(1, dp + 1) if dp % d == 0]}")
     P, D, C, T = range(pp), range(dp), range(cp), range(tp)
 
     def rank(p: int, d: int, c: int, t: int) -> int:
@@ -60,6 +71,10 @@ def rank_grid(world_size: int, tp: int, pp: int, cp: int = 1) -> dict[str, list[
             "cp": [[rank(p, d, c, t) for c in C] for p in P for d in D for t in T],
             "dp": [[rank(p, d, c, t) for d in D] for p in P for c in C for t in T],
             "grad": [[rank(p, d, c, t) for d in D for c in C] for p in P for t in T],
+            "ep": [[rank(p, j * ep + e, c, t) for e in range(ep)]
+                   for p in P for j in range(dp // ep) for c in C for t in T],
+            "expert_grad": [[rank(p, d, c, t) for d in D if d % ep == e for c in C]
+                            for p in P for e in range(ep) for t in T],
             "pp": pp_groups, "embedding": [sorted({g[0], g[-1]}) for g in pp_groups],
             "stage": [[rank(p, d, c, t) for d in D for c in C for t in T] for p in P]}
 
@@ -78,12 +93,15 @@ class ParallelState:
     dp_rank: int
     cp: int = 1
     cp_rank: int = 0
+    ep: int = 1
     world_group: Optional[dist.ProcessGroup] = None    # all ranks of this layout
     tp_group: Optional[dist.ProcessGroup] = None
     pp_group: Optional[dist.ProcessGroup] = None
     dp_group: Optional[dist.ProcessGroup] = None       # ranks holding different rows (the loader's split)
     cp_group: Optional[dist.ProcessGroup] = None       # ranks sharing each row, s/cp tokens each
     grad_group: Optional[dist.ProcessGroup] = None     # dp x cp: gradient reduction and ZeRO-1 shards
+    ep_group: Optional[dist.ProcessGroup] = None       # dp ranks holding different experts (all-to-all)
+    expert_grad_group: Optional[dist.ProcessGroup] = None   # (dp / ep) x cp ranks holding the same experts
     embedding_group: Optional[dist.ProcessGroup] = None
     stage_group: Optional[dist.ProcessGroup] = None    # dp x tp ranks of this pipeline stage
     # Global ranks of this rank's pipeline group, in stage order (p2p addresses by global rank).
@@ -97,6 +115,8 @@ class ParallelState:
     def __post_init__(self) -> None:
         if self.grad_group is None and self.cp == 1:   # states built by hand (tests): dp is the grad group
             self.grad_group = self.dp_group
+        if self.expert_grad_group is None and self.ep == 1:
+            self.expert_grad_group = self.grad_group
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -106,14 +126,15 @@ class ParallelState:
                    device=torch.device(device))
 
     @classmethod
-    def from_env(cls, tp: int = 1, pp: int = 1, timeout_s: float = 120.0, cp: int = 1) -> "ParallelState":
+    def from_env(cls, tp: int = 1, pp: int = 1, timeout_s: float = 120.0, cp: int = 1,
+                 ep: int = 1) -> "ParallelState":
         """Initialise torch.distributed from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
         MASTER_ADDR/PORT) and build the groups, every one with `timeout_s` (parallel.timeout_s),
         and start this rank's heartbeat. NCCL on CUDA, gloo on CPU."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         # Validate before the rendezvous so a wrong layout fails at once on every rank, not as a hang.
-        rank_grid(world_size, tp, pp, cp)
+        rank_grid(world_size, tp, pp, cp, ep)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
@@ -122,12 +143,12 @@ class ParallelState:
             backend, device = "gloo", torch.device("cpu")
         if world_size == 1 and not dist.is_initialized() and "MASTER_ADDR" not in os.environ:
             state = cls.single(device)
-            state.tp, state.pp, state.cp = tp, pp, cp
+            state.tp, state.pp, state.cp, state.ep = tp, pp, cp, ep
             return state
         timeout = datetime.timedelta(seconds=timeout_s)
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
-        state = cls.build(tp, pp, device, timeout=timeout, cp=cp)
+        state = cls.build(tp, pp, device, timeout=timeout, cp=cp, ep=ep)
         state.heartbeat = Heartbeat(dist.distributed_c10d._get_default_store(), rank, world_size,
                                     interval_s=min(5.0, max(0.2, timeout_s / 5)))
         return state
@@ -135,7 +156,8 @@ class ParallelState:
     @classmethod
     def build(cls, tp: int, pp: int, device: torch.device | str = "cpu",
               ranks: Optional[list[int]] = None,
-              timeout: Optional[datetime.timedelta] = None, cp: int = 1) -> Optional["ParallelState"]:
+              timeout: Optional[datetime.timedelta] = None, cp: int = 1,
+              ep: int = 1) -> Optional["ParallelState"]:
         """Build the groups on an already initialised default process group.
 
         `ranks` lays the grid over a subset of the default group (tests check several layouts in
@@ -146,7 +168,7 @@ class ParallelState:
         """
         ranks = list(range(dist.get_world_size())) if ranks is None else list(ranks)
         me = dist.get_rank()
-        grid = rank_grid(len(ranks), tp, pp, cp)
+        grid = rank_grid(len(ranks), tp, pp, cp, ep)
         # new_group is collective over the default group: every process creates every group, in order.
         groups = {}
         # Sub-groups of consecutive TP ranks (ranks sharing a replicated kv head when tp > kv heads).
@@ -158,7 +180,10 @@ class ParallelState:
         stage = ["stage"] if pp > 1 else []
         # With cp == 1 the grad group is the dp group: reuse it.
         cp_kinds = ["cp", "grad"] if cp > 1 else []
-        for kind in ["world", "tp", "dp", "pp", "embedding"] + cp_kinds + stage + [f"tp{d}" for d in sub_sizes]:
+        # With ep == 1 the expert replicas are the grad group's: reuse it.
+        ep_kinds = ["ep", "expert_grad"] if ep > 1 else []
+        kinds = ["world", "tp", "dp", "pp", "embedding"] + cp_kinds + ep_kinds + stage + [f"tp{d}" for d in sub_sizes]
+        for kind in kinds:
             for local in grid[kind]:
                 members = [ranks[i] for i in local]
                 group = dist.new_group(members, timeout=timeout) if len(members) > 1 else None
@@ -166,17 +191,21 @@ class ParallelState:
                     groups[kind] = (group, members)
                     # The communication ledger books traffic by group kind (kv sub-groups are TP).
                     # The ledger books the grad group's traffic as DP, as the planner counts it.
-                    collectives.name_group(group, {"grad": "dp"}.get(kind, "tp" if kind.startswith("tp") else kind))
+                    collectives.name_group(group, {"grad": "dp", "expert_grad": "dp"}.get(
+                        kind, "tp" if kind.startswith("tp") else kind))
         if me not in ranks:
             return None
         rank, world_size = ranks.index(me), len(ranks)
         dp = world_size // (tp * cp * pp)
-        return cls(rank=rank, world_size=world_size, tp=tp, pp=pp, dp=dp, cp=cp,
+        grad_group = groups["grad" if cp > 1 else "dp"][0]
+        return cls(rank=rank, world_size=world_size, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep,
                    tp_rank=rank % tp, cp_rank=(rank // tp) % cp, dp_rank=(rank // (tp * cp)) % dp,
                    pp_rank=rank // (tp * cp * dp),
                    world_group=groups["world"][0], tp_group=groups["tp"][0], dp_group=groups["dp"][0],
                    cp_group=groups["cp"][0] if cp > 1 else None,
-                   grad_group=groups["grad" if cp > 1 else "dp"][0],
+                   grad_group=grad_group,
+                   ep_group=groups["ep"][0] if ep > 1 else None,
+                   expert_grad_group=groups["expert_grad"][0] if ep > 1 else grad_group,
                    pp_group=groups["pp"][0],
                    # Middle stages (pp > 2) belong to no embedding group.
                    embedding_group=groups.get("embedding", (None,))[0],
@@ -206,6 +235,16 @@ class ParallelState:
         """Whether this rank is the one of its dp x cp replicas that writes shared state (weights
         every DP and CP rank holds alike)."""
         return self.dp_rank == 0 and self.cp_rank == 0
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.ep
+
+    @property
+    def first_expert_replica(self) -> bool:
+        """Whether this rank writes the routed-expert weights it holds: the first of the (dp/ep) x cp
+        ranks that hold the same experts (every rank of the first EP group; at ep=1 first_replica)."""
+        return self.dp_rank < self.ep and self.cp_rank == 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -254,8 +293,9 @@ class ParallelState:
 
     def describe(self) -> str:
         cp = f"cp {self.cp_rank}/{self.cp} " if self.cp > 1 else ""
+        ep = f" (ep {self.ep_rank}/{self.ep})" if self.ep > 1 else ""
         return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp} {cp}"
-                f"pp {self.pp_rank}/{self.pp} dp {self.dp_rank}/{self.dp} on {self.device}")
+                f"pp {self.pp_rank}/{self.pp} dp {self.dp_rank}/{self.dp}{ep} on {self.device}")
 
 
 class Heartbeat:

@@ -222,7 +222,8 @@ def main(argv=None) -> int:
 
     stop = StopSignal().install()   # before the (possibly long) model build and weight loading
     stop_with_launcher()
-    ps = ParallelState.from_env(layout.tp, layout.pp, timeout_s=cfg.parallel.timeout_s, cp=layout.cp)
+    ps = ParallelState.from_env(layout.tp, layout.pp, timeout_s=cfg.parallel.timeout_s, cp=layout.cp,
+                                ep=layout.ep)
     archived = archive_previous_run(cfg) if ps.rank == 0 else None   # train.overwrite=true
     if ps.world_size > 1:
         dist.barrier(group=ps.world_group)   # no rank reads the run folder before it is moved

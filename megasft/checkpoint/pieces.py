@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from megasft.hf.names import canonical_names, full_shapes
-from megasft.tensor_parallel.spec import spec_of
+from megasft.tensor_parallel.spec import first_replica, spec_of
 
 MODEL_PREFIX = "model/"
 OPTIM_ROWS = ("main", "exp_avg", "exp_avg_sq")  # rows of DistributedOptimizer.shard_state
@@ -143,12 +143,13 @@ def _add(out: dict, key: str, fb: FlatBlock, dtype: torch.dtype, tensor: torch.T
 
 def model_state(chunks: list[nn.Module], ps) -> dict[str, TensorPieces]:
     """``model/<hf name>`` -> this rank's blocks of the model weights (views of the parameters).
-    Only the first DP x CP replica writes: every DP and CP rank holds the same weights."""
+    Only the first DP x CP replica writes: every DP and CP rank holds the same weights (routed
+    experts: the first of the ranks holding the same experts, spec.first_replica)."""
     out: dict[str, TensorPieces] = {}
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             flat = param.detach().view(-1)   # must be a view: loading writes through it
-            write = ps.first_replica and writes_here(param, ps)
+            write = first_replica(param, ps) and writes_here(param, ps)
             for fb in flat_blocks(name, param, 0, param.numel()):
                 view = flat[fb.flat_start:fb.flat_start + math.prod(fb.shape)].view(fb.shape)
                 _add(out, MODEL_PREFIX + fb.name, fb, param.dtype, view, write)
@@ -161,11 +162,10 @@ def optimizer_state(optimizer, chunks: list[nn.Module], ps) -> dict[str, TensorP
     all write; a replicated optimizer is written by the first replica."""
     params = {slot.name: slot.param for b in optimizer.grad_buffer.buckets for slot in b.slots}
     local_names = {id(p): n for chunk in chunks for n, p in chunk.named_parameters()}
-    dp_writes = optimizer.distributed or ps.first_replica
     out: dict[str, TensorPieces] = {}
     for shard in optimizer.param_shards():
         param = params[shard.name]
-        write = dp_writes and writes_here(param, ps)
+        write = (optimizer.distributed or first_replica(param, ps)) and writes_here(param, ps)
         rows = optimizer.param_state(shard)
         for fb in flat_blocks(local_names[id(param)], param, shard.param_start, shard.param_end):
             lo = fb.flat_start - shard.param_start

@@ -16,13 +16,13 @@ Routed experts (megasft.model.moe) are canonical per expert, as the HF files hol
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from megasft.model.families import family_of
-from megasft.tensor_parallel.spec import spec_of
+from megasft.tensor_parallel.spec import first_replica, spec_of
 
 # megasft name (regex, layer id captured) -> HF tensor names fused into it, in order.
 _LAYER = "model.layers.{0}."
@@ -237,11 +237,15 @@ def load_hf_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> Non
     load_canonical_sliced(module, *stored_access(module.cfg.family, module_shapes(module), shape_of, read))
 
 
-def canonical_pieces(module: nn.Module, grads: bool = False) -> Iterator[tuple[str, int, int, torch.Tensor]]:
-    """(hf_name, split dim, offset, piece) for every shard this rank holds — of the weights, or
-    with grads=True of their ``.grad`` (a module trained without the optimizer, whose fp32 main
-    grads it owns); replicated parameters come with dim -1 (the whole tensor)."""
+def canonical_pieces(module: nn.Module, grads: bool = False,
+                     keep: Optional[Callable[[nn.Parameter], bool]] = None) -> Iterator[tuple[str, int, int, torch.Tensor]]:
+    """(hf_name, split dim, offset, piece) for every shard this rank holds (of the parameters
+    `keep` accepts) — of the weights, or with grads=True of their ``.grad`` (a module trained
+    without the optimizer, whose fp32 main grads it owns); replicated parameters come with dim -1
+    (the whole tensor)."""
     for name, param in module.named_parameters():
+        if keep is not None and not keep(param):
+            continue
         names = canonical_names(name, param)
         tensor = param.detach()
         if grads:
@@ -276,10 +280,8 @@ def gather_hf_state(chunks: list[nn.Module], ps, dtype: torch.dtype = torch.floa
     checkpoint with megasft convert instead."""
     import torch.distributed as dist
 
-    mine = []
-    if ps.first_replica:
-        mine = [(n, d, o, p.to(dtype=dtype, device="cpu").clone())
-                for chunk in chunks for n, d, o, p in canonical_pieces(chunk)]
+    mine = [(n, d, o, p.to(dtype=dtype, device="cpu").clone())
+            for chunk in chunks for n, d, o, p in canonical_pieces(chunk, keep=lambda q: first_replica(q, ps))]
     if ps.world_size == 1:
         return dict(fuse_stored(chunks[0].cfg.family, assemble_canonical(mine).items()))
     gathered = [None] * ps.world_size if ps.rank == 0 else None

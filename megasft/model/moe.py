@@ -10,13 +10,13 @@ The four steps are separate pieces so that expert parallelism replaces only the 
   route     Router: logits = x W_r^T [T, E], softmax in fp32, top-k, renormalised to sum 1 with
             moe_norm_topk_prob (Mixtral always; Qwen3-MoE's norm_topk_prob) — transformers'
             Qwen3MoeTopKRouter / MixtralTopKRouter.
-  dispatch  LocalDispatch.dispatch: the T*k (token, pick) slots ordered by expert, each slot a copy
-            of its token's row -> [T*k, h] grouped by expert, and the rows per expert. With expert
-            parallelism this becomes an all-to-all to the ranks holding the experts.
+  dispatch  megasft.model.dispatch: the T*k (token, pick) slots ordered by expert, each slot a copy
+            of its token's row -> [T*k, h] grouped by expert, and the rows per expert; under
+            expert parallelism (parallel.ep) followed by an all-to-all to the ranks holding them.
   experts   RoutedExperts: each local expert's SwiGLU on its contiguous rows (a loop, or one
             torch._grouped_mm per projection over all of them).
-  combine   LocalDispatch.combine: the slots back in token order, times their routing weights,
-            summed over each token's k picks (EP: after the reverse all-to-all).
+  combine   the slots back in token order (EP: after the reverse all-to-all), times their
+            routing weights, summed over each token's k picks.
 
 Tensor parallelism (expert-TP): every expert's FFN dim is split over TP like the dense MLP's, so
 the layer's output is a partial sum reduced by the same exit_tp_region. The router is replicated
@@ -51,6 +51,7 @@ from torch import nn
 from megasft import collectives
 from megasft.config import ModelConfig
 from megasft.errors import ConfigError
+from megasft.model.dispatch import dispatcher
 from megasft.model.families import moe_ffn_size
 from megasft.model.fused import resolve_norm_backend, swiglu_kernel
 from megasft.parallel_state import ParallelState, group_size
@@ -101,39 +102,6 @@ def router_stats(logits: torch.Tensor, probs: torch.Tensor, experts: torch.Tenso
     counts = torch.bincount(experts.reshape(-1), minlength=probs.shape[-1]).to(probs.dtype)
     lse_sq = torch.logsumexp(logits.float(), dim=-1).square().sum()
     return RouterStats(counts, probs.sum(dim=0), lse_sq, logits.shape[0])
-
-
-class Dispatched(NamedTuple):
-    """What combine needs to undo a dispatch."""
-
-    inverse: torch.Tensor      # [T*k] position of each (token, pick) slot in the expert order
-    tokens: int
-
-
-class LocalDispatch:
-    """Dispatch and combine when every expert is on this rank (no expert parallelism): a
-    permutation of the (token, pick) slots into expert order and back. Gathers of a permutation
-    only (each token's k copies made by expand), so the backward is deterministic."""
-
-    def __init__(self, num_experts: int):
-        self.num_experts = num_experts
-
-    def dispatch(self, x: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
-        """x [T, h], expert ids [T, k] -> (rows grouped by expert [T*k, h], rows per expert [E], state)."""
-        tokens, k = experts.shape
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)                   # slot ids in expert order
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        slots = x.unsqueeze(1).expand(tokens, k, x.shape[-1]).reshape(tokens * k, -1)   # [T*k, h]
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        return slots[order], counts, Dispatched(inverse, tokens)
-
-    def combine(self, y: torch.Tensor, weights: torch.Tensor, state: Dispatched) -> torch.Tensor:
-        """Expert outputs in expert order [T*k, h], routing weights [T, k] -> [T, h]."""
-        k = weights.shape[-1]
-        per_pick = y[state.inverse].view(state.tokens, k, -1)       # [T, k, h]
-        return (per_pick * weights.unsqueeze(-1)).sum(dim=1)
 
 
 def resolve_experts_backend(name: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
@@ -187,15 +155,17 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    """A decoder layer's MoE MLP at EP=1: every expert on this rank, expert-TP over ps.tp_group.
-    forward returns (output [s(/tp), b, h], RouterStats)."""
+    """A decoder layer's MoE MLP: this rank's num_experts / ep experts (all of them at ep=1),
+    expert-TP over ps.tp_group. forward returns (output [s(/tp), b, h], RouterStats)."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool):
         super().__init__()
         self.group, self.sequence_parallel = ps.tp_group, sequence_parallel
         self.router = Router(cfg, ps, sequence_parallel)
-        self.dispatcher = LocalDispatch(cfg.num_experts)   # a plain object: no parameters
-        self.experts = RoutedExperts(cfg, ps, 0, cfg.num_experts)
+        # A plain object (no parameters): the experts all here, or spread over the EP group.
+        self.dispatcher = dispatcher(cfg.num_experts, ps)
+        per_rank = cfg.num_experts // ps.ep
+        self.experts = RoutedExperts(cfg, ps, ps.ep_rank * per_rank, per_rank)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         s, b, h = x.shape

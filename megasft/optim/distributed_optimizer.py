@@ -47,7 +47,7 @@ from torch import nn
 from megasft.config import OptimConfig, ParallelConfig
 from megasft.optim.adamw import FusedUpdate, reference_update, resolve_kernel
 from megasft.optim.grad_buffer import Bucket, GradBuffer, ParamShard
-from megasft.optim.grad_norm import clip_coefficient, global_norm, weighted_sq_sum
+from megasft.optim.grad_norm import clip_coefficient, global_norm, summed, weighted_sq_sum
 from megasft.parallel_state import ParallelState
 from megasft.pipeline.tied import sync_tied_embedding_grads
 from megasft.tensor_parallel.layers import sync_replicated_grads
@@ -88,9 +88,14 @@ class DistributedOptimizer:
         overlap = parallel.overlap_grad_reduce or parallel.overlap_param_gather
         bucket_numel = int(parallel.bucket_size_mb * 2 ** 20 / 4) if overlap else None
         self.grad_buffer = GradBuffer(list(named_params), state.grad_group, shard=self.distributed,
-                                      bucket_numel=bucket_numel, overlap=parallel.overlap_grad_reduce)
-        # The norm sums over TP and PP always, and over DP x CP only where those ranks hold disjoint shards.
+                                      bucket_numel=bucket_numel, overlap=parallel.overlap_grad_reduce,
+                                      expert_group=state.expert_grad_group, split_experts=state.ep > 1)
+        # The norm sums over TP and PP always, and over DP x CP only where those ranks hold disjoint
+        # shards; expert-parallel experts over EP always and over expert-DP where sharded.
         self.norm_groups = [state.tp_group, state.pp_group] + ([state.grad_group] if self.distributed else [])
+        self.expert_norm_groups = ([state.expert_grad_group] if self.distributed else []) + [state.ep_group]
+        self.dense_norm_groups = [state.grad_group] if self.distributed else []
+        self.expert_parallel = state.ep > 1
         self.embedding_group = state.embedding_group
         self.params = [slot.param for bucket in self.grad_buffer.buckets for slot in bucket.slots]
         self.shard_state = torch.zeros(3, self.grad_buffer.shard_numel, dtype=torch.float32,
@@ -138,9 +143,15 @@ class DistributedOptimizer:
 
     def grad_norm(self) -> float:
         """Global L2 norm of the DP-reduced gradients, each distinct parameter counted once."""
-        pieces = ((self.grad_buffer.grad_shard(b)[r.start:r.end], r.copies)
-                  for b in self.grad_buffer.buckets for r in b.runs)
-        return global_norm(weighted_sq_sum(pieces, self.shard_state.device), self.norm_groups)
+        def squares(experts: bool) -> torch.Tensor:
+            pieces = ((self.grad_buffer.grad_shard(b)[r.start:r.end], r.copies)
+                      for b in self.grad_buffer.buckets if b.experts == experts for r in b.runs)
+            return weighted_sq_sum(pieces, self.shard_state.device)
+
+        if not self.expert_parallel:
+            return global_norm(squares(False), self.norm_groups)
+        total = summed(squares(False), self.dense_norm_groups) + summed(squares(True), self.expert_norm_groups)
+        return global_norm(total, self.norm_groups[:2])
 
     def _skip(self, norm: float, lr: float, what: str) -> StepResult:
         self.consecutive_skips += 1
@@ -248,10 +259,14 @@ class DistributedOptimizer:
         self.skipped_total = int(state_dict.get("skipped_total", 0))
         self.publish_params()
 
+    def _expert_note(self) -> str:
+        shards = {b.num_shards for b in self.grad_buffer.buckets if b.experts}
+        return f" (routed experts over {shards.pop()} expert-DP ranks)" if shards and self.distributed else ""
+
     def describe(self) -> str:
         """One start-up line: state bytes per rank and what they hold."""
         n = sum(b.shard_numel for b in self.grad_buffer.buckets)
         return (f"optimizer: AdamW ({self.kernel} kernel), {'ZeRO-1 over' if self.distributed else 'replicated over'} "
-                f"{self.grad_buffer.num_shards if self.distributed else 'all'} DP ranks, "
+                f"{self.grad_buffer.num_shards if self.distributed else 'all'} DP ranks{self._expert_note()}, "
                 f"{len(self.grad_buffer.buckets)} bucket(s), state {self.state_bytes() / 2 ** 20:.1f} MiB "
                 f"per rank (fp32 main params + 2 moments for {n:,} elements)")

@@ -28,6 +28,10 @@ first runs, so the gather of later layers hides behind the compute of earlier on
 reads the weights outside a module forward (checkpoint save, export) calls
 :meth:`GradBuffer.finish_param_sync` first.
 
+Routed experts under expert parallelism (ParallelState.ep > 1) are held alike only by the dp/ep
+ranks of the expert_grad group, not by every DP rank: their parameters sit in buckets of their
+own that are reduced, sharded and gathered over that group (``Bucket.group``).
+
 Parameters whose gradient the model itself sums across ranks after backward (sequence-parallel
 norm weights, replicated kv heads, pipeline-tied embeddings: ``ParamSpec.model_grad_sync``) sit in
 a final bucket that is only reduced in finish_grad_sync(), after the model's syncs ran.
@@ -46,6 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megasft import collectives
+from megasft.parallel_state import group_size
 from megasft.tensor_parallel.spec import spec_of
 
 # Module attributes (not direct calls) so tests can make the all-gather land late (tests/layouts.py).
@@ -106,6 +111,10 @@ class Bucket:
     shard_numel: int
     shard_offset: int
     deferred: bool  # holds model_grad_sync params: reduced only in finish_grad_sync
+    group: Optional[dist.ProcessGroup] = None  # the ranks holding these params alike (DP, or expert-DP)
+    num_shards: int = 1   # ZeRO-1 shards of this bucket: the group's size, or 1 unsharded
+    shard_rank: int = 0
+    experts: bool = False  # holds expert-parallel routed experts
     runs: list[Run] = field(default_factory=list)  # this rank's slice, by (decay, copies)
     fired: set = field(default_factory=set)  # params whose grads are final in this backward
     handle: Optional[dist.Work] = None  # the gradient reduction in flight
@@ -117,22 +126,32 @@ def _pad(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _bucket_slots(named: list[tuple[str, nn.Parameter]], bucket_numel: Optional[int]) -> list[list]:
+def _bucket_slots(named: list[tuple[str, nn.Parameter]], bucket_numel: Optional[int],
+                  split_experts: bool) -> list[tuple[bool, list]]:
     """Group parameters (already in layout order) into buckets of about bucket_numel elements;
-    model_grad_sync params form a last bucket of their own."""
-    regular = [(n, p) for n, p in named if not spec_of(p).model_grad_sync]
+    with split_experts, routed experts' params form buckets of their own; model_grad_sync params
+    form a last bucket of their own. Returns (experts?, members) per bucket."""
+    def expert(p: nn.Parameter) -> bool:
+        return split_experts and spec_of(p).experts is not None
+
+    groups = []
+    for experts in ((False, True) if split_experts else (False,)):
+        current, size = [], 0
+        for name, param in named:
+            if spec_of(param).model_grad_sync or expert(param) != experts:
+                continue
+            current.append((name, param))
+            size += param.numel()
+            if bucket_numel is not None and size >= bucket_numel:
+                groups.append((experts, current))
+                current, size = [], 0
+        if current:
+            groups.append((experts, current))
     deferred = [(n, p) for n, p in named if spec_of(p).model_grad_sync]
-    groups, current, size = [], [], 0
-    for name, param in regular:
-        current.append((name, param))
-        size += param.numel()
-        if bucket_numel is not None and size >= bucket_numel:
-            groups.append(current)
-            current, size = [], 0
-    if current:
-        groups.append(current)
+    if any(expert(p) for _, p in deferred):
+        raise ValueError("a routed expert's gradient cannot be both model-synced and expert-parallel")
     if deferred:
-        groups.append(deferred)
+        groups.append((False, deferred))
     return groups
 
 
@@ -140,22 +159,23 @@ class GradBuffer:
     """The flat param/grad buffers of one rank, their buckets, the accumulation hooks, and the DP
     collectives: reduce (reduce-scatter or all-reduce, SUM) of grads, all-gather of params.
 
-    num_shards is the DP size under ZeRO-1 and 1 without it (every rank keeps the whole state)."""
+    num_shards is the DP size under ZeRO-1 and 1 without it (every rank keeps the whole state).
+    With split_experts (expert parallelism), routed experts' buckets use expert_group instead
+    (their shard count is that group's size)."""
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], dp_group: Optional[dist.ProcessGroup],
-                 shard: bool, bucket_numel: Optional[int] = None, overlap: bool = False):
+                 shard: bool, bucket_numel: Optional[int] = None, overlap: bool = False,
+                 expert_group: Optional[dist.ProcessGroup] = None, split_experts: bool = False):
         named = _unique_trainable(named_params)
         dtypes = {p.dtype for _, p in named}
         if len(dtypes) != 1:
             raise ValueError(f"all trainable parameters must share one dtype for the flat param buffer, "
                              f"got {sorted(map(str, dtypes))}; cast the model with model.to(dtype) first")
-        self.dp_group = dp_group
-        dp_size = 1 if dp_group is None else dist.get_world_size(dp_group)
-        self.num_shards = dp_size if shard else 1
-        self.shard_rank = 0 if dp_group is None or not shard else dist.get_rank(dp_group)
+        self.dp_group, self.expert_group, self.shard = dp_group, expert_group, shard
+        self.num_shards = group_size(dp_group) if shard else 1
         self.overlap = overlap
         self._sync_enabled = True
-        self.buckets = self._build_buckets(list(reversed(named)), bucket_numel)
+        self.buckets = self._build_buckets(list(reversed(named)), bucket_numel, split_experts)
         for bucket in self.buckets:
             bucket.runs = self._shard_runs(bucket)
         total = self.buckets[-1].end
@@ -167,18 +187,23 @@ class GradBuffer:
                        for bucket in self.buckets for slot in bucket.slots]
 
     # ---------------------------------------------------------------- layout
-    def _build_buckets(self, named: list[tuple[str, nn.Parameter]], bucket_numel: Optional[int]) -> list[Bucket]:
+    def _build_buckets(self, named: list[tuple[str, nn.Parameter]], bucket_numel: Optional[int],
+                       split_experts: bool) -> list[Bucket]:
         buckets, offset, shard_offset = [], 0, 0
-        for group in _bucket_slots(named, bucket_numel):
+        for experts, group in _bucket_slots(named, bucket_numel, split_experts):
+            ranks = self.expert_group if experts else self.dp_group
+            num_shards = group_size(ranks) if self.shard else 1
+            shard_rank = 0 if ranks is None or not self.shard else dist.get_rank(ranks)
             # Stable sort: decayed first, then by copies, so a shard slice has few distinct runs.
             group = sorted(group, key=lambda item: (not decays(item[1]), spec_of(item[1]).copies))
             slots, start = [], offset
             for name, param in group:
                 slots.append(Slot(name, param, offset, offset + param.numel()))
                 offset += param.numel()
-            offset = start + _pad(offset - start, self.num_shards * SHARD_ALIGN)
+            offset = start + _pad(offset - start, num_shards * SHARD_ALIGN)
             deferred = any(spec_of(p).model_grad_sync for _, p in group)
-            bucket = Bucket(start, offset, slots, (offset - start) // self.num_shards, shard_offset, deferred)
+            bucket = Bucket(start, offset, slots, (offset - start) // num_shards, shard_offset, deferred,
+                            ranks, num_shards, shard_rank, experts)
             shard_offset += bucket.shard_numel
             buckets.append(bucket)
         self.shard_numel = shard_offset
@@ -202,7 +227,7 @@ class GradBuffer:
 
     def shard_range(self, bucket: Bucket) -> tuple[int, int]:
         """This rank's slice [start, end) of `bucket` in the flat space."""
-        start = bucket.start + self.shard_rank * bucket.shard_numel
+        start = bucket.start + bucket.shard_rank * bucket.shard_numel
         return start, start + bucket.shard_numel
 
     def _shard_runs(self, bucket: Bucket) -> list[Run]:
@@ -271,16 +296,16 @@ class GradBuffer:
 
     # ----------------------------------------------------------- collectives
     def _launch(self, bucket: Bucket) -> None:
-        """Start the SUM reduction of one bucket over DP: in-place reduce-scatter into this rank's
-        slice under ZeRO-1, all-reduce of the whole bucket otherwise."""
+        """Start the SUM reduction of one bucket over its group (DP, or expert-DP): in-place
+        reduce-scatter into this rank's slice under ZeRO-1, all-reduce of the whole bucket otherwise."""
         bucket.launched = True
         data = self.grad_data[bucket.start:bucket.end]
-        if self.num_shards > 1:
+        if bucket.num_shards > 1:
             lo, hi = self.shard_range(bucket)
-            bucket.handle = _reduce_scatter(self.grad_data[lo:hi], data, group=self.dp_group,
+            bucket.handle = _reduce_scatter(self.grad_data[lo:hi], data, group=bucket.group,
                                             async_op=True)  # [P_b] -> [P_b / dp]
-        elif self.dp_group is not None:
-            bucket.handle = collectives.all_reduce(data, self.dp_group, async_op=True)
+        elif bucket.group is not None:
+            bucket.handle = collectives.all_reduce(data, bucket.group, async_op=True)
 
     def finish_grad_sync(self) -> None:
         """Reduce every bucket not reduced yet and wait for all. Idempotent until zero_grad()."""
@@ -295,14 +320,16 @@ class GradBuffer:
     def all_gather_params(self, overlap: bool = False) -> None:
         """Every rank's updated param_data slices to every rank: [P_b / dp] -> [P_b] per bucket.
         With overlap the gathers are only launched; see register_param_sync_hooks()."""
-        if self.num_shards == 1:
+        if not self.shard:
             return
         self.finish_param_sync()  # never two gathers writing one bucket
         # Buckets are laid out in reverse registration order, so the reversed list is the order
         # of first use in forward (the deferred bucket, holding embeddings and norms, goes first).
         for b in reversed(self.buckets):
+            if b.num_shards == 1:
+                continue
             b.gather = _all_gather(self.param_data[b.start:b.end], self.param_shard(b),
-                                   group=self.dp_group, async_op=True)
+                                   group=b.group, async_op=True)
         if not overlap:
             self.finish_param_sync()
 

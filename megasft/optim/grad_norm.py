@@ -10,6 +10,9 @@ group counts it exactly once:
 
 Under ZeRO-1 every DP rank holds a disjoint shard of the reduced gradient, so the DP group is summed
 over too; without sharding every DP rank holds the whole (identical) gradient and must not be.
+Routed experts under expert parallelism are different tensors on each rank of the EP group and
+alike over the expert-DP group: their squared sum is reduced over EP always and over expert-DP
+under ZeRO-1, then added to the dense parameters' before the TP and PP sums.
 """
 from __future__ import annotations
 
@@ -30,12 +33,17 @@ def weighted_sq_sum(pieces: Iterable[tuple[torch.Tensor, int]], device: torch.de
     return total
 
 
-def global_norm(local_sq_sum: torch.Tensor, groups: Iterable[Optional[dist.ProcessGroup]]) -> float:
-    """sqrt of the local squared sum all-reduced (SUM) over each group; None groups are size 1."""
+def summed(local_sq_sum: torch.Tensor, groups: Iterable[Optional[dist.ProcessGroup]]) -> torch.Tensor:
+    """The local squared sum all-reduced (SUM) over each group; None groups are size 1."""
     total = local_sq_sum.detach().clone().float()
     for group in groups:
         collectives.all_reduce(total, group)
-    return float(total.sqrt())  # inf or nan when some gradient was not finite
+    return total
+
+
+def global_norm(local_sq_sum: torch.Tensor, groups: Iterable[Optional[dist.ProcessGroup]]) -> float:
+    """sqrt of the local squared sum all-reduced (SUM) over each group; None groups are size 1."""
+    return float(summed(local_sq_sum, groups).sqrt())  # inf or nan when some gradient was not finite
 
 
 def clip_coefficient(norm: float, max_norm: float) -> float:

@@ -137,6 +137,13 @@ def spec_of(param: torch.Tensor) -> ParamSpec:
     return getattr(param, _ATTR, None) or ParamSpec()
 
 
+def first_replica(param: torch.Tensor, ps) -> bool:
+    """Whether this rank is the first of the data-parallel replicas holding `param` (the one that
+    writes it in checkpoints and exports): over dp x cp for most parameters, over the expert-DP
+    ranks for routed experts, which expert parallelism spreads over the dp ranks."""
+    return ps.first_expert_replica if spec_of(param).experts is not None else ps.first_replica
+
+
 def set_spec(param: nn.Parameter, **changes) -> nn.Parameter:
     """Update fields of a parameter's spec; returns the parameter."""
     setattr(param, _ATTR, dataclasses.replace(spec_of(param), **changes))
