@@ -77,6 +77,7 @@ class Case:
     fast: bool = False     # the performance options: FAST_PARALLEL, FAST_MODEL, late param gathers
     cp: int = 1
     cp_comm: str = "ring"
+    ep: int = 1
 
     def __str__(self) -> str:   # the pytest id
         return self.name
@@ -98,7 +99,7 @@ def sft_config(model_fields: dict, hf_dir: str, case: Case, run: Run) -> Config:
     """fp32 SFT config of `case` starting from the HF directory the reference model was saved to."""
     parallel = {"tp": case.tp, "pp": case.pp, "virtual_pipeline_size": case.virtual,
                 "pipeline_schedule": case.schedule, "sequence_parallel": case.sequence_parallel,
-                "distributed_optimizer": case.zero1, "cp": case.cp, "cp_comm": case.cp_comm}
+                "distributed_optimizer": case.zero1, "cp": case.cp, "cp_comm": case.cp_comm, "ep": case.ep}
     return Config.from_dict({
         "model": {**model_fields, **(FAST_MODEL if case.fast else {}), "init_from_hf": hf_dir},
         "parallel": {**parallel, **(FAST_PARALLEL if case.fast else {})},
@@ -116,7 +117,7 @@ def train_cases(cases: list[Case], run: Run, model_fields: Callable[[Case], dict
     weight pieces, tied copies, coordinates}."""
     results = {}
     for case in cases:
-        ps = ParallelState.build(case.tp, case.pp, ranks=list(case.ranks), cp=case.cp)
+        ps = ParallelState.build(case.tp, case.pp, ranks=list(case.ranks), cp=case.cp, ep=case.ep)
         if ps is None:
             continue
         cfg = sft_config(model_fields(case), hf_dir(case), case, run)
@@ -125,7 +126,8 @@ def train_cases(cases: list[Case], run: Run, model_fields: Callable[[Case], dict
             outputs = train_this_rank(trainer, global_batches, case.micro_batch_size)
             weights = weight_pieces(trainer)   # inside: it waits for an overlapped param all-gather
         results[case.name] = {"losses": [o.loss for o in outputs], "weights": weights, "pp_rank": ps.pp_rank,
-                              "aux": [o.aux_loss for o in outputs], "moe_record": trainer._moe_record(outputs[-1]),
+                              "aux": [o.aux_loss for o in outputs], "grad_norms": [o.grad_norm for o in outputs],
+                              "moe_record": trainer._moe_record(outputs[-1]),
                               "coords": (ps.dp_rank, ps.cp_rank, ps.tp_rank),
                               "tied": [p.detach().clone() for p in tied_copies(trainer.params)]}
     return results
