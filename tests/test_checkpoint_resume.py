@@ -20,6 +20,10 @@ resharding is an uninterrupted run of the same config that saved along the way:
           tolerance. Documents are padded to 2*cp = 4 in every CP run and, to read the same rows, in
           the CP1 one (a real cp=1 run pads nothing and refuses the cp=2 data position, see
           test_data_loader)
+  ep      a Qwen3-MoE model at DP4 with EP2 (experts over 2 ranks, their ZeRO-1 state over the other
+          2): resume at step 4 exact; reshard step 2 to EP1, run 3-6 -> equal to ep_ref within fp32
+          tolerance; an HF MoE checkpoint loaded at TP2xEP2 and saved from there exports
+          bit-identical tensors
 """
 from __future__ import annotations
 
@@ -46,11 +50,13 @@ from megasft.parallel_state import ParallelState
 from megasft.training import faults
 from megasft.training.loop import Trainer
 from tests.multiproc import run_ranks
-from tests.oracle import hf_model, tiny_fields
+from tests.oracle import hf_model, moe_fields, tiny_fields
 from tests.corrupt import flip_byte
+from tests.test_hf_families import assert_export_bit_identical
 
 SEQ, ROWS, STEPS = 16, 8, 6
 FIELDS = tiny_fields(num_attention_heads=8, num_kv_heads=2)   # tp=4 splits 8 heads, copies 2 kv heads
+MOE = moe_fields("qwen3_moe", vocab_size=FIELDS["vocab_size"])  # 8 experts: 4 per rank at ep 2
 
 
 def make_dataset(path: Path, n_docs: int = 80) -> None:
@@ -82,7 +88,8 @@ def make_config(tmp: str, name: str, tp: int, pp: int, world: int, **overrides) 
 def setup(tmp: str, name: str, tp: int, pp: int, **overrides):
     """Trainer, loader and Checkpointer of one layout on ranks 0-3, resumed per checkpoint.load."""
     doc_multiple = overrides.pop("doc_multiple", 1)
-    ps = ParallelState.build(tp, pp, ranks=[0, 1, 2, 3], cp=overrides.get("parallel", {}).get("cp", 1))
+    parallel = overrides.get("parallel", {})
+    ps = ParallelState.build(tp, pp, ranks=[0, 1, 2, 3], cp=parallel.get("cp", 1), ep=parallel.get("ep", 1))
     cfg = make_config(tmp, name, tp, pp, 4, **overrides)
     torch.manual_seed(cfg.train.seed)
     loader = PackedLoader(f"{tmp}/data", SEQ, SEQ * ROWS, cfg.data.micro_batch_size, ps.dp_rank, ps.dp,
@@ -136,6 +143,17 @@ def _rank_main(tmp: str) -> dict:
     out["cp_to1"] = run(tmp, "cp_to1", 1, 1, stop_after=4, checkpoint={"load": f"{cp_ref}/{step_name(2)}"}, **cp2)
     out["cp_to2"] = run(tmp, "cp_to2", 2, 1, parallel={"cp": 2, "cp_comm": "a2a"},
                         checkpoint={"load": f"{tmp}/cp_to1/ckpt"}, **cp2)
+    # Expert parallelism: exact resume at EP2 (DP4), resharding EP2 -> EP1; an HF import at TP2xEP2.
+    out["ep_ref"] = run(tmp, "ep_ref", 1, 1, model=MOE, parallel={"ep": 2},
+                        checkpoint={"save_interval": 2, "keep_last": 0})
+    ep_ref = f"{tmp}/ep_ref/ckpt"
+    out["ep_resume"] = run(tmp, "ep_resume", 1, 1, model=MOE, parallel={"ep": 2},
+                           checkpoint={"load": f"{ep_ref}/{step_name(4)}"})
+    out["ep_to1"] = run(tmp, "ep_to1", 1, 1, model=MOE, checkpoint={"load": f"{ep_ref}/{step_name(2)}"})
+    trainer, loader, ckpt = setup(tmp, "hf_rt_moe", 2, 1, model=MOE, parallel={"ep": 2},
+                                  checkpoint={"load": f"{tmp}/imported_moe"})
+    ckpt.save(trainer, loader)
+    ckpt.close()
     for tied in (False, True):   # load the converted HF model at TP2xPP2 and save it from there
         trainer, loader, ckpt = setup(tmp, f"hf_rt_{tied}", 2, 2, model={"tie_embeddings": tied},
                                       checkpoint={"load": f"{tmp}/imported_{tied}"})
@@ -175,6 +193,8 @@ def test_resume_reshard_and_hf_round_trip(tmp_path):
         model.save_pretrained(tmp_path / f"hf_{tied}")
         originals[tied] = {k: v.clone() for k, v in model.state_dict().items()}
         hf_to_megasft(tmp_path / f"hf_{tied}", tmp_path / f"imported_{tied}", tp=2, pp=2)
+    hf_model(MOE, seed=12).save_pretrained(tmp_path / "hf_moe")
+    hf_to_megasft(tmp_path / "hf_moe", tmp_path / "imported_moe", tp=2)
 
     results = run_ranks(_rank_main, 4, tmp, timeout=900)
     losses = {name: results[0][name][0] for name in results[0]}
@@ -217,7 +237,19 @@ def test_resume_reshard_and_hf_round_trip(tmp_path):
     assert_close(torch.tensor(losses["cp_to1"] + losses["cp_to2"]), torch.tensor(cp_ref[2:]), rtol=1e-5, atol=1e-6)
     for name, tensor in global_weights(results, "cp_to2").items():
         assert_close(tensor, cp_w[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    # HF -> megasft (loaded and re-saved at TP2xPP2) -> HF: bit-identical tensors.
+    # EP: exact resume; resharding EP2 -> EP1 within fp32 tolerance.
+    ep_ref, ep_w = losses["ep_ref"], global_weights(results, "ep_ref")
+    assert losses["ep_resume"] == ep_ref[4:]
+    for name, tensor in global_weights(results, "ep_resume").items():
+        assert torch.equal(tensor, ep_w[name]), name
+    assert read_meta(tmp_path / "ep_ref" / "ckpt" / step_name(2))["layout"]["ep"] == 2
+    assert_close(torch.tensor(losses["ep_to1"]), torch.tensor(ep_ref[2:]), rtol=1e-5, atol=1e-6)
+    for name, tensor in global_weights(results, "ep_to1").items():
+        assert_close(tensor, ep_w[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    # HF -> megasft (loaded and re-saved at TP2xPP2, MoE at TP2xEP2) -> HF: bit-identical tensors.
+    moe_out = megasft_to_hf(tmp_path / "hf_rt_moe" / "ckpt", tmp_path / "export_moe", dtype="fp32")
+    # Every expert of every layer as stored (config.json is megasft's own: the run saved a checkpoint).
+    assert_export_bit_identical(tmp_path / "hf_moe", moe_out, same_config=False)
     for tied in (False, True):
         out = megasft_to_hf(tmp_path / f"hf_rt_{tied}" / "ckpt", tmp_path / f"export_{tied}", dtype="fp32",
                             max_shard_bytes=200_000)

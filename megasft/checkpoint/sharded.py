@@ -129,7 +129,7 @@ class Checkpointer:
 
     def _layout(self) -> dict:
         p = self.cfg.parallel
-        return {"tp": self.ps.tp, "pp": self.ps.pp, "dp": self.ps.dp, "cp": self.ps.cp, "world": self.ps.world_size,
+        return {"tp": self.ps.tp, "pp": self.ps.pp, "dp": self.ps.dp, "cp": self.ps.cp, "ep": self.ps.ep, "world": self.ps.world_size,
                 "virtual_pipeline_size": p.virtual_pipeline_size, "pipeline_layers": p.pipeline_layers,
                 "distributed_optimizer": p.distributed_optimizer}
 
