@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megasft.config import Config, ConfigError
 from megasft.layout import Layout
 from megasft.parallel_state import ParallelState, destroy
+from megasft.tensor_parallel.spec import spec_of
 
 
 def parse_args(argv=None):
@@ -83,18 +84,22 @@ def child_argv(argv) -> list[str]:
 def describe_start(cfg: Config, ps: ParallelState, trainer) -> str:
     n_params = sum(p.numel() for p in trainer.params)
     layout = trainer.layout
-    expected = 12 * n_params / (layout.dp * layout.cp if cfg.parallel.distributed_optimizer else 1)
+    shards = layout.dp * layout.cp if cfg.parallel.distributed_optimizer else 1
+    # Under expert parallelism the routed experts' state is sharded over the dp/ep ranks holding them.
+    n_experts = sum(p.numel() for p in trainer.params if spec_of(p).experts is not None) if ps.ep > 1 else 0
+    expected = 12 * ((n_params - n_experts) / shards + n_experts / max(1, shards // ps.ep))
+    formula = f"12*N/{'DP' if ps.cp == 1 else '(DP*CP)'}" if not n_experts else "12*(N_dense/DP + N_experts/(DP/EP))"
     measured = trainer.optimizer.state_bytes()
     return "\n".join([
         f"megasft: world {ps.world_size} = tp {ps.tp}{f' x cp {ps.cp} ({layout.cp_comm})' if ps.cp > 1 else ''} "
-        f"x pp {ps.pp} x dp {ps.dp} on {ps.device}"
+        f"x pp {ps.pp} x dp {ps.dp}{f' (ep {ps.ep})' if ps.ep > 1 else ''} on {ps.device}"
         f"{' (sequence parallel)' if layout.sequence_parallel else ''}, "
         f"precision {cfg.train.precision}"
         f"{f' + FP8 GEMMs ({cfg.train.fp8})' if cfg.train.fp8 != 'off' else ''}",
         f"model: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, vocab {cfg.model.vocab_size} "
         f"(padded {cfg.model.padded_vocab_size(ps.tp)}); {n_params:,} parameters on rank 0",
         trainer.optimizer.describe(),
-        f"optimizer state on rank 0: measured {measured:,} bytes vs 12*N/{'DP' if ps.cp == 1 else '(DP*CP)'} = {expected:,.0f} "
+        f"optimizer state on rank 0: measured {measured:,} bytes vs {formula} = {expected:,.0f} "
         f"(ratio {measured / expected:.4f})",
         f"data: {cfg.data.rows_per_step()} rows x {cfg.data.seq_len} tokens per step, "
         f"{cfg.data.micro_batch_size} rows per micro-batch, {layout.micro_batches} micro-batches per rank",

@@ -21,7 +21,7 @@ from megasft.hf.config import hf_config_from_model, model_fields_from_hf
 from megasft.layout import Layout
 from megasft.model.llama import LlamaStage
 from megasft.parallel_state import ParallelState
-from tests.oracle import hf_model, moe_fields
+from tests.oracle import hf_model, moe_fields, tiny_fields
 from tests.test_hf_families import assert_export_bit_identical, run_config_round_trip
 from tests.test_hf_interop import logits_of
 
@@ -137,6 +137,10 @@ def test_moe_layouts_megasft_does_not_run_yet_are_refused():
          "(got pp=2, cp=1); use tp and dp, or a dense model"),
         (dict(tp=4), 30, "tp=4 does not divide the experts' FFN width 30 (model.moe_intermediate_size); "
          "choose tp in [1, 2]"),
+        (dict(ep=3), 32, "parallel.ep=3 must divide both dp=4 (expert-parallel groups are carved from the dp ranks) "
+         "and model.num_experts=8; choose ep in [1, 2, 4]"),
+        (dict(tp=2, ep=4), 32, "parallel.ep=4 must divide both dp=2 (expert-parallel groups are carved from the dp "
+         "ranks) and model.num_experts=8; choose ep in [1, 2]"),
     ]:
         fields = moe_fields("qwen3_moe", moe_intermediate_size=ffn)
         cfg = Config.from_dict({"model": fields, "parallel": parallel,
@@ -144,5 +148,9 @@ def test_moe_layouts_megasft_does_not_run_yet_are_refused():
         with pytest.raises(ConfigError) as err:
             Layout.resolve(cfg, 4)
         assert str(err.value) == message
+    dense = Config.from_dict({"model": tiny_fields(), "parallel": {"ep": 2},
+                              "data": {"seq_len": 16, "global_batch_tokens": 64}}).validate()
+    with pytest.raises(ConfigError, match=r"^parallel.ep=2 shards routed experts, but this model has none"):
+        Layout.resolve(dense, 4)
     with pytest.raises(ConfigError, match=r"train.fp8=hybrid runs the dense TP linears in FP8, not the routed experts"):
         Config.from_dict({"model": moe_fields("mixtral"), "train": {"fp8": "hybrid"}}).validate()
