@@ -514,12 +514,7 @@ class Config:
             raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
         if t.fp8 != "off":
             _check_fp8(m, t)
-        if self.checkpoint.export_hf:
-            from megasft.hf.config import hf_export_problem
-
-            problem = hf_export_problem(m)
-            if problem:
-                raise ConfigError(f"checkpoint.export_hf=true: {problem}")
+        _check_hf_form(self)
         if t.generate_eval_interval and not t.generate_eval_path:
             raise ConfigError(f"train.generate_eval_interval={t.generate_eval_interval} needs the prompts to answer: "
                               "set train.generate_eval_path to a JSONL file of conversations, or the interval to 0")
@@ -537,6 +532,20 @@ def check_fields(cfg: Config) -> None:
 
 
 
+
+
+def _check_hf_form(cfg: Config) -> None:
+    """A model without a Hugging Face form (megasft.hf.config.hf_form_problem) neither starts from
+    nor exports to one."""
+    from megasft.hf.config import hf_form_problem
+
+    problem = hf_form_problem(cfg.model)
+    if problem and cfg.model.init_from_hf:
+        raise ConfigError(f"model.init_from_hf={cfg.model.init_from_hf}: {problem}; start from random init or "
+                          "a megasft checkpoint (checkpoint.load), or leave these options at their defaults")
+    if problem and cfg.checkpoint.export_hf:
+        raise ConfigError(f"checkpoint.export_hf=true: {problem}; keep the megasft checkpoint "
+                          "(checkpoint.export_hf=false) or train with these options at their defaults")
 
 
 def _check_fp8(m: ModelConfig, t: TrainConfig) -> None:

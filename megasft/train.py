@@ -81,7 +81,7 @@ def child_argv(argv) -> list[str]:
 
 
 def describe_start(cfg: Config, ps: ParallelState, trainer) -> str:
-    n_params = sum(p.numel() for p in trainer.params)
+    n_params = sum(p.numel() for p in trainer.params if p.requires_grad)   # not a router's bias (state)
     layout = trainer.layout
     expected = 12 * n_params / (layout.dp * layout.cp if cfg.parallel.distributed_optimizer else 1)
     measured = trainer.optimizer.state_bytes()

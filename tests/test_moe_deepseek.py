@@ -29,6 +29,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from megasft.config import Config, ConfigError
+from megasft.hf.config import hf_config_from_model
 from megasft.hf.names import gather_hf_state, load_canonical, load_hf_state_dict
 from megasft.model.build import init_weights
 from megasft.model.llama import LlamaStage
@@ -271,7 +272,7 @@ def test_training_updates_logs_checkpoints_and_resumes_the_bias(main, data, tmp_
 
     from megasft.checkpoint.convert import megasft_to_hf
 
-    with pytest.raises(ConfigError, match=r"model.moe_router='sigmoid_group'.*cannot be written as a Hugging Face"):
+    with pytest.raises(ConfigError, match=r"model.moe_router='sigmoid_group'.*have no Hugging Face form"):
         megasft_to_hf(straight / "checkpoints", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
@@ -280,6 +281,10 @@ def test_export_and_config_errors_name_the_options():
     with pytest.raises(ConfigError, match="checkpoint.export_hf=true: model.moe_shared_experts=1"):
         Config.from_dict({"model": moe_fields("qwen3_moe", moe_shared_experts=1),
                           "checkpoint": {"export_hf": True}}).validate()
+    with pytest.raises(ConfigError, match="model.init_from_hf=hf/qwen3-moe: model.moe_router='sigmoid_group'"):
+        Config.from_dict({"model": {**deepseek_fields(), "init_from_hf": "hf/qwen3-moe"}}).validate()
+    with pytest.raises(ConfigError, match="Qwen3MoeForCausalLM has no such routing"):
+        hf_config_from_model(Config.from_dict({"model": deepseek_fields()}).validate().model)
     with pytest.raises(ConfigError, match="apply to model.moe_router=sigmoid_group"):
         Config.from_dict({"model": moe_fields("qwen3_moe", moe_bias_update_rate=0.001)}).validate()
     with pytest.raises(ConfigError, match="does not split into model.moe_n_group=3"):

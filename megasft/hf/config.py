@@ -234,29 +234,28 @@ def export_family(m: ModelConfig) -> Family:
     return FAMILIES["qwen2" if m.family == "llama" and m.qkv_bias else m.family]
 
 
-def hf_export_problem(m: ModelConfig) -> Optional[str]:
-    """Why `m` has no Hugging Face form megasft can write, or None. DeepSeek-V3's MoE options have no
-    config.json key in the families megasft exports (and DeepSeek-V3's own family needs MLA
-    attention, which megasft lacks): exporting would silently give transformers another model."""
+def hf_form_problem(m: ModelConfig) -> Optional[str]:
+    """Why `m` has no Hugging Face form (config.json and tensors) megasft can write or read, or None.
+    DeepSeek-V3's MoE options have no config.json key or tensors in the families megasft converts
+    (and DeepSeek-V3's own family needs MLA attention, which megasft lacks): an export would
+    silently give transformers another model, an import would lack the bias and shared experts."""
     held = {k: v for k, v in deepseek_moe_options(m).items() if k != "moe_bias_update_rate"}   # training-only
     if not held:
         return None
-    family = export_family(m)
     fields = ", ".join(f"model.{k}={v!r}" for k, v in held.items())
-    return (f"{fields} (DeepSeek-V3's MoE) cannot be written as a Hugging Face model: {family.architecture} "
-            "has no such routing or shared experts, and megasft cannot export DeepSeek-V3 itself (its MLA "
-            "attention is not implemented); keep the megasft checkpoint (checkpoint.export_hf=false) or "
-            "train with these options at their defaults")
+    return (f"{fields} (DeepSeek-V3's MoE) have no Hugging Face form in megasft: {export_family(m).architecture} "
+            "has no such routing or shared experts, and DeepSeek-V3's own architecture needs MLA attention, "
+            "which megasft does not implement")
 
 
 def hf_config_from_model(m: ModelConfig, dtype: str = "bfloat16", eos_token_id=None, bos_token_id=None) -> dict:
     """A config.json transformers loads as `m`'s family. With m.hf_config (the source config) it is
     that config with the architecture keys overwritten (only keys it had, unless one it lacked is
     needed to say the same model); ids given here replace the source's. ConfigError for a model
-    no HF family holds (hf_export_problem)."""
-    problem = hf_export_problem(m)
+    no HF family holds (hf_form_problem)."""
+    problem = hf_form_problem(m)
     if problem:
-        raise ConfigError(problem)
+        raise ConfigError(f"{problem}; keep the megasft checkpoint")
     family = export_family(m)
     source = m.hf_config if m.hf_config and m.hf_config.get("model_type") == family.name else None
     if source is None:

@@ -3,7 +3,8 @@
 A family is what a Hugging Face ``model_type`` adds to the Llama decoder — biases on q/k/v
 (Qwen2), a per-head RMSNorm on q and k (Qwen3), a sliding attention window (Mistral), Gemma's
 (1 + w) norms around both sublayers, GeGLU and scaled embedding, fused checkpoint tensors and
-partial / longrope rotary embeddings (Phi-3), mixture-of-experts MLPs (Qwen3-MoE, Mixtral) — and
+partial / longrope rotary embeddings (Phi-3), mixture-of-experts MLPs (Qwen3-MoE, Mixtral; DeepSeek-V3's
+routing and shared experts as options of qwen3_moe, with no config.json form) — and
 which ``config.json`` keys it reads. The
 decoder reads ModelConfig flags and numbers (``qkv_bias``, ``qk_norm``, ``sliding_window``,
 ``layer_types``, soft-caps, ...) and, for what a family fixes for every size, its Family

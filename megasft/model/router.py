@@ -45,7 +45,7 @@ class RouterStats(NamedTuple):
     """One MoE layer's router statistics over the tokens its router saw (this rank's share)."""
 
     counts: torch.Tensor       # [E] top-k picks per expert (float, no gradient)
-    prob_sum: torch.Tensor     # [E] sum over tokens of the softmax probabilities
+    prob_sum: torch.Tensor     # [E] sum over tokens of the router's probabilities (softmax; sigmoid: normalised scores)
     lse_sq_sum: torch.Tensor   # [] sum over tokens of logsumexp(logits)^2
     tokens: int
 
