@@ -126,6 +126,26 @@ class ModelConfig:
     moe_z_loss_coef: float = 0.0
     """Weight of the router z-loss (Zoph et al. 2022, ST-MoE eq. 5): the mean over MoE layers and
     tokens of logsumexp(router logits)^2; 0 = off."""
+    moe_router: str = "softmax"
+    """How a token picks its experts (megasft.model.router): softmax (Mixtral, Qwen3-MoE: top-k of
+    the softmax) | sigmoid_group (DeepSeek-V3: sigmoid scores plus a load-balancing bias choose the
+    experts within the best moe_topk_group of moe_n_group expert groups; the unbiased scores of the
+    chosen ones, renormalised with moe_norm_topk_prob, times moe_routed_scaling_factor, weight them)."""
+    moe_n_group: int = 1
+    """sigmoid_group: groups the experts are split into (DeepSeek's n_group); 1 = no group limit."""
+    moe_topk_group: int = 1
+    """sigmoid_group: groups a token may route into, the ones with the highest sum of their two best
+    biased scores (DeepSeek's topk_group); must be <= moe_n_group."""
+    moe_routed_scaling_factor: float = 1.0
+    """sigmoid_group: the routing weights are multiplied by this (DeepSeek's routed_scaling_factor)."""
+    moe_shared_experts: int = 0
+    """Shared experts applied to every token beside the routed ones, as one SwiGLU MLP of width
+    moe_shared_experts * moe_intermediate_size whose output is added (DeepSeek's n_shared_experts)."""
+    moe_bias_update_rate: float = 0.0
+    """sigmoid_group: auxiliary-loss-free load balancing (Wang et al. 2024; DeepSeek-V3 Sec. 2.1.2):
+    after each optimizer step every router's bias moves by this rate gamma towards balance,
+    b_i += gamma * sign(mean load - load_i) over the step's tokens (all micro-batches and DP ranks);
+    0 = the bias stays as loaded. DeepSeek-V3 trained with 0.001. Not read from config.json."""
     moe_experts_backend: str = "auto"
     """How a rank runs its local experts: loop (two GEMMs per expert) | grouped_mm
     (torch._grouped_mm over all of them, no weight copies) | auto (grouped_mm on CUDA in bf16 on
@@ -396,6 +416,7 @@ CHOICES = {
     ("model", "norm_backend"): ("auto", "torch", "compile", "apex", "te"),
     ("model", "recompute"): ("none", "selective", "full"),
     ("model", "moe_experts_backend"): ("auto", "loop", "grouped_mm"),
+    ("model", "moe_router"): ("softmax", "sigmoid_group"),
     ("optim", "adamw_kernel"): ("auto", "fused", "reference"),
     ("parallel", "cp_comm"): ("ring", "a2a", "allgather"),
     ("parallel", "pipeline_schedule"): ("auto", "1f1b", "interleaved", "all_forward_all_backward", "zb_h1",
@@ -499,6 +520,7 @@ class Config:
             raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
         if t.fp8 != "off":
             _check_fp8(m, t)
+        _check_hf_form(self)
         if t.generate_eval_interval and not t.generate_eval_path:
             raise ConfigError(f"train.generate_eval_interval={t.generate_eval_interval} needs the prompts to answer: "
                               "set train.generate_eval_path to a JSONL file of conversations, or the interval to 0")
@@ -516,6 +538,20 @@ def check_fields(cfg: Config) -> None:
 
 
 
+
+
+def _check_hf_form(cfg: Config) -> None:
+    """A model without a Hugging Face form (megasft.hf.config.hf_form_problem) neither starts from
+    nor exports to one."""
+    from megasft.hf.config import hf_form_problem
+
+    problem = hf_form_problem(cfg.model)
+    if problem and cfg.model.init_from_hf:
+        raise ConfigError(f"model.init_from_hf={cfg.model.init_from_hf}: {problem}; start from random init or "
+                          "a megasft checkpoint (checkpoint.load), or leave these options at their defaults")
+    if problem and cfg.checkpoint.export_hf:
+        raise ConfigError(f"checkpoint.export_hf=true: {problem}; keep the megasft checkpoint "
+                          "(checkpoint.export_hf=false) or train with these options at their defaults")
 
 
 def _check_fp8(m: ModelConfig, t: TrainConfig) -> None:

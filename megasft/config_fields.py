@@ -66,6 +66,11 @@ RANGES: dict[str, Range] = {
     "model.moe_intermediate_size": AT_LEAST_1,
     "model.moe_aux_loss_coef": NON_NEGATIVE,
     "model.moe_z_loss_coef": NON_NEGATIVE,
+    "model.moe_n_group": AT_LEAST_1,
+    "model.moe_topk_group": AT_LEAST_1,
+    "model.moe_routed_scaling_factor": POSITIVE,
+    "model.moe_shared_experts": NON_NEGATIVE,   # 0 = none
+    "model.moe_bias_update_rate": NON_NEGATIVE,   # 0 = the router bias is not updated
     "model.make_vocab_size_divisible_by": AT_LEAST_1,
     "model.init_std": NON_NEGATIVE,
     "model.dropout": HALF_OPEN_UNIT,

@@ -82,7 +82,7 @@ def child_argv(argv) -> list[str]:
 
 
 def describe_start(cfg: Config, ps: ParallelState, trainer) -> str:
-    n_params = sum(p.numel() for p in trainer.params)
+    n_params = sum(p.numel() for p in trainer.params if p.requires_grad)   # not a router's bias (state)
     layout = trainer.layout
     shards = layout.dp * layout.cp if cfg.parallel.distributed_optimizer else 1
     # Under expert parallelism the routed experts' state is sharded over the dp/ep ranks holding them.

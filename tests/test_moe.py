@@ -17,6 +17,9 @@ Identical top-k selection: random weights make exact ties measure-zero; each cas
 the reference's k-th and (k+1)-th router logits are at least MIN_GAP apart for every token and
 layer, and that megasft's router logits equal the reference's within LOGIT_TOL, far below it —
 so both pick the same experts (then the expert loads must match exactly, which is checked too).
+
+The same world also runs DeepSeek-V3's MoE layer against transformers' DeepseekV3MoE at expert-TP 2,
+with and without SP (tests.test_moe_deepseek has the check and its tolerances; tp=1 runs there).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from megasft.tensor_parallel.spec import spec_of
 from tests.layouts import assert_grads_match
 from tests.multiproc import run_ranks
 from tests.oracle import canonical_reference, hf_model, model_batch, moe_fields, packed_batch, reference_moe
+from tests.test_moe_deepseek import check_layer_matches_transformers
 
 pytest.importorskip("transformers")
 
@@ -57,6 +61,7 @@ CASES = [
     ("mixtral-tp2-ep2", "mixtral", 2, False, {}, 2),
 ]
 EXPERT = re.compile(r"\.experts\.\d+\.")
+DEEPSEEK_CASES = [("deepseek-layer-tp2", False), ("deepseek-layer-tp2-sp", True)]   # (name, sequence_parallel)
 ROWS = [[5, 7, 4], [9, 3]]      # two packed rows of 16 tokens; the second ends in padding
 SEQ = 16
 SEEDS = (2, 3, 5, 7)     # one batch per dp rank, seeds whose routing has no near-tie (gap > MIN_GAP)
@@ -134,12 +139,20 @@ def _rank_main() -> list[str]:
         except AssertionError as err:
             raise AssertionError(f"case {name}: {err}") from err
         done.append(name)
+    for name, sp in DEEPSEEK_CASES:
+        try:
+            ps = ParallelState.build(2, 1, ranks=[0, 1])
+            if ps is not None:
+                check_layer_matches_transformers(ps, sp)
+        except AssertionError as err:
+            raise AssertionError(f"case {name}: {err}") from err
+        done.append(name)
     return done
 
 
 def test_moe_matches_transformers():
     results = run_ranks(_rank_main, 4, timeout=400)
-    assert results[0] == [name for name, *_ in CASES]
+    assert results[0] == [name for name, *_ in CASES] + [name for name, _ in DEEPSEEK_CASES]
 
 
 def _aux_gradient_share(family: str) -> float:

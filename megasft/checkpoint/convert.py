@@ -29,8 +29,8 @@ from megasft.checkpoint.manifest import ChecksummedWriter
 from megasft.checkpoint.meta import FORMAT_VERSION, model_shape
 from megasft.checkpoint.pieces import MODEL_PREFIX, Block, TensorPieces
 from megasft.checkpoint.resharding import LazyBlock, PiecesLoadPlanner, PiecesSavePlanner
-from megasft.config import Config, ModelConfig
-from megasft.hf.config import hf_config_from_model, model_fields_from_hf, read_hf_config
+from megasft.config import Config, ConfigError, ModelConfig
+from megasft.hf.config import hf_config_from_model, hf_form_problem, model_fields_from_hf, read_hf_config
 from megasft.hf.io import HFTensors, save_hf_tensors
 from megasft.hf.names import canonical_names, full_shapes, fuse_stored, stored_locations
 from megasft.layout import Layout
@@ -164,6 +164,9 @@ def megasft_to_hf(ckpt: str | Path, out: str | Path, dtype: Optional[str] = None
         raise CheckpointError(f"{problem}; nothing was exported")
     meta = read_meta(path)
     cfg = Config.from_dict(meta["config"])
+    problem = hf_form_problem(cfg.model)
+    if problem:
+        raise ConfigError(f"{path}: {problem}; nothing was exported")
     dtype = dtype or default_export_dtype(cfg, meta)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")

@@ -20,10 +20,12 @@ FORMAT_VERSION = 2
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
                 "kv_heads", "head_size", "tie_embeddings", "qkv_bias", "family", "qk_norm", "sliding_window",
                 "layer_types", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
-                "rope_local_theta", "rope_scaling", "partial_rotary_factor", "original_max_position_embeddings")
+                "rope_local_theta", "rope_scaling", "partial_rotary_factor", "original_max_position_embeddings",
+                "moe_router", "moe_n_group", "moe_topk_group", "moe_routed_scaling_factor", "moe_shared_experts")
 # What a checkpoint saved before a field joined SHAPE_FIELDS had (the ModelConfig default then);
 # a field neither saved nor listed here is not compared.
-_BEFORE = {"family": "llama", "qk_norm": False}
+_BEFORE = {"family": "llama", "qk_norm": False, "moe_router": "softmax", "moe_n_group": 1, "moe_topk_group": 1,
+           "moe_routed_scaling_factor": 1.0, "moe_shared_experts": 0}
 
 
 def model_shape(model_cfg) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from megasft.errors import ConfigError
-from megasft.model.families import FAMILIES, Family, moe_ffn_size
+from megasft.model.families import FAMILIES, Family, deepseek_moe_options, moe_ffn_size
 
 if TYPE_CHECKING:   # annotations only: megasft.config reads config.json through this module
     from megasft.config import ModelConfig
@@ -234,10 +234,28 @@ def export_family(m: ModelConfig) -> Family:
     return FAMILIES["qwen2" if m.family == "llama" and m.qkv_bias else m.family]
 
 
+def hf_form_problem(m: ModelConfig) -> Optional[str]:
+    """Why `m` has no Hugging Face form (config.json and tensors) megasft can write or read, or None.
+    DeepSeek-V3's MoE options have no config.json key or tensors in the families megasft converts
+    (and DeepSeek-V3's own family needs MLA attention, which megasft lacks): an export would
+    silently give transformers another model, an import would lack the bias and shared experts."""
+    held = {k: v for k, v in deepseek_moe_options(m).items() if k != "moe_bias_update_rate"}   # training-only
+    if not held:
+        return None
+    fields = ", ".join(f"model.{k}={v!r}" for k, v in held.items())
+    return (f"{fields} (DeepSeek-V3's MoE) have no Hugging Face form in megasft: {export_family(m).architecture} "
+            "has no such routing or shared experts, and DeepSeek-V3's own architecture needs MLA attention, "
+            "which megasft does not implement")
+
+
 def hf_config_from_model(m: ModelConfig, dtype: str = "bfloat16", eos_token_id=None, bos_token_id=None) -> dict:
     """A config.json transformers loads as `m`'s family. With m.hf_config (the source config) it is
     that config with the architecture keys overwritten (only keys it had, unless one it lacked is
-    needed to say the same model); ids given here replace the source's."""
+    needed to say the same model); ids given here replace the source's. ConfigError for a model
+    no HF family holds (hf_form_problem)."""
+    problem = hf_form_problem(m)
+    if problem:
+        raise ConfigError(f"{problem}; keep the megasft checkpoint")
     family = export_family(m)
     source = m.hf_config if m.hf_config and m.hf_config.get("model_type") == family.name else None
     if source is None:

@@ -47,6 +47,11 @@ NAME_TABLE: list[tuple[str, tuple[str, ...]]] = [
     (r"layers\.(\d+)\.mlp\.gate_up\.weight", (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight")),
     (r"layers\.(\d+)\.mlp\.down\.weight", (_LAYER + "mlp.down_proj.weight",)),
     (r"layers\.(\d+)\.mlp\.router\.weight", (_LAYER + "mlp.gate.weight",)),
+    # DeepSeek-V3's routing bias (state, not trained: megasft.model.router) and shared experts
+    (r"layers\.(\d+)\.mlp\.router\.e_score_correction_bias", (_LAYER + "mlp.gate.e_score_correction_bias",)),
+    (r"layers\.(\d+)\.mlp\.shared_experts\.gate_up\.weight",
+     (_LAYER + "mlp.shared_experts.gate_proj.weight", _LAYER + "mlp.shared_experts.up_proj.weight")),
+    (r"layers\.(\d+)\.mlp\.shared_experts\.down\.weight", (_LAYER + "mlp.shared_experts.down_proj.weight",)),
     # every held expert's [gate_proj; up_proj] rows, expert after expert, and its down_proj columns
     (r"layers\.(\d+)\.mlp\.experts\.gate_up", (_EXPERT + "gate_proj.weight", _EXPERT + "up_proj.weight")),
     (r"layers\.(\d+)\.mlp\.experts\.down", (_EXPERT + "down_proj.weight",)),

@@ -52,7 +52,7 @@ def init_weights(module: nn.Module, seed: int, std: float) -> None:
     def draw(name: str, shape) -> torch.Tensor:
         if name.endswith("norm.weight"):
             return torch.zeros(shape) if gemma else torch.ones(shape)
-        if name.endswith(".bias"):
+        if name.endswith("bias"):   # q/k/v biases, DeepSeek's e_score_correction_bias
             return torch.zeros(shape)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         return torch.randn(shape, generator=generator) * std

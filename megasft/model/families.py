@@ -3,7 +3,8 @@
 A family is what a Hugging Face ``model_type`` adds to the Llama decoder — biases on q/k/v
 (Qwen2), a per-head RMSNorm on q and k (Qwen3), a sliding attention window (Mistral), Gemma's
 (1 + w) norms around both sublayers, GeGLU and scaled embedding, fused checkpoint tensors and
-partial / longrope rotary embeddings (Phi-3), mixture-of-experts MLPs (Qwen3-MoE, Mixtral) — and
+partial / longrope rotary embeddings (Phi-3), mixture-of-experts MLPs (Qwen3-MoE, Mixtral; DeepSeek-V3's
+routing and shared experts as options of qwen3_moe, with no config.json form) — and
 which ``config.json`` keys it reads. The
 decoder reads ModelConfig flags and numbers (``qkv_bias``, ``qk_norm``, ``sliding_window``,
 ``layer_types``, soft-caps, ...) and, for what a family fixes for every size, its Family
@@ -209,6 +210,49 @@ def moe_ffn_size(m) -> int:
     return m.moe_intermediate_size or m.intermediate_size
 
 
+# DeepSeek-V3's MoE options (megasft.model.router; MLA attention is not implemented, so no family
+# reads them from config.json) -> their off values.
+DEEPSEEK_MOE_OFF = {"moe_router": "softmax", "moe_n_group": 1, "moe_topk_group": 1, "moe_routed_scaling_factor": 1.0,
+                    "moe_shared_experts": 0, "moe_bias_update_rate": 0.0}
+
+
+def deepseek_moe_options(m) -> dict:
+    """The DeepSeek-V3 MoE fields of ModelConfig `m` that are on (differ from DEEPSEEK_MOE_OFF)."""
+    return {k: getattr(m, k) for k, off in DEEPSEEK_MOE_OFF.items() if getattr(m, k) != off}
+
+
+def router_problem(m) -> str | None:
+    """Why the DeepSeek-V3 routing fields of MoE ModelConfig `m` do not fit together, or None."""
+    on = deepseek_moe_options(m)
+    if on and m.family == "mixtral":
+        return (f"model.family=mixtral routes by softmax without shared experts; {_fields(on)} need "
+                "model.family=qwen3_moe (its attention with DeepSeek-V3's MoE)")
+    if m.moe_router == "softmax":
+        sigmoid_only = {k: v for k, v in on.items() if k != "moe_shared_experts"}
+        if sigmoid_only:
+            return (f"{_fields(sigmoid_only)} apply to model.moe_router=sigmoid_group (DeepSeek-V3), not softmax; "
+                    "set model.moe_router=sigmoid_group or leave them at their defaults")
+        return None
+    e, groups, chosen = m.num_experts, m.moe_n_group, m.moe_topk_group
+    if e % groups:
+        return (f"model.num_experts={e} does not split into model.moe_n_group={groups} equal groups; choose "
+                f"moe_n_group in {[d for d in range(1, e + 1) if e % d == 0]}")
+    if chosen > groups:
+        return (f"model.moe_topk_group={chosen} exceeds model.moe_n_group={groups}; a token routes into at most "
+                f"{groups} groups")
+    if chosen < groups and e // groups < 2:
+        return (f"model.moe_n_group={groups} leaves {e // groups} expert per group, but a group's score is the sum "
+                "of its two best experts' (DeepSeek-V3); use fewer groups")
+    if m.moe_top_k > chosen * (e // groups):
+        return (f"model.moe_top_k={m.moe_top_k} exceeds the {chosen * (e // groups)} experts of "
+                f"model.moe_topk_group={chosen} groups of {e // groups}; raise moe_topk_group or lower moe_top_k")
+    return None
+
+
+def _fields(values: dict) -> str:
+    return ", ".join(f"model.{k}={v!r}" for k, v in values.items())
+
+
 def moe_problem(m) -> str | None:
     """Why the mixture-of-experts fields of ModelConfig `m` do not fit its family, or None."""
     moe_families = [n for n, f in FAMILIES.items() if f.moe]
@@ -222,6 +266,9 @@ def moe_problem(m) -> str | None:
                     f"in {moe_families}, or model.num_experts=0 for a dense {m.family} model")
         if m.moe_dense_layers:
             return "model.moe_dense_layers is only for mixture-of-experts models (model.num_experts > 0); leave it unset"
+        if deepseek_moe_options(m):
+            return (f"{_fields(deepseek_moe_options(m))} are only for mixture-of-experts models (model.num_experts "
+                    "> 0); leave them at their defaults")
         return None
     if m.moe_top_k > m.num_experts:
         return (f"model.moe_top_k={m.moe_top_k} exceeds model.num_experts={m.num_experts}; route each token to "
@@ -239,4 +286,4 @@ def moe_problem(m) -> str | None:
         if m.moe_intermediate_size not in (None, m.intermediate_size):
             return (f"model.family=mixtral's experts are intermediate_size={m.intermediate_size} wide; leave "
                     f"model.moe_intermediate_size unset (now {m.moe_intermediate_size})")
-    return None
+    return router_problem(m)

@@ -31,8 +31,9 @@ from megasft.data.batch import MicroBatch
 from megasft.layout import kv_partition
 from megasft.model.attention import attention, resolve_backend
 from megasft.model.families import family_of, is_moe_layer, layer_window
-from megasft.model.fused import norm_kernel, resolve_norm_backend, swiglu_kernel
+from megasft.model.fused import norm_kernel, resolve_norm_backend
 from megasft.model.kv_cache import KVCache, cached_attention
+from megasft.model.mlp import MLP
 from megasft.model.moe import MoE, moe_groups, moe_losses
 from megasft.model.rope import Rope, apply_rope
 from megasft.parallel_state import ParallelState
@@ -110,24 +111,6 @@ class Attention(nn.Module):
             return context_parallel_attention(q, k, v, cu_seqlens, max_seqlen, self.cp_group, self.cp_comm,
                                               self.backend, self.window, self.scale, self.softcap)
         return attention(q, k, v, cu_seqlens, max_seqlen, self.backend, self.window, self.scale, self.softcap)
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)) (Gemma: GeGLU, tanh GELU); gate and up fused in one
-    column-parallel GEMM."""
-
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool):
-        super().__init__()
-        self.group, self.sequence_parallel = ps.tp_group, sequence_parallel
-        ffn = tp_shards(cfg.intermediate_size, ps.tp_group)
-        self.gate_up = ColumnParallelLinear(cfg.hidden_size, [ffn, ffn])
-        self.down = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, ps.tp_group, sequence_parallel)
-        gemma = family_of(cfg.family).gemma
-        self.swiglu = swiglu_kernel(resolve_norm_backend(cfg.norm_backend, ps.device, gemma), gelu_tanh=gemma)
-
-    def forward(self, x):
-        x = enter_tp_region(x, self.group, self.sequence_parallel)
-        return self.down(self.swiglu(self.gate_up(x)))                      # [s, b, 2*ffn/tp] -> [s, b, ffn/tp]
 
 
 def _rms_norm(cfg: ModelConfig, ps: ParallelState, size: int) -> RMSNorm:

@@ -7,16 +7,17 @@ weights. No token is dropped: an expert takes every token routed to it.
 
 The four steps are separate pieces so that expert parallelism replaces only the middle ones:
 
-  route     Router: logits = x W_r^T [T, E], softmax in fp32, top-k, renormalised to sum 1 with
-            moe_norm_topk_prob (Mixtral always; Qwen3-MoE's norm_topk_prob) — transformers'
-            Qwen3MoeTopKRouter / MixtralTopKRouter.
+  route     megasft.model.router, by model.moe_router: Router (softmax top-k, renormalised with
+            moe_norm_topk_prob; Mixtral, Qwen3-MoE) or SigmoidGroupRouter (DeepSeek-V3's biased,
+            group-limited sigmoid top-k with its auxiliary-loss-free bias).
   dispatch  megasft.model.dispatch: the T*k (token, pick) slots ordered by expert, each slot a copy
             of its token's row -> [T*k, h] grouped by expert, and the rows per expert; under
             expert parallelism (parallel.ep) followed by an all-to-all to the ranks holding them.
   experts   RoutedExperts: each local expert's SwiGLU on its contiguous rows (a loop, or one
             torch._grouped_mm per projection over all of them).
   combine   the slots back in token order (EP: after the reverse all-to-all), times their
-            routing weights, summed over each token's k picks.
+            routing weights, summed over each token's k picks; plus the shared experts' SwiGLU of
+            every token (moe_shared_experts, DeepSeek's n_shared_experts).
 
 Tensor parallelism (expert-TP): every expert's FFN dim is split over TP like the dense MLP's, so
 the layer's output is a partial sum reduced by the same exit_tp_region. The router is replicated
@@ -42,7 +43,7 @@ Auxiliary losses, per micro-batch (megasft.training.loop adds them to the backwa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,19 +55,16 @@ from megasft.errors import ConfigError
 from megasft.model.dispatch import dispatcher
 from megasft.model.families import moe_ffn_size
 from megasft.model.fused import resolve_norm_backend, swiglu_kernel
+from megasft.model.mlp import MLP
+from megasft.model.router import Router, RouterStats, build_router, router_stats
 from megasft.parallel_state import ParallelState, group_size
 from megasft.tensor_parallel.comm import Group, all_gather_dim0, reduce_from_tp
-from megasft.tensor_parallel.layers import enter_tp_region, exit_tp_region, mark_replicated, new_weight, tp_shards
+from megasft.tensor_parallel.layers import enter_tp_region, exit_tp_region, new_weight, tp_shards
 from megasft.tensor_parallel.spec import TPSplit, set_spec
 
-
-class RouterStats(NamedTuple):
-    """One MoE layer's router statistics over the tokens its router saw (this rank's share)."""
-
-    counts: torch.Tensor       # [E] top-k picks per expert (float, no gradient)
-    prob_sum: torch.Tensor     # [E] sum over tokens of the softmax probabilities
-    lse_sq_sum: torch.Tensor   # [] sum over tokens of logsumexp(logits)^2
-    tokens: int
+# The routers live in megasft.model.router; Router, RouterStats and router_stats import from here too.
+__all__ = ["MoE", "MoELosses", "RoutedExperts", "Router", "RouterStats",
+           "moe_groups", "moe_losses", "resolve_experts_backend", "router_stats"]
 
 
 @dataclass(frozen=True)
@@ -79,29 +77,6 @@ class MoELosses:
     load: torch.Tensor         # [layers, E] tokens routed to each expert of each MoE layer (no gradient)
 
 
-class Router(nn.Module):
-    """Softmax top-k routing (Mixtral, Qwen3-MoE); the weight is HF's ``mlp.gate.weight`` [E, h]."""
-
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool):
-        super().__init__()
-        self.top_k, self.renormalise = cfg.moe_top_k, cfg.moe_norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
-        mark_replicated(self.weight, ps.tp, ps.tp_group if sequence_parallel else None)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits [T, E], fp32 probabilities [T, E], routing weights [T, k] in x's dtype, expert ids [T, k])."""
-        logits = F.linear(x, self.weight)
-        probs = torch.softmax(logits.float(), dim=-1)
-        top, experts = torch.topk(probs, self.top_k, dim=-1)
-        if self.renormalise:
-            top = top / top.sum(dim=-1, keepdim=True)
-        return logits, probs, top.to(x.dtype), experts
-
-
-def router_stats(logits: torch.Tensor, probs: torch.Tensor, experts: torch.Tensor) -> RouterStats:
-    counts = torch.bincount(experts.reshape(-1), minlength=probs.shape[-1]).to(probs.dtype)
-    lse_sq = torch.logsumexp(logits.float(), dim=-1).square().sum()
-    return RouterStats(counts, probs.sum(dim=0), lse_sq, logits.shape[0])
 
 
 def resolve_experts_backend(name: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
@@ -161,11 +136,14 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool):
         super().__init__()
         self.group, self.sequence_parallel = ps.tp_group, sequence_parallel
-        self.router = Router(cfg, ps, sequence_parallel)
+        self.router = build_router(cfg, ps, sequence_parallel)
         # A plain object (no parameters): the experts all here, or spread over the EP group.
         self.dispatcher = dispatcher(cfg.num_experts, ps)
         per_rank = cfg.num_experts // ps.ep
         self.experts = RoutedExperts(cfg, ps, ps.ep_rank * per_rank, per_rank)
+        # DeepSeek's shared experts: one SwiGLU as wide as all of them, on every token, split over TP.
+        self.shared_experts = (MLP(cfg, ps, sequence_parallel, cfg.moe_shared_experts * moe_ffn_size(cfg))
+                               if cfg.moe_shared_experts else None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         s, b, h = x.shape
@@ -179,6 +157,8 @@ class MoE(nn.Module):
             experts = all_gather_dim0(experts.view(s, b, k), self.group).reshape(-1, k)          # ids: no gradient
         rows, counts, state = self.dispatcher.dispatch(tokens, experts)
         out = self.dispatcher.combine(self.experts(rows, counts), weights, state)              # [s*b, h] partial
+        if self.shared_experts is not None:   # partial too: the one exit below sums both over TP
+            out = out + self.shared_experts.partial(tokens)
         return exit_tp_region(out.view(-1, b, h), self.group, self.sequence_parallel), stats   # [s(/tp), b, h]
 
 

@@ -138,7 +138,8 @@ def preset_fields(name: str) -> dict:
 
 def layer_parameter_count(model: ModelConfig, layer: int = 0) -> int:
     """Parameters of decoder layer `layer`: GQA attention (with q/k/v biases and q/k norms when the
-    family has them), the SwiGLU MLP or its MoE (router [E, h] and E experts) and the two RMSNorm
+    family has them), the SwiGLU MLP or its MoE (router [E, h], E experts and the shared experts; a
+    DeepSeek router's bias is state, a buffer in transformers, and not counted) and the two RMSNorm
     weights (four for Gemma)."""
     h, d, f = model.hidden_size, model.head_size, model.intermediate_size
     q_width, kv_width = model.num_attention_heads * d, model.kv_heads * d
@@ -150,6 +151,7 @@ def layer_parameter_count(model: ModelConfig, layer: int = 0) -> int:
     mlp = 3 * h * f  # gate, up (h -> f) and down (f -> h)
     if is_moe_layer(model, layer):
         mlp = model.num_experts * (3 * h * moe_ffn_size(model) + h)   # each expert's SwiGLU and router row
+        mlp += 3 * h * moe_ffn_size(model) * model.moe_shared_experts     # DeepSeek's shared experts
     return attention + mlp + norms_per_layer(model) * h
 
 

@@ -15,7 +15,10 @@ micro-batch, and what HF Trainer's gradient accumulation with DDP averaging adds
 micro-batch has the same s*b token slots, so this is also the token-weighted mean). The SFT loss
 keeps its global trained-token normalisation; the logged ``loss`` is the SFT loss alone and
 ``aux_loss`` (unweighted, the mean over micro-batches) is logged beside it, with the tokens each
-expert of each layer received since the last log point (``expert_load``).
+expert of each layer received since the last log point (``expert_load``). With DeepSeek-V3's
+auxiliary-loss-free balancing (model.moe_bias_update_rate, megasft.model.router) every router's
+bias takes one step after each optimizer step, from that step's expert load over all micro-batches
+and DP ranks, and is logged as ``router_bias``.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from megasft.data.batch import MicroBatch
 from megasft.layout import Layout
 from megasft.model.build import build_model
 from megasft.model.fp8 import fp8_autocast
+from megasft.model.router import update_router_biases
 from megasft.optim.distributed_optimizer import DistributedOptimizer
 from megasft.optim.lr_schedule import WarmupCosine
 from megasft.parallel_state import ParallelState
@@ -106,6 +110,7 @@ class Trainer:
         self.comm = CommStats(cfg, ps)   # train.comm_stats: the ledger on logged steps
         self.generate_eval = GenerateEval.from_config(cfg, ps)   # train.generate_eval_interval; None when off
         self.expert_load: Optional[torch.Tensor] = None   # MoE: [layers, E] tokens since the last log point
+        self.step_load: Optional[torch.Tensor] = None     # MoE: [layers, E] tokens of this step on this rank
 
     # ------------------------------------------------------------------ one step
     def forward_step(self, loss_scale: float, moe_scale: float = 0.0):
@@ -130,6 +135,7 @@ class Trainer:
         m = self.cfg.model
         if training:
             self.expert_load = moe.load if self.expert_load is None else self.expert_load + moe.load
+            self.step_load = moe.load if self.step_load is None else self.step_load + moe.load
         loss = moe.aux * m.moe_aux_loss_coef if m.moe_aux_loss_coef else moe.aux.new_zeros(())
         return loss + moe.z * m.moe_z_loss_coef if m.moe_z_loss_coef else loss
 
@@ -152,6 +158,19 @@ class Trainer:
             forward_only=forward_only, schedule=self.layout.schedule,
             no_sync=self.optimizer.grad_buffer.no_sync if overlap else None, weight_store=self.weight_store)
         return result, global_count
+
+    def _update_router_biases(self) -> None:
+        """The auxiliary-loss-free bias step of every MoE layer from this step's expert load, summed
+        over DP (moe_losses summed the TP/SP shares already; TP ranks without SP route the same
+        tokens alike). In float64 the integer counts sum exactly in any order, so every rank applies
+        the same update to its copy of the biases."""
+        load = self.step_load.to(torch.float64)
+        collectives.all_reduce(load, self.ps.dp_group)
+        update_router_biases(self._routers(), load, self.cfg.model.moe_bias_update_rate)
+
+    def _routers(self) -> list:
+        """The routers of the MoE layers in the order of their rows of MoELosses.load."""
+        return [layer.mlp.router for chunk in self.chunks for layer in chunk.layers.values() if layer.moe]
 
     def global_loss_sum(self, stats: dict) -> float:
         """Sum of token losses over the global batch, made known on every rank. Only the first TP
@@ -178,6 +197,7 @@ class Trainer:
         if faults is not None:
             faults.at_step_start(n)
         self.optimizer.zero_grad()
+        self.step_load = None
         result, global_count = self.run_schedule(micro_batches, forward_only=False)
         # The loss is the same number on every rank, so a non-finite one skips the step everywhere.
         moe = self.cfg.model.num_experts > 0
@@ -189,6 +209,8 @@ class Trainer:
             faults.before_update(n, self.optimizer.grad_buffer.grad_data)
         # Every grad sync (TP replicas, tied copies, DP), then AdamW.
         step = self.optimizer.step(loss_finite=math.isfinite(loss))
+        if self.cfg.model.moe_bias_update_rate and not step.skipped:   # a skipped step changes no state
+            self._update_router_biases()
         if faults is not None:
             faults.after_update(n, self.optimizer.shard_state[0])
         self.step += 1
@@ -306,7 +328,11 @@ class Trainer:
         collectives.all_reduce(load, self.ps.dp_group)
         self.expert_load = None
         layers = [i for i, layer in self.chunks[0].layers.items() if layer.moe]
-        return {"aux_loss": out.aux_loss, "z_loss": out.z_loss, **metrics.expert_load_record(load.cpu(), layers)}
+        record = {"aux_loss": out.aux_loss, "z_loss": out.z_loss, **metrics.expert_load_record(load.cpu(), layers)}
+        if self.cfg.model.moe_router == "sigmoid_group":   # the same on every rank
+            record["router_bias"] = {layer: router.e_score_correction_bias.tolist()
+                                     for layer, router in zip(layers, self._routers())}
+        return record
 
     def _should_stop(self, skipped: bool) -> tuple[bool, bool]:
         """(stop requested on some rank, weights finite on every rank) in one MAX all-reduce: the
