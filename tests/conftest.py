@@ -13,7 +13,7 @@ from tests.runs import tiny_dataset
 
 QUICK_MODULES = {
     "test_config", "test_layout", "test_tensor_parallel_units", "test_optim_single", "test_optim_lr_schedule",
-    "test_presets", "test_planner", "test_data_packing", "test_data_templates", "test_data_loader",
+    "test_presets", "test_planner", "test_planner_moe", "test_data_packing", "test_data_templates", "test_data_loader",
     "test_data_preprocess", "test_data_reliability", "test_data_chat_schema", "test_data_chat_templates",
     "test_data_epochs", "test_data_mixture", "test_model_init", "test_checkpoint_verify", "test_attention_backends",
     "test_model_families_gemma", "test_hf_export", "test_cli", "test_data_formats", "test_data_cache",

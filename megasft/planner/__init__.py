@@ -12,6 +12,11 @@ Library entry points (``megasft plan`` is a thin CLI over them):
 
 Context parallelism (parallel.cp, cp_comm ring | a2a): megasft.planner.context_parallel holds the
 exchange volumes, the ring's overlap with the block attention and the ring-or-a2a rule.
+
+Mixture-of-experts models (model.num_experts > 0) and expert parallelism (parallel.ep):
+megasft.planner.moe holds the active-parameter count (FLOPs and MFU use it), the experts a rank
+holds and the all-to-all volume (alltoall_bytes, one formula for the planner and benchmarks);
+memory, activations, comm and the search read them from there.
 """
 from megasft.planner.assumptions import Assumptions
 from megasft.planner.estimate import Plan, PlanError, StageMemory, check_fits, plan

@@ -45,6 +45,26 @@ Assumptions, stated once:
 * Full recomputation keeps only each layer's input (``e*h/shard``) and rematerialises one layer
   at a time in backward; RoPE multiplies by constant cos/sin tables, so it keeps nothing per layer.
 
+A mixture-of-experts layer (megasft.model.moe, megasft.model.dispatch) keeps, in place of the two
+SwiGLU rows above, per token of the TP region (E experts, top-k, f = moe_ffn_size; the router runs
+on the tokens as they arrive, s/t of them per rank under SP):
+
+  router input (its GEMM)               e*h/shard
+  softmax probabilities, fp32 logits    (2*4*E + 4)/shard       the softmax's output and the
+   for logsumexp (z-loss), and lse                              logsumexp's input and output
+  top-k ids, renormalised weights       (8*k + 4*(k + 1))/shard (the weights only with
+                                                                moe_norm_topk_prob)
+  dispatched rows (gate_up input)       e*k*h                   [T*k, h], grouped by expert
+  experts' gate|up, SiLU(gate), product 4*e*k*f/t               the dense MLP's 4*e*f/t per pick
+  combine: outputs in token order,      e*k*h + e*k             what the weighted sum saves
+   routing weights
+  int64 slot permutations               8*k*2 (ep = 1),         the index gathers' indices
+                                        8*k*4 (ep > 1: the
+                                        EP regrouping too)
+
+Under uniform routing a rank's experts receive T*k rows whatever ep is, so only the permutations
+change with ep. (The sum of the routing statistics the aux losses read is a few floats.)
+
 Context parallelism (parallel.cp) gives each rank s/cp tokens of every row, so every per-token term
 above multiplies ``s*b/cp`` tokens (:func:`local_tokens`): activation memory falls as 1/cp. The
 attention core changes with the exchange (``megasft.planner.context_parallel``): the ring keeps the
@@ -58,12 +78,14 @@ from dataclasses import dataclass
 
 from megasft.config import Config
 from megasft.layout import ZBV
+from megasft.model.families import moe_ffn_size
 from megasft.model.presets import norms_per_layer
 from megasft.planner.assumptions import Assumptions
 from megasft.planner.pinned import layout_of
 
 ELEMENT_BYTES = {"bf16": 2, "fp32": 4}
 FP32_BYTES = 4  # statistics kept in fp32 whatever the precision (RMSNorm, softmax, log-sum-exp)
+INDEX_BYTES = 8  # int64 expert ids and slot permutations
 
 
 def uses_flash_attention(cfg: Config) -> bool:
@@ -80,8 +102,9 @@ def local_tokens(cfg: Config) -> int:
     return cfg.data.seq_len * cfg.data.micro_batch_size // cfg.parallel.cp
 
 
-def layer_bytes_per_token(cfg: Config, assumptions: Assumptions) -> float:
-    """Bytes one TP rank keeps per token for one layer without recomputation (attention core apart)."""
+def layer_bytes_per_token(cfg: Config, assumptions: Assumptions, moe: bool = False) -> float:
+    """Bytes one TP rank keeps per token for a layer (a MoE layer with `moe`) without recomputation
+    (attention core apart)."""
     m, t = cfg.model, cfg.parallel.tp
     e = ELEMENT_BYTES[cfg.train.precision]
     h, d, f = m.hidden_size, m.head_size, m.intermediate_size
@@ -91,9 +114,21 @@ def layer_bytes_per_token(cfg: Config, assumptions: Assumptions) -> float:
     kv_width = layout_of(cfg).kv_heads_per_rank * d
     norms = norms_per_layer(m) * ((FP32_BYTES + e) * h + FP32_BYTES) / shard   # Gemma: 4
     attention = linear_input + e * (q_width + 2 * kv_width) + e * q_width
-    mlp = linear_input + 4 * e * (f // t)
+    mlp = moe_bytes_per_token(cfg) if moe else linear_input + 4 * e * (f // t)
     dropout_masks = 2 * h / shard if m.dropout > 0 else 0.0
     return norms + attention + mlp + dropout_masks
+
+
+def moe_bytes_per_token(cfg: Config) -> float:
+    """Bytes one TP rank keeps per token of its TP region for a MoE layer's MLP (the module
+    docstring's rows; uniform routing)."""
+    m, t = cfg.model, cfg.parallel.tp
+    e, h, k, experts = ELEMENT_BYTES[cfg.train.precision], m.hidden_size, m.moe_top_k, m.num_experts
+    renormalised = FP32_BYTES * (k + 1) if m.moe_norm_topk_prob else 0
+    router = e * h + 2 * FP32_BYTES * experts + FP32_BYTES + INDEX_BYTES * k + renormalised
+    ffn = 4 * e * k * (moe_ffn_size(m) // t)
+    permutations = INDEX_BYTES * k * (4 if cfg.parallel.ep > 1 else 2)
+    return router / _sequence_shard(cfg) + e * k * h + ffn + e * k * h + e * k + permutations
 
 
 def attention_core_bytes_per_token(cfg: Config) -> float:
@@ -135,10 +170,10 @@ class LayerActivations:
     """Everything the layer's backward needs at once (rematerialised under full recompute)."""
 
 
-def layer_activations(cfg: Config, assumptions: Assumptions) -> LayerActivations:
-    """Per-layer, per-micro-batch activation bytes under ``model.recompute``."""
+def layer_activations(cfg: Config, assumptions: Assumptions, moe: bool = False) -> LayerActivations:
+    """Activation bytes of a decoder layer (a MoE layer with `moe`) per micro-batch under ``model.recompute``."""
     tokens = local_tokens(cfg)
-    body = layer_bytes_per_token(cfg, assumptions) * tokens
+    body = layer_bytes_per_token(cfg, assumptions, moe) * tokens
     core = attention_core_bytes_per_token(cfg) * tokens
     full = body + core
     mode = cfg.model.recompute
@@ -150,6 +185,23 @@ def layer_activations(cfg: Config, assumptions: Assumptions) -> LayerActivations
     else:
         stored = full
     return LayerActivations(stored=stored, full=full)
+
+
+def rank_layer_activations(cfg: Config, pp_rank: int, assumptions: Assumptions) -> list[tuple[LayerActivations, int]]:
+    """(activations, how many of pipeline rank ``pp_rank``'s decoder layers have them): a layer's
+    depend only on whether it is a MoE layer (the search plans thousands of layouts)."""
+    from megasft.planner.moe import rank_moe_layers
+
+    layers, moe = sum(layout_of(cfg).rank_chunk_layers(pp_rank)), rank_moe_layers(cfg, pp_rank)
+    return [(layer_activations(cfg, assumptions, kind), n) for kind, n in ((False, layers - moe), (True, moe)) if n]
+
+
+def held_activation_bytes(cfg: Config, pp_rank: int, assumptions: Assumptions) -> float:
+    """Stored activations of the :func:`in_flight_layers` layer-micro-batches, each at the mean of the
+    rank's layers (exact where they are alike, and without a pipeline, where each layer is held once)."""
+    kinds = rank_layer_activations(cfg, pp_rank, assumptions)
+    mean = sum(a.stored * n for a, n in kinds) / sum(n for _, n in kinds)
+    return in_flight_layers(cfg, pp_rank) * mean
 
 
 def in_flight_layers(cfg: Config, pp_rank: int) -> int:

@@ -38,3 +38,6 @@ class Assumptions:
     """Fixed cost of one context-parallel exchange (a ring step's send/recv pair or one all-to-all)
     before its bytes move: NCCL launch plus a network round trip, ~5-20 us across InfiniBand. It is
     what makes many small ring steps lose to fewer all-to-alls at large cp and short rows."""
+    ep_latency_us: float = 10.0
+    """Fixed cost of one expert-parallel all-to-all (the slot counts, a dispatch or a combine) before
+    its bytes move; as cp_latency_us. A MoE layer runs 5 per micro-batch (8 under full recompute)."""

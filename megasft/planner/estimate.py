@@ -7,6 +7,7 @@ data-parallel communication and the optimizer update:
               + memory-bound elementwise traffic / HBM bandwidth
               + TP collectives + pipeline p2p            (per micro-batch, slowest pp rank)
               + CP exchange not hidden by attention      (megasft.planner.context_parallel)
+              + EP all-to-alls of MoE layers             (megasft.planner.moe)
     t_pipe  = (m + bubble_slots) * t_mb                  bubble_slots = p-1, or (p-1)/v interleaved
                                                          (Narayanan et al. 2021 Sec. 2.2)
     t_step  = t_pipe + DP exposed + optimizer (memory-bound AdamW over this rank's shard)
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 from megasft.config import Config, ConfigError
 from megasft.layout import Layout
 from megasft.model.presets import count_parameters
-from megasft.planner.activations import ELEMENT_BYTES, in_flight_layers, layer_activations, loss_bytes
+from megasft.planner.activations import (ELEMENT_BYTES, held_activation_bytes, in_flight_layers, loss_bytes,
+                                        rank_layer_activations)
 from megasft.planner.assumptions import Assumptions
 from megasft.planner.comm import RankComm, rank_comm
 from megasft.planner.context_parallel import cp_transient_bytes, ring_merge_bytes
@@ -120,8 +122,8 @@ class Plan:
 def stage_memory(cfg: Config, pp_rank: int, assumptions: Assumptions) -> StageMemory:
     """Peak memory of a rank of stage ``pp_rank``: state + in-flight activations + largest transient."""
     state = rank_state_bytes(cfg, pp_rank)
-    layer = layer_activations(cfg, assumptions)
-    held = in_flight_layers(cfg, pp_rank)
+    layer = max((a for a, _ in rank_layer_activations(cfg, pp_rank, assumptions)), key=lambda a: a.full)
+    held, stored = in_flight_layers(cfg, pp_rank), held_activation_bytes(cfg, pp_rank, assumptions)
     # Under full recompute the rematerialised layer and its gradient temporaries coexist; otherwise
     # the gradient temporaries of the layer in backward are bounded by that layer's activations.
     # A parameter's model-dtype .grad lives until the hook folds it into main_grad; under CP the
@@ -134,12 +136,12 @@ def stage_memory(cfg: Config, pp_rank: int, assumptions: Assumptions) -> StageMe
         loss = loss_bytes(cfg, assumptions)
         if loss > working:
             transient, kind = loss, "logits/loss"
-    allocated = state.total + held * layer.stored + transient
+    allocated = state.total + stored + transient
     overhead = assumptions.reserved_gib * GIB + assumptions.fragmentation * allocated
     return StageMemory(
         pp_rank=pp_rank, layers=sum(layout_of(cfg).rank_chunk_layers(pp_rank)), parameters=state.parameters,
         weights=state.weights, grads=state.grads, optimizer=state.optimizer,
-        activations=held * layer.stored, in_flight_layers=held, transient=transient,
+        activations=stored, in_flight_layers=held, transient=transient,
         transient_kind=kind, overhead=overhead)
 
 
@@ -174,7 +176,8 @@ def _plan(cfg: Config, cluster: Cluster, assumptions: Assumptions) -> Plan:
                    + attention / (peak * assumptions.attention_efficiency)
                    + _elementwise_seconds(cfg, cluster, rank, assumptions))
         p2p = comm.pp_seconds_per_micro_batch * (1 - assumptions.p2p_overlap)
-        per_mb.append(compute + comm.tp_seconds_per_micro_batch + comm.cp_seconds_per_micro_batch + p2p)
+        per_mb.append(compute + comm.tp_seconds_per_micro_batch + comm.cp_seconds_per_micro_batch
+                      + comm.ep_seconds_per_micro_batch + p2p)
         tails.append(_tail_seconds(cfg, cluster, rank, comm, compute))
     t_mb = max(per_mb)
     pipeline = (layout.micro_batches + layout.bubble_slots) * t_mb
@@ -190,9 +193,9 @@ def _elementwise_seconds(cfg: Config, cluster: Cluster, pp_rank: int, assumption
     """Memory-bound time of one micro-batch on a rank: its layers' activations streamed through HBM,
     and under ring CP the merging of partial attention results."""
     passes = assumptions.elementwise_passes + (1 if cfg.model.recompute == "full" else 0)
-    layers = sum(layout_of(cfg).rank_chunk_layers(pp_rank))
-    per_layer = passes * layer_activations(cfg, assumptions).full + ring_merge_bytes(cfg)
-    return per_layer * layers / (cluster.gpu.hbm_gbps * 1e9)
+    kinds = rank_layer_activations(cfg, pp_rank, assumptions)
+    streamed = sum((passes * layer.full + ring_merge_bytes(cfg)) * n for layer, n in kinds)
+    return streamed / (cluster.gpu.hbm_gbps * 1e9)
 
 
 def _backward_share(cfg: Config) -> float:

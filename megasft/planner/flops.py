@@ -19,22 +19,35 @@ exactly 1/cp of the causal square — whichever exchange (ring or all-to-all) br
 A layer with a sliding window W < s (Mistral; Gemma's sliding_attention layers) has each query
 attend to at most W keys: its square is s x W (model FLOPs) and, causal, W * (1 - W / (2s)) keys
 per query on average (s/2 at W = s), instead of s and s/2.
+
+A mixture-of-experts layer (megasft.planner.moe) counts its *active* weights: per token the SwiGLU
+of each of its top-k experts (3*h*f_moe each, f_moe/tp per rank under expert-TP) and the router
+[E, h] — so the 6*N of eq. (3) is 6*N_active. The router is replicated over TP and runs on the
+tokens as they arrive (s/tp of them per rank under sequence parallelism). Executed FLOPs assume
+uniform routing: every EP rank's experts receive T*k rows per micro-batch whatever ep is.
 """
 from __future__ import annotations
 
 from megasft.config import Config, ModelConfig
 from megasft.planner.assumptions import Assumptions
 from megasft.layout import kv_partition
-from megasft.model.families import layer_window
-from megasft.planner.pinned import layout_of
+from megasft.model.families import layer_window, moe_ffn_size
+from megasft.planner.moe import moe_layer_ids, rank_moe_layers, router_weights
+from megasft.planner.pinned import layout_of, rank_layer_ids
 
 
-def layer_matmul_parameters(model: ModelConfig, tp: int = 1) -> int:
-    """Weights of one layer's GEMMs on one TP rank (replicated kv heads are computed on each rank)."""
-    h, d, f = model.hidden_size, model.head_size, model.intermediate_size
+def layer_matmul_parameters(model: ModelConfig, tp: int = 1, moe: bool = False) -> int:
+    """Weights one TP rank multiplies per token of its TP region in a layer's GEMMs (replicated kv
+    heads are computed on each rank): attention and the dense SwiGLU, or in a MoE layer the SwiGLU
+    of each of the token's top-k experts. The router is :func:`megasft.planner.moe.router_weights`."""
+    h, d = model.hidden_size, model.head_size
     q_width = model.num_attention_heads // tp * d
     kv_width = kv_partition(model.kv_heads, tp)[0] * d
-    return h * (2 * q_width + 2 * kv_width) + 3 * h * (f // tp)
+    if moe:
+        mlp = model.moe_top_k * 3 * h * (moe_ffn_size(model) // tp)
+    else:
+        mlp = 3 * h * (model.intermediate_size // tp)
+    return h * (2 * q_width + 2 * kv_width) + mlp
 
 
 def attended_keys(model: ModelConfig, layer: int, seq_len: int, causal: bool) -> float:
@@ -56,13 +69,17 @@ def forward_flops_per_token(model: ModelConfig, seq_len: int, vocab_size: int | 
     """
     vocab = model.vocab_size if vocab_size is None else vocab_size
     width = model.num_attention_heads * model.head_size
-    keys = sum(attended_keys(model, i, seq_len, causal) for i in range(model.num_layers))
-    gemm = model.num_layers * 2 * layer_matmul_parameters(model)
+    layers = range(model.num_layers)
+    keys = sum(attended_keys(model, i, seq_len, causal) for i in layers)
+    moe = len(moe_layer_ids(model, layers))
+    gemm = 2 * ((model.num_layers - moe) * layer_matmul_parameters(model)
+                + moe * (layer_matmul_parameters(model, moe=True) + router_weights(model)))
     return gemm + 4 * width * keys + 2 * model.hidden_size * vocab
 
 
 def model_flops_per_step(cfg: Config) -> float:
-    """Model FLOPs of one optimizer step: 3x forward over the global batch (no recompute, full square)."""
+    """Model FLOPs of one optimizer step: 3x forward over the global batch (no recompute, full
+    square; a MoE model's active weights only)."""
     return 3 * forward_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.data.global_batch_tokens
 
 
@@ -90,9 +107,13 @@ def executed_flops_per_micro_batch(cfg: Config, pp_rank: int, assumptions: Assum
     """
     m, p, d = cfg.model, cfg.parallel, cfg.data
     tokens = d.seq_len * d.micro_batch_size // p.cp
-    layer_ids = [i for chunk in layout_of(cfg).rank_chunks(pp_rank) for i in chunk]
+    layer_ids = rank_layer_ids(cfg, pp_rank)
     gemm_passes = 4 if cfg.model.recompute == "full" else 3
-    gemm = gemm_passes * 2 * layer_matmul_parameters(m, p.tp) * len(layer_ids) * tokens
+    router_tokens = tokens // p.tp if layout_of(cfg).sequence_parallel else tokens
+    moe = rank_moe_layers(cfg, pp_rank)
+    per_pass = ((len(layer_ids) - moe) * layer_matmul_parameters(m, p.tp) * tokens
+                + moe * (layer_matmul_parameters(m, p.tp, moe=True) * tokens + router_weights(m) * router_tokens))
+    gemm = gemm_passes * 2 * per_pass
     if pp_rank == layout_of(cfg).head_rank:
         gemm += 3 * 2 * m.hidden_size * (m.padded_vocab_size(p.tp) // p.tp) * tokens
     attention = sum(layer_attention_flops(cfg, i, assumptions.causal_attention) for i in layer_ids)

@@ -33,6 +33,15 @@ gradients the model sums across ranks itself before the DP reduction (``ParamSpe
 pipeline-tied embedding copy, norm weights under SP, kv projections replicated when
 tp > num_kv_heads), so the prediction is exact; with overlap the other parameters are cut into
 ~``bucket_size_mb`` buckets, each adding less than ``shards * SHARD_ALIGN`` elements more.
+
+Mixture-of-experts layers (megasft.planner.moe) hold the replicated router [E, h] and, under expert
+parallelism (parallel.ep), E/ep of the routed experts, each's FFN split over tp:
+(E/ep) * 3*h*f_moe/tp expert weights per MoE layer, with their fp32 gradients beside them. Those
+weights are held alike by the (dp/ep) * cp ranks of the expert data-parallel group only, so with
+ep > 1 they sit in buckets of their own (``megasft.optim.grad_buffer``), padded for and sharded
+over that many ranks (:func:`expert_zero_shards`): their optimizer state is 12 B / (dp/ep * cp)
+per weight where the dense weights' is 12 B / (dp * cp). At ep = 1 they share the dense buckets.
+Under sequence parallelism the router's gradient is summed over TP by the model (the last bucket).
 """
 from __future__ import annotations
 
@@ -41,8 +50,10 @@ from dataclasses import dataclass
 
 from megasft.config import Config, ModelConfig
 from megasft.layout import kv_partition
+from megasft.model.families import moe_ffn_size
 from megasft.model.presets import norms_per_layer
 from megasft.optim.grad_buffer import SHARD_ALIGN
+from megasft.planner.moe import rank_expert_weights, rank_moe_layers, router_weights
 from megasft.planner.pinned import layout_of
 
 WEIGHT_BYTES = {"bf16": 2, "fp32": 4}
@@ -50,8 +61,9 @@ GRAD_BYTES = 4  # fp32 main gradients
 OPTIMIZER_BYTES = 12  # fp32 master weight + Adam exp_avg + exp_avg_sq
 
 
-def tp_layer_parameter_count(model: ModelConfig, tp: int) -> int:
-    """Parameters of one decoder layer held by one TP rank (see the module docstring for the split)."""
+def tp_layer_parameter_count(model: ModelConfig, tp: int, moe: bool = False, ep: int = 1) -> int:
+    """Parameters of a decoder layer (a MoE layer with `moe`) held by one TP rank of an EP group of
+    `ep` (see the module docstring for the split)."""
     h, d, f = model.hidden_size, model.head_size, model.intermediate_size
     q_width = model.num_attention_heads // tp * d
     kv_width = kv_partition(model.kv_heads, tp)[0] * d
@@ -61,6 +73,8 @@ def tp_layer_parameter_count(model: ModelConfig, tp: int) -> int:
     if model.qk_norm:
         attention += 2 * d  # q/k norm weights, replicated
     mlp = 3 * h * (f // tp)
+    if moe:
+        mlp = router_weights(model) + rank_expert_weights(model, tp, ep)
     return attention + mlp + norms_per_layer(model) * h  # the RMSNorm weights are replicated
 
 
@@ -76,6 +90,8 @@ class RankParameters:
     """Vocab-parallel LM head (the head's stage; the tied embedding copy when pp > 1)."""
     final_norm: int
     """Final RMSNorm weight (the head's stage only)."""
+    experts: int = 0
+    """Of ``layers``, the routed experts' weights (E/ep experts per MoE layer, each / tp)."""
 
     @property
     def total(self) -> int:
@@ -87,13 +103,17 @@ def rank_parameters(cfg: Config, pp_rank: int) -> RankParameters:
     m, p = cfg.model, cfg.parallel
     first, last = pp_rank == 0, pp_rank == layout_of(cfg).head_rank
     vocab_rows = m.padded_vocab_size(p.tp) // p.tp
-    layers = sum(layout_of(cfg).rank_chunk_layers(pp_rank)) * tp_layer_parameter_count(m, p.tp)
+    count, moe = sum(layout_of(cfg).rank_chunk_layers(pp_rank)), rank_moe_layers(cfg, pp_rank)
+    layers = (count - moe) * tp_layer_parameter_count(m, p.tp)
+    if moe:
+        layers += moe * tp_layer_parameter_count(m, p.tp, moe=True, ep=p.ep)
     head_needed = last and (not m.tie_embeddings or p.pp > 1)
     return RankParameters(
         layers=layers,
         embedding=vocab_rows * m.hidden_size if first else 0,
         lm_head=vocab_rows * m.hidden_size if head_needed else 0,
         final_norm=m.hidden_size if last else 0,
+        experts=moe * rank_expert_weights(m, p.tp, p.ep),
     )
 
 
@@ -102,7 +122,13 @@ def largest_parameter(cfg: Config, pp_rank: int) -> int:
     materialised in the model dtype before the hook folds it into main_grad)."""
     m, p = cfg.model, cfg.parallel
     h = m.hidden_size
-    sizes = [2 * (m.intermediate_size // p.tp) * h, m.num_attention_heads // p.tp * m.head_size * h]
+    moe = rank_moe_layers(cfg, pp_rank)
+    sizes = [m.num_attention_heads // p.tp * m.head_size * h]
+    if moe < sum(layout_of(cfg).rank_chunk_layers(pp_rank)):
+        sizes.append(2 * (m.intermediate_size // p.tp) * h)          # a dense gate_up
+    if moe:
+        # the experts' stacked gate_up [E/ep * 2f/tp, h] (megasft.model.moe.RoutedExperts) and the router
+        sizes += [m.num_experts // p.ep * 2 * (moe_ffn_size(m) // p.tp) * h, m.num_experts * h]
     params = rank_parameters(cfg, pp_rank)
     return max(sizes + [params.embedding, params.lm_head])
 
@@ -112,13 +138,15 @@ def model_synced_parameters(cfg: Config, pp_rank: int) -> int:
     (they sit in a gradient bucket of their own): the pipeline-tied embedding copy (summed over the
     embedding group), RMSNorm weights under SP and kv projections replicated when tp > kv heads
     (summed over their TP ranks, ``megasft.tensor_parallel.layers.mark_replicated``), and Qwen3's q/k
-    norm weights at tp > 1 (each TP rank sees only its own heads)."""
+    norm weights at tp > 1 (each TP rank sees only its own heads); under SP also the MoE routers
+    (each TP rank routes its s/tp tokens)."""
     m, layout = cfg.model, layout_of(cfg)
     params = rank_parameters(cfg, pp_rank)
     layers = sum(layout.rank_chunk_layers(pp_rank))
     synced = params.embedding + params.lm_head if m.tie_embeddings and layout.pp > 1 else 0
     if layout.sequence_parallel:
         synced += layers * norms_per_layer(m) * m.hidden_size + params.final_norm
+        synced += rank_moe_layers(cfg, pp_rank) * router_weights(m)
     if m.qk_norm and layout.tp > 1:
         synced += layers * 2 * m.head_size   # q/k norm weights: partial over TP at every tp > 1
     if layout.kv_copies > 1:
@@ -131,6 +159,12 @@ def zero_shards(cfg: Config) -> int:
     """Ranks that hold the same weights and reduce their gradients together: dp * cp."""
     layout = layout_of(cfg)
     return layout.dp * layout.cp
+
+
+def expert_zero_shards(cfg: Config) -> int:
+    """Ranks that hold the same routed experts: the expert data-parallel group, dp/ep * cp."""
+    layout = layout_of(cfg)
+    return layout.dp // cfg.parallel.ep * layout.cp
 
 
 def buffer_numel(n: int, shards: int) -> int:
@@ -165,8 +199,14 @@ def rank_state_bytes(cfg: Config, pp_rank: int = 0) -> StateBytes:
     """
     params = rank_parameters(cfg, pp_rank)
     n = params.total
-    shards = zero_shards(cfg) if cfg.parallel.distributed_optimizer else 1
+    distributed = cfg.parallel.distributed_optimizer
+    shards = zero_shards(cfg) if distributed else 1
     synced = model_synced_parameters(cfg, pp_rank)
-    padded = buffer_numel(n - synced, shards) + (buffer_numel(synced, shards) if synced else 0)
+    # ep > 1: the experts' own buckets (GradBuffer's split_experts), sharded over expert-DP.
+    experts = params.experts if cfg.parallel.ep > 1 else 0
+    expert_shards = expert_zero_shards(cfg) if distributed else 1
+    dense = buffer_numel(n - synced - experts, shards) + (buffer_numel(synced, shards) if synced else 0)
+    expert = buffer_numel(experts, expert_shards) if experts else 0
     return StateBytes(parameters=n, weights=n * WEIGHT_BYTES[cfg.train.precision],
-                      grads=padded * GRAD_BYTES, optimizer=padded // shards * OPTIMIZER_BYTES)
+                      grads=(dense + expert) * GRAD_BYTES,
+                      optimizer=(dense // shards + expert // expert_shards) * OPTIMIZER_BYTES)

@@ -55,3 +55,8 @@ def layout_of(cfg: Config) -> Layout:
     if _RESOLVED is not None:
         _RESOLVED[id(cfg)] = (cfg, layout)
     return layout
+
+
+def rank_layer_ids(cfg: Config, pp_rank: int) -> list[int]:
+    """Global ids of the decoder layers in pipeline rank ``pp_rank``'s chunks of a pinned config."""
+    return [i for chunk in layout_of(cfg).rank_chunks(pp_rank) for i in chunk]

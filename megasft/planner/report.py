@@ -6,6 +6,8 @@ from megasft.planner.activations import local_tokens
 from megasft.planner.context_parallel import A2A, RING, a2a_possible, cp_exposed_seconds, layer_bytes
 from megasft.planner.estimate import Plan, StageMemory
 from megasft.planner.hardware import GIB
+from megasft.planner.memory import expert_zero_shards
+from megasft.planner.moe import active_parameter_count, moe_layer_ids
 from megasft.planner.search import candidate_of
 
 
@@ -27,10 +29,12 @@ def format_plan(plan: Plan) -> str:
     cluster, m = plan.cluster, plan.config.model
     gpu = cluster.gpu
     worst = plan.worst
+    active = f" ({active_parameter_count(m):,} active)" if m.num_experts else ""
     lines = [
-        f"model    {m.preset or 'custom'}: {plan.parameters:,} parameters ({m.num_layers} layers, hidden "
+        f"model    {m.preset or 'custom'}: {plan.parameters:,} parameters{active} ({m.num_layers} layers, hidden "
         f"{m.hidden_size}, ffn {m.intermediate_size}, {m.num_attention_heads} heads / {m.kv_heads} kv, "
         f"vocab {m.vocab_size}{', tied' if m.tie_embeddings else ''})",
+        *_expert_lines(plan),
         f"cluster  {cluster.nodes} nodes x {cluster.gpus_per_node} {gpu.name} ({gpu.memory_gib:.1f} GiB, "
         f"{gpu.peak_tflops:.0f} TFLOP/s bf16, {gpu.intra_node_gbps:.0f} GB/s intra-node, "
         f"{gpu.inter_node_gbps:.0f} GB/s inter-node per GPU)",
@@ -41,9 +45,11 @@ def format_plan(plan: Plan) -> str:
         "  total GiB by pp rank: " + ", ".join(f"{s.pp_rank}: {s.total / GIB:.1f}" for s in _stage_sample(plan)),
         "",
         f"pipeline bubble   {plan.bubble * 100:.1f} % ({_bubble_formula(plan)})",
-        f"model FLOPs/step  {plan.model_flops:.3e} (6*N*T + 12*L*h*s*T, Narayanan et al. 2021 eq. 3)",
+        f"model FLOPs/step  {plan.model_flops:.3e} (6*N{'_active' if m.num_experts else ''}*T + 12*L*h*s*T, "
+        "Narayanan et al. 2021 eq. 3)",
         f"comm/step/rank    TP {_max(plan, 'tp_bytes'):.1f} GB, PP {_max(plan, 'pp_bytes'):.2f} GB, "
         + (f"CP {_max(plan, 'cp_bytes'):.1f} GB, " if plan.layout.cp > 1 else "")
+        + (f"EP all-to-all {_max(plan, 'ep_bytes'):.1f} GB, " if plan.config.parallel.ep > 1 else "")
         + f"DP {_max(plan, 'dp_bytes'):.2f} GB",
         *_context_parallel_lines(plan),
         f"step time         {plan.step_seconds:.2f} s ({plan.micro_batch_seconds * 1e3:.0f} ms per micro-batch "
@@ -72,13 +78,25 @@ def _memory_rows(plan: Plan, stage: StageMemory) -> list[str]:
     return lines
 
 
+def _expert_lines(plan: Plan) -> list[str]:
+    """A MoE model's experts: how many each rank holds and whom their gradients are reduced over."""
+    m, ep = plan.config.model, plan.config.parallel.ep
+    if not m.num_experts:
+        return []
+    layers = len(moe_layer_ids(m, range(m.num_layers)))
+    return [f"experts  {m.num_experts} per MoE layer ({layers} of {m.num_layers} layers), top-{m.moe_top_k}, width "
+            f"{m.moe_intermediate_size or m.intermediate_size}; ep {ep}: {m.num_experts // ep} per rank, their "
+            f"grads reduced over {expert_zero_shards(plan.config)} expert-DP rank(s)"]
+
+
 def _shard_label(plan: Plan) -> str:
-    layout = plan.layout
-    if not plan.config.parallel.distributed_optimizer:
+    layout, p = plan.layout, plan.config.parallel
+    if not p.distributed_optimizer:
         return "12 B/param (no ZeRO-1)"
-    if layout.cp > 1:
-        return f"12 B/param / (dp {layout.dp} x cp {layout.cp})"
-    return f"12 B/param / dp {layout.dp}"
+    dense = f"(dp {layout.dp} x cp {layout.cp})" if layout.cp > 1 else f"dp {layout.dp}"
+    if p.ep > 1:
+        return f"12 B/param / {dense}, experts / {expert_zero_shards(plan.config)}"
+    return f"12 B/param / {dense}"
 
 
 def _context_parallel_lines(plan: Plan) -> list[str]:

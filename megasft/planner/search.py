@@ -1,4 +1,4 @@
-"""Enumerate layouts (tp, cp, pp, v, dp, micro-batch, recompute) for a cluster and rank the ones that fit.
+"""Enumerate layouts (tp, cp, pp, v, dp, ep, micro-batch, recompute) for a cluster and rank the ones that fit.
 
 The global batch, sequence length, model and optimizer come from the config; only the layout
 changes. Every candidate is checked by ``megasft.layout.Layout.resolve``; the search adds:
@@ -11,6 +11,9 @@ changes. Every candidate is checked by ``megasft.layout.Layout.resolve``; the se
   seq_len in 2*cp chunks, which Layout.resolve checks); each cp > 1 is tried with the ring and, where
   cp divides the query heads per TP rank, the all-to-all exchange — the ranking (exposed exchange
   time, memory) picks between them as ``megasft.planner.context_parallel.preferred_cp_comm`` does.
+* Expert parallelism (a mixture-of-experts model): ep runs over the divisors of dp that divide
+  num_experts (the EP group is carved from the dp ranks); a dense model keeps ep = 1. Layout.resolve
+  refuses what megasft cannot run (today a MoE model runs with pp = cp = 1).
 """
 from __future__ import annotations
 
@@ -47,20 +50,22 @@ class Candidate:
     pipeline_layers: Optional[tuple[int, ...]] = None
     cp: int = 1
     cp_comm: str = "ring"
+    ep: int = 1
 
     def describe(self) -> str:
         sp = "+sp" if self.sequence_parallel else ""
         cp = f" cp{self.cp}-{self.cp_comm}" if self.cp > 1 else ""
         v = f" v{self.v}" if self.v > 1 else ""
+        ep = f" ep{self.ep}" if self.ep > 1 else ""
         uneven = " (uneven layers)" if self.pipeline_layers else ""
-        return (f"tp{self.tp}{sp}{cp} pp{self.pp}{v} dp{self.dp} mbs{self.micro_batch_size} "
+        return (f"tp{self.tp}{sp}{cp} pp{self.pp}{v} dp{self.dp}{ep} mbs{self.micro_batch_size} "
                 f"recompute={self.recompute}{uneven}")
 
     def overrides(self) -> list[str]:
         """``section.key=value`` overrides that turn a config into this layout."""
         layers = list(self.pipeline_layers) if self.pipeline_layers else "null"
         return [f"parallel.tp={self.tp}", f"parallel.cp={self.cp}", f"parallel.cp_comm={self.cp_comm}",
-                f"parallel.pp={self.pp}", f"parallel.virtual_pipeline_size={self.v}",
+                f"parallel.pp={self.pp}", f"parallel.virtual_pipeline_size={self.v}", f"parallel.ep={self.ep}",
                 f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
                 f"parallel.pipeline_layers={layers}".replace(" ", ""),
                 f"data.micro_batch_size={self.micro_batch_size}", f"model.recompute={self.recompute}"]
@@ -73,7 +78,7 @@ def candidate_of(cfg: Config) -> Candidate:
     return Candidate(tp=p.tp, pp=p.pp, v=p.virtual_pipeline_size, dp=layout.dp,
                      micro_batch_size=cfg.data.micro_batch_size, recompute=cfg.model.recompute,
                      sequence_parallel=layout.sequence_parallel, pipeline_layers=layers,
-                     cp=layout.cp, cp_comm=layout.cp_comm if layout.cp > 1 else "ring")
+                     cp=layout.cp, cp_comm=layout.cp_comm if layout.cp > 1 else "ring", ep=p.ep)
 
 
 def apply_candidate(cfg: Config, candidate: Candidate, world_size: int) -> Config:
@@ -83,7 +88,7 @@ def apply_candidate(cfg: Config, candidate: Candidate, world_size: int) -> Confi
     new.parallel, new.data, new.model = copy.copy(cfg.parallel), copy.copy(cfg.data), copy.copy(cfg.model)
     p = new.parallel
     p.tp, p.pp, p.virtual_pipeline_size, p.dp = candidate.tp, candidate.pp, candidate.v, None
-    p.cp, p.cp_comm = candidate.cp, candidate.cp_comm
+    p.cp, p.cp_comm, p.ep = candidate.cp, candidate.cp_comm, candidate.ep
     p.sequence_parallel = candidate.sequence_parallel
     p.pipeline_layers = list(candidate.pipeline_layers) if candidate.pipeline_layers else None
     p.pipeline_schedule = "auto"  # v picks 1F1B or interleaved
@@ -96,8 +101,15 @@ def _powers_of_two_divisors(n: int, limit: int) -> list[int]:
     return [2**k for k in range(int(math.log2(max(limit, 1))) + 1) if n % 2**k == 0]
 
 
-def _splits(cfg: Config, cluster: Cluster) -> Iterator[tuple[int, int, int, str, int]]:
-    """(tp, pp, cp, cp_comm, dp) of every split of the cluster that leaves whole rows per dp rank."""
+def expert_parallel_sizes(cfg: Config, dp: int) -> list[int]:
+    """The ep a layout of `dp` data-parallel ranks can use: divisors of dp that divide num_experts
+    (only 1 for a dense model)."""
+    experts = cfg.model.num_experts
+    return [e for e in range(1, dp + 1) if dp % e == 0 and experts % e == 0] if experts else [1]
+
+
+def _splits(cfg: Config, cluster: Cluster) -> Iterator[tuple[int, int, int, str, int, int]]:
+    """(tp, pp, cp, cp_comm, dp, ep) of every split of the cluster that leaves whole rows per dp rank."""
     world, layers = cluster.world_size, cfg.model.num_layers
     rows = cfg.data.rows_per_step()
     for tp in [t for t in range(1, cluster.gpus_per_node + 1) if cluster.gpus_per_node % t == 0]:
@@ -108,20 +120,21 @@ def _splits(cfg: Config, cluster: Cluster) -> Iterator[tuple[int, int, int, str,
                     continue
                 a2a = cp > 1 and (cfg.model.num_attention_heads // tp) % cp == 0
                 for comm in ("ring", "a2a") if a2a else ("ring",):
-                    yield tp, pp, cp, comm, dp
+                    for ep in expert_parallel_sizes(cfg, dp):
+                        yield tp, pp, cp, comm, dp, ep
 
 
 def _variants(cfg: Config, cluster: Cluster) -> Iterator[list[list[Candidate]]]:
     """Per split and pipeline chunking, its candidates by micro-batch size (ascending), each a list
     over the recompute modes."""
     layers, rows = cfg.model.num_layers, cfg.data.rows_per_step()
-    for tp, pp, cp, comm, dp in _splits(cfg, cluster):
+    for tp, pp, cp, comm, dp, ep in _splits(cfg, cluster):
         max_v = min(MAX_VIRTUAL_STAGES, layers // pp) if pp > 1 else 1
         for v in range(1, max_v + 1):
             split = balanced_pipeline_layers(layers, pp * v)
             if layers % (pp * v) and split is None:
                 continue
-            yield [[Candidate(tp, pp, v, dp, mbs, recompute, tp > 1, tuple(split) if split else None, cp, comm)
+            yield [[Candidate(tp, pp, v, dp, mbs, recompute, tp > 1, tuple(split) if split else None, cp, comm, ep)
                      for recompute in RECOMPUTE_ORDER]
                    for mbs in _powers_of_two_divisors(rows // dp, MAX_MICRO_BATCH)]
 
@@ -170,7 +183,8 @@ def search(cfg: Config, cluster: Cluster, assumptions: Assumptions = Assumptions
 def layout_distance(a: Candidate, b: Candidate) -> float:
     """How far apart two layouts are: log2 steps of each size knob plus recompute levels."""
     steps = sum(abs(math.log2(x) - math.log2(y)) for x, y in
-                ((a.tp, b.tp), (a.cp, b.cp), (a.pp, b.pp), (a.v, b.v), (a.micro_batch_size, b.micro_batch_size)))
+                ((a.tp, b.tp), (a.cp, b.cp), (a.pp, b.pp), (a.v, b.v), (a.ep, b.ep),
+                 (a.micro_batch_size, b.micro_batch_size)))
     recompute = abs(RECOMPUTE_ORDER.index(a.recompute) - RECOMPUTE_ORDER.index(b.recompute))
     return steps + recompute + (a.sequence_parallel != b.sequence_parallel) + (a.cp_comm != b.cp_comm)
 

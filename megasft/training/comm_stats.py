@@ -10,7 +10,7 @@ from megasft import collectives
 from megasft.config import Config
 from megasft.parallel_state import ParallelState
 
-KINDS = ("tp", "cp", "pp", "dp", "embedding")
+KINDS = ("tp", "cp", "ep", "pp", "dp", "embedding")
 
 
 class CommStats:
