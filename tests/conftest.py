@@ -54,3 +54,19 @@ def main(monkeypatch, capsys):
         run.out = captured.out
         return rc, captured.err.splitlines()
     return run
+
+
+@pytest.fixture
+def fake_world():
+    """Single-process stand-in for a rank of a bigger world: torch's fake backend builds real
+    process groups whose collectives do nothing, so a rank's model and optimizer can be built."""
+    import torch.distributed as dist
+
+    fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
+
+    def join(rank: int, world: int) -> None:
+        dist.init_process_group("fake", rank=rank, world_size=world, store=fake_pg.FakeStore())
+
+    yield join
+    if dist.is_initialized():
+        dist.destroy_process_group()

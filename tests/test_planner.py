@@ -209,20 +209,6 @@ def test_overlap_hides_dp_communication_down_to_one_bucket():
 
 
 # ------------------------------------------- exact state bytes against the real model and optimizer
-@pytest.fixture
-def fake_world():
-    """Single-process stand-in for a rank of a bigger world: torch's fake backend builds real
-    process groups whose collectives do nothing, so a rank's model and optimizer can be built."""
-    fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
-
-    def join(rank: int, world: int) -> None:
-        dist.init_process_group("fake", rank=rank, world_size=world, store=fake_pg.FakeStore())
-
-    yield join
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("preset,tp,pp,v,sp,precision", [
     ("tiny", 2, 2, 1, False, "bf16"),          # kv heads split, dp = 3
     ("tiny-tied", 4, 2, 2, False, "fp32"),     # kv heads replicated, tied head copy on the last stage

@@ -126,19 +126,6 @@ def test_expert_memory_halves_with_ep_and_optimizer_state_follows_dp_over_ep():
     assert expert_dp_bytes_per_step(two, 0) == pytest.approx((experts_two * 4 / 2, experts_two * 2 / 2))
 
 
-@pytest.fixture
-def fake_world():
-    """A rank of a bigger world in this process (torch's fake backend: real groups, no-op collectives)."""
-    fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
-
-    def join(rank: int, world: int) -> None:
-        dist.init_process_group("fake", rank=rank, world_size=world, store=fake_pg.FakeStore())
-
-    yield join
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("family,tp,ep,sp", [
     ("qwen3_moe", 2, 1, True),      # the routers' SP gradients in the model-synced bucket
     ("qwen3_moe", 2, 2, True),      # experts in buckets of their own over expert-DP
