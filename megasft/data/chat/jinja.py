@@ -35,6 +35,7 @@ from collections import Counter
 from typing import Optional
 
 from megasft.data.chat.environment import compile_template, json_memo
+from megasft.data.chat.structure import CAPACITY, OPEN, StructureCache, Trace, Uncacheable
 from megasft.data.templates import CONTENT, EOT, HEADER, LEAD, OTHER, REASONING, TOOL_CALL, ChatTemplate, \
     Segment, TemplateError
 
@@ -67,9 +68,12 @@ def _common_suffix(a: str, b: str) -> int:
 class JinjaTemplate(ChatTemplate):
     """Any HF ``chat_template``, rendered with jinja2 in the environment transformers uses."""
 
-    def __init__(self, source: str, name: str, tokenizer_config: dict, trusted: bool = False) -> None:
+    def __init__(self, source: str, name: str, tokenizer_config: dict, trusted: bool = False,
+                 shapes: int = CAPACITY) -> None:
         """``trusted``: megasft's own built-in family templates, rendered without the sandbox (its checks on
-        every attribute access cost a third of a render); any other template is sandboxed, as transformers does."""
+        every attribute access cost a third of a render); any other template is sandboxed, as transformers does.
+        ``shapes``: conversation structures kept compiled (:mod:`megasft.data.chat.structure`; 0: compile each
+        conversation in full)."""
         tokens = {k: _token_str(v) for k, v in tokenizer_config.items() if k.endswith("_token")}
         self.variables = {k: v for k, v in tokens.items() if v is not None}
         eos = self.variables.get("eos_token")
@@ -87,6 +91,8 @@ class JinjaTemplate(ChatTemplate):
         # to render, and the generation prompt per role pattern of the messages before the first assistant turn.
         self._tools_rendered: set = set()
         self._headers: dict = {}
+        self.structures = StructureCache(shapes if OPEN not in source else 0)   # a template writing markers itself
+        self._trace: Optional[Trace] = None   # set while a skeleton compiles (structure.StructureCache._build)
 
     # ------------------------------------------------------------------ rendering
     def _render(self, messages, add_generation_prompt: bool, tools=None, spans: Optional[list] = None) -> str:
@@ -96,7 +102,8 @@ class JinjaTemplate(ChatTemplate):
                       **self.variables)
         try:
             if spans is None:
-                return self.compiled.render(**kwargs)
+                text = self.compiled.render(**kwargs)
+                return text if self._trace is None else self._trace.canonical(text)
             blocks: list[str] = []
             self.env.generation_tracker = (blocks, spans)
             try:
@@ -112,15 +119,27 @@ class JinjaTemplate(ChatTemplate):
         return self._render(messages, add_generation_prompt, getattr(messages, "tools", None))
 
     def render(self, messages, add_generation_prompt=False, notes: Optional[Counter] = None) -> list[Segment]:
+        tools = getattr(messages, "tools", None)
+        tag_spans: Optional[list] = [] if self.has_generation_tags and not add_generation_prompt else None
         with json_memo(self.env):   # the renders below serialise the same tools and arguments
-            return self._compile_spans(messages, add_generation_prompt, notes)
+            text = self._render(messages, add_generation_prompt, tools, tag_spans)
+            # A conversation of a structure compiled before: its skeleton filled and checked (one render in all).
+            segs = self.structures.segments(self, messages, add_generation_prompt, text, notes)
+            turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            if segs is None:
+                segs = self._compile_spans(messages, add_generation_prompt, notes, text)
+                segs = [s for s in segs if s.text] if turns else segs
+            if tag_spans is not None and turns:
+                header = self._generation_header(messages, turns[0], tools)
+                self._check_generation_tags(text, segs, tag_spans, header, messages, turns, tools)
+        return segs
 
-    def _compile_spans(self, messages, add_generation_prompt, notes) -> list[Segment]:
+    def _compile_spans(self, messages, add_generation_prompt, notes, text: str) -> list[Segment]:
+        """The segments of ``messages`` rendered as ``text``, empty ones included (one end-of-turn per turn)."""
         tools = getattr(messages, "tools", None)
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        tag_spans: Optional[list] = [] if self.has_generation_tags and not add_generation_prompt else None
-        text = self._render(messages, add_generation_prompt, tools, tag_spans)
-        if tools and not self._renders_tools(text, messages, add_generation_prompt, tools):
+        # (Not for a skeleton: tool names are slots there; its fills run the check on the real text.)
+        if tools and self._trace is None and not self._renders_tools(text, messages, add_generation_prompt, tools):
             raise TemplateError(f"{self.name}: the record has a 'tools' list but this template does not render "
                                 "tools; use the model's tool-use template (chat_template named 'tool_use') or drop 'tools'")
         if not turns:
@@ -157,10 +176,7 @@ class JinjaTemplate(ChatTemplate):
                 else:
                     parts[k].append((start, end, kind))
         self._check_content_with_calls(text, spans, messages, turns, add_generation_prompt, tools)
-        segs = self._segments(text, spans, parts)
-        if tag_spans is not None:
-            self._check_generation_tags(text, segs, tag_spans, header, messages, turns, tools)
-        return segs
+        return self._segments(text, spans, parts)
 
     def _marked_parts(self, text, spans, literals, header, messages, turns, add_generation_prompt, tools, marks: dict,
                       exact: bool) -> Optional[dict]:
@@ -176,8 +192,8 @@ class JinjaTemplate(ChatTemplate):
         out = {}
         for k, key in marks.items():
             (_, h, _, b), (_, h2, _, b2) = spans[k], other_spans[k]
-            p = _common_prefix(text[h:b], other[h2:b2])
-            s = min(_common_suffix(text[h:b], other[h2:b2]), b - h - p, b2 - h2 - p)
+            p = self._prefix(text[h:b], other[h2:b2])
+            s = min(self._prefix(text[h:b], other[h2:b2], reverse=True), b - h - p, b2 - h2 - p)
             sentinel = f"\x01{k}\x01"
             if exact and other[h2 + p:b2 - s] != (sentinel if sentinel in other[h2:b2] else ""):
                 return None
@@ -224,7 +240,10 @@ class JinjaTemplate(ChatTemplate):
         prefix = messages[:first_turn]
         key = (tuple((m["role"], bool(m.get("tool_calls"))) for m in prefix), bool(tools))
         if key not in self._headers:
-            self._headers[key] = self._compute_header(prefix, tools)
+            header = self._compute_header(prefix, tools)
+            if self._trace is not None and OPEN in header:
+                raise Uncacheable("a generation prompt holding message text")
+            self._headers[key] = header
         return self._headers[key]
 
     def _compute_header(self, prefix, tools) -> str:
@@ -268,22 +287,35 @@ class JinjaTemplate(ChatTemplate):
             if found != pos:
                 raise TemplateError(f"{self.name}: rendered text does not align with the template's text before "
                                     f"assistant message {turns[k]} (char {pos}); masks cannot be placed")
-            c = _common_prefix(text[start:start + len(lit) - j], lit[j:])
+            c = self._prefix(text[start:start + len(lit) - j], lit[j:])
             h, a = start + min(c, header_len), start + c
             if k + 1 < len(cuts):
                 b, _ = self._find_stable(text, literals[k + 1][:cuts[k + 1][0]], a)
                 if b < 0:
                     raise TemplateError(f"{self.name}: cannot find where assistant message {turns[k]} ends")
             else:
-                b = len(text) - min(_common_suffix(text[a:], literals[-1]), len(text) - a)
+                b = len(text) - min(self._prefix(text[a:], literals[-1], reverse=True), len(text) - a)
             out.append((start, h, a, b))
             pos = b
         return out
+
+    def _prefix(self, a: str, b: str, reverse: bool = False) -> int:
+        """The common prefix (suffix) of ``a`` and ``b``, its stop traced while a skeleton compiles."""
+        c = _common_suffix(a, b) if reverse else _common_prefix(a, b)
+        if self._trace is not None:
+            self._trace.stop(a, b, c, reverse)
+        return c
 
     def _find_stable(self, text: str, stable: str, pos: int) -> tuple[int, int]:
         """(start, end) of the first occurrence of ``stable`` in ``text`` from ``pos``, or (-1, -1). A leading
         end marker may be another one there: the plain-text stand-in of a turn ends as a reply does, the real
         turn may not (gpt-oss closes a tool call with <|call|>, a reply with <|end|>)."""
+        found = self._first_stable(text, stable, pos)
+        if self._trace is not None:
+            self._trace.find(text, stable, pos, found)
+        return found
+
+    def _first_stable(self, text: str, stable: str, pos: int) -> tuple[int, int]:
         j = text.find(stable, pos)
         best = (j, j + len(stable)) if j >= 0 else (-1, -1)
         marker = next((m for m in self.end_markers if stable.startswith(m)), None)
@@ -303,15 +335,34 @@ class JinjaTemplate(ChatTemplate):
             for n in range(len(header), 2, -1):  # the whole generation prompt, or the longest leading part of it
                 j = literal.rfind(header[:n], max(0, len(literal) - len(header) - 64))
                 if j >= 0:
-                    return j, n
-            return len(literal), 0
+                    return self._traced_header(literal, header, j, n)
+            return self._traced_header(literal, header, len(literal), 0)
         # No generation prompt (Mistral): the turn starts where the messages before it end.
         rendered = self._render(prefix, False, tools)
+        j = self._after_messages(rendered, literal)
+        if self._trace is not None:
+            if OPEN in literal[j:]:
+                raise Uncacheable("a value after where a turn starts")
+            self._trace.turn_start(rendered, literal, len(literal) - j)
+        return j, 0
+
+    @staticmethod
+    def _after_messages(rendered: str, literal: str) -> int:
+        """Where in ``literal`` the rendering of the messages before a turn, ``rendered``, ends."""
         for n in (64, 32, 16, 8):
             tail = rendered[-n:]
             if tail and (j := literal.rfind(tail)) >= 0:
-                return j + len(tail), 0
-        return len(literal), 0
+                return j + len(tail)
+        return len(literal)
+
+    def _traced_header(self, literal: str, header: str, j: int, n: int) -> tuple[int, int]:
+        """While a skeleton compiles: where a value may decide what _header_start finds, the search is traced."""
+        if self._trace is not None:
+            if OPEN in literal[j:]:
+                raise Uncacheable("a value after where a turn's generation prompt starts")
+            if n < len(header):   # a longer part of the prompt may be found in a value (the whole one cannot)
+                self._trace.header(literal, header, len(literal) - j, n)
+        return j, n
 
     def _segments(self, text, spans, parts) -> list[Segment]:
         segs, pos = [], 0
@@ -333,7 +384,7 @@ class JinjaTemplate(ChatTemplate):
             segs.append(Segment(text[b:end], EOT, k))
             pos = end
         segs.append(Segment(text[pos:], OTHER, -1))
-        return [s for s in segs if s.text]
+        return segs
 
     def _end_of_turn(self, text: str, b: int) -> int:
         marker = next((m for m in self.end_markers if text.startswith(m, b)), None)
