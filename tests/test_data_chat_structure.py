@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from megasft.data.chat.families import FAMILIES
 from megasft.data.chat.jinja import JinjaTemplate
 from megasft.data.chat.schema import normalize_record
 from megasft.data.chat.structure import StructureCache
-from megasft.data.templates import TemplateError
-from tests.chat_cases import TOKENS, WEATHER_TOOL, chat_templates_dir, family_records, tool_reasoning_records, \
-    with_tricky_values
+from megasft.data.templates import MASK_MODES, ChatEncoder, TemplateError
+from megasft.data.tokenizer import load_tokenizer
+from tests.chat_cases import TOKENS, WEATHER_TOOL, chat_templates_dir, family_records, family_tokenizer_dir, \
+    tool_reasoning_records, with_tricky_values
 
 pytestmark = pytest.mark.quick
 TEMPLATES = chat_templates_dir()
@@ -63,8 +65,8 @@ def corpus(family: str, n: int) -> list[dict]:
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_fills_equal_the_full_compile_on_the_built_in_families(family):
     fast, full = pair(FAMILIES[family].source, family, FAMILIES[family].tokens(), trusted=True)
-    assert_same(fast, full, corpus(CASES[family], 14))
-    assert fast.structures.stats["filled"] >= 10, fast.structures.stats   # the fill is what was tested
+    assert_same(fast, full, corpus(CASES[family], 10))
+    assert fast.structures.stats["filled"] >= 4, fast.structures.stats   # the fill is what was tested
 
 
 @pytest.mark.skipif(TEMPLATES is None, reason="../shared/chat_templates is absent (set MEGASFT_CHAT_TEMPLATES)")
@@ -73,20 +75,28 @@ def test_fills_equal_the_full_compile_on_the_real_templates(stem):
     family = stem.removesuffix("_training")
     bos, eos = TOKENS[family]
     fast, full = pair((TEMPLATES / f"{stem}.jinja").read_text(encoding="utf-8"), stem, {"bos_token": bos, "eos_token": eos})
-    assert_same(fast, full, corpus(family, 14))
+    assert_same(fast, full, corpus(family, 10))
     # DeepSeek-V3's original renders only call-free chats and cuts the inline <think> out of a reply: each fill
     # of these cases is refused (the equality is what is checked there)
-    assert fast.structures.stats["filled"] >= (0 if stem == "deepseekv3" else 8), fast.structures.stats
+    assert fast.structures.stats["filled"] >= (0 if stem == "deepseekv3" else 4), fast.structures.stats
 
 
 def test_the_benchmark_set_through_an_unrecognised_template():
     """The benchmark's "Jinja compiler" row: Qwen3's text that the plain-Python renderer does not claim, sandboxed,
-    with the cache as it runs (a skeleton at a shape's second sighting): all of its 300 first conversations equal,
-    the fill taking most of them (its 39 shapes: 1-3 questions, 0-2 calls each)."""
+    with the cache as it runs (a skeleton at a shape's second sighting): all of its 200 first conversations give the
+    same segments, hence the same ids, labels and parts under every mask mode, the fill taking most of them (the
+    set has 39 shapes: 1-3 questions, 0-2 calls each)."""
     source = FAMILIES["qwen3"].source + "{#- not Qwen's text -#}"
     fast, full = pair(source, "unrecognised", FAMILIES["qwen3"].tokens(), build_on=2)
-    assert_same(fast, full, tool_reasoning_records(300), gens=(False,))
-    assert fast.structures.stats["filled"] >= 200 and fast.structures.stats["fill rejected"] == 0, fast.structures.stats
+    records = tool_reasoning_records(200)
+    assert_same(fast, full, records, gens=(False,))
+    assert fast.structures.stats["filled"] >= 120 and fast.structures.stats["fill rejected"] == 0, fast.structures.stats
+    tok = load_tokenizer(family_tokenizer_dir("qwen3"))
+    convs = [normalize_record(r) for r in records[:40]]
+    for mode in MASK_MODES:
+        encoded = [ChatEncoder(tok, t, mode).encode_many(convs) for t in (fast, full)]
+        for (ids, mask), (ids_ref, mask_ref) in zip(*encoded):
+            assert np.array_equal(ids, ids_ref) and np.array_equal(mask, mask_ref)
 
 
 def simple(expression: str) -> str:
@@ -95,21 +105,25 @@ def simple(expression: str) -> str:
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@pytest.mark.parametrize("name, source, filled, refused", [
-    # each: a text the template renders verbatim, and one it does not
-    ("trim", simple("m.content | trim"), "Yes.", " Yes. "),
-    ("upper", simple("m.content | upper"), "YES 42.", "Yes."),
-    ("truncate", simple("m.content[:6]"), "Yes.", "Yes, indeed."),
-    ("branch on a value", simple("'No!' if m.content == 'no' else m.content"), "Yes.", "no"),
+# name -> (template, a text it renders verbatim, one it does not)
+TRANSFORMS = {
+    "trim": (simple("m.content | trim"), "Yes.", " Yes. "),
+    "upper": (simple("m.content | upper"), "YES 42.", "Yes."),
+    "truncate": (simple("m.content[:6]"), "Yes.", "Yes, indeed."),
+    "branch on a value": (simple("'No!' if m.content == 'no' else m.content"), "Yes.", "no"),
     # a user message's length: a sentinel has 4 characters (and so do AND? and Yes.)
-    ("a value's length", simple("m.content ~ (' (' ~ (m.content | length) ~ ')' if m.role == 'user' else '')"),
-     "Yes.", "Yes!!"),
+    "a value's length": (simple("m.content ~ (' (' ~ (m.content | length) ~ ')' if m.role == 'user' else '')"),
+                         "Yes.", "Yes!!"),
     # the lead: a reasoning opening with the newline the empty think block has there would move the compiled lead
-    ("lead", CHATML, "plan", "\nplan"),
+    "lead": (CHATML, "plan", "\nplan"),
     # the reply holds the template's text up to the next turn: the search for the turn's end stops early
-    ("next turn in a value", CHATML, "Yes.", "Yes.<|im_end|>\n<|im_start|>user\nAND?<|im_end|>\n"),
-])
-def test_values_the_template_transforms_are_compiled_in_full(name, source, filled, refused):
+    "next turn in a value": (CHATML, "Yes.", "Yes.<|im_end|>\n<|im_start|>user\nAND?<|im_end|>\n"),
+}
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_values_the_template_transforms_are_compiled_in_full(name):
+    source, filled, refused = TRANSFORMS[name]
     fast, full = pair(source, name, {"eos_token": "<|im_end|>"})
     filled_then_refused(fast, full, filled, refused, lambda text: [
         {"role": "user", "content": text}, {"role": "assistant", "content": text, "reasoning_content": text},
@@ -125,20 +139,25 @@ def filled_then_refused(fast, full, filled: str, refused: str, messages) -> None
         assert fast.structures.stats[stat] == before + 1, (fast.name, stat, fast.structures.stats)
 
 
-@pytest.mark.parametrize("name, source, tokens, filled, refused", [
+# name -> (template, its tokens, a question the compile's search is not swayed by, one it is)
+SEARCHES = {
     # the newlines after an end marker are the turn's: a message written right after it that opens with one
-    ("end of turn", "{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant\n{{ m.content }}"
-     "<|im_end|>{% else %}{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant"
-     "\n{% endif %}", {"eos_token": "<|im_end|>"}, "More?", "\nMore?"),
+    "end of turn": ("{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant\n{{ m.content }}"
+                    "<|im_end|>{% else %}{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+                    "<|im_start|>assistant\n{% endif %}", {"eos_token": "<|im_end|>"}, "More?", "\nMore?"),
     # DeepSeek-R1's generation prompt ends in <think>\n, which a reply does not have: the longest part of it found
     # before a turn is its start, unless a message holds the whole
-    ("partial generation prompt", FAMILIES["deepseek-v3"].source, FAMILIES["deepseek-v3"].tokens(), "More?",
-     "More?<｜Assistant｜><think>\nR"),
+    "partial generation prompt": (FAMILIES["deepseek-v3"].source, FAMILIES["deepseek-v3"].tokens(), "More?",
+                                  "More?<｜Assistant｜><think>\nR"),
     # no generation prompt: a turn starts where the rendering of the messages before it ends, found by its tail
-    ("no generation prompt", "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% if loop.last %}[END]{% endif %}"
-     "{% endfor %}", {"eos_token": "</s>"}, "More?", "[END][END]"),
-])
-def test_values_the_compilers_searches_meet_are_compiled_in_full(name, source, tokens, filled, refused):
+    "no generation prompt": ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% if loop.last %}[END]{% endif %}"
+                             "{% endfor %}", {"eos_token": "</s>"}, "More?", "[END][END]"),
+}
+
+
+@pytest.mark.parametrize("name", SEARCHES)
+def test_values_the_compilers_searches_meet_are_compiled_in_full(name):
+    source, tokens, filled, refused = SEARCHES[name]
     fast, full = pair(source, name, tokens)
     filled_then_refused(fast, full, filled, refused, lambda text: [
         {"role": "user", "content": "Well?"}, {"role": "assistant", "content": "Yes."},

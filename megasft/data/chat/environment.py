@@ -1,6 +1,7 @@
 """The Jinja environment chat templates are rendered in: transformers' (sandboxed, trim/lstrip blocks, its
 ``tojson`` / ``raise_exception`` / ``strftime_now``, ``{% generation %}`` spans recorded on request), made
-cheaper for the mask compiler, which renders each conversation three times:
+cheaper for the mask compiler, which renders a conversation three or four times (once when its shape is
+cached: :mod:`megasft.data.chat.structure`):
 
 - the sandbox's per-access safety check is memoised: its answer depends only on the object's type and the
   attribute name (``jinja2.sandbox.is_internal_attribute`` and ``modifies_known_mutable`` test isinstance and
@@ -8,7 +9,7 @@ cheaper for the mask compiler, which renders each conversation three times:
 - ``tojson`` results are memoised within one compile of a conversation (:func:`json_memo`): the three renders
   serialise the same tools list and call arguments (~13% of a tool-calling conversation's compile);
 - ``message.content`` on a plain dict reads the key at once: jinja first tries the attribute and catches the
-  AttributeError (an exception per field access, ~15% of a render); a name that is no attribute of ``dict``
+  AttributeError (an exception per field access: reading the key first makes a render ~20% cheaper); a name that is no attribute of ``dict``
   gives the same value or undefined either way;
 - megasft's own family templates (``trusted``) skip the sandbox.
 """

@@ -25,6 +25,10 @@ The method (linear in the conversation: a fixed number of full renders, never on
 
 When the template carries ``{% generation %}`` tags their spans are checked against these (an error
 names the turn and both spans if they disagree); they may also cover header text, as some twins do.
+
+This runs once per conversation *shape* (roles, fields, tool-call structure): a conversation of a shape
+compiled before is rendered once and its shape's skeleton filled with its values, where that is provably the
+same (:mod:`megasft.data.chat.structure`); the steps above that a value can sway report to its trace.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from collections import Counter
 from typing import Optional
 
 from megasft.data.chat.environment import compile_template, json_memo
+from megasft.data.chat.generation_tags import GENERATION_TAG, check_generation_tags
 from megasft.data.chat.structure import CAPACITY, OPEN, StructureCache, Trace, Uncacheable
 from megasft.data.templates import CONTENT, EOT, HEADER, LEAD, OTHER, REASONING, TOOL_CALL, ChatTemplate, \
     Segment, TemplateError
@@ -43,7 +48,6 @@ from megasft.data.templates import CONTENT, EOT, HEADER, LEAD, OTHER, REASONING,
 # eos is added per template.
 END_MARKERS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|return|>", "<|call|>",
                "<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>")
-GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _SENTINEL = re.compile("\x00(\\d+)\x00")
 
 
@@ -131,7 +135,7 @@ class JinjaTemplate(ChatTemplate):
                 segs = [s for s in segs if s.text] if turns else segs
             if tag_spans is not None and turns:
                 header = self._generation_header(messages, turns[0], tools)
-                self._check_generation_tags(text, segs, tag_spans, header, messages, turns, tools)
+                check_generation_tags(self, text, segs, tag_spans, header, messages, turns, tools)
         return segs
 
     def _compile_spans(self, messages, add_generation_prompt, notes, text: str) -> list[Segment]:
@@ -335,16 +339,11 @@ class JinjaTemplate(ChatTemplate):
             for n in range(len(header), 2, -1):  # the whole generation prompt, or the longest leading part of it
                 j = literal.rfind(header[:n], max(0, len(literal) - len(header) - 64))
                 if j >= 0:
-                    return self._traced_header(literal, header, j, n)
-            return self._traced_header(literal, header, len(literal), 0)
+                    return self._traced_start(literal, j, header, n)
+            return self._traced_start(literal, len(literal), header, 0)
         # No generation prompt (Mistral): the turn starts where the messages before it end.
         rendered = self._render(prefix, False, tools)
-        j = self._after_messages(rendered, literal)
-        if self._trace is not None:
-            if OPEN in literal[j:]:
-                raise Uncacheable("a value after where a turn starts")
-            self._trace.turn_start(rendered, literal, len(literal) - j)
-        return j, 0
+        return self._traced_start(literal, self._after_messages(rendered, literal), rendered, None)
 
     @staticmethod
     def _after_messages(rendered: str, literal: str) -> int:
@@ -355,14 +354,16 @@ class JinjaTemplate(ChatTemplate):
                 return j + len(tail)
         return len(literal)
 
-    def _traced_header(self, literal: str, header: str, j: int, n: int) -> tuple[int, int]:
-        """While a skeleton compiles: where a value may decide what _header_start finds, the search is traced."""
+    def _traced_start(self, literal: str, j: int, prompt: str, n: Optional[int]) -> tuple[int, int]:
+        """(j, n or 0); while a skeleton compiles, a search for a turn's start that a value may decide is traced:
+        a part of the generation ``prompt`` (``n`` characters; a longer one may be in a value, the whole one
+        cannot), or the tail of the ``prompt`` rendering of the messages before the turn (``n`` None)."""
         if self._trace is not None:
             if OPEN in literal[j:]:
-                raise Uncacheable("a value after where a turn's generation prompt starts")
-            if n < len(header):   # a longer part of the prompt may be found in a value (the whole one cannot)
-                self._trace.header(literal, header, len(literal) - j, n)
-        return j, n
+                raise Uncacheable("a value after where a turn starts")
+            if n is None or n < len(prompt):
+                self._trace.start(literal, prompt, len(literal) - j, n)
+        return j, n or 0
 
     def _segments(self, text, spans, parts) -> list[Segment]:
         segs, pos = [], 0
@@ -397,33 +398,6 @@ class JinjaTemplate(ChatTemplate):
         if eos and eos != marker and text.endswith(eos) and end == len(text) - len(eos):
             end = len(text)  # an eos the template appends after a final assistant turn
         return end
-
-    def _check_generation_tags(self, text, segs, tag_spans, header, messages, turns, tools) -> None:
-        merged: list[list[int]] = []
-        for s, e in tag_spans:
-            if merged and merged[-1][1] == s:
-                merged[-1][1] = e
-            elif e > s:
-                merged.append([s, e])
-        ours, pos = {}, 0
-        for seg in segs:
-            if seg.turn >= 0:
-                lo, hi = ours.get(seg.turn, (pos, pos))
-                ours[seg.turn] = (min(lo, pos), pos + len(seg.text))
-            pos += len(seg.text)
-        mine = [ours[k] for k in sorted(ours)]
-
-        def header_text(k: int, extra: str) -> bool:
-            """Tag spans may also cover prompt text: the generation prompt, or what the prompt before this
-            turn ends with (DeepSeek-V3's twin trains the <｜tool▁outputs▁end｜> that opens a turn after tools)."""
-            return extra in header or self._render(messages[:turns[k]], True, tools).endswith(extra)
-
-        ok = len(merged) == len(mine) and all(
-            e == hi and s <= lo and header_text(k, text[s:lo]) for k, ((s, e), (lo, hi)) in enumerate(zip(merged, mine)))
-        if not ok:
-            raise TemplateError(f"{self.name}: its {{% generation %}} spans {[tuple(m) for m in merged]} disagree with "
-                                f"the compiled assistant spans {mine} (a tag span may only add prompt text such as "
-                                f"{header!r}); fix the tags or remove them")
 
 
 def _replace(messages, new: list):

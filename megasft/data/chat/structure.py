@@ -41,7 +41,7 @@ import re
 from collections import Counter, OrderedDict
 from typing import Optional
 
-from megasft.data.templates import EOT, Segment, TemplateError
+from megasft.data.templates import EOT, Segment
 
 OPEN, CLOSE = "\ue000", "\ue001"
 CAPACITY = 256
@@ -156,8 +156,8 @@ def pieces(s: str) -> tuple:
         pos = m.end()
     if pos < len(s):
         out.append(s[pos:])
-    if any(isinstance(p, str) and (OPEN in p or CLOSE in p) for p in out):
-        raise Uncacheable("a marker cut or transformed")
+    if any(isinstance(p, str) and (OPEN in p or CLOSE in p or "\\ue000" in p) for p in out):
+        raise Uncacheable("a marker cut or transformed")   # (the last: written by tojson's ensure_ascii)
     return tuple(out)
 
 
@@ -195,11 +195,8 @@ class Trace:
         if any(isinstance(e, tuple) for e in edges):
             self.stops.append(edges)
 
-    def header(self, literal: str, header: str, from_end: int, n: int) -> None:
-        self.starts.append((pieces(literal), header, from_end, n))
-
-    def turn_start(self, rendered: str, literal: str, from_end: int) -> None:
-        self.starts.append((pieces(literal), pieces(rendered), from_end, None))
+    def start(self, literal: str, prompt: str, from_end: int, n) -> None:
+        self.starts.append((pieces(literal), prompt if n is not None else pieces(prompt), from_end, n))
 
     def find(self, text: str, needle: str, pos: int, found: tuple[int, int]) -> None:
         # Found where the search starts: the filled needle is there too, and nothing starts before it.
@@ -356,7 +353,7 @@ class StructureCache:
             text = template._render(stand_in, add_generation_prompt, stand_in.tools)
             segs = template._compile_spans(stand_in, add_generation_prompt, notes, text)
             skeleton = Skeleton(segs, trace, notes)
-        except (TemplateError, Uncacheable) as e:
+        except Exception as e:   # TemplateError, Uncacheable, or whatever else a template does with a stand-in
             self.stats[f"skeletons refused ({type(e).__name__}: {str(e)[:80]})"] += 1
             return None
         finally:
