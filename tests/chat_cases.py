@@ -141,6 +141,31 @@ def tool_reasoning_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+# What a value may start or end with that a template's own text also has: whitespace, end markers, tags,
+# JSON's escaped characters, the next turn's opening.
+AFFIXES = ["\n", " ", "\n\n", "\t", "<think>", "</think>", "<tool_call>", '"', "\\", "{", "}", "é", "[INST]",
+           "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>\n", "<|im_end|>\n<|im_start|>user\n", "x"]
+
+
+def with_tricky_values(records: list[dict], seed: int = 0, p: float = 0.3) -> list[dict]:
+    """Copies of ``records`` whose strings (not roles, types, ids or JSON-string arguments) each get, with
+    probability ``p``, an affix at either end from AFFIXES: text a template trims, splits or confuses with its own."""
+    rng = random.Random(seed)
+
+    def tricky(obj, key=None):
+        if isinstance(obj, str):
+            if obj and key not in ("role", "type", "id", "tool_call_id", "arguments") and rng.random() < p:
+                return rng.choice(["", *AFFIXES]) + obj + rng.choice(["", *AFFIXES])
+            return obj
+        if isinstance(obj, dict):
+            return {k: tricky(v, k) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [tricky(v, key) for v in obj]
+        return obj
+
+    return [tricky(r) for r in records]
+
+
 def conversations_for(family: str, n: int = 6, seed: int = 0):
     return [normalize_record(r) for r in family_records(family, n, seed)]
 

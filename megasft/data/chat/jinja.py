@@ -25,6 +25,10 @@ The method (linear in the conversation: a fixed number of full renders, never on
 
 When the template carries ``{% generation %}`` tags their spans are checked against these (an error
 names the turn and both spans if they disagree); they may also cover header text, as some twins do.
+
+This runs once per conversation *shape* (roles, fields, tool-call structure): a conversation of a shape
+compiled before is rendered once and its shape's skeleton filled with its values, where that is provably the
+same (:mod:`megasft.data.chat.structure`); the steps above that a value can sway report to its trace.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ from collections import Counter
 from typing import Optional
 
 from megasft.data.chat.environment import compile_template, json_memo
+from megasft.data.chat.generation_tags import GENERATION_TAG, check_generation_tags
+from megasft.data.chat.structure import CAPACITY, OPEN, StructureCache, Trace, Uncacheable
 from megasft.data.templates import CONTENT, EOT, HEADER, LEAD, OTHER, REASONING, TOOL_CALL, ChatTemplate, \
     Segment, TemplateError
 
@@ -42,7 +48,6 @@ from megasft.data.templates import CONTENT, EOT, HEADER, LEAD, OTHER, REASONING,
 # eos is added per template.
 END_MARKERS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|return|>", "<|call|>",
                "<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>")
-GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _SENTINEL = re.compile("\x00(\\d+)\x00")
 
 
@@ -67,9 +72,12 @@ def _common_suffix(a: str, b: str) -> int:
 class JinjaTemplate(ChatTemplate):
     """Any HF ``chat_template``, rendered with jinja2 in the environment transformers uses."""
 
-    def __init__(self, source: str, name: str, tokenizer_config: dict, trusted: bool = False) -> None:
+    def __init__(self, source: str, name: str, tokenizer_config: dict, trusted: bool = False,
+                 shapes: int = CAPACITY) -> None:
         """``trusted``: megasft's own built-in family templates, rendered without the sandbox (its checks on
-        every attribute access cost a third of a render); any other template is sandboxed, as transformers does."""
+        every attribute access cost a third of a render); any other template is sandboxed, as transformers does.
+        ``shapes``: conversation structures kept compiled (:mod:`megasft.data.chat.structure`; 0: compile each
+        conversation in full)."""
         tokens = {k: _token_str(v) for k, v in tokenizer_config.items() if k.endswith("_token")}
         self.variables = {k: v for k, v in tokens.items() if v is not None}
         eos = self.variables.get("eos_token")
@@ -87,6 +95,8 @@ class JinjaTemplate(ChatTemplate):
         # to render, and the generation prompt per role pattern of the messages before the first assistant turn.
         self._tools_rendered: set = set()
         self._headers: dict = {}
+        self.structures = StructureCache(shapes if OPEN not in source else 0)   # a template writing markers itself
+        self._trace: Optional[Trace] = None   # set while a skeleton compiles (structure.StructureCache._build)
 
     # ------------------------------------------------------------------ rendering
     def _render(self, messages, add_generation_prompt: bool, tools=None, spans: Optional[list] = None) -> str:
@@ -96,7 +106,8 @@ class JinjaTemplate(ChatTemplate):
                       **self.variables)
         try:
             if spans is None:
-                return self.compiled.render(**kwargs)
+                text = self.compiled.render(**kwargs)
+                return text if self._trace is None else self._trace.canonical(text)
             blocks: list[str] = []
             self.env.generation_tracker = (blocks, spans)
             try:
@@ -112,15 +123,27 @@ class JinjaTemplate(ChatTemplate):
         return self._render(messages, add_generation_prompt, getattr(messages, "tools", None))
 
     def render(self, messages, add_generation_prompt=False, notes: Optional[Counter] = None) -> list[Segment]:
+        tools = getattr(messages, "tools", None)
+        tag_spans: Optional[list] = [] if self.has_generation_tags and not add_generation_prompt else None
         with json_memo(self.env):   # the renders below serialise the same tools and arguments
-            return self._compile_spans(messages, add_generation_prompt, notes)
+            text = self._render(messages, add_generation_prompt, tools, tag_spans)
+            # A conversation of a structure compiled before: its skeleton filled and checked (one render in all).
+            segs = self.structures.segments(self, messages, add_generation_prompt, text, notes)
+            turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            if segs is None:
+                segs = self._compile_spans(messages, add_generation_prompt, notes, text)
+                segs = [s for s in segs if s.text] if turns else segs
+            if tag_spans is not None and turns:
+                header = self._generation_header(messages, turns[0], tools)
+                check_generation_tags(self, text, segs, tag_spans, header, messages, turns, tools)
+        return segs
 
-    def _compile_spans(self, messages, add_generation_prompt, notes) -> list[Segment]:
+    def _compile_spans(self, messages, add_generation_prompt, notes, text: str) -> list[Segment]:
+        """The segments of ``messages`` rendered as ``text``, empty ones included (one end-of-turn per turn)."""
         tools = getattr(messages, "tools", None)
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        tag_spans: Optional[list] = [] if self.has_generation_tags and not add_generation_prompt else None
-        text = self._render(messages, add_generation_prompt, tools, tag_spans)
-        if tools and not self._renders_tools(text, messages, add_generation_prompt, tools):
+        # (Not for a skeleton: tool names are slots there; its fills run the check on the real text.)
+        if tools and self._trace is None and not self._renders_tools(text, messages, add_generation_prompt, tools):
             raise TemplateError(f"{self.name}: the record has a 'tools' list but this template does not render "
                                 "tools; use the model's tool-use template (chat_template named 'tool_use') or drop 'tools'")
         if not turns:
@@ -157,10 +180,7 @@ class JinjaTemplate(ChatTemplate):
                 else:
                     parts[k].append((start, end, kind))
         self._check_content_with_calls(text, spans, messages, turns, add_generation_prompt, tools)
-        segs = self._segments(text, spans, parts)
-        if tag_spans is not None:
-            self._check_generation_tags(text, segs, tag_spans, header, messages, turns, tools)
-        return segs
+        return self._segments(text, spans, parts)
 
     def _marked_parts(self, text, spans, literals, header, messages, turns, add_generation_prompt, tools, marks: dict,
                       exact: bool) -> Optional[dict]:
@@ -176,8 +196,8 @@ class JinjaTemplate(ChatTemplate):
         out = {}
         for k, key in marks.items():
             (_, h, _, b), (_, h2, _, b2) = spans[k], other_spans[k]
-            p = _common_prefix(text[h:b], other[h2:b2])
-            s = min(_common_suffix(text[h:b], other[h2:b2]), b - h - p, b2 - h2 - p)
+            p = self._prefix(text[h:b], other[h2:b2])
+            s = min(self._prefix(text[h:b], other[h2:b2], reverse=True), b - h - p, b2 - h2 - p)
             sentinel = f"\x01{k}\x01"
             if exact and other[h2 + p:b2 - s] != (sentinel if sentinel in other[h2:b2] else ""):
                 return None
@@ -224,7 +244,10 @@ class JinjaTemplate(ChatTemplate):
         prefix = messages[:first_turn]
         key = (tuple((m["role"], bool(m.get("tool_calls"))) for m in prefix), bool(tools))
         if key not in self._headers:
-            self._headers[key] = self._compute_header(prefix, tools)
+            header = self._compute_header(prefix, tools)
+            if self._trace is not None and OPEN in header:
+                raise Uncacheable("a generation prompt holding message text")
+            self._headers[key] = header
         return self._headers[key]
 
     def _compute_header(self, prefix, tools) -> str:
@@ -268,22 +291,35 @@ class JinjaTemplate(ChatTemplate):
             if found != pos:
                 raise TemplateError(f"{self.name}: rendered text does not align with the template's text before "
                                     f"assistant message {turns[k]} (char {pos}); masks cannot be placed")
-            c = _common_prefix(text[start:start + len(lit) - j], lit[j:])
+            c = self._prefix(text[start:start + len(lit) - j], lit[j:])
             h, a = start + min(c, header_len), start + c
             if k + 1 < len(cuts):
                 b, _ = self._find_stable(text, literals[k + 1][:cuts[k + 1][0]], a)
                 if b < 0:
                     raise TemplateError(f"{self.name}: cannot find where assistant message {turns[k]} ends")
             else:
-                b = len(text) - min(_common_suffix(text[a:], literals[-1]), len(text) - a)
+                b = len(text) - min(self._prefix(text[a:], literals[-1], reverse=True), len(text) - a)
             out.append((start, h, a, b))
             pos = b
         return out
+
+    def _prefix(self, a: str, b: str, reverse: bool = False) -> int:
+        """The common prefix (suffix) of ``a`` and ``b``, its stop traced while a skeleton compiles."""
+        c = _common_suffix(a, b) if reverse else _common_prefix(a, b)
+        if self._trace is not None:
+            self._trace.stop(a, b, c, reverse)
+        return c
 
     def _find_stable(self, text: str, stable: str, pos: int) -> tuple[int, int]:
         """(start, end) of the first occurrence of ``stable`` in ``text`` from ``pos``, or (-1, -1). A leading
         end marker may be another one there: the plain-text stand-in of a turn ends as a reply does, the real
         turn may not (gpt-oss closes a tool call with <|call|>, a reply with <|end|>)."""
+        found = self._first_stable(text, stable, pos)
+        if self._trace is not None:
+            self._trace.find(text, stable, pos, found)
+        return found
+
+    def _first_stable(self, text: str, stable: str, pos: int) -> tuple[int, int]:
         j = text.find(stable, pos)
         best = (j, j + len(stable)) if j >= 0 else (-1, -1)
         marker = next((m for m in self.end_markers if stable.startswith(m)), None)
@@ -303,15 +339,31 @@ class JinjaTemplate(ChatTemplate):
             for n in range(len(header), 2, -1):  # the whole generation prompt, or the longest leading part of it
                 j = literal.rfind(header[:n], max(0, len(literal) - len(header) - 64))
                 if j >= 0:
-                    return j, n
-            return len(literal), 0
+                    return self._traced_start(literal, j, header, n)
+            return self._traced_start(literal, len(literal), header, 0)
         # No generation prompt (Mistral): the turn starts where the messages before it end.
         rendered = self._render(prefix, False, tools)
+        return self._traced_start(literal, self._after_messages(rendered, literal), rendered, None)
+
+    @staticmethod
+    def _after_messages(rendered: str, literal: str) -> int:
+        """Where in ``literal`` the rendering of the messages before a turn, ``rendered``, ends."""
         for n in (64, 32, 16, 8):
             tail = rendered[-n:]
             if tail and (j := literal.rfind(tail)) >= 0:
-                return j + len(tail), 0
-        return len(literal), 0
+                return j + len(tail)
+        return len(literal)
+
+    def _traced_start(self, literal: str, j: int, prompt: str, n: Optional[int]) -> tuple[int, int]:
+        """(j, n or 0); while a skeleton compiles, a search for a turn's start that a value may decide is traced:
+        a part of the generation ``prompt`` (``n`` characters; a longer one may be in a value, the whole one
+        cannot), or the tail of the ``prompt`` rendering of the messages before the turn (``n`` None)."""
+        if self._trace is not None:
+            if OPEN in literal[j:]:
+                raise Uncacheable("a value after where a turn starts")
+            if n is None or n < len(prompt):
+                self._trace.start(literal, prompt, len(literal) - j, n)
+        return j, n or 0
 
     def _segments(self, text, spans, parts) -> list[Segment]:
         segs, pos = [], 0
@@ -333,7 +385,7 @@ class JinjaTemplate(ChatTemplate):
             segs.append(Segment(text[b:end], EOT, k))
             pos = end
         segs.append(Segment(text[pos:], OTHER, -1))
-        return [s for s in segs if s.text]
+        return segs
 
     def _end_of_turn(self, text: str, b: int) -> int:
         marker = next((m for m in self.end_markers if text.startswith(m, b)), None)
@@ -346,33 +398,6 @@ class JinjaTemplate(ChatTemplate):
         if eos and eos != marker and text.endswith(eos) and end == len(text) - len(eos):
             end = len(text)  # an eos the template appends after a final assistant turn
         return end
-
-    def _check_generation_tags(self, text, segs, tag_spans, header, messages, turns, tools) -> None:
-        merged: list[list[int]] = []
-        for s, e in tag_spans:
-            if merged and merged[-1][1] == s:
-                merged[-1][1] = e
-            elif e > s:
-                merged.append([s, e])
-        ours, pos = {}, 0
-        for seg in segs:
-            if seg.turn >= 0:
-                lo, hi = ours.get(seg.turn, (pos, pos))
-                ours[seg.turn] = (min(lo, pos), pos + len(seg.text))
-            pos += len(seg.text)
-        mine = [ours[k] for k in sorted(ours)]
-
-        def header_text(k: int, extra: str) -> bool:
-            """Tag spans may also cover prompt text: the generation prompt, or what the prompt before this
-            turn ends with (DeepSeek-V3's twin trains the <｜tool▁outputs▁end｜> that opens a turn after tools)."""
-            return extra in header or self._render(messages[:turns[k]], True, tools).endswith(extra)
-
-        ok = len(merged) == len(mine) and all(
-            e == hi and s <= lo and header_text(k, text[s:lo]) for k, ((s, e), (lo, hi)) in enumerate(zip(merged, mine)))
-        if not ok:
-            raise TemplateError(f"{self.name}: its {{% generation %}} spans {[tuple(m) for m in merged]} disagree with "
-                                f"the compiled assistant spans {mine} (a tag span may only add prompt text such as "
-                                f"{header!r}); fix the tags or remove them")
 
 
 def _replace(messages, new: list):
