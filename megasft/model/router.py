@@ -75,17 +75,14 @@ def router_stats(logits: torch.Tensor, probs: torch.Tensor, experts: torch.Tenso
     return RouterStats(counts, probs.sum(dim=0), lse_sq, logits.shape[0])
 
 
-class SigmoidGroupRouter(nn.Module):
+class SigmoidGroupRouter(Router):
     """DeepSeek-V3's bias-corrected, group-limited sigmoid top-k routing (the module docstring's
     steps); ``weight`` is HF's ``mlp.gate.weight`` [E, h], ``e_score_correction_bias`` its bias [E]."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool):
-        super().__init__()
-        self.top_k, self.renormalise = cfg.moe_top_k, cfg.moe_norm_topk_prob
+        super().__init__(cfg, ps, sequence_parallel)
         self.groups, self.topk_group = cfg.moe_n_group, cfg.moe_topk_group
         self.scale = cfg.moe_routed_scaling_factor
-        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
-        mark_replicated(self.weight, ps.tp, ps.tp_group if sequence_parallel else None)
         # Every rank applies the same update to its copy (bias_step), so no gradient sync is needed.
         self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
         mark_replicated(self.e_score_correction_bias, ps.tp, None)

@@ -92,9 +92,9 @@ class DistributedOptimizer:
                                       expert_group=state.expert_grad_group, split_experts=state.ep > 1)
         # The norm sums over TP and PP always, and over DP x CP only where those ranks hold disjoint
         # shards; expert-parallel experts over EP always and over expert-DP where sharded.
-        self.norm_groups = [state.tp_group, state.pp_group] + ([state.grad_group] if self.distributed else [])
-        self.expert_norm_groups = ([state.expert_grad_group] if self.distributed else []) + [state.ep_group]
+        self.model_norm_groups = [state.tp_group, state.pp_group]
         self.dense_norm_groups = [state.grad_group] if self.distributed else []
+        self.expert_norm_groups = ([state.expert_grad_group] if self.distributed else []) + [state.ep_group]
         self.expert_parallel = state.ep > 1
         self.embedding_group = state.embedding_group
         self.params = [slot.param for bucket in self.grad_buffer.buckets for slot in bucket.slots]
@@ -149,9 +149,9 @@ class DistributedOptimizer:
             return weighted_sq_sum(pieces, self.shard_state.device)
 
         if not self.expert_parallel:
-            return global_norm(squares(False), self.norm_groups)
+            return global_norm(squares(False), self.model_norm_groups + self.dense_norm_groups)
         total = summed(squares(False), self.dense_norm_groups) + summed(squares(True), self.expert_norm_groups)
-        return global_norm(total, self.norm_groups[:2])
+        return global_norm(total, self.model_norm_groups)
 
     def _skip(self, norm: float, lr: float, what: str) -> StepResult:
         self.consecutive_skips += 1

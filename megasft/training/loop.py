@@ -134,7 +134,6 @@ class Trainer:
         """The micro-batch's weighted auxiliary losses; counts its expert load while training."""
         m = self.cfg.model
         if training:
-            self.expert_load = moe.load if self.expert_load is None else self.expert_load + moe.load
             self.step_load = moe.load if self.step_load is None else self.step_load + moe.load
         loss = moe.aux * m.moe_aux_loss_coef if m.moe_aux_loss_coef else moe.aux.new_zeros(())
         return loss + moe.z * m.moe_z_loss_coef if m.moe_z_loss_coef else loss
@@ -199,6 +198,8 @@ class Trainer:
         self.optimizer.zero_grad()
         self.step_load = None
         result, global_count = self.run_schedule(micro_batches, forward_only=False)
+        if self.step_load is not None:   # MoE: the log interval's load is the sum of its steps'
+            self.expert_load = self.step_load if self.expert_load is None else self.expert_load + self.step_load
         # The loss is the same number on every rank, so a non-finite one skips the step everywhere.
         moe = self.cfg.model.num_experts > 0
         sums = self.global_sums(result.stats, ("loss_sum", "aux_loss", "z_loss") if moe else ("loss_sum",))
