@@ -14,6 +14,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megasft.model.families import DEEPSEEK_MOE_OFF
+
 FORMAT_VERSION = 2
 # ModelConfig fields that fix the tensors' shapes and meaning; a checkpoint must agree on all.
 # The rope fields change the math without changing a shape (Phi-3 longrope factors, partial rotation).
@@ -24,8 +26,8 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", 
                 "moe_router", "moe_n_group", "moe_topk_group", "moe_routed_scaling_factor", "moe_shared_experts")
 # What a checkpoint saved before a field joined SHAPE_FIELDS had (the ModelConfig default then);
 # a field neither saved nor listed here is not compared.
-_BEFORE = {"family": "llama", "qk_norm": False, "moe_router": "softmax", "moe_n_group": 1, "moe_topk_group": 1,
-           "moe_routed_scaling_factor": 1.0, "moe_shared_experts": 0}
+_BEFORE = {"family": "llama", "qk_norm": False,
+           **{k: off for k, off in DEEPSEEK_MOE_OFF.items() if k in SHAPE_FIELDS}}
 
 
 def model_shape(model_cfg) -> dict:

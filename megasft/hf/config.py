@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from megasft.errors import ConfigError
-from megasft.model.families import FAMILIES, Family, deepseek_moe_options, moe_ffn_size
+from megasft.model.families import FAMILIES, Family, deepseek_moe_options, moe_ffn_size, option_list
 
 if TYPE_CHECKING:   # annotations only: megasft.config reads config.json through this module
     from megasft.config import ModelConfig
@@ -242,8 +242,7 @@ def hf_form_problem(m: ModelConfig) -> Optional[str]:
     held = {k: v for k, v in deepseek_moe_options(m).items() if k != "moe_bias_update_rate"}   # training-only
     if not held:
         return None
-    fields = ", ".join(f"model.{k}={v!r}" for k, v in held.items())
-    return (f"{fields} (DeepSeek-V3's MoE) have no Hugging Face form in megasft: {export_family(m).architecture} "
+    return (f"{option_list(held)} (DeepSeek-V3's MoE) have no Hugging Face form in megasft: {export_family(m).architecture} "
             "has no such routing or shared experts, and DeepSeek-V3's own architecture needs MLA attention, "
             "which megasft does not implement")
 

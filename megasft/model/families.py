@@ -225,12 +225,12 @@ def router_problem(m) -> str | None:
     """Why the DeepSeek-V3 routing fields of MoE ModelConfig `m` do not fit together, or None."""
     on = deepseek_moe_options(m)
     if on and m.family == "mixtral":
-        return (f"model.family=mixtral routes by softmax without shared experts; {_fields(on)} need "
+        return (f"model.family=mixtral routes by softmax without shared experts; {option_list(on)} need "
                 "model.family=qwen3_moe (its attention with DeepSeek-V3's MoE)")
     if m.moe_router == "softmax":
         sigmoid_only = {k: v for k, v in on.items() if k != "moe_shared_experts"}
         if sigmoid_only:
-            return (f"{_fields(sigmoid_only)} apply to model.moe_router=sigmoid_group (DeepSeek-V3), not softmax; "
+            return (f"{option_list(sigmoid_only)} apply to model.moe_router=sigmoid_group (DeepSeek-V3), not softmax; "
                     "set model.moe_router=sigmoid_group or leave them at their defaults")
         return None
     e, groups, chosen = m.num_experts, m.moe_n_group, m.moe_topk_group
@@ -249,7 +249,8 @@ def router_problem(m) -> str | None:
     return None
 
 
-def _fields(values: dict) -> str:
+def option_list(values: dict) -> str:
+    """'model.k=v, ...' of ModelConfig fields, for messages."""
     return ", ".join(f"model.{k}={v!r}" for k, v in values.items())
 
 
@@ -267,7 +268,7 @@ def moe_problem(m) -> str | None:
         if m.moe_dense_layers:
             return "model.moe_dense_layers is only for mixture-of-experts models (model.num_experts > 0); leave it unset"
         if deepseek_moe_options(m):
-            return (f"{_fields(deepseek_moe_options(m))} are only for mixture-of-experts models (model.num_experts "
+            return (f"{option_list(deepseek_moe_options(m))} are only for mixture-of-experts models (model.num_experts "
                     "> 0); leave them at their defaults")
         return None
     if m.moe_top_k > m.num_experts:
