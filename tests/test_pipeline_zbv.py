@@ -26,10 +26,12 @@ from megasft.pipeline.zero_bubble import B_PASS, F_PASS, W_PASS, zero_bubble_sto
 from megasft.pipeline.zero_bubble_v import (greedy_orders, paper_orders, simulated_bubble_v, zbv_orders,
                                             zbv_timeline_length)
 from megasft.training.loop import Trainer
-from tests.layouts import (Case, Run, assert_losses_match, assert_pieces_match, check_case, sft_config,
+from tests.layouts import (Case, assert_losses_match, assert_pieces_match, check_case, sft_config,
                            tied_and_untied_references, train_cases, train_this_rank, weight_pieces)
 from tests.multiproc import run_ranks
-from tests.oracle import packed_batch, select_rows, tiny_fields
+from tests.oracle import select_rows
+from tests.test_pipeline_zero_bubble import FIELDS, RUN, case_fields
+from tests.test_pipeline_zero_bubble import global_batches as zero_bubble_batches
 
 
 # ------------------------------------------------------------------------------ the orders
@@ -168,7 +170,6 @@ def test_zero_bubble_store_refusals():
 
 
 # ------------------------------------------------------------------------------ training
-RUN = Run(seq=16, rows=8, lr=1e-3, warmup=1, steps=2)
 FIRST, LAST = (0, 1, 2, 3), (4, 5, 6, 7)
 ZBV = dict(virtual=2, schedule="zbv")
 CASES = [
@@ -177,19 +178,11 @@ CASES = [
     Case("tp2-sp-pp2-zbv-recompute", FIRST, tp=2, pp=2, sequence_parallel=True, **ZBV),
     Case("pp2-dp2-zero1-zbv-tied-overlap-fused-loss", LAST, pp=2, tied=True, fast=True, **ZBV),
 ]
-FIELDS = dict(num_layers=8)
 RESHARD = Case("pp2-zbv-tied-checkpoint", (0, 1), pp=2, tied=True, **ZBV)   # saved under zbv, loaded under 1f1b
 
 
 def global_batches() -> list[dict]:
-    lens = [[5, 7, 4], [9, 3], [16], [2, 2, 2, 2], [11], [6, 6], [3, 12], [8, 8]]
-    return [packed_batch([lens[(i + s) % len(lens)] for i in range(RUN.rows)], RUN.seq, 1003, seed=60 + s)
-            for s in range(RUN.steps)]
-
-
-def _fields(case: Case) -> dict:
-    recompute = {"recompute": "full"} if "recompute" in case.name else {}
-    return tiny_fields(**FIELDS, **recompute, tie_embeddings=case.tied)
+    return zero_bubble_batches(seed=60)
 
 
 def _checkpoint_round_trip(hf_dir: str, root: str) -> dict:
@@ -203,7 +196,7 @@ def _checkpoint_round_trip(hf_dir: str, root: str) -> dict:
     def trainer(schedule: str, load: str = None) -> tuple[Trainer, Checkpointer]:
         case = Case(RESHARD.name, RESHARD.ranks, pp=2, tied=True, schedule=schedule,
                     virtual=2 if schedule == "zbv" else 1)
-        cfg = sft_config(_fields(case), hf_dir, case, RUN)
+        cfg = sft_config(case_fields(case), hf_dir, case, RUN)
         cfg.checkpoint.dir = f"{root}/{schedule}"
         t, ckpt = Trainer(cfg, ps, log=False), Checkpointer(cfg, ps)
         if load:
@@ -227,7 +220,7 @@ def _checkpoint_round_trip(hf_dir: str, root: str) -> dict:
 
 
 def _rank_main(hf_dirs: dict, root: str) -> dict:
-    results = train_cases(CASES, RUN, _fields, lambda case: hf_dirs[case.tied], global_batches())
+    results = train_cases(CASES, RUN, case_fields, lambda case: hf_dirs[case.tied], global_batches())
     results["checkpoint"] = _checkpoint_round_trip(hf_dirs[True], root)
     return results
 

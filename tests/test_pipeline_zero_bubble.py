@@ -95,19 +95,21 @@ CASES = [
 FIELDS = dict(num_layers=8)
 
 
-def global_batches() -> list[dict]:
+def global_batches(seed: int = 40) -> list[dict]:
+    """RUN's packed global batches (tests.test_pipeline_zbv draws its own with another seed)."""
     lens = [[5, 7, 4], [9, 3], [16], [2, 2, 2, 2], [11], [6, 6], [3, 12], [8, 8]]
-    return [packed_batch([lens[(i + s) % len(lens)] for i in range(RUN.rows)], RUN.seq, 1003, seed=40 + s)
+    return [packed_batch([lens[(i + s) % len(lens)] for i in range(RUN.rows)], RUN.seq, 1003, seed=seed + s)
             for s in range(RUN.steps)]
 
 
-def _fields(case: Case) -> dict:
+def case_fields(case: Case) -> dict:
+    """The tiny model of a case: FIELDS, full recompute when the case's name says so, tied or not."""
     recompute = {"recompute": "full"} if "recompute" in case.name else {}
     return tiny_fields(**FIELDS, **recompute, tie_embeddings=case.tied)
 
 
 def _rank_main(hf_dirs: dict) -> dict:
-    return train_cases(CASES, RUN, _fields, lambda case: hf_dirs[case.tied], global_batches())
+    return train_cases(CASES, RUN, case_fields, lambda case: hf_dirs[case.tied], global_batches())
 
 
 @pytest.fixture(scope="module")
