@@ -332,11 +332,10 @@ def _check_cp(cfg: Config) -> None:
 
 
 def _check_moe(cfg: Config, dp: int) -> None:
-    """What a mixture-of-experts model (megasft.model.moe) runs with today: expert-TP cuts every
-    expert's FFN evenly; expert parallelism splits the experts evenly over ep of the dp ranks; one
-    pipeline stage and no context parallelism, because the load-balancing loss pools the router
-    statistics of all layers of a micro-batch (transformers' formula) and pooling across stages
-    and CP ranks is not built yet."""
+    """What a mixture-of-experts model (megasft.model.moe) needs of the layout: expert-TP cuts every
+    expert's FFN evenly; expert parallelism splits the experts evenly over ep of the dp ranks.
+    Pipeline stages and CP ranks pool their router statistics per micro-batch
+    (megasft.training.moe_aux, megasft.model.moe.moe_stats), so pp and cp are free."""
     from megasft.model.families import moe_ffn_size
 
     m, p = cfg.model, cfg.parallel
@@ -348,9 +347,6 @@ def _check_moe(cfg: Config, dp: int) -> None:
         raise ConfigError(f"parallel.ep={p.ep} must divide both dp={dp} (expert-parallel groups are carved from the "
                           f"dp ranks) and model.num_experts={m.num_experts}; choose ep in "
                           f"{[e for e in divisors(dp) if m.num_experts % e == 0]}")
-    if p.pp > 1 or p.cp > 1:
-        raise ConfigError(f"mixture-of-experts models (model.num_experts={m.num_experts}) run with pp=1 and cp=1 "
-                          f"for now (got pp={p.pp}, cp={p.cp}); use tp and dp, or a dense model")
 
 
 def _check_tp(cfg: Config) -> None:

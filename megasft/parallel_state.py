@@ -103,6 +103,9 @@ class ParallelState:
     ep_group: Optional[dist.ProcessGroup] = None       # dp ranks holding different experts (all-to-all)
     expert_grad_group: Optional[dist.ProcessGroup] = None   # (dp / ep) x cp ranks holding the same experts
     embedding_group: Optional[dist.ProcessGroup] = None
+    # The pp ranks again, for the MoE statistics' all-reduces (megasft.training.moe_aux): a
+    # communicator of their own never orders them against the stages' p2p messages.
+    pp_aux_group: Optional[dist.ProcessGroup] = None
     stage_group: Optional[dist.ProcessGroup] = None    # dp x tp ranks of this pipeline stage
     # Global ranks of this rank's pipeline group, in stage order (p2p addresses by global rank).
     pp_ranks: list[int] = field(default_factory=lambda: [0])
@@ -176,8 +179,10 @@ class ParallelState:
         grid["world"] = [list(range(len(ranks)))]
         for d in sub_sizes:
             grid[f"tp{d}"] = [g[i:i + d] for g in grid["tp"] for i in range(0, tp, d)]
-        # With pp == 1 the stage is the whole layout: reuse the world group.
-        stage = ["stage"] if pp > 1 else []
+        # With pp == 1 the stage is the whole layout (reuse the world group) and nothing is pooled
+        # over stages.
+        grid["pp_aux"] = grid["pp"]
+        stage = ["stage", "pp_aux"] if pp > 1 else []
         # With cp == 1 the grad group is the dp group: reuse it.
         cp_kinds = ["cp", "grad"] if cp > 1 else []
         # With ep == 1 the expert replicas are the grad group's: reuse it.
@@ -191,7 +196,7 @@ class ParallelState:
                     groups[kind] = (group, members)
                     # The communication ledger books traffic by group kind (kv sub-groups are TP).
                     # The ledger books the grad group's traffic as DP, as the planner counts it.
-                    collectives.name_group(group, {"grad": "dp", "expert_grad": "dp"}.get(
+                    collectives.name_group(group, {"grad": "dp", "expert_grad": "dp", "pp_aux": "pp"}.get(
                         kind, "tp" if kind.startswith("tp") else kind))
         if me not in ranks:
             return None
@@ -209,6 +214,7 @@ class ParallelState:
                    pp_group=groups["pp"][0],
                    # Middle stages (pp > 2) belong to no embedding group.
                    embedding_group=groups.get("embedding", (None,))[0],
+                   pp_aux_group=groups["pp_aux"][0] if pp > 1 else None,
                    stage_group=groups["stage" if pp > 1 else "world"][0],
                    pp_ranks=groups["pp"][1], layout_ranks=ranks, device=torch.device(device),
                    _subgroups={d: groups[f"tp{d}"][0] for d in sub_sizes})

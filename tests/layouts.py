@@ -78,6 +78,7 @@ class Case:
     cp: int = 1
     cp_comm: str = "ring"
     ep: int = 1
+    pipeline_layers: tuple[int, ...] = ()   # parallel.pipeline_layers; () splits evenly
 
     def __str__(self) -> str:   # the pytest id
         return self.name
@@ -99,7 +100,8 @@ def sft_config(model_fields: dict, hf_dir: str, case: Case, run: Run) -> Config:
     """fp32 SFT config of `case` starting from the HF directory the reference model was saved to."""
     parallel = {"tp": case.tp, "pp": case.pp, "virtual_pipeline_size": case.virtual,
                 "pipeline_schedule": case.schedule, "sequence_parallel": case.sequence_parallel,
-                "distributed_optimizer": case.zero1, "cp": case.cp, "cp_comm": case.cp_comm, "ep": case.ep}
+                "distributed_optimizer": case.zero1, "cp": case.cp, "cp_comm": case.cp_comm, "ep": case.ep,
+                "pipeline_layers": list(case.pipeline_layers) or None}
     return Config.from_dict({
         "model": {**model_fields, **(FAST_MODEL if case.fast else {}), "init_from_hf": hf_dir},
         "parallel": {**parallel, **(FAST_PARALLEL if case.fast else {})},

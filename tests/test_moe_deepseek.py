@@ -10,8 +10,9 @@ megasft.model.moe.MoE, the auxiliary-loss-free bias update in the trainer).
 * A short training run updates the bias after every step from that step's logged load, logs it,
   checkpoints it under HF's name and resumes with it; the HF name table carries the new tensors;
   an HF export of such a model is refused by name.
-* At dp 2 (ZeRO-1) and at expert-TP 2 + SP, 3 train steps give every rank the single-process run's
-  biases (the step load summed over DP before the update) and weights.
+* At dp 2 (ZeRO-1), at expert-TP 2 + SP and over 2 pipeline stages (the first of dense layers
+  only), 3 train steps give every rank the single-process run's biases (the step load summed over
+  DP before the update; the logged table gathered over the stages) and weights.
 
 Routing ties: the chosen set is discontinuous where two choice scores tie, and megasft's and
 transformers' scores differ by fp32 rounding (~1e-7). Random weights make exact ties measure-zero;
@@ -308,38 +309,41 @@ def test_a_checkpoint_records_the_routing_options():
 
 # ----------------------------------------------------------------------------- layouts
 LAYOUT_RUN = Run(seq=16, rows=4, lr=1e-3, warmup=1, steps=3)
-LAYOUTS = {"dp2-zero1": (1, False), "tp2-sp": (2, True)}   # name -> (tp, sequence_parallel) on 2 ranks
+# name -> (tp, pp, sequence_parallel) on 2 ranks
+LAYOUTS = {"dp2-zero1": (1, 1, False), "tp2-sp": (2, 1, True), "pp2": (1, 2, False)}
 
 
-def _layout_config(tp: int, sp: bool) -> Config:
-    """Random init (the same at every layout), the layer's options, the bias updated at RATE."""
+def _layout_config(tp: int, pp: int, sp: bool) -> Config:
+    """Random init (the same at every layout), the layer's options (layer 0 dense, as DeepSeek's
+    first_k_dense_replace; the first stage at pp 2), the bias updated at RATE."""
     return Config.from_dict({
-        "model": deepseek_fields(num_layers=2, moe_dense_layers=None, moe_bias_update_rate=RATE),
-        "parallel": {"tp": tp, "sequence_parallel": sp},
+        "model": deepseek_fields(num_layers=3, moe_dense_layers=[0], moe_bias_update_rate=RATE),
+        "parallel": {"tp": tp, "pp": pp, "sequence_parallel": sp, "pipeline_layers": [1, 2] if pp > 1 else None},
         "data": {"seq_len": LAYOUT_RUN.seq, "global_batch_tokens": LAYOUT_RUN.seq * LAYOUT_RUN.rows},
         "optim": {"lr": LAYOUT_RUN.lr, "warmup_steps": LAYOUT_RUN.warmup},
         "train": {"steps": LAYOUT_RUN.steps, "precision": "fp32"}}).validate()
 
 
-def _train(ps: ParallelState, tp: int, sp: bool) -> dict:
+def _train(ps: ParallelState, tp: int, pp: int, sp: bool) -> dict:
     from megasft.training.loop import Trainer
 
-    trainer = Trainer(_layout_config(tp, sp), ps, log=False)
+    trainer = Trainer(_layout_config(tp, pp, sp), ps, log=False)
     lens = [[5, 7, 4], [9, 3], [16], [2, 2, 2, 2]]
     batches = [packed_batch(lens[s:] + lens[:s], LAYOUT_RUN.seq, 300, seed=20 + s) for s in range(LAYOUT_RUN.steps)]
     outputs = train_this_rank(trainer, batches, micro_batch_size=1)
     return {"losses": [o.loss for o in outputs], "weights": weight_pieces(trainer),
-            "bias": [r.e_score_correction_bias.clone() for r in trainer._routers()]}
+            "bias": trainer._moe_record(outputs[-1])["router_bias"]}   # {MoE layer: bias} of the model
 
 
 def _layouts_main() -> dict:
-    return {name: _train(ParallelState.build(tp, 1, ranks=[0, 1]), tp, sp) for name, (tp, sp) in LAYOUTS.items()}
+    return {name: _train(ParallelState.build(tp, pp, ranks=[0, 1]), tp, pp, sp)
+            for name, (tp, pp, sp) in LAYOUTS.items()}
 
 
 def test_data_and_tensor_parallel_ranks_apply_the_single_process_bias_updates():
-    single = _train(ParallelState.single(), 1, False)
+    single = _train(ParallelState.single(), 1, 1, False)
     reference = {name: piece for name, _, _, piece in single["weights"]}   # whole tensors at tp=dp=1
-    assert any(bool(b.ne(0).any()) for b in single["bias"])
+    assert sorted(single["bias"]) == [1, 2] and any(any(b) for b in single["bias"].values())
     per_rank = run_ranks(_layouts_main, 2, timeout=300)
     for name in LAYOUTS:
         seen = set()
@@ -348,6 +352,6 @@ def test_data_and_tensor_parallel_ranks_apply_the_single_process_bias_updates():
             assert_losses_match(out["losses"], single["losses"], name)
             # Integer loads and sign updates: the very same biases (unless a near-tie routed a token
             # differently, which would show here first).
-            assert all(torch.equal(a, b) for a, b in zip(out["bias"], single["bias"])), name
+            assert out["bias"] == single["bias"], name
             seen |= assert_pieces_match(out["weights"], reference, name, LAYOUT_RUN)
         assert seen == set(reference), f"{name}: not checked: {set(reference) - seen}"

@@ -131,10 +131,8 @@ def test_unsupported_moe_settings_are_refused_by_name():
 
 
 @pytest.mark.quick
-def test_moe_layouts_megasft_does_not_run_yet_are_refused():
+def test_moe_layouts_that_cannot_split_the_experts_are_refused():
     for parallel, ffn, message in [
-        (dict(tp=2, pp=2), 32, "mixture-of-experts models (model.num_experts=8) run with pp=1 and cp=1 for now "
-         "(got pp=2, cp=1); use tp and dp, or a dense model"),
         (dict(tp=4), 30, "tp=4 does not divide the experts' FFN width 30 (model.moe_intermediate_size); "
          "choose tp in [1, 2]"),
         (dict(ep=3), 32, "parallel.ep=3 must divide both dp=4 (expert-parallel groups are carved from the dp ranks) "

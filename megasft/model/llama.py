@@ -34,7 +34,7 @@ from megasft.model.families import family_of, is_moe_layer, layer_window
 from megasft.model.fused import norm_kernel, resolve_norm_backend
 from megasft.model.kv_cache import KVCache, cached_attention
 from megasft.model.mlp import MLP
-from megasft.model.moe import MoE, moe_groups, moe_losses
+from megasft.model.moe import MoE, moe_groups, moe_stats
 from megasft.model.rope import Rope, apply_rope
 from megasft.parallel_state import ParallelState
 from megasft.tensor_parallel.comm import scatter_to_sp
@@ -178,8 +178,11 @@ class LlamaStage(nn.Module):
     forward(batch, hidden_states) takes the MicroBatch (megasft.data.batch) and, on non-first
     chunks, the incoming activation. It returns the activation [s(/tp), b, h], or on the last chunk
     the vocab-parallel logits [s, b, V/tp] — or ``(loss_sum, valid_count)`` when the batch carries
-    labels, ``(loss_sum, valid_count, MoELosses)`` for a mixture-of-experts model (whose chunk then
-    holds every layer: the load-balancing loss pools the routers of all of them). ``cache`` (megasft.model.kv_cache, generation at tp=pp=1) keeps past keys/values.
+    labels. A mixture-of-experts model with labels adds the chunk's MoEStats (None where the chunk
+    has no MoE layer) to every chunk's result: ``(activation, stats)`` or ``(loss_sum, valid_count,
+    stats)``, since the load-balancing loss pools the routers of all MoE layers, whichever stage
+    holds them (megasft.training.moe_aux). ``cache`` (megasft.model.kv_cache, generation at tp=pp=1)
+    keeps past keys/values.
     """
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, layer_ids: list[int], pre_process: bool,
@@ -236,17 +239,17 @@ class LlamaStage(nn.Module):
             if layer.moe:
                 hidden_states, stats = hidden_states
                 router_stats.append(stats)
+        with_stats = batch.labels is not None and self.cfg.num_experts > 0   # training a MoE model
+        moe = moe_stats(router_stats, self.cfg.num_experts, self.moe_groups) if with_stats and router_stats else None
         if not self.post_process:
-            return hidden_states
+            return (hidden_states, moe) if with_stats else hidden_states
         x = enter_tp_region(self.norm(hidden_states), self.group, self.sequence_parallel)   # [s, b, h]
         target = None if batch.labels is None else batch.targets().t()                  # [s(/cp), b]
         if hasattr(self, "lm_head"):
             out = self.lm_head(x, target)
         else:   # tied without pipelining: the embedding's own weight, which its forward already waited for
             out = self.output(x, self.embedding.weight, target)
-        if target is None or not router_stats:
-            return out
-        return (*out, moe_losses(router_stats, self.cfg.num_experts, self.moe_groups))
+        return (*out, moe) if with_stats else out
 
     def _embed(self, batch: MicroBatch) -> torch.Tensor:
         emb = self.embedding(batch.input_ids)                               # [s(/tp), b, h]

@@ -27,14 +27,16 @@ backward of that step sums the weights' partial gradients over TP and every rank
 full gradient of its own tokens. The router weight is then a replicated parameter whose gradient
 is summed over TP only under SP, like the norms'.
 
-Auxiliary losses, per micro-batch (megasft.training.loop adds them to the backward and logs them):
+Auxiliary losses, per micro-batch (megasft.training.moe_aux adds them to the backward, the loop logs
+them):
 
   load balancing  transformers' ``load_balancing_loss_func`` (Fedus et al. 2021, Switch
             Transformer, eq. 4-6): over every MoE layer l and token t of the micro-batch, with N the
             number of (l, t) pairs, f_i = (top-k picks of expert i) / N and P_i = (sum of expert i's
             softmax probability) / N; aux = E * sum_i f_i * P_i. f is a count and carries no
             gradient. Like transformers, f and P pool all MoE layers (not a sum of per-layer
-            losses), so each layer returns its RouterStats and the stage combines them (moe_losses).
+            losses): each layer returns its RouterStats, a chunk sums its layers' into MoEStats
+            (moe_stats), and megasft.training.moe_aux pools the chunks of all pipeline stages.
             The tokens are all s*b slots of the micro-batch, padding included, as transformers
             counts them without an attention mask (and Megatron-Core does).
   z-loss    ST-MoE (Zoph et al. 2022, eq. 5): mean over the same (l, t) pairs of
@@ -63,20 +65,32 @@ from megasft.tensor_parallel.layers import enter_tp_region, exit_tp_region, new_
 from megasft.tensor_parallel.spec import TPSplit, set_spec
 
 # The routers live in megasft.model.router; Router, RouterStats and router_stats import from here too.
-__all__ = ["MoE", "MoELosses", "RoutedExperts", "Router", "RouterStats",
-           "moe_groups", "moe_losses", "resolve_experts_backend", "router_stats"]
+__all__ = ["MoE", "MoEStats", "RoutedExperts", "Router", "RouterStats",
+           "moe_groups", "moe_stats", "resolve_experts_backend", "router_stats"]
 
 
 @dataclass(frozen=True)
-class MoELosses:
-    """A micro-batch's auxiliary losses (unweighted; the coefficients are applied by the loop) and
-    its expert load."""
+class MoEStats:
+    """The router statistics of one micro-batch over the MoE layers of one model chunk, the
+    micro-batch's other token shares (SP, CP) summed in. ``aux`` and ``z`` are the losses of these
+    layers alone — the micro-batch's own when the chunk holds every MoE layer (pp=1)."""
 
-    aux: torch.Tensor          # [] the load-balancing loss
-    z: torch.Tensor            # [] the router z-loss
     load: torch.Tensor         # [layers, E] tokens routed to each expert of each MoE layer (no gradient)
+    prob_sum: torch.Tensor     # [E] router probabilities summed over the (layer, token) pairs
+    lse_sq: torch.Tensor       # [] logsumexp(router logits)^2 summed over the same pairs
+    pairs: int                 # (layer, token) pairs: MoE layers x tokens of the micro-batch
+    num_experts: int
 
+    @property
+    def aux(self) -> torch.Tensor:
+        """[] the load-balancing loss E * sum_i f_i P_i (unweighted; the coefficient is the loop's)."""
+        fraction = self.load.sum(dim=0) / self.pairs                        # f_i
+        return self.num_experts * (fraction * (self.prob_sum / self.pairs)).sum()
 
+    @property
+    def z(self) -> torch.Tensor:
+        """[] the router z-loss."""
+        return self.lse_sq / self.pairs
 
 
 def resolve_experts_backend(name: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
@@ -162,11 +176,11 @@ class MoE(nn.Module):
         return exit_tp_region(out.view(-1, b, h), self.group, self.sequence_parallel), stats   # [s(/tp), b, h]
 
 
-def moe_losses(stats: list[RouterStats], num_experts: int, groups: list[Group]) -> MoELosses:
-    """The micro-batch's load-balancing and z-loss from every MoE layer's RouterStats (see the module
-    docstring). `groups` hold the other shares of the micro-batch's tokens (the TP group under
-    sequence parallelism): their statistics are summed — probabilities with Megatron's g (all-reduce
-    forward, identity backward), since every rank back-propagates the same loss."""
+def moe_stats(stats: list[RouterStats], num_experts: int, groups: list[Group]) -> MoEStats:
+    """A chunk's MoEStats from its MoE layers' RouterStats (see the module docstring). `groups` hold
+    the other shares of the micro-batch's tokens (the TP group under sequence parallelism, the CP
+    group): their statistics are summed — probabilities with Megatron's g (all-reduce forward,
+    identity backward), since every rank back-propagates the same loss."""
     load = torch.stack([s.counts for s in stats])                           # [layers, E]
     prob_sum = torch.stack([s.prob_sum for s in stats]).sum(dim=0)          # [E]
     lse_sq = torch.stack([s.lse_sq_sum for s in stats]).sum()
@@ -177,9 +191,7 @@ def moe_losses(stats: list[RouterStats], num_experts: int, groups: list[Group]) 
             collectives.all_reduce(load, group)
             prob_sum, lse_sq = reduce_from_tp(prob_sum, group), reduce_from_tp(lse_sq, group)
             pairs *= group_size(group)
-    fraction = load.sum(dim=0) / pairs                                       # f_i
-    aux = num_experts * (fraction * (prob_sum / pairs)).sum()
-    return MoELosses(aux, lse_sq / pairs, load)
+    return MoEStats(load, prob_sum, lse_sq, pairs, num_experts)
 
 
 def moe_groups(ps: ParallelState, sequence_parallel: bool) -> list[Optional[object]]:

@@ -184,7 +184,8 @@ def pp_bytes_per_micro_batch(cfg: Config) -> float:
 def predicted_bytes(cfg: Config, pp_rank: int) -> dict[str, float]:
     """Bytes one rank of stage ``pp_rank`` sends per optimizer step, by group kind — the quantity
     the communication ledger (megasft.collectives) measures (its scalar all-reduces of losses,
-    counts and norms are left out: a few bytes). "cp" is the context-parallel exchange (ring
+    counts and norms are left out: a few bytes; so are a MoE model's router statistics pooled over
+    the stages, 2E + 2 float64 per micro-batch, megasft.training.moe_aux). "cp" is the context-parallel exchange (ring
     sends or all-to-all bytes to other ranks, megasft.planner.context_parallel); the gradient
     reduction over the dp*cp ranks is booked as "dp", and so is the experts' over expert-DP; "ep"
     is the expert-parallel all-to-all."""

@@ -13,7 +13,7 @@ changes. Every candidate is checked by ``megasft.layout.Layout.resolve``; the se
   time, memory) picks between them as ``megasft.planner.context_parallel.preferred_cp_comm`` does.
 * Expert parallelism (a mixture-of-experts model): ep runs over the divisors of dp that divide
   num_experts (the EP group is carved from the dp ranks); a dense model keeps ep = 1. Layout.resolve
-  refuses what megasft cannot run (today a MoE model runs with pp = cp = 1).
+  refuses what megasft cannot run.
 """
 from __future__ import annotations
 

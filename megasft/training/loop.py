@@ -8,7 +8,8 @@ sum), the update is the gradient of ``sum of token losses / global trained token
 micro-batch split, DP size or packing.
 
 Mixture-of-experts auxiliary losses (megasft.model.moe) are per micro-batch, as transformers computes
-them for the batch it is given: each micro-batch back-propagates ``coef * aux / n``, n the number
+them for the batch it is given, pooled over the MoE layers of every pipeline stage
+(megasft.training.moe_aux): each micro-batch back-propagates ``coef * aux / n``, n the number
 of micro-batches in the global batch (over all DP ranks), so the update adds the gradient of the
 mean of the micro-batches' aux losses — transformers' own aux loss when the global batch is one
 micro-batch, and what HF Trainer's gradient accumulation with DDP averaging adds otherwise (every
@@ -36,6 +37,7 @@ from megasft.context_parallel.sharding import split_micro_batch
 from megasft.data.batch import MicroBatch
 from megasft.layout import Layout
 from megasft.model.build import build_model
+from megasft.model.families import is_moe_layer
 from megasft.model.fp8 import fp8_autocast
 from megasft.model.router import update_router_biases
 from megasft.optim.distributed_optimizer import DistributedOptimizer
@@ -47,6 +49,7 @@ from megasft.training import metrics
 from megasft.training.comm_stats import CommStats
 from megasft.training.faults import Faults
 from megasft.training.generate_eval import GenerateEval
+from megasft.training.moe_aux import AuxPool, open_pool_group
 from megasft.training.profiler import maybe_profile
 
 
@@ -109,34 +112,34 @@ class Trainer:
         self.faults = Faults.from_env(ps.layout_ranks[ps.rank])
         self.comm = CommStats(cfg, ps)   # train.comm_stats: the ledger on logged steps
         self.generate_eval = GenerateEval.from_config(cfg, ps)   # train.generate_eval_interval; None when off
-        self.expert_load: Optional[torch.Tensor] = None   # MoE: [layers, E] tokens since the last log point
-        self.step_load: Optional[torch.Tensor] = None     # MoE: [layers, E] tokens of this step on this rank
+        # MoE: tokens per expert of the model's MoE layers since the last log point [all MoE layers, E]
+        # (rows of other stages' layers zero), and of this step's layers here [own MoE layers, E].
+        self.expert_load: Optional[torch.Tensor] = None
+        self.step_load: Optional[torch.Tensor] = None
+        if cfg.model.num_experts and ps.pp > 1:
+            open_pool_group(ps)
 
     # ------------------------------------------------------------------ one step
-    def forward_step(self, loss_scale: float, moe_scale: float = 0.0):
-        """`loss_scale` 1 / (trained tokens of the global batch); `moe_scale` 1 / (micro-batches of
-        the global batch), the weight of a micro-batch's MoE auxiliary losses."""
+    def forward_step(self, loss_scale: float, pool: Optional[AuxPool] = None):
+        """`loss_scale` 1 / (trained tokens of the global batch); `pool` (a MoE model in training)
+        adds each micro-batch's auxiliary losses to its backward."""
+        moe = self.cfg.model.num_experts > 0
+
         def step(chunk_index: int, batch: MicroBatch, input_tensor: Optional[torch.Tensor]):
             chunk = self.chunks[chunk_index]
             with self.fp8_autocast():   # one FP8 region per chunk forward; backward runs outside
                 out = chunk(batch, input_tensor)
+            if moe:   # every chunk of a MoE model reports its router statistics too
+                *out, stats = out
             if not chunk.post_process:
-                return out
-            loss_sum, count, *moe = out
-            loss, stats = loss_sum * loss_scale, {"loss_sum": loss_sum.detach(), "tokens": count}
-            if moe:
-                loss = loss + self._moe_loss(moe[0], chunk.training) * moe_scale
-                stats.update(aux_loss=moe[0].aux.detach(), z_loss=moe[0].z.detach())
-            return loss, stats
+                hidden = out[0] if moe else out
+                return hidden if pool is None else pool.add(chunk_index, batch, stats, hidden)
+            loss_sum, count = out
+            loss = loss_sum * loss_scale
+            if pool is not None:
+                loss = pool.add(chunk_index, batch, stats, loss)
+            return loss, {"loss_sum": loss_sum.detach(), "tokens": count}
         return step
-
-    def _moe_loss(self, moe, training: bool) -> torch.Tensor:
-        """The micro-batch's weighted auxiliary losses; counts its expert load while training."""
-        m = self.cfg.model
-        if training:
-            self.step_load = moe.load if self.step_load is None else self.step_load + moe.load
-        loss = moe.aux * m.moe_aux_loss_coef if m.moe_aux_loss_coef else moe.aux.new_zeros(())
-        return loss + moe.z * m.moe_z_loss_coef if m.moe_z_loss_coef else loss
 
     def run_schedule(self, micro_batches: list[MicroBatch], forward_only: bool):
         """Count the global trained tokens, run the pipeline schedule; returns (result, count)."""
@@ -151,25 +154,46 @@ class Trainer:
         for chunk in self.chunks:
             chunk.train(not forward_only)
         overlap = self.cfg.parallel.overlap_grad_reduce and not forward_only
+        m, pool = self.cfg.model, None
+        if m.num_experts and not forward_only:   # each micro-batch weighs 1 / (micro-batches over DP)
+            pool = AuxPool(micro_batches, m.num_experts, len(self.chunks), self.ps.pp_aux_group,
+                           1.0 / (len(micro_batches) * self.ps.dp), m.moe_aux_loss_coef, m.moe_z_loss_coef,
+                           self.ps.device)
         result = schedules.forward_backward(
-            self.forward_step(scale, 1.0 / (len(micro_batches) * self.ps.dp)), micro_batches, self.ps, num_chunks=self.layout.v,
+            self.forward_step(scale, pool), micro_batches, self.ps, num_chunks=self.layout.v,
             tensor_shape=self.layout.activation_shape, dtype=self.cfg.train.dtype,
             forward_only=forward_only, schedule=self.layout.schedule,
             no_sync=self.optimizer.grad_buffer.no_sync if overlap else None, weight_store=self.weight_store)
+        if pool is not None:   # known on every rank; global_sums takes them from the loss's
+            result.stats["aux_loss"], result.stats["z_loss"] = pool.losses()
+            self.step_load = pool.step_load()
         return result, global_count
 
     def _update_router_biases(self) -> None:
         """The auxiliary-loss-free bias step of every MoE layer from this step's expert load, summed
-        over DP (moe_losses summed the TP/SP shares already; TP ranks without SP route the same
-        tokens alike). In float64 the integer counts sum exactly in any order, so every rank applies
-        the same update to its copy of the biases."""
+        over DP (moe_stats summed the TP/SP and CP shares already; TP ranks without SP route the
+        same tokens alike). In float64 the integer counts sum exactly in any order, so every rank
+        applies the same update to its copy of the biases."""
+        if self.step_load is None:   # a pipeline stage of dense layers only
+            return
         load = self.step_load.to(torch.float64)
         collectives.all_reduce(load, self.ps.dp_group)
         update_router_biases(self._routers(), load, self.cfg.model.moe_bias_update_rate)
 
     def _routers(self) -> list:
-        """The routers of the MoE layers in the order of their rows of MoELosses.load."""
+        """The routers of this rank's MoE layers in the order of the rows of step_load."""
         return [layer.mlp.router for chunk in self.chunks for layer in chunk.layers.values() if layer.moe]
+
+    def _model_table(self, rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """[all MoE layers of the model, E] float64: `rows` (one per MoE layer here, _routers' order)
+        at their layers' rows, zeros at other stages' layers — summed over PP, the whole model's."""
+        m = self.cfg.model
+        layers = [i for i in range(m.num_layers) if is_moe_layer(m, i)]
+        table = torch.zeros(len(layers), m.num_experts, dtype=torch.float64, device=self.ps.device)
+        own = [layers.index(int(i)) for chunk in self.chunks for i, layer in chunk.layers.items() if layer.moe]
+        if rows is not None:
+            table[own] = rows.to(table)
+        return table
 
     def global_loss_sum(self, stats: dict) -> float:
         """Sum of token losses over the global batch, made known on every rank. Only the first TP
@@ -196,10 +220,10 @@ class Trainer:
         if faults is not None:
             faults.at_step_start(n)
         self.optimizer.zero_grad()
-        self.step_load = None
         result, global_count = self.run_schedule(micro_batches, forward_only=False)
-        if self.step_load is not None:   # MoE: the log interval's load is the sum of its steps'
-            self.expert_load = self.step_load if self.expert_load is None else self.expert_load + self.step_load
+        if self.cfg.model.num_experts:   # the log interval's load is the sum of its steps'
+            load = self._model_table(self.step_load)
+            self.expert_load = load if self.expert_load is None else self.expert_load + load
         # The loss is the same number on every rank, so a non-finite one skips the step everywhere.
         moe = self.cfg.model.num_experts > 0
         sums = self.global_sums(result.stats, ("loss_sum", "aux_loss", "z_loss") if moe else ("loss_sum",))
@@ -318,21 +342,26 @@ class Trainer:
             metrics.note(writer, self.comm.line(self.step))
 
     def _moe_record(self, out: StepOutput) -> dict:
-        """MoE fields of a train record: the last step's aux losses and the expert load since the
-        last log point, summed over DP (collective over the DP group: every rank calls it)."""
+        """MoE fields of a train record: the last step's aux losses and the expert load of every
+        MoE layer since the last log point, summed over DP (collectives over the DP and PP groups:
+        every rank calls it)."""
         if out.aux_loss is None:
             return {}
+        record = {"aux_loss": out.aux_loss, "z_loss": out.z_loss}
+        if self.expert_load is None:   # no training step since the last log point (on every rank)
+            return record
         load = self.expert_load
-        if load is None:   # no training micro-batch since the last log point
-            return {"aux_loss": out.aux_loss, "z_loss": out.z_loss}
-        load = load.clone()
         collectives.all_reduce(load, self.ps.dp_group)
+        collectives.all_reduce(load, self.ps.pp_group)   # each stage holds the rows of its own layers
         self.expert_load = None
-        layers = [i for i, layer in self.chunks[0].layers.items() if layer.moe]
-        record = {"aux_loss": out.aux_loss, "z_loss": out.z_loss, **metrics.expert_load_record(load.cpu(), layers)}
-        if self.cfg.model.moe_router == "sigmoid_group":   # the same on every rank
-            record["router_bias"] = {layer: router.e_score_correction_bias.tolist()
-                                     for layer, router in zip(layers, self._routers())}
+        m = self.cfg.model
+        layers = [i for i in range(m.num_layers) if is_moe_layer(m, i)]
+        record |= metrics.expert_load_record(load.cpu(), layers)
+        if m.moe_router == "sigmoid_group":   # the same on every rank of a stage
+            routers = self._routers()
+            bias = self._model_table(torch.stack([r.e_score_correction_bias for r in routers]) if routers else None)
+            collectives.all_reduce(bias, self.ps.pp_group)
+            record["router_bias"] = {layer: row.tolist() for layer, row in zip(layers, bias.cpu())}
         return record
 
     def _should_stop(self, skipped: bool) -> tuple[bool, bool]:
