@@ -1,6 +1,7 @@
-"""A tiny Mixtral through the real entry point (one process): the train records carry the aux
-losses and the expert load of every MoE layer since the last log point, the SFT loss stays the
-record's loss, evaluation runs, and the final HF export loads in transformers with megasft's logits."""
+"""A tiny Mixtral through the real entry point (one process, and two pipeline stages of one layer
+each): the train records carry the aux losses and the expert load of every MoE layer since the
+last log point, the SFT loss stays the record's loss, evaluation runs, and the final HF export
+loads in transformers with megasft's logits."""
 from __future__ import annotations
 
 import json
@@ -25,11 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 MOE = ("model.family=mixtral", "model.num_experts=4", "model.moe_top_k=2")
 
 
-def test_moe_train_logs_aux_loss_and_expert_load_and_exports(tmp_path):
+@pytest.mark.parametrize("flags,layout", [((), ()), (("--nproc", "2"), ("parallel.pp=2",))], ids=["single", "pp2"])
+def test_moe_train_logs_aux_loss_and_expert_load_and_exports(tmp_path, flags, layout):
     data, run = tiny_dataset(tmp_path / "data"), tmp_path / "run"
-    args = train_args(data, run, *MOE, "train.steps=4", "train.log_interval=2", "checkpoint.export_hf=true",
+    args = train_args(data, run, *MOE, *layout, "train.steps=4", "train.log_interval=2", "checkpoint.export_hf=true",
                       "data.eval_fraction=0.2", "train.eval_interval=4")
-    out = subprocess.run([sys.executable, "-m", "megasft.train", *args], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "megasft.train", *flags, *args], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
