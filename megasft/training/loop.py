@@ -116,7 +116,8 @@ class Trainer:
         # (rows of other stages' layers zero), and of this step's layers here [own MoE layers, E].
         self.expert_load: Optional[torch.Tensor] = None
         self.step_load: Optional[torch.Tensor] = None
-        if cfg.model.num_experts and ps.pp > 1:
+        self.moe_layers = [i for i in range(cfg.model.num_layers) if is_moe_layer(cfg.model, i)]   # whole model
+        if self.moe_layers and ps.pp > 1:
             open_pool_group(ps)
 
     # ------------------------------------------------------------------ one step
@@ -187,10 +188,9 @@ class Trainer:
     def _model_table(self, rows: Optional[torch.Tensor]) -> torch.Tensor:
         """[all MoE layers of the model, E] float64: `rows` (one per MoE layer here, _routers' order)
         at their layers' rows, zeros at other stages' layers — summed over PP, the whole model's."""
-        m = self.cfg.model
-        layers = [i for i in range(m.num_layers) if is_moe_layer(m, i)]
-        table = torch.zeros(len(layers), m.num_experts, dtype=torch.float64, device=self.ps.device)
-        own = [layers.index(int(i)) for chunk in self.chunks for i, layer in chunk.layers.items() if layer.moe]
+        table = torch.zeros(len(self.moe_layers), self.cfg.model.num_experts, dtype=torch.float64,
+                            device=self.ps.device)
+        own = [self.moe_layers.index(int(i)) for chunk in self.chunks for i, layer in chunk.layers.items() if layer.moe]
         if rows is not None:
             table[own] = rows.to(table)
         return table
@@ -221,11 +221,11 @@ class Trainer:
             faults.at_step_start(n)
         self.optimizer.zero_grad()
         result, global_count = self.run_schedule(micro_batches, forward_only=False)
-        if self.cfg.model.num_experts:   # the log interval's load is the sum of its steps'
+        moe = self.cfg.model.num_experts > 0
+        if moe:   # the log interval's load is the sum of its steps'
             load = self._model_table(self.step_load)
             self.expert_load = load if self.expert_load is None else self.expert_load + load
         # The loss is the same number on every rank, so a non-finite one skips the step everywhere.
-        moe = self.cfg.model.num_experts > 0
         sums = self.global_sums(result.stats, ("loss_sum", "aux_loss", "z_loss") if moe else ("loss_sum",))
         loss = sums[0] / max(global_count, 1)
         aux = [x / (len(micro_batches) * self.ps.dp) for x in sums[1:]] if moe else [None, None]
@@ -354,14 +354,12 @@ class Trainer:
         collectives.all_reduce(load, self.ps.dp_group)
         collectives.all_reduce(load, self.ps.pp_group)   # each stage holds the rows of its own layers
         self.expert_load = None
-        m = self.cfg.model
-        layers = [i for i in range(m.num_layers) if is_moe_layer(m, i)]
-        record |= metrics.expert_load_record(load.cpu(), layers)
-        if m.moe_router == "sigmoid_group":   # the same on every rank of a stage
+        record |= metrics.expert_load_record(load.cpu(), self.moe_layers)
+        if self.cfg.model.moe_router == "sigmoid_group":   # the same on every rank of a stage
             routers = self._routers()
             bias = self._model_table(torch.stack([r.e_score_correction_bias for r in routers]) if routers else None)
             collectives.all_reduce(bias, self.ps.pp_group)
-            record["router_bias"] = {layer: row.tolist() for layer, row in zip(layers, bias.cpu())}
+            record["router_bias"] = {layer: row.tolist() for layer, row in zip(self.moe_layers, bias.cpu())}
         return record
 
     def _should_stop(self, skipped: bool) -> tuple[bool, bool]:
