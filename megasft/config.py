@@ -207,11 +207,12 @@ class ParallelConfig:
     dp: Optional[int] = None
     """Data-parallel size; None means world_size // (tp * cp * pp)."""
     ep: int = 1
-    """Expert-parallel size (mixture-of-experts models): ep consecutive data-parallel ranks form an
-    expert-parallel group and each holds num_experts / ep experts of every MoE layer; tokens reach
-    their experts by all-to-all (megasft.model.dispatch). Must divide dp and num_experts.
-    Expert weights are then replicated over dp / ep ranks only, which is what their gradients are
-    reduced and their ZeRO-1 state is sharded over."""
+    """Expert-parallel size (mixture-of-experts models): ep consecutive ranks of a stage's dp x cp
+    ranks (CP fastest, as Megatron-Core's parallel folding) form an expert-parallel group and each
+    holds num_experts / ep experts of every MoE layer; tokens reach their experts by all-to-all
+    (megasft.model.dispatch). Must divide dp * cp and num_experts. Expert weights are then
+    replicated over dp * cp / ep ranks only, which is what their gradients are reduced and their
+    ZeRO-1 state is sharded over."""
     sequence_parallel: bool = False
     """Shard activations along the sequence in norm/dropout regions (needs tp > 1 to matter)."""
     virtual_pipeline_size: int = 1

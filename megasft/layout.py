@@ -204,7 +204,7 @@ class Layout:
     kv_copies: int                       # TP ranks holding the same kv head (1 = split)
     cp: int = 1                          # context-parallel ranks sharing each row
     cp_comm: str = "ring"                # ring | a2a (parallel.cp_comm)
-    ep: int = 1                          # expert-parallel ranks (carved from dp)
+    ep: int = 1                          # expert-parallel ranks (carved from dp x cp)
 
     @classmethod
     def resolve(cls, cfg: Config, world_size: int) -> "Layout":
@@ -333,7 +333,7 @@ def _check_cp(cfg: Config) -> None:
 
 def _check_moe(cfg: Config, dp: int) -> None:
     """What a mixture-of-experts model (megasft.model.moe) needs of the layout: expert-TP cuts every
-    expert's FFN evenly; expert parallelism splits the experts evenly over ep of the dp ranks.
+    expert's FFN evenly; expert parallelism splits the experts evenly over ep of the dp x cp ranks.
     Pipeline stages and CP ranks pool their router statistics per micro-batch
     (megasft.training.moe_aux, megasft.model.moe.moe_stats), so pp and cp are free."""
     from megasft.model.families import moe_ffn_size
@@ -343,10 +343,12 @@ def _check_moe(cfg: Config, dp: int) -> None:
     if ffn % p.tp:
         raise ConfigError(f"tp={p.tp} does not divide the experts' FFN width {ffn} (model.moe_intermediate_size); "
                           f"choose tp in {[x for x in divisors(m.num_attention_heads) if ffn % x == 0]}")
-    if p.ep > 1 and (dp % p.ep or m.num_experts % p.ep):
-        raise ConfigError(f"parallel.ep={p.ep} must divide both dp={dp} (expert-parallel groups are carved from the "
-                          f"dp ranks) and model.num_experts={m.num_experts}; choose ep in "
-                          f"{[e for e in divisors(dp) if m.num_experts % e == 0]}")
+    replicas = dp * p.cp
+    if p.ep > 1 and (replicas % p.ep or m.num_experts % p.ep):
+        names, ranks = (f"dp*cp={dp}*{p.cp}={replicas}", "dp x cp") if p.cp > 1 else (f"dp={dp}", "dp")
+        raise ConfigError(f"parallel.ep={p.ep} must divide both {names} (expert-parallel groups are carved from the "
+                          f"{ranks} ranks) and model.num_experts={m.num_experts}; choose ep in "
+                          f"{[e for e in divisors(replicas) if m.num_experts % e == 0]}")
 
 
 def _check_tp(cfg: Config) -> None:

@@ -8,12 +8,15 @@ CP ranks share every row (each holds s/cp of its tokens) and hold the same weigh
 are reduced, and ZeRO-1 shards the optimizer, over the dp x cp ranks of a stage (the "grad" group;
 it is the dp group when cp = 1). The data loader shards rows over dp only.
 
-Expert parallelism (mixture-of-experts models) is carved from the DP ranks, as in Megatron-Core:
-ep consecutive dp ranks (dp_rank // ep alike) form an "ep" group whose members hold different
-experts and exchange tokens by all-to-all; ep_rank = dp_rank % ep. An expert weight is therefore
-held alike by the dp / ep ranks of equal ep_rank (x cp): the "expert_grad" group, over which its
-gradient is reduced and its ZeRO-1 state sharded. With dp=4, ep=2: ep groups [d0,d1] [d2,d3],
-expert_grad groups [d0,d2] [d1,d3].
+Expert parallelism (mixture-of-experts models) is carved from the dp x cp ranks of a stage, as
+Megatron-Core's "parallel folding" does: number those ranks f = dp_rank * cp + cp_rank (the grad
+group's order, CP fastest); ep consecutive ones (f // ep alike) form an "ep" group whose members
+hold different experts and exchange tokens by all-to-all, and ep_rank = f % ep. Tokens are
+per-rank work whichever row or chunk of a row they belong to, so an EP group may span CP ranks
+(ep <= cp) or DP ranks or both. An expert weight is therefore held alike by the dp*cp / ep ranks
+of equal ep_rank: the "expert_grad" group, over which its gradient is reduced and its ZeRO-1
+state sharded. With dp=4, cp=1, ep=2: ep groups [d0,d1] [d2,d3], expert_grad groups [d0,d2]
+[d1,d3]; with dp=2, cp=2, ep=2 the ep groups are the cp groups and expert_grad = dp groups.
 
 Worked example, 16 ranks with tp=2, pp=4 (so dp=2):
 
@@ -57,24 +60,27 @@ def rank_grid(world_size: int, tp: int, pp: int, cp: int = 1, ep: int = 1) -> di
             f"world_size={world_size} is not divisible by {names}={sizes}={tp * cp * pp}; "
             f"launch a multiple of {tp * cp * pp} processes or choose {names} in {divisors}")
     dp = world_size // (tp * cp * pp)
-    if ep < 1 or dp % ep:
-        raise ConfigError(f"parallel.ep={ep} must divide the data-parallel size dp={dp} (expert-parallel "
-                          f"groups are carved from the dp ranks); choose ep in "
-                          f"{[d for d in range(1, dp + 1) if dp % d == 0]}")
-    P, D, C, T = range(pp), range(dp), range(cp), range(tp)
+    replicas = dp * cp   # the grad group of a stage, which expert parallelism folds into
+    if ep < 1 or replicas % ep:
+        names = f"dp*cp={dp}*{cp}={replicas}" if cp > 1 else f"dp={dp}"
+        raise ConfigError(f"parallel.ep={ep} must divide {names} (expert-parallel groups are carved from "
+                          f"the {'dp x cp' if cp > 1 else 'dp'} ranks); choose ep in "
+                          f"{[d for d in range(1, replicas + 1) if replicas % d == 0]}")
+    P, D, C, T, F = range(pp), range(dp), range(cp), range(tp), range(replicas)
 
     def rank(p: int, d: int, c: int, t: int) -> int:
         return ((p * dp + d) * cp + c) * tp + t
+
+    def folded(p: int, f: int, t: int) -> int:   # f = dp_rank * cp + cp_rank
+        return rank(p, f // cp, f % cp, t)
 
     pp_groups = [[rank(p, d, c, t) for p in P] for d in D for c in C for t in T]
     return {"tp": [[rank(p, d, c, t) for t in T] for p in P for d in D for c in C],
             "cp": [[rank(p, d, c, t) for c in C] for p in P for d in D for t in T],
             "dp": [[rank(p, d, c, t) for d in D] for p in P for c in C for t in T],
             "grad": [[rank(p, d, c, t) for d in D for c in C] for p in P for t in T],
-            "ep": [[rank(p, j * ep + e, c, t) for e in range(ep)]
-                   for p in P for j in range(dp // ep) for c in C for t in T],
-            "expert_grad": [[rank(p, d, c, t) for d in D if d % ep == e for c in C]
-                            for p in P for e in range(ep) for t in T],
+            "ep": [[folded(p, j * ep + e, t) for e in range(ep)] for p in P for j in range(replicas // ep) for t in T],
+            "expert_grad": [[folded(p, f, t) for f in F if f % ep == e] for p in P for e in range(ep) for t in T],
             "pp": pp_groups, "embedding": [sorted({g[0], g[-1]}) for g in pp_groups],
             "stage": [[rank(p, d, c, t) for d in D for c in C for t in T] for p in P]}
 
@@ -100,8 +106,8 @@ class ParallelState:
     dp_group: Optional[dist.ProcessGroup] = None       # ranks holding different rows (the loader's split)
     cp_group: Optional[dist.ProcessGroup] = None       # ranks sharing each row, s/cp tokens each
     grad_group: Optional[dist.ProcessGroup] = None     # dp x cp: gradient reduction and ZeRO-1 shards
-    ep_group: Optional[dist.ProcessGroup] = None       # dp ranks holding different experts (all-to-all)
-    expert_grad_group: Optional[dist.ProcessGroup] = None   # (dp / ep) x cp ranks holding the same experts
+    ep_group: Optional[dist.ProcessGroup] = None       # dp x cp ranks holding different experts (all-to-all)
+    expert_grad_group: Optional[dist.ProcessGroup] = None   # dp*cp / ep ranks holding the same experts
     embedding_group: Optional[dist.ProcessGroup] = None
     # The pp ranks again, for the MoE statistics' all-reduces (megasft.training.moe_aux): a
     # communicator of their own never orders them against the stages' p2p messages.
@@ -244,13 +250,13 @@ class ParallelState:
 
     @property
     def ep_rank(self) -> int:
-        return self.dp_rank % self.ep
+        return (self.dp_rank * self.cp + self.cp_rank) % self.ep
 
     @property
     def first_expert_replica(self) -> bool:
-        """Whether this rank writes the routed-expert weights it holds: the first of the (dp/ep) x cp
+        """Whether this rank writes the routed-expert weights it holds: the first of the dp*cp / ep
         ranks that hold the same experts (every rank of the first EP group; at ep=1 first_replica)."""
-        return self.dp_rank < self.ep and self.cp_rank == 0
+        return self.dp_rank * self.cp + self.cp_rank < self.ep
 
     @property
     def is_first_stage(self) -> bool:

@@ -85,10 +85,12 @@ def describe_start(cfg: Config, ps: ParallelState, trainer) -> str:
     n_params = sum(p.numel() for p in trainer.params if p.requires_grad)   # not a router's bias (state)
     layout = trainer.layout
     shards = layout.dp * layout.cp if cfg.parallel.distributed_optimizer else 1
-    # Under expert parallelism the routed experts' state is sharded over the dp/ep ranks holding them.
+    # Under expert parallelism the routed experts' state is sharded over the dp*cp/ep ranks holding them.
     n_experts = sum(p.numel() for p in trainer.params if spec_of(p).experts is not None) if ps.ep > 1 else 0
     expected = 12 * ((n_params - n_experts) / shards + n_experts / max(1, shards // ps.ep))
-    formula = f"12*N/{'DP' if ps.cp == 1 else '(DP*CP)'}" if not n_experts else "12*(N_dense/DP + N_experts/(DP/EP))"
+    replicas = "DP" if ps.cp == 1 else "DP*CP"
+    per = replicas if ps.cp == 1 else f"({replicas})"
+    formula = f"12*N/{per}" if not n_experts else f"12*(N_dense/{per} + N_experts/({replicas}/EP))"
     measured = trainer.optimizer.state_bytes()
     return "\n".join([
         f"megasft: world {ps.world_size} = tp {ps.tp}{f' x cp {ps.cp} ({layout.cp_comm})' if ps.cp > 1 else ''} "

@@ -22,8 +22,8 @@ resharding is an uninterrupted run of the same config that saved along the way:
           test_data_loader)
   ep      a Qwen3-MoE model at DP4 with EP2 (experts over 2 ranks, their ZeRO-1 state over the other
           2): resume at step 4 exact; reshard step 2 to EP1, run 3-6 -> equal to ep_ref within fp32
-          tolerance; an HF MoE checkpoint loaded at TP2xEP2 and saved from there exports
-          bit-identical tensors
+          tolerance; an HF MoE checkpoint loaded at TP2xCP2xEP2 (the EP group is the CP group, so both
+          CP ranks of dp 0 write experts) and saved from there exports bit-identical tensors
 """
 from __future__ import annotations
 
@@ -143,15 +143,15 @@ def _rank_main(tmp: str) -> dict:
     out["cp_to1"] = run(tmp, "cp_to1", 1, 1, stop_after=4, checkpoint={"load": f"{cp_ref}/{step_name(2)}"}, **cp2)
     out["cp_to2"] = run(tmp, "cp_to2", 2, 1, parallel={"cp": 2, "cp_comm": "a2a"},
                         checkpoint={"load": f"{tmp}/cp_to1/ckpt"}, **cp2)
-    # Expert parallelism: exact resume at EP2 (DP4), resharding EP2 -> EP1; an HF import at TP2xEP2.
+    # Expert parallelism: exact resume at EP2 (DP4), resharding EP2 -> EP1; an HF import at TP2xCP2xEP2.
     out["ep_ref"] = run(tmp, "ep_ref", 1, 1, model=MOE, parallel={"ep": 2},
                         checkpoint={"save_interval": 2, "keep_last": 0})
     ep_ref = f"{tmp}/ep_ref/ckpt"
     out["ep_resume"] = run(tmp, "ep_resume", 1, 1, model=MOE, parallel={"ep": 2},
                            checkpoint={"load": f"{ep_ref}/{step_name(4)}"})
     out["ep_to1"] = run(tmp, "ep_to1", 1, 1, model=MOE, checkpoint={"load": f"{ep_ref}/{step_name(2)}"})
-    trainer, loader, ckpt = setup(tmp, "hf_rt_moe", 2, 1, model=MOE, parallel={"ep": 2},
-                                  checkpoint={"load": f"{tmp}/imported_moe"})
+    trainer, loader, ckpt = setup(tmp, "hf_rt_moe", 2, 1, model=MOE, parallel={"ep": 2, "cp": 2},
+                                  checkpoint={"load": f"{tmp}/imported_moe"}, **cp2)
     ckpt.save(trainer, loader)
     ckpt.close()
     for tied in (False, True):   # load the converted HF model at TP2xPP2 and save it from there
@@ -246,7 +246,7 @@ def test_resume_reshard_and_hf_round_trip(tmp_path):
     assert_close(torch.tensor(losses["ep_to1"]), torch.tensor(ep_ref[2:]), rtol=1e-5, atol=1e-6)
     for name, tensor in global_weights(results, "ep_to1").items():
         assert_close(tensor, ep_w[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    # HF -> megasft (loaded and re-saved at TP2xPP2, MoE at TP2xEP2) -> HF: bit-identical tensors.
+    # HF -> megasft (loaded and re-saved at TP2xPP2, MoE at TP2xCP2xEP2) -> HF: bit-identical tensors.
     moe_out = megasft_to_hf(tmp_path / "hf_rt_moe" / "ckpt", tmp_path / "export_moe", dtype="fp32")
     # Every expert of every layer as stored (config.json is megasft's own: the run saved a checkpoint).
     assert_export_bit_identical(tmp_path / "hf_moe", moe_out, same_config=False)

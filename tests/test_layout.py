@@ -13,7 +13,7 @@ from megasft.config import Config, ConfigError
 from megasft.layout import (Layout, balanced_pipeline_layers, bubble_fraction, bubble_slots,
                             chunk_layer_counts, in_flight, kv_partition, resolve_schedule,
                             warmup_forwards)
-from megasft.parallel_state import rank_grid
+from megasft.parallel_state import ParallelState, rank_grid
 
 
 # ----------------------------------------------------------------------------- schedule choice
@@ -208,6 +208,29 @@ def test_rank_grid_matches_megatron_worked_example():
     assert grid["dp"][:4] == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert grid["pp"] == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
     assert grid["embedding"] == [[0, 12], [1, 13], [2, 14], [3, 15]]
+
+
+def test_expert_parallel_groups_fold_into_dp_x_cp():
+    """EP groups are ep consecutive ranks of a stage's dp x cp ranks, CP fastest (Megatron-Core's
+    folding); expert_grad groups their ranks of equal ep rank; ParallelState.ep_rank is the place
+    in the EP group and first_expert_replica marks the first EP group."""
+    grid = rank_grid(8, tp=1, pp=2, ep=2)                  # dp 4 per stage: EP over dp ranks
+    assert grid["ep"] == [[0, 1], [2, 3], [4, 5], [6, 7]] and grid["expert_grad"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    grid = rank_grid(8, tp=1, pp=1, cp=2, ep=2)            # dp 4: the EP groups are the CP groups
+    assert grid["ep"] == grid["cp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert grid["expert_grad"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    for tp, cp, ep in [(2, 2, 4), (1, 2, 4), (2, 4, 2), (1, 1, 4)]:
+        dp = 8 // (tp * cp)
+        grid = rank_grid(8, tp=tp, pp=1, cp=cp, ep=ep)
+        assert sorted(r for g in grid["ep"] for r in g) == list(range(8))
+        assert all(len(g) == ep for g in grid["ep"]) and all(len(g) == dp * cp // ep for g in grid["expert_grad"])
+        for group in grid["ep"]:
+            for place, r in enumerate(group):
+                ps = ParallelState(rank=r, world_size=8, tp=tp, pp=1, dp=dp, tp_rank=r % tp, pp_rank=0,
+                                   dp_rank=r // (tp * cp), cp=cp, cp_rank=r // tp % cp, ep=ep)
+                assert ps.ep_rank == place and ps.first_expert_replica == (group in grid["ep"][:tp])
+    with pytest.raises(ConfigError, match=r"parallel.ep=8 must divide dp\*cp=2\*2=4 .* choose ep in \[1, 2, 4\]"):
+        rank_grid(8, tp=2, pp=1, cp=2, ep=8)
 
 
 def test_invalid_world_size_names_the_fix():

@@ -1,5 +1,5 @@
-"""A tiny Mixtral through the real entry point (one process, and two pipeline stages of one layer
-each): the train records carry the aux losses and the expert load of every MoE layer since the
+"""A tiny Mixtral through the real entry point (one process, two pipeline stages of one layer each,
+and two CP ranks that are also its expert-parallel group): the train records carry the aux losses and the expert load of every MoE layer since the
 last log point, the SFT loss stays the record's loss, evaluation runs, and the final HF export
 loads in transformers with megasft's logits."""
 from __future__ import annotations
@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MOE = ("model.family=mixtral", "model.num_experts=4", "model.moe_top_k=2")
 
 
-@pytest.mark.parametrize("flags,layout", [((), ()), (("--nproc", "2"), ("parallel.pp=2",))], ids=["single", "pp2"])
+@pytest.mark.parametrize("flags,layout", [((), ()), (("--nproc", "2"), ("parallel.pp=2",)),
+                                          (("--nproc", "2"), ("parallel.cp=2", "parallel.ep=2"))],
+                         ids=["single", "pp2", "cp2-ep2"])
 def test_moe_train_logs_aux_loss_and_expert_load_and_exports(tmp_path, flags, layout):
     data, run = tiny_dataset(tmp_path / "data"), tmp_path / "run"
     args = train_args(data, run, *MOE, *layout, "train.steps=4", "train.log_interval=2", "checkpoint.export_hf=true",

@@ -139,6 +139,8 @@ def test_moe_layouts_that_cannot_split_the_experts_are_refused():
          "and model.num_experts=8; choose ep in [1, 2, 4]"),
         (dict(tp=2, ep=4), 32, "parallel.ep=4 must divide both dp=2 (expert-parallel groups are carved from the dp "
          "ranks) and model.num_experts=8; choose ep in [1, 2]"),
+        (dict(cp=2, ep=8), 32, "parallel.ep=8 must divide both dp*cp=2*2=4 (expert-parallel groups are carved from "
+         "the dp x cp ranks) and model.num_experts=8; choose ep in [1, 2, 4]"),
     ]:
         fields = moe_fields("qwen3_moe", moe_intermediate_size=ffn)
         cfg = Config.from_dict({"model": fields, "parallel": parallel,

@@ -5,7 +5,8 @@ z-loss). Weights after 3 steps, the SFT losses, the logged aux losses and the lo
 must agree at tp 1 and tp 2 (+SP), with DP and ZeRO-1, and with expert parallelism (ep 2 and 4,
 with ZeRO-1 of the experts over the dp / ep ranks holding them, or a replicated optimizer), over
 pipeline stages (1F1B, ZB-H1, interleaved, ZBV: the load-balancing loss pools the routers of every
-stage, megasft.training.moe_aux) and context parallelism (cp 2, whose ranks pool their tokens').
+stage, megasft.training.moe_aux) and context parallelism (cp 2, whose ranks pool their tokens'),
+with EP groups inside the CP group or spanning CP and DP ranks.
 
 The aux loss is per micro-batch, so the reference depends on how a step's rows are cut into
 micro-batches: rows go to DP ranks in contiguous shares and are cut into micro-batches of
@@ -45,7 +46,10 @@ CASES = [
     Case("mixtral-tp2-pp2-zb_h1-sp-mb1", (0, 1, 2, 3), tp=2, pp=2, schedule="zb_h1", sequence_parallel=True),
     Case("mixtral4-pp2-interleaved-v2-mb1", (0, 1), pp=2, virtual=2),
     Case("mixtral4-pp2-zbv-mb1", (2, 3), pp=2, virtual=2, schedule="zbv"),
+    # CP: expert parallelism folds into dp x cp (CP fastest). At cp2 dp2 ep2 the EP group is the CP
+    # group and the experts' ZeRO-1 state is sharded over dp; at ep4 the EP group spans both.
     Case("qwen3moe-cp2-ep2-mb1", (0, 1, 2, 3), cp=2, ep=2),
+    Case("mixtral-cp2-a2a-ep4-zero1-mb1", (0, 1, 2, 3), cp=2, cp_comm="a2a", ep=4),   # a2a: Mixtral has a window
 ]
 # A case's model is the prefix of its name; mixtral4 is Mixtral with 4 layers, one per virtual stage.
 MODELS = {"qwen3moe": moe_fields("qwen3_moe"), "mixtral": moe_fields("mixtral"),

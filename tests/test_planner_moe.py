@@ -126,23 +126,26 @@ def test_expert_memory_halves_with_ep_and_optimizer_state_follows_dp_over_ep():
     assert expert_dp_bytes_per_step(two, 0) == pytest.approx((experts_two * 4 / 2, experts_two * 2 / 2))
 
 
-@pytest.mark.parametrize("family,tp,ep,sp,pp", [
-    ("qwen3_moe", 2, 1, True, 1),      # the routers' SP gradients in the model-synced bucket
-    ("qwen3_moe", 2, 2, True, 1),      # experts in buckets of their own over expert-DP
-    ("mixtral", 1, 4, False, 1),       # ep = dp: the experts' state unsharded
-    ("qwen3_moe", 1, 2, False, 2),     # stages [MoE, dense] | [MoE, LM head]
+@pytest.mark.parametrize("family,tp,ep,sp,pp,cp", [
+    ("qwen3_moe", 2, 1, True, 1, 1),      # the routers' SP gradients in the model-synced bucket
+    ("qwen3_moe", 2, 2, True, 1, 1),      # experts in buckets of their own over expert-DP
+    ("mixtral", 1, 4, False, 1, 1),       # ep = dp: the experts' state unsharded
+    ("qwen3_moe", 1, 2, False, 2, 1),     # stages [MoE, dense] | [MoE, LM head]
+    ("qwen3_moe", 1, 2, False, 1, 2),     # cp2 dp2: EP over the CP ranks, expert state over dp
+    ("qwen3_moe", 1, 4, False, 1, 2),     # ep = dp*cp
 ])
-def test_state_bytes_equal_the_live_moe_rank(fake_world, family, tp, ep, sp, pp):
+def test_state_bytes_equal_the_live_moe_rank(fake_world, family, tp, ep, sp, pp, cp):
     from megasft.model.build import build_model
     from megasft.optim.distributed_optimizer import DistributedOptimizer
     from megasft.parallel_state import ParallelState
 
     world = tp * pp * 4
-    parallel = {"tp": tp, "pp": pp, "ep": ep, "sequence_parallel": sp, "pipeline_layers": [2, 1] if pp > 1 else None}
+    parallel = {"tp": tp, "pp": pp, "cp": cp, "ep": ep, "sequence_parallel": sp,
+                "pipeline_layers": [2, 1] if pp > 1 else None}
     cfg = _cfg(moe_fields(family), parallel, world=world)
     for rank in (0, world - 1):
         fake_world(rank, world)
-        ps = ParallelState.build(tp, pp, ep=ep)
+        ps = ParallelState.build(tp, pp, cp=cp, ep=ep)
         params = [(f"0.{n}", p) for n, p in build_model(cfg, ps)[0].named_parameters()]
         optimizer = DistributedOptimizer(params, cfg.optim, cfg.parallel, ps, lambda step: 1e-5)
         predicted = rank_state_bytes(cfg, ps.pp_rank)
@@ -226,7 +229,7 @@ def test_search_enumerates_and_prints_ep_for_qwen3_30b_a3b():
     assert candidate_of(ranked[0].config).pp > 1
     with_ep = [p for p in ranked if candidate_of(p.config).ep > 1]
     best = candidate_of(with_ep[0].config)
-    assert best.dp % best.ep == 0 and 128 % best.ep == 0
+    assert best.dp * best.cp % best.ep == 0 and 128 % best.ep == 0
     assert f"dp{best.dp} ep{best.ep} " in format_search(with_ep).splitlines()[1]
     # Why: the same layout at ep = 1 holds every expert on every rank, and does not fit.
     same = plan(Config.load(str(QWEN3_MOE), [*best.overrides(), "parallel.ep=1"]), cluster)

@@ -16,7 +16,7 @@ its own tokens (different rows, as DP ranks have). One MoE layer's forward:
     combine     back into token order times the routing weights (LocalDispatch.combine)
 
 The all-to-all's backward is the reverse all-to-all of the gradients, so each expert's weight
-gradient holds the contributions of every EP rank's tokens; it is then reduced over the dp/ep
+gradient holds the contributions of every EP rank's tokens; it is then reduced over the dp*cp/ep
 ranks that hold the same experts (ParallelState.expert_grad_group) by the optimizer's grad buffer.
 Under expert-TP the TP region's tokens are the same on every TP rank, and each TP rank exchanges
 with the EP peers of its own TP rank (the ep group is per TP rank), each running its FFN shard.

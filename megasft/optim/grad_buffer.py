@@ -28,8 +28,8 @@ first runs, so the gather of later layers hides behind the compute of earlier on
 reads the weights outside a module forward (checkpoint save, export) calls
 :meth:`GradBuffer.finish_param_sync` first.
 
-Routed experts under expert parallelism (ParallelState.ep > 1) are held alike only by the dp/ep
-ranks of the expert_grad group, not by every DP rank: their parameters sit in buckets of their
+Routed experts under expert parallelism (ParallelState.ep > 1) are held alike only by the dp*cp/ep
+ranks of the expert_grad group, not by every DP (x CP) rank: their parameters sit in buckets of their
 own that are reduced, sharded and gathered over that group (``Bucket.group``).
 
 Parameters whose gradient the model itself sums across ranks after backward (sequence-parallel

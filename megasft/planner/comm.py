@@ -38,8 +38,8 @@ megabytes or more.
   The group is the dp*cp ranks holding the same weights (a row's cp ranks each hold part of its
   gradient), laid out over tp*cp*dp consecutive ranks.
   Routed experts under ep > 1 are reduced and gathered over their expert data-parallel group of
-  dp/ep*cp ranks instead (megasft.parallel_state; the ledger books it as "dp" too), whose members
-  are ep dp ranks apart.
+  dp*cp/ep ranks instead (megasft.parallel_state; the ledger books it as "dp" too), whose members
+  are ep of the dp x cp ranks apart.
   Without it: an fp32 all-reduce. ``overlap_grad_reduce`` runs the reduction bucket by bucket
   during the last micro-batch's backward, ``overlap_param_gather`` the all-gather during the next
   step's first forward; what the compute cannot hide (at least one bucket each) stays exposed —
@@ -228,7 +228,7 @@ def dp_bytes_per_step(cfg: Config, pp_rank: int) -> tuple[float, float]:
 
 
 def expert_dp_bytes_per_step(cfg: Config, pp_rank: int) -> tuple[float, float]:
-    """The same for the routed experts of an ep > 1 layout, over their dp/ep*cp expert-DP ranks."""
+    """The same for the routed experts of an ep > 1 layout, over their dp*cp/ep expert-DP ranks."""
     return _zero1_bytes(cfg, _split_experts(cfg, pp_rank), expert_zero_shards(cfg))
 
 
@@ -241,11 +241,12 @@ def rank_comm(cfg: Config, cluster: Cluster, pp_rank: int, assumptions: Assumpti
     reduce_bytes, gather_bytes = dp_bytes_per_step(cfg, pp_rank)
     expert_reduce, expert_gather = expert_dp_bytes_per_step(cfg, pp_rank)
     # TP groups are tp consecutive ranks, the dp*cp gradient groups span dp*cp*tp ranks, an EP group
-    # ep*cp*tp, an expert-DP group (every ep-th dp rank) (dp - ep + 1)*cp*tp, a PP group the world.
+    # (ep consecutive dp x cp ranks) ep*tp, an expert-DP group (every ep-th of them)
+    # (dp*cp - ep + 1)*tp, a PP group the world.
     tp_bw = cluster.group_bandwidth(p.tp)
     dp_bw = cluster.group_bandwidth(dp * p.tp)
-    ep_bw = cluster.group_bandwidth(p.ep * p.cp * p.tp)
-    expert_bw = cluster.group_bandwidth((layout_of(cfg).dp - p.ep + 1) * p.cp * p.tp)
+    ep_bw = cluster.group_bandwidth(p.ep * p.tp)
+    expert_bw = cluster.group_bandwidth((dp - p.ep + 1) * p.tp)
     pp_bw = cluster.group_bandwidth(cluster.world_size)
     reduce_s = reduce_bytes / dp_bw + expert_reduce / expert_bw
     gather_s = gather_bytes / dp_bw + expert_gather / expert_bw

@@ -37,9 +37,9 @@ tp > num_kv_heads), so the prediction is exact; with overlap the other parameter
 Mixture-of-experts layers (megasft.planner.moe) hold the replicated router [E, h] and, under expert
 parallelism (parallel.ep), E/ep of the routed experts, each's FFN split over tp:
 (E/ep) * 3*h*f_moe/tp expert weights per MoE layer, with their fp32 gradients beside them. Those
-weights are held alike by the (dp/ep) * cp ranks of the expert data-parallel group only, so with
+weights are held alike by the dp*cp / ep ranks of the expert data-parallel group only, so with
 ep > 1 they sit in buckets of their own (``megasft.optim.grad_buffer``), padded for and sharded
-over that many ranks (:func:`expert_zero_shards`): their optimizer state is 12 B / (dp/ep * cp)
+over that many ranks (:func:`expert_zero_shards`): their optimizer state is 12 B / (dp*cp / ep)
 per weight where the dense weights' is 12 B / (dp * cp). At ep = 1 they share the dense buckets.
 Under sequence parallelism the router's gradient is summed over TP by the model (the last bucket).
 """
@@ -162,9 +162,9 @@ def zero_shards(cfg: Config) -> int:
 
 
 def expert_zero_shards(cfg: Config) -> int:
-    """Ranks that hold the same routed experts: the expert data-parallel group, dp/ep * cp."""
+    """Ranks that hold the same routed experts: the expert data-parallel group, dp*cp / ep."""
     layout = layout_of(cfg)
-    return layout.dp // cfg.parallel.ep * layout.cp
+    return layout.dp * layout.cp // cfg.parallel.ep
 
 
 def buffer_numel(n: int, shards: int) -> int:

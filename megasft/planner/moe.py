@@ -13,11 +13,11 @@ Active parameters (what a token multiplies; Fedus et al. 2021; Mixtral's "12.9B 
 
 so model FLOPs per token are 6 * N_active(matmuls) plus attention (megasft.planner.flops).
 
-Experts per rank (Megatron-Core's expert parallelism, carved from DP: megasft.parallel_state):
-ep consecutive dp ranks form an EP group and each holds E/ep experts of every MoE layer, each
-expert's FFN split over tp (expert-TP): (E/ep) * 3*h*f/tp weights per MoE layer. The router is
-replicated. An expert's weight is held alike by the dp/ep ranks of equal ep rank (x cp), the
-"expert data-parallel" group that reduces its gradient and shards its ZeRO-1 state.
+Experts per rank (Megatron-Core's expert parallelism, folded into DP x CP: megasft.parallel_state):
+ep consecutive ranks of a stage's dp x cp ranks form an EP group and each holds E/ep experts of
+every MoE layer, each expert's FFN split over tp (expert-TP): (E/ep) * 3*h*f/tp weights per MoE
+layer. The router is replicated. An expert's weight is held alike by the dp*cp/ep ranks of equal
+ep rank, the "expert data-parallel" group that reduces its gradient and shards its ZeRO-1 state.
 
 All-to-all (megasft.model.dispatch.AllToAllDispatch), per MoE layer and micro-batch, one rank:
 

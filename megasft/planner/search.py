@@ -11,8 +11,8 @@ changes. Every candidate is checked by ``megasft.layout.Layout.resolve``; the se
   seq_len in 2*cp chunks, which Layout.resolve checks); each cp > 1 is tried with the ring and, where
   cp divides the query heads per TP rank, the all-to-all exchange — the ranking (exposed exchange
   time, memory) picks between them as ``megasft.planner.context_parallel.preferred_cp_comm`` does.
-* Expert parallelism (a mixture-of-experts model): ep runs over the divisors of dp that divide
-  num_experts (the EP group is carved from the dp ranks); a dense model keeps ep = 1. Layout.resolve
+* Expert parallelism (a mixture-of-experts model): ep runs over the divisors of dp * cp that
+  divide num_experts (the EP group is carved from the dp x cp ranks); a dense model keeps ep = 1. Layout.resolve
   refuses what megasft cannot run.
 """
 from __future__ import annotations
@@ -101,11 +101,11 @@ def _powers_of_two_divisors(n: int, limit: int) -> list[int]:
     return [2**k for k in range(int(math.log2(max(limit, 1))) + 1) if n % 2**k == 0]
 
 
-def expert_parallel_sizes(cfg: Config, dp: int) -> list[int]:
-    """The ep a layout of `dp` data-parallel ranks can use: divisors of dp that divide num_experts
-    (only 1 for a dense model)."""
+def expert_parallel_sizes(cfg: Config, replicas: int) -> list[int]:
+    """The ep a layout of `replicas` = dp * cp ranks per stage can use: divisors of dp * cp that
+    divide num_experts (only 1 for a dense model)."""
     experts = cfg.model.num_experts
-    return [e for e in range(1, dp + 1) if dp % e == 0 and experts % e == 0] if experts else [1]
+    return [e for e in range(1, replicas + 1) if replicas % e == 0 and experts % e == 0] if experts else [1]
 
 
 def _splits(cfg: Config, cluster: Cluster) -> Iterator[tuple[int, int, int, str, int, int]]:
@@ -120,7 +120,7 @@ def _splits(cfg: Config, cluster: Cluster) -> Iterator[tuple[int, int, int, str,
                     continue
                 a2a = cp > 1 and (cfg.model.num_attention_heads // tp) % cp == 0
                 for comm in ("ring", "a2a") if a2a else ("ring",):
-                    for ep in expert_parallel_sizes(cfg, dp):
+                    for ep in expert_parallel_sizes(cfg, dp * cp):
                         yield tp, pp, cp, comm, dp, ep
 
 
