@@ -36,6 +36,7 @@ the survivors see whose counter stood still (a SIGSTOPped or frozen process) or 
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import threading
@@ -313,7 +314,12 @@ class ParallelState:
 class Heartbeat:
     """A daemon thread that bumps a counter under ``megasft/beat/<rank>`` in the job's store every
     `interval_s`; a frozen process's counter stands still. `step` is set by the trainer (the
-    optimizer step this rank is working on) for the messages."""
+    optimizer step this rank is working on) for the messages.
+
+    The thread is stopped and joined at exit (atexit, or :meth:`stop`): a daemon thread still
+    inside a store call when the interpreter finalizes is killed as it retakes the GIL, and that
+    unwinds through the store's C++ frames into std::terminate ("terminate called without an
+    active exception", SIGABRT) — a finished run would exit -6 now and then."""
 
     PREFIX = "megasft/beat/"
 
@@ -321,7 +327,16 @@ class Heartbeat:
         self.store, self.rank, self.world_size, self.interval_s = store, rank, world_size, interval_s
         self.step = 0
         self._beat()   # the key exists before training starts
-        threading.Thread(target=self._run, name="megasft-heartbeat", daemon=True).start()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="megasft-heartbeat", daemon=True)
+        self._thread.start()
+        atexit.register(self.stop)   # atexit runs before the interpreter starts killing daemon threads
+
+    def stop(self) -> None:
+        """End the thread and wait for the store call it may be in (ms; bounded in case the store hangs)."""
+        self._stopping.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30.0)   # a store that stopped answering must not hang the exit
 
     @property
     def wait_s(self) -> float:
@@ -333,8 +348,7 @@ class Heartbeat:
 
     def _run(self) -> None:
         count = 0
-        while True:
-            time.sleep(self.interval_s)
+        while not self._stopping.wait(self.interval_s):
             count += 1
             try:
                 self._beat(count)
@@ -366,6 +380,9 @@ def group_rank(group: Optional[dist.ProcessGroup]) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def destroy() -> None:
+def destroy(ps: Optional[ParallelState] = None) -> None:
+    """Stop this rank's heartbeat (before its store goes) and tear the process groups down."""
+    if ps is not None and ps.heartbeat is not None:
+        ps.heartbeat.stop()
     if dist.is_initialized():
         dist.destroy_process_group()

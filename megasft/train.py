@@ -246,10 +246,10 @@ def main(argv=None) -> int:
         checkpointer = Checkpointer(cfg, ps)
         resumed = checkpointer.resume(trainer, train_loader)
     except DatasetError as err:
-        destroy()
+        destroy(ps)
         return report(str(err), EXIT_STARTUP, ps.rank)
     except (CheckpointError, CheckpointMismatch) as err:
-        destroy()
+        destroy(ps)
         return report(f"checkpoint error: {err}", EXIT_CHECKPOINT, ps.rank)
     writer = None
     if ps.rank == 0:
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     try:
         trainer.fit(train_loader, eval_loader, writer, checkpointer=checkpointer)
     except (TooManySkippedSteps, NonFiniteWeights) as err:   # every rank raises it at the same step
-        destroy()
+        destroy(ps)
         return report(f"training stopped: {err}", EXIT_DIVERGED, ps.rank)
     except RuntimeError as err:
         if not collective_failed(err):
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     if writer is not None:
         writer.close()
         print("\n".join(run_summary(cfg, trainer, writer, exported)), flush=True)
-    destroy()
+    destroy(ps)
     return 0
 
 
