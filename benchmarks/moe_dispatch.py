@@ -33,12 +33,15 @@ from megasft.planner.comm import predicted_bytes
 from megasft.planner.pinned import pin
 from megasft.training.loop import Trainer
 
-# name: (tp, sequence parallel, ep, recompute)
+# name: (tp, sequence parallel, ep, recompute, cp)
 LAYOUTS = {
-    "EP2 x DP4 (expert ZeRO-1 over 2)": (1, False, 2, "none"),
-    "EP4": (1, False, 4, "none"),
-    "TP2 + SP x EP2": (2, True, 2, "none"),
-    "EP2 x DP4, full recompute": (1, False, 2, "full"),
+    "EP2 x DP4 (expert ZeRO-1 over 2)": (1, False, 2, "none", 1),
+    "EP4": (1, False, 4, "none", 1),
+    "TP2 + SP x EP2": (2, True, 2, "none", 1),
+    "EP2 x DP4, full recompute": (1, False, 2, "full", 1),
+    # EP folded into dp x cp (megasft.parallel_state): each CP rank dispatches its s/cp tokens.
+    "CP2 x DP2, EP2 over the CP ranks": (1, False, 2, "none", 2),
+    "CP2 x DP2, EP4 over CP and DP": (1, False, 4, "none", 2),
 }
 
 
@@ -105,18 +108,19 @@ def uniform_routing(forward):
 
 
 def measure(args, ps: ParallelState, layout) -> tuple[float, float]:
-    tp, sp, ep, recompute = layout
+    tp, sp, ep, recompute, cp = layout
     cfg = moe_config(args, args.rows)
-    cfg.parallel.tp, cfg.parallel.sequence_parallel, cfg.parallel.ep = tp, sp, ep
+    cfg.parallel.tp, cfg.parallel.sequence_parallel, cfg.parallel.ep, cfg.parallel.cp = tp, sp, ep, cp
     cfg.model.recompute = recompute
     cfg.validate()
     torch.manual_seed(args.seed)
     trainer = Trainer(cfg, ps, log=False)
     rng = np.random.default_rng(args.seed)
     docs = sft_documents(lognormal_lengths(args.rows * 6, 60.0, 1.0, args.seq_len, 8, rng), args.vocab, rng)
-    rows = pack_steps(docs, args.seq_len, args.rows)[0]
+    rows = pack_steps(docs, args.seq_len, args.rows, doc_multiple=2 * cp)[0]
     per_rank = args.rows // ps.dp
-    micro = packed_micro_batches(docs, rows[ps.dp_rank * per_rank:(ps.dp_rank + 1) * per_rank], args.seq_len, 1)
+    micro = packed_micro_batches(docs, rows[ps.dp_rank * per_rank:(ps.dp_rank + 1) * per_rank], args.seq_len, 1,
+                                 doc_multiple=2 * cp)   # the Trainer cuts each row into its CP share
     trainer.train_step(micro)
     collectives.LEDGER.start()
     trainer.train_step(micro)
@@ -132,7 +136,7 @@ def worker(args) -> None:
     for routing in ("model's router", "uniform"):
         router_module.Router.forward = model_forward if routing != "uniform" else uniform_routing(model_forward)
         for name, layout in LAYOUTS.items():
-            ps = ParallelState.build(layout[0], 1, ep=layout[2])
+            ps = ParallelState.build(layout[0], 1, cp=layout[4], ep=layout[2])
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, measure(args, ps, layout))
             measured, planned = max(gathered)
