@@ -247,3 +247,34 @@ def test_plan_cli_on_qwen3_30b_a3b(capsys):
     assert "ep 8: 16 per rank, their grads reduced over 8 expert-DP rank(s)" in out
     assert f"EP all-to-all {max(c.ep_bytes for c in result.comm) / 1e9:.1f} GB" in out
     assert "6*N_active*T" in out
+
+
+def _pp_bytes_rank() -> tuple[float, float]:
+    """(measured, planned) "pp" bytes of one train step of this rank of a 2-stage Qwen3-MoE."""
+    from megasft import collectives
+    from megasft.parallel_state import ParallelState
+    from megasft.training.loop import Trainer
+    from tests.oracle import packed_batch, select_rows
+
+    ps = ParallelState.build(1, 2)
+    fields = moe_fields("qwen3_moe")
+    cfg = _cfg(fields, {"pp": 2, "pipeline_layers": [2, 1]}, world=2, seq=16, rows=4, precision="fp32")
+    trainer = Trainer(cfg, ps, log=False)
+    batch = packed_batch([[8, 8], [16], [4, 12], [16]], 16, fields["vocab_size"], seed=3)
+    micro = [select_rows(batch, [r]) for r in range(4)]
+    trainer.train_step(micro)
+    collectives.LEDGER.start()
+    trainer.train_step(micro)
+    report = collectives.LEDGER.stop()
+    return collectives.sent_bytes(report, "pp"), predicted_bytes(cfg, ps.pp_rank)["pp"]
+
+
+def test_pipeline_bytes_include_the_pooled_router_statistics():
+    """Over two stages a MoE step sends its activations / gradients and, per micro-batch, the
+    all-reduce of the pooled router statistics (18 float64 here: 144 B each way per micro-batch,
+    576 B a step — above the 64 B the scalar loss / count all-reduces may add): the ledger's "pp"
+    bytes equal the planner's."""
+    from tests.multiproc import run_ranks
+
+    for measured, planned in run_ranks(_pp_bytes_rank, 2, timeout=300):
+        assert measured == pytest.approx(planned, abs=64), (measured, planned)

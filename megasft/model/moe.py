@@ -92,6 +92,12 @@ class MoEStats:
         """[] the router z-loss."""
         return self.lse_sq / self.pairs
 
+    @staticmethod
+    def pooled_numel(num_experts: int) -> int:
+        """Length of the vector a micro-batch's statistics are pooled over the pipeline stages in
+        (megasft.training.moe_aux): [F (E picks) | P (E probability sums) | Z | N]."""
+        return 2 * num_experts + 2
+
 
 def resolve_experts_backend(name: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
     """'auto' -> grouped_mm on CUDA in bf16 on sm90+ where torch has it, else loop; an explicit

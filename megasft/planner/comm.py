@@ -56,7 +56,7 @@ from megasft.planner.assumptions import Assumptions
 from megasft.planner.context_parallel import cp_bytes_per_micro_batch, cp_exposed_seconds
 from megasft.planner.hardware import Cluster
 from megasft.planner.memory import GRAD_BYTES, WEIGHT_BYTES, expert_zero_shards, rank_parameters, zero_shards
-from megasft.planner.moe import alltoall_bytes, alltoall_calls, rank_moe_layers, router_weights
+from megasft.planner.moe import alltoall_bytes, alltoall_calls, pooled_stats_bytes, rank_moe_layers, router_weights
 from megasft.planner.pinned import layout_of
 
 
@@ -184,15 +184,16 @@ def pp_bytes_per_micro_batch(cfg: Config) -> float:
 def predicted_bytes(cfg: Config, pp_rank: int) -> dict[str, float]:
     """Bytes one rank of stage ``pp_rank`` sends per optimizer step, by group kind — the quantity
     the communication ledger (megasft.collectives) measures (its scalar all-reduces of losses,
-    counts and norms are left out: a few bytes; so are a MoE model's router statistics pooled over
-    the stages, 2E + 2 float64 per micro-batch, megasft.training.moe_aux). "cp" is the context-parallel exchange (ring
-    sends or all-to-all bytes to other ranks, megasft.planner.context_parallel); the gradient
+    counts and norms are left out: a few bytes). "pp" is the p2p messages plus, for a MoE model,
+    its router statistics pooled over the stages per micro-batch (megasft.planner.moe.pooled_stats_bytes);
+    "cp" is the context-parallel exchange (ring sends or all-to-all bytes to other ranks,
+    megasft.planner.context_parallel); the gradient
     reduction over the dp*cp ranks is booked as "dp", and so is the experts' over expert-DP; "ep"
     is the expert-parallel all-to-all."""
     m = layout_of(cfg).micro_batches
     reduce_bytes, gather_bytes = dp_bytes_per_step(cfg, pp_rank)
     return {"tp": tp_bytes_per_micro_batch(cfg, pp_rank) * m + tp_grad_sync_bytes(cfg, pp_rank),
-            "pp": pp_messages_per_micro_batch(cfg, pp_rank) * pp_message_bytes(cfg) * m,
+            "pp": (pp_messages_per_micro_batch(cfg, pp_rank) * pp_message_bytes(cfg) + pooled_stats_bytes(cfg)) * m,
             "cp": cp_bytes_per_micro_batch(cfg, pp_rank) * m,
             "dp": reduce_bytes + gather_bytes + sum(expert_dp_bytes_per_step(cfg, pp_rank)),
             "ep": ep_bytes_per_micro_batch(cfg, pp_rank) * m,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from megasft.config import Config, ModelConfig
 from megasft.model.families import is_moe_layer, moe_ffn_size
+from megasft.model.moe import MoEStats
 from megasft.model.presets import count_parameters
 from megasft.planner.pinned import rank_layer_ids
 
@@ -78,6 +79,19 @@ def alltoall_calls(recomputed: bool) -> int:
     """All-to-alls one MoE layer runs per micro-batch: counts, dispatch, combine forward; the two
     reversed in backward; the forward's three again when the layer is recomputed."""
     return 3 * (2 if recomputed else 1) + 2
+
+
+POOL_ELEMENT_BYTES = 8   # the pooled statistics are float64 (counts exact past 2^24 tokens)
+
+
+def pooled_stats_bytes(cfg: Config) -> float:
+    """Bytes one rank sends per micro-batch pooling the router statistics over its pipeline group:
+    one ring all-reduce of MoEStats.pooled_numel(E) float64 (megasft.training.moe_aux), made by
+    every stage, MoE layers or not; nothing without experts or pipeline stages."""
+    pp = cfg.parallel.pp
+    if not cfg.model.num_experts or pp == 1:
+        return 0.0
+    return 2 * (pp - 1) / pp * MoEStats.pooled_numel(cfg.model.num_experts) * POOL_ELEMENT_BYTES
 
 
 def alltoall_bytes(tokens: int, top_k: int, hidden: int, num_experts: int, ep: int, element_bytes: int,

@@ -51,7 +51,7 @@ class AuxPool:
         self.index = {id(mb): m for m, mb in enumerate(micro_batches)}
         self.experts, self.chunks, self.group = num_experts, chunks, group
         self.aux_weight, self.z_weight = scale * aux_coef, scale * z_coef
-        self.totals = [torch.zeros(2 * num_experts + 2, dtype=torch.float64, device=device)
+        self.totals = [torch.zeros(MoEStats.pooled_numel(num_experts), dtype=torch.float64, device=device)
                        for _ in micro_batches]                                # [F | P | Z | N] per micro-batch
         self.seen = [0] * len(micro_batches)
         self.works: list = [None] * len(micro_batches)
