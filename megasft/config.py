@@ -146,6 +146,18 @@ class ModelConfig:
     after each optimizer step every router's bias moves by this rate gamma towards balance,
     b_i += gamma * sign(mean load - load_i) over the step's tokens (all micro-batches and DP ranks);
     0 = the bias stays as loaded. DeepSeek-V3 trained with 0.001. Not read from config.json."""
+    moe_capacity_factor: Optional[float] = None
+    """Token dropping (Switch Transformer, GShard; Megatron's moe_expert_capacity_factor): in each
+    MoE layer an expert takes at most ceil(factor * T * k / E) of the T*k (token, pick) slots a rank
+    routes in one micro-batch — T its tokens there: the micro-batch's rows, the whole sequence
+    under SP, s/cp of each row under CP — and the slots over capacity are dropped (that pick adds
+    nothing to its token; its other picks and the residual stand, nothing is renormalised). The
+    load-balancing loss and expert_load count the router's picks before dropping; expert_dropped
+    and moe_dropped_fraction are logged. None = no token dropped (the default, as transformers).
+    Not read from config.json."""
+    moe_drop_policy: str = "probs"
+    """With moe_capacity_factor, the slots an expert over capacity keeps: probs (the highest routing
+    weights, ties by token order; Megatron's default) | position (the first in token order)."""
     moe_experts_backend: str = "auto"
     """How a rank runs its local experts: loop (two GEMMs per expert) | grouped_mm
     (torch._grouped_mm over all of them, no weight copies) | auto (grouped_mm on CUDA in bf16 on
@@ -418,6 +430,7 @@ CHOICES = {
     ("model", "recompute"): ("none", "selective", "full"),
     ("model", "moe_experts_backend"): ("auto", "loop", "grouped_mm"),
     ("model", "moe_router"): ("softmax", "sigmoid_group"),
+    ("model", "moe_drop_policy"): ("probs", "position"),
     ("optim", "adamw_kernel"): ("auto", "fused", "reference"),
     ("parallel", "cp_comm"): ("ring", "a2a", "allgather"),
     ("parallel", "pipeline_schedule"): ("auto", "1f1b", "interleaved", "all_forward_all_backward", "zb_h1",

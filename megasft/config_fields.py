@@ -71,6 +71,7 @@ RANGES: dict[str, Range] = {
     "model.moe_routed_scaling_factor": POSITIVE,
     "model.moe_shared_experts": NON_NEGATIVE,   # 0 = none
     "model.moe_bias_update_rate": NON_NEGATIVE,   # 0 = the router bias is not updated
+    "model.moe_capacity_factor": POSITIVE,        # None = no token dropped
     "model.make_vocab_size_divisible_by": AT_LEAST_1,
     "model.init_std": NON_NEGATIVE,
     "model.dropout": HALF_OPEN_UNIT,

@@ -308,17 +308,18 @@ def _reference_optimizer(model, lr: float, warmup: int, total: int, weight_decay
 
 def reference_moe_training(model, global_batches: list[dict], lr: float, warmup: int, total: int,
                            micro_batch_size: int, aux_coef: float, z_coef: float, clip: float = 1.0,
-                           weight_decay: float = 0.1) -> dict:
+                           weight_decay: float = 0.1, forward=None) -> dict:
     """reference_training for a MoE model: each step minimises the global-token SFT loss plus
     aux_coef (z_coef) times the mean over the step's micro-batches of micro_batch_size rows of
     transformers' load-balancing loss (the z-loss). Returns {losses (SFT), aux (mean per step),
     grad_norms (before clipping), min_gap (smallest top-k router-logit gap seen), load ([MoE
-    layers, E] top-k picks summed over the steps)}; `model` ends with the final weights."""
+    layers, E] top-k picks summed over the steps)}; `model` ends with the final weights.
+    `forward(model, batch, micro_batch_size)` returns what reference_moe does (its default)."""
     opt, sched = _reference_optimizer(model, lr, warmup, total, weight_decay)
     out = {"losses": [], "aux": [], "grad_norms": [], "min_gap": math.inf, "load": 0}
     for batch in global_batches:
         opt.zero_grad()
-        ref = reference_moe(model, batch, micro_batch_size)
+        ref = (forward or reference_moe)(model, batch, micro_batch_size)
         aux, z = torch.stack(ref["aux"]).mean(), torch.stack(ref["z"]).mean()
         sft = ref["loss_sum"] / ref["count"]
         (sft + aux_coef * aux + z_coef * z).backward()

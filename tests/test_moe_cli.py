@@ -1,5 +1,5 @@
 """A tiny Mixtral through the real entry point (one process, two pipeline stages of one layer each,
-and two CP ranks that are also its expert-parallel group): the train records carry the aux losses and the expert load of every MoE layer since the
+and two CP ranks that are also its expert-parallel group, dropping tokens over capacity): the train records carry the aux losses and the expert load of every MoE layer since the
 last log point, the SFT loss stays the record's loss, evaluation runs, and the final HF export
 loads in transformers with megasft's logits."""
 from __future__ import annotations
@@ -27,8 +27,8 @@ MOE = ("model.family=mixtral", "model.num_experts=4", "model.moe_top_k=2")
 
 
 @pytest.mark.parametrize("flags,layout", [((), ()), (("--nproc", "2"), ("parallel.pp=2",)),
-                                          (("--nproc", "2"), ("parallel.cp=2", "parallel.ep=2"))],
-                         ids=["single", "pp2", "cp2-ep2"])
+                                          (("--nproc", "2"), ("parallel.cp=2", "parallel.ep=2", "model.moe_capacity_factor=1.0"))],
+                         ids=["single", "pp2", "cp2-ep2-capacity"])
 def test_moe_train_logs_aux_loss_and_expert_load_and_exports(tmp_path, flags, layout):
     data, run = tiny_dataset(tmp_path / "data"), tmp_path / "run"
     args = train_args(data, run, *MOE, *layout, "train.steps=4", "train.log_interval=2", "checkpoint.export_hf=true",
@@ -47,8 +47,14 @@ def test_moe_train_logs_aux_loss_and_expert_load_and_exports(tmp_path, flags, la
         assert sorted(r["expert_load"]) == ["0", "1"]
         assert all(sum(tokens) == 2 * 64 * 2 for tokens in r["expert_load"].values())
         assert r["expert_imbalance_max"] == max(r["expert_imbalance"].values())
+        if "model.moe_capacity_factor=1.0" in layout:   # the picks above count before dropping
+            dropped = sum(sum(tokens) for tokens in r["expert_dropped"].values())
+            assert 0 < dropped < 2 * 2 * 64 * 2 and r["moe_dropped_fraction"] == dropped / (2 * 2 * 64 * 2)
+        else:
+            assert "moe_dropped_fraction" not in r
 
     cfg = Config.load(None, list(args)).validate()
+    cfg.model.moe_capacity_factor = None   # the exported model computes without dropping, as transformers does
     stage = LlamaStage(cfg.model, ParallelState.single(), list(range(cfg.model.num_layers)), True, True)
     load_hf_into(stage, run / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32, attn_implementation="eager",

@@ -20,11 +20,14 @@ gradient holds the contributions of every EP rank's tokens; it is then reduced o
 ranks that hold the same experts (ParallelState.expert_grad_group) by the optimizer's grad buffer.
 Under expert-TP the TP region's tokens are the same on every TP rank, and each TP rank exchanges
 with the EP peers of its own TP rank (the ep group is per TP rank), each running its FFN shard.
-No token is dropped: the splits are whatever the router chose.
+No token is dropped unless model.moe_capacity_factor is set: then `capacity_keep` marks the slots
+within each expert's capacity, the others sort behind every expert's (as a virtual expert E), are
+neither sent nor computed, and combine gives them zero rows.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+import math
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -38,6 +41,28 @@ class Dispatched(NamedTuple):
 
     inverse: torch.Tensor      # [T*k] position of each (token, pick) slot in the expert order
     tokens: int
+    dropped: int = 0           # slots over capacity: the last ones of the expert order, not computed
+
+
+def capacity_keep(experts: torch.Tensor, weights: torch.Tensor, num_experts: int, factor: float,
+                  policy: str) -> torch.Tensor:
+    """[T, k] bool: the (token, pick) slots each expert keeps within its capacity
+    ceil(factor * T * k / E) — the highest routing weights (policy "probs", ties by slot order) or
+    the first slots in token order ("position"). A function of the ids and weights alone, so the TP
+    ranks, which route the same tokens alike, keep the same slots."""
+    tokens, k = experts.shape
+    capacity = math.ceil(factor * tokens * k / num_experts)
+    flat = experts.reshape(-1)
+    order = torch.arange(flat.numel(), device=flat.device)
+    if policy == "probs":
+        order = torch.argsort(weights.detach().reshape(-1), descending=True, stable=True)
+    order = order[torch.argsort(flat[order], stable=True)]              # by expert, then priority
+    counts = torch.bincount(flat, minlength=num_experts)
+    first = counts.cumsum(0) - counts                                   # each expert's first place
+    place = torch.arange(flat.numel(), device=flat.device) - first[flat[order]]
+    keep = torch.empty_like(flat, dtype=torch.bool)
+    keep[order] = place < capacity
+    return keep.view(tokens, k)
 
 
 class LocalDispatch:
@@ -48,20 +73,28 @@ class LocalDispatch:
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def dispatch(self, x: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
-        """x [T, h], expert ids [T, k] -> (rows grouped by expert [T*k, h], rows per expert [E], state)."""
+    def dispatch(self, x: torch.Tensor, experts: torch.Tensor, keep: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
+        """x [T, h], expert ids [T, k], optionally the slots within capacity [T, k] -> (kept rows
+        grouped by expert [T*k - dropped, h], rows per expert [E], state)."""
         tokens, k = experts.shape
         flat = experts.reshape(-1)
+        if keep is not None:   # a dropped slot goes to a virtual expert E, after every real one's
+            flat = torch.where(keep.reshape(-1), flat, self.num_experts)
         order = torch.argsort(flat, stable=True)                   # slot ids in expert order
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         slots = x.unsqueeze(1).expand(tokens, k, x.shape[-1]).reshape(tokens * k, -1)   # [T*k, h]
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        return slots[order], counts, Dispatched(inverse, tokens)
+        counts = torch.bincount(flat, minlength=self.num_experts + 1)[:self.num_experts]
+        dropped = 0 if keep is None else tokens * k - int(counts.sum())   # a host sync, capacity only
+        return slots[order[:order.numel() - dropped]], counts, Dispatched(inverse, tokens, dropped)
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state: Dispatched) -> torch.Tensor:
-        """Expert outputs in expert order [T*k, h], routing weights [T, k] -> [T, h]."""
+        """Expert outputs of the kept slots in expert order [T*k - dropped, h], routing weights
+        [T, k] -> [T, h]; a dropped slot contributes nothing."""
         k = weights.shape[-1]
+        if state.dropped:
+            y = torch.cat([y, y.new_zeros(state.dropped, y.shape[-1])])
         per_pick = y[state.inverse].view(state.tokens, k, -1)       # [T, k, h]
         return (per_pick * weights.unsqueeze(-1)).sum(dim=1)
 
@@ -106,10 +139,11 @@ class AllToAllDispatch:
         self.ep, self.local_experts, self.group = ep, num_experts // ep, group
         self.permute = LocalDispatch(num_experts)
 
-    def dispatch(self, x: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ExpertDispatched]:
-        """x [T, h], expert ids [T, k] -> (rows of this rank's experts grouped by local expert
-        [R, h], rows per local expert [E/ep], state)."""
-        slots, counts, local = self.permute.dispatch(x, experts)              # [T*k, h], [E]
+    def dispatch(self, x: torch.Tensor, experts: torch.Tensor, keep: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, ExpertDispatched]:
+        """x [T, h], expert ids [T, k], optionally the slots within capacity [T, k] -> (rows of this
+        rank's experts grouped by local expert [R, h], rows per local expert [E/ep], state)."""
+        slots, counts, local = self.permute.dispatch(x, experts, keep)        # [T*k - dropped, h], [E]
         per_rank = counts.view(self.ep, self.local_experts)                   # [ep (destination), E/ep]
         incoming = torch.empty_like(per_rank)                                 # [ep (source), E/ep]
         collectives.all_to_all_single(incoming, per_rank.contiguous(), self.group)
@@ -126,7 +160,7 @@ class AllToAllDispatch:
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state: ExpertDispatched) -> torch.Tensor:
         """Local experts' outputs [R, h] in local-expert order, routing weights [T, k] -> [T, h]."""
-        back = all_to_all(y[state.restore], state.sent, state.received, self.group)   # [T*k, h]
+        back = all_to_all(y[state.restore], state.sent, state.received, self.group)   # [T*k - dropped, h]
         return self.permute.combine(back, weights, state.local)
 
 

@@ -267,6 +267,9 @@ def moe_problem(m) -> str | None:
                     f"in {moe_families}, or model.num_experts=0 for a dense {m.family} model")
         if m.moe_dense_layers:
             return "model.moe_dense_layers is only for mixture-of-experts models (model.num_experts > 0); leave it unset"
+        if m.moe_capacity_factor is not None:
+            return ("model.moe_capacity_factor drops tokens routed to experts, and a dense model has none "
+                    "(model.num_experts=0); leave it unset")
         if deepseek_moe_options(m):
             return (f"{option_list(deepseek_moe_options(m))} are only for mixture-of-experts models (model.num_experts "
                     "> 0); leave them at their defaults")

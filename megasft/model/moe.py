@@ -3,7 +3,9 @@
 A MoE layer takes the place of a decoder layer's dense SwiGLU MLP (megasft.model.llama.DecoderLayer
 builds one where megasft.model.families.is_moe_layer says so). Every token goes to its top-k of E
 experts, each a SwiGLU MLP of width moe_ffn_size, and their outputs are summed with the routing
-weights. No token is dropped: an expert takes every token routed to it.
+weights. No token is dropped unless model.moe_capacity_factor is set: an expert takes every token
+routed to it, or at most its capacity of them (megasft.model.dispatch.capacity_keep), the slots
+over capacity adding nothing to their tokens.
 
 The four steps are separate pieces so that expert parallelism replaces only the middle ones:
 
@@ -54,7 +56,7 @@ from torch import nn
 from megasft import collectives
 from megasft.config import ModelConfig
 from megasft.errors import ConfigError
-from megasft.model.dispatch import dispatcher
+from megasft.model.dispatch import capacity_keep, dispatcher
 from megasft.model.families import moe_ffn_size
 from megasft.model.fused import resolve_norm_backend, swiglu_kernel
 from megasft.model.mlp import MLP
@@ -80,6 +82,7 @@ class MoEStats:
     lse_sq: torch.Tensor       # [] logsumexp(router logits)^2 summed over the same pairs
     pairs: int                 # (layer, token) pairs: MoE layers x tokens of the micro-batch
     num_experts: int
+    dropped: Optional[torch.Tensor] = None   # [layers, E] picks over capacity (moe_capacity_factor only)
 
     @property
     def aux(self) -> torch.Tensor:
@@ -155,7 +158,8 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, sequence_parallel: bool):
         super().__init__()
-        self.group, self.sequence_parallel = ps.tp_group, sequence_parallel
+        self.group, self.sequence_parallel, self.tp_rank = ps.tp_group, sequence_parallel, ps.tp_rank
+        self.num_experts, self.capacity_factor, self.drop_policy = cfg.num_experts, cfg.moe_capacity_factor, cfg.moe_drop_policy
         self.router = build_router(cfg, ps, sequence_parallel)
         # A plain object (no parameters): the experts all here, or spread over the EP group.
         self.dispatcher = dispatcher(cfg.num_experts, ps)
@@ -175,11 +179,23 @@ class MoE(nn.Module):
         weights = enter_tp_region(weights.view(s, b, k), self.group, self.sequence_parallel).reshape(-1, k)
         if self.sequence_parallel:
             experts = all_gather_dim0(experts.view(s, b, k), self.group).reshape(-1, k)          # ids: no gradient
-        rows, counts, state = self.dispatcher.dispatch(tokens, experts)
+        keep = None
+        if self.capacity_factor is not None:   # over the TP region's tokens: alike on every TP rank
+            keep = capacity_keep(experts, weights, self.num_experts, self.capacity_factor, self.drop_policy)
+            stats = stats._replace(dropped=self._own_dropped(experts, keep, s * b, stats.counts.dtype))
+        rows, counts, state = self.dispatcher.dispatch(tokens, experts, keep)
         out = self.dispatcher.combine(self.experts(rows, counts), weights, state)              # [s*b, h] partial
         if self.shared_experts is not None:   # partial too: the one exit below sums both over TP
             out = out + self.shared_experts.partial(tokens)
         return exit_tp_region(out.view(-1, b, h), self.group, self.sequence_parallel), stats   # [s(/tp), b, h]
+
+    def _own_dropped(self, experts: torch.Tensor, keep: torch.Tensor, own_tokens: int, dtype) -> torch.Tensor:
+        """[E] dropped picks per expert of the tokens this rank's router saw (its [s/tp] share under
+        SP, where the TP region's rows are the ranks' shares in TP order), as RouterStats counts them."""
+        if self.sequence_parallel:
+            own = slice(self.tp_rank * own_tokens, (self.tp_rank + 1) * own_tokens)
+            experts, keep = experts[own], keep[own]
+        return torch.bincount(experts[~keep], minlength=self.num_experts).to(dtype)
 
 
 def moe_stats(stats: list[RouterStats], num_experts: int, groups: list[Group]) -> MoEStats:
@@ -191,13 +207,17 @@ def moe_stats(stats: list[RouterStats], num_experts: int, groups: list[Group]) -
     prob_sum = torch.stack([s.prob_sum for s in stats]).sum(dim=0)          # [E]
     lse_sq = torch.stack([s.lse_sq_sum for s in stats]).sum()
     pairs = sum(s.tokens for s in stats)                                    # (layer, token) pairs here
+    # Dropped picks ride with the load (one all-reduce): [layers, E] each.
+    counted = load if stats[0].dropped is None else torch.cat([load, torch.stack([s.dropped for s in stats])])
     for group in groups:
         if group_size(group) > 1:
-            load = load.clone()
-            collectives.all_reduce(load, group)
+            counted = counted.clone()
+            collectives.all_reduce(counted, group)
             prob_sum, lse_sq = reduce_from_tp(prob_sum, group), reduce_from_tp(lse_sq, group)
             pairs *= group_size(group)
-    return MoEStats(load, prob_sum, lse_sq, pairs, num_experts)
+    layers = load.shape[0]
+    dropped = counted[layers:] if stats[0].dropped is not None else None
+    return MoEStats(counted[:layers], prob_sum, lse_sq, pairs, num_experts, dropped)
 
 
 def moe_groups(ps: ParallelState, sequence_parallel: bool) -> list[Optional[object]]:

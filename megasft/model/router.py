@@ -30,7 +30,7 @@ per token, s_i / sum_j s_j (DeepSeek-V3 eq. 20's s'), so the loss keeps its soft
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ class RouterStats(NamedTuple):
     prob_sum: torch.Tensor     # [E] sum over tokens of the router's probabilities (softmax; sigmoid: normalised scores)
     lse_sq_sum: torch.Tensor   # [] sum over tokens of logsumexp(logits)^2
     tokens: int
+    dropped: Optional[torch.Tensor] = None   # [E] picks over capacity per expert (moe_capacity_factor only)
 
 
 class Router(nn.Module):

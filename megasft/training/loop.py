@@ -112,10 +112,12 @@ class Trainer:
         self.faults = Faults.from_env(ps.layout_ranks[ps.rank])
         self.comm = CommStats(cfg, ps)   # train.comm_stats: the ledger on logged steps
         self.generate_eval = GenerateEval.from_config(cfg, ps)   # train.generate_eval_interval; None when off
-        # MoE: tokens per expert of the model's MoE layers since the last log point [all MoE layers, E]
-        # (rows of other stages' layers zero), and of this step's layers here [own MoE layers, E].
+        # MoE: tokens per expert of the model's MoE layers since the last log point [2, all MoE
+        # layers, E]: the router's picks, then those dropped over capacity (rows of other stages'
+        # layers zero); and of this step's layers here [own MoE layers, E], picks and drops.
         self.expert_load: Optional[torch.Tensor] = None
         self.step_load: Optional[torch.Tensor] = None
+        self.step_dropped: Optional[torch.Tensor] = None
         self.moe_layers = [i for i in range(cfg.model.num_layers) if is_moe_layer(cfg.model, i)]   # whole model
         if self.moe_layers and ps.pp > 1:
             open_pool_group(ps)
@@ -167,7 +169,7 @@ class Trainer:
             no_sync=self.optimizer.grad_buffer.no_sync if overlap else None, weight_store=self.weight_store)
         if pool is not None:   # known on every rank; global_sums takes them from the loss's
             result.stats["aux_loss"], result.stats["z_loss"] = pool.losses()
-            self.step_load = pool.step_load()
+            self.step_load, self.step_dropped = pool.step_load(), pool.step_dropped()
         return result, global_count
 
     def _update_router_biases(self) -> None:
@@ -223,7 +225,7 @@ class Trainer:
         result, global_count = self.run_schedule(micro_batches, forward_only=False)
         moe = self.cfg.model.num_experts > 0
         if moe:   # the log interval's load is the sum of its steps'
-            load = self._model_table(self.step_load)
+            load = torch.stack([self._model_table(self.step_load), self._model_table(self.step_dropped)])
             self.expert_load = load if self.expert_load is None else self.expert_load + load
         # The loss is the same number on every rank, so a non-finite one skips the step everywhere.
         sums = self.global_sums(result.stats, ("loss_sum", "aux_loss", "z_loss") if moe else ("loss_sum",))
@@ -354,7 +356,10 @@ class Trainer:
         collectives.all_reduce(load, self.ps.dp_group)
         collectives.all_reduce(load, self.ps.pp_group)   # each stage holds the rows of its own layers
         self.expert_load = None
-        record |= metrics.expert_load_record(load.cpu(), self.moe_layers)
+        load = load.cpu()
+        record |= metrics.expert_load_record(load[0], self.moe_layers)
+        if self.cfg.model.moe_capacity_factor is not None:
+            record |= metrics.expert_dropped_record(load[1], load[0], self.moe_layers)
         if self.cfg.model.moe_router == "sigmoid_group":   # the same on every rank of a stage
             routers = self._routers()
             bias = self._model_table(torch.stack([r.e_score_correction_bias for r in routers]) if routers else None)

@@ -152,6 +152,13 @@ def expert_load_record(load: torch.Tensor, layers: list) -> dict:
             "expert_imbalance": per_layer, "expert_imbalance_max": max(per_layer.values())}
 
 
+def expert_dropped_record(dropped: torch.Tensor, routed: torch.Tensor, layers: list) -> dict:
+    """Train-record fields of token dropping (model.moe_capacity_factor): the picks dropped per
+    expert of each layer, and the fraction of all routed picks dropped."""
+    return {"expert_dropped": {str(layer): [int(t) for t in row] for layer, row in zip(layers, dropped.tolist())},
+            "moe_dropped_fraction": float(dropped.sum() / routed.sum().clamp(min=1))}
+
+
 def rate(tokens_per_s: float) -> str:
     """12,345 / 2.35M: a token rate in at most 7 columns up to a billion tokens per second."""
     return f"{tokens_per_s / 1e6:.2f}M" if tokens_per_s >= 1e6 else f"{tokens_per_s:,.0f}"

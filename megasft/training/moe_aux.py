@@ -56,6 +56,7 @@ class AuxPool:
         self.seen = [0] * len(micro_batches)
         self.works: list = [None] * len(micro_batches)
         self.loads: dict[int, torch.Tensor] = {}                               # chunk -> [layers, E] this step
+        self.drops: dict[int, torch.Tensor] = {}                               # the same, picks over capacity
 
     def add(self, chunk: int, micro_batch, stats: Optional[MoEStats], out: torch.Tensor) -> torch.Tensor:
         """Count one chunk forward's statistics; returns `out` (its activation, or the scaled loss)
@@ -67,8 +68,9 @@ class AuxPool:
             total[E:2 * E] += stats.prob_sum.detach()
             total[2 * E] += stats.lse_sq.detach()
             total[2 * E + 1] += stats.pairs
-            load = stats.load.detach()
-            self.loads[chunk] = load if chunk not in self.loads else self.loads[chunk] + load
+            _accumulate(self.loads, chunk, stats.load.detach())
+            if stats.dropped is not None:
+                _accumulate(self.drops, chunk, stats.dropped)
             if self.aux_weight or self.z_weight:
                 out = _PooledAux.apply(out, stats.prob_sum, stats.lse_sq, self, m)
         self.seen[m] += 1
@@ -96,7 +98,20 @@ class AuxPool:
     def step_load(self) -> Optional[torch.Tensor]:
         """[MoE layers of this rank, E] tokens per expert over the run, in chunk then layer order
         (Trainer._routers' order); None when no chunk here has a MoE layer."""
-        return torch.cat([self.loads[c] for c in sorted(self.loads)]) if self.loads else None
+        return _rows(self.loads)
+
+    def step_dropped(self) -> Optional[torch.Tensor]:
+        """The same for the picks dropped over capacity; None without moe_capacity_factor."""
+        return _rows(self.drops)
+
+
+def _accumulate(table: dict, chunk: int, rows: torch.Tensor) -> None:
+    table[chunk] = rows if chunk not in table else table[chunk] + rows
+
+
+def _rows(table: dict) -> Optional[torch.Tensor]:
+    """Every chunk's rows in chunk order."""
+    return torch.cat([table[c] for c in sorted(table)]) if table else None
 
 
 class _PooledAux(torch.autograd.Function):
