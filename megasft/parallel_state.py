@@ -250,14 +250,20 @@ class ParallelState:
         return self.dp_rank == 0 and self.cp_rank == 0
 
     @property
+    def replica_rank(self) -> int:
+        """This rank's place f = dp_rank * cp + cp_rank among its stage's dp x cp ranks (CP fastest),
+        which expert parallelism folds into (rank_grid)."""
+        return self.dp_rank * self.cp + self.cp_rank
+
+    @property
     def ep_rank(self) -> int:
-        return (self.dp_rank * self.cp + self.cp_rank) % self.ep
+        return self.replica_rank % self.ep
 
     @property
     def first_expert_replica(self) -> bool:
         """Whether this rank writes the routed-expert weights it holds: the first of the dp*cp / ep
         ranks that hold the same experts (every rank of the first EP group; at ep=1 first_replica)."""
-        return self.dp_rank * self.cp + self.cp_rank < self.ep
+        return self.replica_rank < self.ep
 
     @property
     def is_first_stage(self) -> bool:
